@@ -1,0 +1,232 @@
+"""Peers for the side-by-side benchmarks: a private Postfix, smtp-sink, and tachymail itself.
+
+Each runs on 127.0.0.1 at a high port, is started by the benchmark and stopped
+by its PID. CPU time is read from /proc for the whole process tree (children
+that exited count through their parent's cutime/cstime).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+POSTFIX = "/usr/sbin/postfix"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User+system CPU of *root* and all its descendants, including reaped children."""
+    tree = _children()
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # utime, stime, cutime, cstime are fields 14-17 of stat (11-14 after the comm field)
+        total += sum(int(x) for x in fields[11:15])
+        stack.extend(tree.get(pid, []))
+    return total / CLK_TCK
+
+
+@dataclass
+class Peer:
+    """A server under test: what to call it, where it listens, the PID that owns its tree."""
+
+    name: str
+    port: int
+    pid: int
+    stop_cmd: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def cpu(self) -> float:
+        return tree_cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        if self.stop_cmd:
+            subprocess.run(self.stop_cmd, capture_output=True, timeout=60)
+        elif self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_tachymail(workdir: Path, workers: int = 2, extra_args: list[str] | None = None) -> Peer:
+    port = free_port()
+    data = workdir / "tachymail-data"
+    binary = Path(sys.executable).with_name("tachymail")
+    log = open(workdir / "tachymail.log", "ab")  # noqa: SIM115 - kept open by the child
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data),
+            "--workers",
+            str(workers),
+            "--hold",
+            *(extra_args or []),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    wait_port(port)
+    return Peer("tachymail", port, proc.pid, proc=proc)
+
+
+def start_smtp_sink(workdir: Path) -> Peer:
+    port = free_port()
+    proc = subprocess.Popen(
+        [SMTP_SINK, "-c", f"127.0.0.1:{port}", "1024"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_port(port)
+    return Peer("smtp-sink", port, proc.pid, proc=proc)
+
+
+def start_postfix(workdir: Path, process_limit: int = 200) -> Peer:
+    """A private Postfix instance that accepts on a loopback port and defers all delivery.
+
+    Needs root (Postfix drops privileges to its own user, as in production).
+    """
+    port = free_port()
+    base = workdir / "postfix"
+    etc, spool, data = base / "etc", base / "spool", base / "data"
+    for d in (etc, spool, data):
+        d.mkdir(parents=True, exist_ok=True)
+    shutil.chown(data, "postfix", "postfix")
+    base.chmod(0o755)
+    workdir.chmod(0o755)
+    (etc / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {spool}
+data_directory = {data}
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix-bench.localdomain
+mydomain = localdomain
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost =
+# accept and queue, deliver nothing: the twin of tachymail --hold
+defer_transports = smtp, relay, local, virtual, error, lmtp
+default_process_limit = {process_limit}
+smtpd_client_connection_count_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_peername_lookup = no
+smtpd_banner = $myhostname ESMTP
+"""
+    )
+    master = Path("/etc/postfix/master.cf").read_text().splitlines()
+    out = []
+    for line in master:
+        if line.startswith("smtp ") and " inet " in f" {line} ":
+            out.append(f"127.0.0.1:{port} inet n - n - - smtpd")
+        else:
+            out.append(line)
+    (etc / "master.cf").write_text("\n".join(out) + "\n")
+    env = {**os.environ, "MAIL_CONFIG": str(etc)}
+    subprocess.run([POSTFIX, "-c", str(etc), "check"], check=False, capture_output=True, env=env)
+    started = subprocess.run(
+        [POSTFIX, "-c", str(etc), "start"], capture_output=True, text=True, env=env
+    )
+    if started.returncode != 0:
+        raise RuntimeError(f"postfix did not start: {started.stderr}")
+    wait_port(port)
+    pid = int((spool / "pid" / "master.pid").read_text().split()[0])
+    return Peer("postfix", port, pid, stop_cmd=[POSTFIX, "-c", str(etc), "stop"])
+
+
+def postfix_available() -> str | None:
+    """None when Postfix can be run here, else why not."""
+    if not (Path(POSTFIX).exists() and Path(SMTP_SOURCE).exists()):
+        return "postfix is not installed (./dev test installs it as root)"
+    if os.geteuid() != 0:
+        return "a private Postfix instance needs root"
+    return None
+
+
+def smtp_source(
+    port: int, messages: int, sessions: int, size: int, reuse: bool = True, timeout: float = 600
+) -> float:
+    """Run smtp-source against 127.0.0.1:port; returns the wall time in seconds."""
+    cmd = [
+        SMTP_SOURCE,
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        "bench@example.com",
+        "-t",
+        "sink@example.net",
+    ]
+    if not reuse:
+        cmd.append("-d")  # disconnect after each message: a new connection per message
+    cmd.append(f"127.0.0.1:{port}")
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - started
+    if out.returncode != 0 or out.stderr.strip():
+        raise RuntimeError(f"smtp-source failed: {out.stderr.strip()[:500]}")
+    return elapsed

@@ -1,0 +1,1 @@
+"""The ``tachymail`` command line."""

@@ -1,0 +1,140 @@
+"""The subcommands of ``tachymail``: thin bridges from parsed arguments to the packages."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+from typing import Any
+
+from tachymail.config import Config, ConfigError, load
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The configuration named by -c (or the defaults), with --data-dir applied."""
+    config = load(getattr(args, "config", None))
+    if getattr(args, "data_dir", None):
+        config.server.data_dir = args.data_dir
+    return config
+
+
+def _fail(message: str) -> int:
+    print(f"tachymail: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tachymail.smtp.supervisor import Supervisor, apply_overrides
+
+    _setup_logging(args.log_level)
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    if args.hold:
+        overrides["hold"] = True
+    try:
+        config = apply_overrides(load(args.config), overrides)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    return Supervisor(config, overrides).run()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "defaults":
+        from tachymail.config import defaults_toml
+
+        print(defaults_toml(), end="")
+        return 0
+    try:
+        config = load(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    where = args.file or "embedded defaults"
+    listeners = ", ".join(f"{lst.address} ({lst.role})" for lst in config.listeners)
+    print(f"{where}: ok — listeners {listeners}; data in {config.data_path}")
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from tachymail.queue.store import QueueStore
+
+    try:
+        config = _config(args)
+        store = QueueStore(config.data_path / "queue", readonly=True)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    try:
+        if args.queue_command == "count":
+            print(store.count())
+        elif args.queue_command == "list":
+            for envelope in store.iter_envelopes():
+                if args.json:
+                    print(json.dumps(envelope.summary()))
+                else:
+                    rcpts = ", ".join(r.address for r in envelope.recipients)
+                    print(
+                        f"{envelope.id}  {envelope.size:>9}  {envelope.state:<7} "
+                        f"<{envelope.sender}> -> {rcpts}"
+                    )
+        elif args.queue_command == "show":
+            found = store.envelope(args.id)
+            if found is None:
+                return _fail(f"no message {args.id} in the queue")
+            print(json.dumps(found.summary(), indent=2))
+            content = store.content(args.id) or b""
+            end = content.find(b"\r\n\r\n")
+            shown = content if args.body or end < 0 else content[: end + 2]
+            sys.stdout.write("\n" + shown.decode("utf-8", "replace"))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from tachymail.auth.users import UsersFile
+
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    users = UsersFile(config.users_path)
+    if args.user_command == "list":
+        for name in sorted(users.users()):
+            print(name)
+        return 0
+    if args.user_command == "del":
+        if not users.delete(args.name):
+            return _fail(f"no user {args.name!r}")
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if password != getpass.getpass("again: "):
+            return _fail("the passwords differ")
+    if not password:
+        return _fail("empty password")
+    try:
+        users.add(args.name, password)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"user {args.name} saved in {users.path}")
+    return 0

@@ -1,0 +1,4 @@
+"""Prometheus metrics from every process, served by the supervisor.
+
+Arrives with the observability issue.
+"""

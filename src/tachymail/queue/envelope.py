@@ -1,0 +1,79 @@
+"""What the queue keeps about a message besides its content: the envelope record."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import count
+from typing import Any
+
+#: Bumped whenever the record layout changes; readers convert older versions.
+SCHEMA_VERSION = 1
+
+# Recipient states. "queued" ones still have to be delivered.
+QUEUED = "queued"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+
+# Message states.
+ACTIVE = "active"
+HELD = "held"
+
+_counter = count()
+
+
+def new_queue_id() -> str:
+    """A unique, time-sortable queue id: milliseconds, process id, per-process counter.
+
+    20 hex digits; ids sort by arrival, so the oldest message is the first key.
+    """
+    millis = time.time_ns() // 1_000_000
+    return f"{millis:011x}{os.getpid() & 0xFFFFF:05x}{next(_counter) & 0xFFFF:04x}"
+
+
+@dataclass(slots=True)
+class Recipient:
+    """One forward-path with its RCPT parameters (NOTIFY, ORCPT) and delivery state."""
+
+    address: str
+    params: dict[str, str] = field(default_factory=dict)
+    state: str = QUEUED
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Everything SMTP said about a message, stored with it before "250 OK"."""
+
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    mail_params: dict[str, str] = field(default_factory=dict)
+    arrival: float = 0.0
+    size: int = 0
+    client_ip: str = ""
+    client_port: int = 0
+    helo: str = ""
+    listener: str = ""
+    tls: str | None = None
+    auth: str | None = None
+    state: str = ACTIVE
+    version: int = SCHEMA_VERSION
+
+    def to_record(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_record(cls, raw: bytes | memoryview) -> Envelope:
+        data: dict[str, Any] = json.loads(bytes(raw))
+        version = data.get("version", 1)
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"queue record schema {version} is newer than this tachymail")
+        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        return cls(**data)
+
+    def summary(self) -> dict[str, Any]:
+        """The record as plain data, for `tachymail queue list --json` and `show`."""
+        return asdict(self)

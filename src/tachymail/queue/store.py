@@ -1,0 +1,155 @@
+"""The LMDB queue store: envelopes, contents and the delivery schedule, in one environment.
+
+Synchronous on purpose: the group committer calls it from its own thread, the
+queue commands call it directly. Each process opens its own ``QueueStore``
+after fork (an LMDB environment must not cross a fork).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+
+from tachymail.queue.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+_DUE = struct.Struct(">Q")
+
+
+class StorageFull(Exception):
+    """The queue cannot take the message: map at its maximum or disk full (452 4.3.1)."""
+
+
+class QueueStore:
+    """One LMDB environment under ``directory`` holding the whole queue.
+
+    ``map_size`` is where the memory map starts; it doubles on demand up to
+    ``max_map_size``. Commits are synchronous (``sync=True``): when
+    :meth:`put_batch` returns, the batch is on disk.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        map_size: int = 256 * MiB,
+        max_map_size: int = 64 * GiB,
+        readonly: bool = False,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_map_size = max(max_map_size, map_size)
+        if not readonly:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not (self.directory / "data.mdb").exists():
+            raise FileNotFoundError(f"no queue at {self.directory} (wrong --data-dir?)")
+        self.env = lmdb.open(
+            str(self.directory),
+            map_size=map_size,
+            max_dbs=4,
+            readonly=readonly,
+            sync=True,
+            metasync=True,
+            max_readers=512,
+            readahead=False,  # random access to envelopes; let the kernel not prefetch
+        )
+        if not readonly:
+            with self.env.begin(write=True) as txn:
+                self._open_dbs(txn)
+        else:
+            self._open_dbs(None, create=False)
+        # Growing the map must not race a write transaction of this process.
+        self._resize_lock = threading.Lock()
+
+    def _open_dbs(self, txn: lmdb.Transaction | None, create: bool = True) -> None:
+        self.envelopes = self.env.open_db(b"envelopes", txn=txn, create=create)
+        self.contents = self.env.open_db(b"contents", txn=txn, create=create)
+        # key: due time in milliseconds (big-endian) + queue id; the delivery scheduler
+        # walks it in order.
+        self.schedule = self.env.open_db(b"schedule", txn=txn, create=create)
+
+    @staticmethod
+    def schedule_key(due_ms: int, queue_id: str) -> bytes:
+        return _DUE.pack(due_ms) + queue_id.encode()
+
+    def put_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
+        """Store every (envelope, content) in one synced transaction.
+
+        Raises ``StorageFull`` when the map cannot grow further or the disk is
+        full; nothing of the batch is stored then, and the queue is unharmed.
+        """
+        with self._resize_lock:
+            while True:
+                try:
+                    self._write(items)
+                    return
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)  # another process grew the map: adopt its size
+                except lmdb.Error as exc:
+                    if _is_disk_full(exc):
+                        raise StorageFull(f"disk full: {exc}") from exc
+                    raise
+
+    def _write(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
+        with self.env.begin(write=True) as txn:
+            for envelope, content in items:
+                key = envelope.id.encode()
+                txn.put(key, content, db=self.contents, overwrite=False)
+                txn.put(key, envelope.to_record(), db=self.envelopes, overwrite=False)
+                due = self.schedule_key(int(envelope.arrival * 1000), envelope.id)
+                txn.put(due, b"", db=self.schedule)
+
+    def _grow(self) -> None:
+        current = self.env.info()["map_size"]
+        if current >= self.max_map_size:
+            raise StorageFull(f"queue map is at its maximum size ({current // MiB} MiB)")
+        new = min(current * 2, self.max_map_size)
+        log.info("growing the queue map from %d MiB to %d MiB", current // MiB, new // MiB)
+        self.env.set_mapsize(new)
+
+    def _read(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(buffers=False)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=False)
+
+    def envelope(self, queue_id: str) -> Envelope | None:
+        with self._read() as txn:
+            raw = txn.get(queue_id.encode(), db=self.envelopes)
+        return None if raw is None else Envelope.from_record(raw)
+
+    def content(self, queue_id: str) -> bytes | None:
+        with self._read() as txn:
+            raw = txn.get(queue_id.encode(), db=self.contents)
+        return None if raw is None else bytes(raw)
+
+    def iter_envelopes(self) -> Iterator[Envelope]:
+        """Every queued envelope, oldest first (ids sort by arrival), in one read snapshot."""
+        with self._read() as txn:
+            for _key, raw in txn.cursor(db=self.envelopes):
+                yield Envelope.from_record(raw)
+
+    def count(self) -> int:
+        with self._read() as txn:
+            entries: int = txn.stat(self.envelopes)["entries"]
+        return entries
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    text = str(exc)
+    return "No space left" in text or f"[Errno {errno.ENOSPC}]" in text or "ENOSPC" in text

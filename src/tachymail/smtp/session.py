@@ -1,0 +1,756 @@
+"""One inbound SMTP connection: an asyncio.Protocol with an explicit state machine.
+
+Bytes go straight into the compiled readers (``protocol.commands`` for command
+lines, ``protocol.data`` for DATA and BDAT bodies); there is no StreamReader and
+no await per line. Every reply produced while handling one read goes out in one
+``write``, so a pipelined batch (RFC 2920) costs one system call. While a
+message waits for its group commit, reading is paused (back-pressure), and the
+250 is sent only after the commit has synced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable
+from enum import IntEnum
+from typing import TYPE_CHECKING, cast
+
+from tachymail.protocol import commands as C
+from tachymail.protocol import replies as R
+from tachymail.protocol.data import BdatReader, DataReader
+from tachymail.protocol.errors import SmtpSyntaxError
+from tachymail.protocol.mime import header_value
+from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
+from tachymail.queue.store import StorageFull
+
+if TYPE_CHECKING:
+    from tachymail.smtp.worker import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+class State(IntEnum):
+    GREETING = 0  # connected, greeting delayed: the client must not talk yet
+    COMMAND = 1
+    DATA = 2  # reading a DATA body
+    BDAT = 3  # reading a BDAT chunk
+    WAIT = 4  # reading paused: a commit, an AUTH check or a TLS handshake is under way
+    AUTH = 5  # expecting an AUTH continuation line
+    CLOSED = 6
+
+
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BDAT_ARGS = re.compile(rb"(\d{1,18})(?: +(LAST))? *", re.IGNORECASE)
+_HELP = R.multiline(
+    214,
+    [
+        "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+        "See RFC 5321",
+    ],
+    "2.0.0",
+)
+
+
+class SmtpSession(asyncio.Protocol):
+    """The server side of one SMTP connection on one listener."""
+
+    def __init__(self, ctx: WorkerContext, role: str, implicit_tls: bool = False) -> None:
+        self.ctx = ctx
+        self.role = role
+        self.implicit_tls = implicit_tls
+        limits = ctx.config.limits
+        self.lines = C.LineReader(limits.max_command_line)
+        self.state = State.GREETING
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.peer_port = 0
+        self.trusted = False
+        self.out: list[bytes] = []
+        self.close_after_flush = False
+        self.errors = 0
+        self.auth_failures = 0
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls: str | None = None
+        self.auth_user: str | None = None
+        self.messages = 0
+        self.last_activity = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self._reset_transaction()
+        self._auth_step: Callable[[bytes], None] | None = None
+        self._auth_login_user = ""
+        self.handlers: dict[int, Callable[[bytes], None]] = {
+            C.VERB_HELO: self.cmd_helo,
+            C.VERB_EHLO: self.cmd_ehlo,
+            C.VERB_MAIL: self.cmd_mail,
+            C.VERB_RCPT: self.cmd_rcpt,
+            C.VERB_DATA: self.cmd_data,
+            C.VERB_BDAT: self.cmd_bdat,
+            C.VERB_RSET: self.cmd_rset,
+            C.VERB_NOOP: self.cmd_noop,
+            C.VERB_QUIT: self.cmd_quit,
+            C.VERB_VRFY: self.cmd_vrfy,
+            C.VERB_EXPN: self.cmd_expn,
+            C.VERB_HELP: self.cmd_help,
+            C.VERB_STARTTLS: self.cmd_starttls,
+            C.VERB_AUTH: self.cmd_auth,
+            C.VERB_UNKNOWN: self.cmd_unknown,
+        }
+
+    def _reset_transaction(self) -> None:
+        self.mail_from: str | None = None
+        self.mail_params: dict[str, str] = {}
+        self.rcpts: list[Recipient] = []
+        self.rcpt_refused = 0
+        self.body: DataReader | None = None
+        self.bdat: BdatReader | None = None
+        self.bdat_refused = False  # BDAT chunks of a refused transaction: read, then discarded
+
+    # --- connection life cycle -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.peer_ip, self.peer_port = peer[0], peer[1]
+        ctx = self.ctx
+        ctx.sessions.add(self)
+        if self.implicit_tls:
+            self.tls = tls_description(transport)
+        try:
+            address = ipaddress.ip_address(self.peer_ip)
+            self.trusted = any(address in net for net in ctx.trusted)
+        except ValueError:
+            self.trusted = False
+        refused = ctx.admit(self.peer_ip, self.trusted)
+        if refused:
+            log.warning("refused connection from %s: %s", self.peer_ip, refused)
+            transport.write(R.reply(421, "4.7.0", f"Error: {refused}, try again later"))
+            self.state = State.CLOSED
+            transport.close()
+            return
+        delay = ctx.config.limits.greeting_delay
+        if delay > 0:
+            self.ctx.loop.call_later(delay, self._greet)
+        else:
+            self._greet()
+        self._arm_timer()
+
+    def _greet(self) -> None:
+        if self.state != State.GREETING or self.transport is None:
+            return
+        self.state = State.COMMAND
+        self.transport.write(R.reply(220, "", f"{self.ctx.hostname} ESMTP Tachymail"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        log.info(
+            "session %s:%s closed: %d message(s), %d error(s)%s",
+            self.peer_ip,
+            self.peer_port,
+            self.messages,
+            self.errors,
+            f" ({exc})" if exc else "",
+        )
+        self.state = State.CLOSED
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+        self.ctx.sessions.discard(self)
+        self.ctx.release(self.peer_ip)
+
+    def _arm_timer(self) -> None:
+        # One timer per session, re-armed lazily: activity only stamps a time.
+        limits = self.ctx.config.limits
+        timeout = (
+            limits.data_timeout
+            if self.state in (State.DATA, State.BDAT)
+            else limits.command_timeout
+        )
+        remaining = self.last_activity + timeout - time.monotonic()
+        self.timer = self.ctx.loop.call_later(max(remaining, 0.05), self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        if self.transport is None:
+            return
+        limits = self.ctx.config.limits
+        timeout = (
+            limits.data_timeout
+            if self.state in (State.DATA, State.BDAT)
+            else limits.command_timeout
+        )
+        if self.state != State.WAIT and time.monotonic() - self.last_activity >= timeout:
+            log.info(
+                "session %s:%s timed out in state %s", self.peer_ip, self.peer_port, self.state.name
+            )
+            self.out.append(R.TIMEOUT)
+            self.close_after_flush = True
+            self._flush()
+            return
+        self._arm_timer()
+
+    def shut_down(self, reply: bytes) -> None:
+        """Send *reply* (a 421) and close: the server is going away."""
+        self.out.append(reply)
+        self.close_after_flush = True
+        self._flush()
+
+    def close(self) -> None:
+        """Close at once (used on shutdown after the drain period)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        """No transaction and no commit under way: safe to close when draining."""
+        return self.state in (State.COMMAND, State.GREETING) and self.mail_from is None
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            self.out.clear()
+            return
+        if self.out:
+            transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
+            self.out.clear()
+        if self.close_after_flush:
+            self.state = State.CLOSED
+            transport.close()
+
+    # --- input -----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        state = self.state
+        if state == State.DATA:
+            self._feed_data(data)
+        elif state == State.BDAT:
+            self._feed_bdat(data)
+        elif state in (State.COMMAND, State.AUTH):
+            self.lines.feed(data)
+            self._run()
+        elif state == State.GREETING:
+            log.warning(
+                "early talker %s:%s: sent data before the greeting", self.peer_ip, self.peer_port
+            )
+            self.out.append(R.reply(554, "5.5.1", "Error: data received before greeting"))
+            self.close_after_flush = True
+        elif state == State.WAIT:
+            # Only reached when a transport delivers data despite pause_reading; keep it.
+            self.lines.feed(data)
+            return
+        self._flush()
+
+    def _run(self) -> None:
+        """Handle every complete command line buffered, while in a command state."""
+        lines = self.lines
+        handlers = self.handlers
+        while self.state == State.COMMAND or self.state == State.AUTH:
+            item = lines.readline()
+            if item is None:
+                return
+            line, flags = item
+            if flags:
+                if flags & C.LINE_TOO_LONG:
+                    self._error(R.LINE_TOO_LONG, "line too long")
+                    continue
+                if self.ctx.config.policy.bare_newline == "reject":
+                    self._error(R.BARE_NEWLINE_COMMAND, "bare CR/LF in command")
+                    continue
+                line = line.replace(b"\r", b"")
+            if self.state == State.AUTH:
+                step = self._auth_step
+                assert step is not None
+                step(line)
+                continue
+            verb, args = C.parse_command(line)
+            handlers[verb](args)
+
+    def _error(self, reply: bytes, why: str) -> None:
+        """A 5xx for a bad command; past the budget the session ends with 421."""
+        self.errors += 1
+        log.info(
+            "session %s:%s: %s (%s)", self.peer_ip, self.peer_port, why, reply.decode().strip()
+        )
+        if self.errors > self.ctx.config.limits.max_errors:
+            self.out.append(R.TOO_MANY_ERRORS)
+            self.close_after_flush = True
+            self.state = State.CLOSED
+        else:
+            self.out.append(reply)
+
+    def _syntax(self, exc: SmtpSyntaxError) -> None:
+        self._error(R.reply(exc.code, exc.status, exc.text), "syntax error")
+
+    # --- commands --------------------------------------------------------------------------
+
+    def cmd_helo(self, args: bytes) -> None:
+        name = args.strip().decode("utf-8", "replace")
+        if not name:
+            self._error(R.reply(501, "5.5.4", "Syntax: HELO hostname"), "HELO without name")
+            return
+        self._reset_transaction()
+        self.helo, self.esmtp = name, False
+        self.out.append(R.reply(250, "", f"{self.ctx.hostname}"))
+
+    def cmd_ehlo(self, args: bytes) -> None:
+        name = args.strip().decode("utf-8", "replace")
+        if not name:
+            self._error(R.reply(501, "5.5.4", "Syntax: EHLO hostname"), "EHLO without name")
+            return
+        self._reset_transaction()
+        self.helo, self.esmtp = name, True
+        self.out.append(self.ctx.ehlo_reply(self.peer_ip, tls=self.tls is not None))
+
+    def cmd_mail(self, args: bytes) -> None:
+        if self.helo is None:
+            self._error(R.BAD_SEQUENCE_HELO, "MAIL before HELO")
+            return
+        if self.mail_from is not None:
+            self._error(R.NESTED_MAIL, "nested MAIL")
+            return
+        if self.role != "mx" and self.auth_user is None:
+            need_tls = self.role == "submission" and self.tls is None
+            self._error(R.TLS_REQUIRED if need_tls else R.AUTH_REQUIRED, "MAIL without AUTH")
+            return
+        try:
+            sender, params = C.parse_mail(args, self.esmtp)
+        except SmtpSyntaxError as exc:
+            self._syntax(exc)
+            return
+        if params:
+            refused = self._check_mail_params(params)
+            if refused:
+                self._error(refused, "MAIL parameter refused")
+                return
+        self.mail_from, self.mail_params = sender, params
+        self.out.append(R.reply(250, "2.1.0", "Ok"))
+
+    def _check_mail_params(self, params: dict[str, str]) -> bytes | None:
+        if not self.esmtp:
+            return R.reply(555, "5.5.4", "Error: parameters need EHLO")
+        size = params.get("SIZE")
+        if size is not None and int(size) > self.ctx.config.limits.max_message_size:
+            return R.MESSAGE_TOO_BIG
+        if params.get("BODY") == "BINARYMIME":
+            return R.reply(555, "5.5.4", "Error: BODY=BINARYMIME is not supported")
+        if "REQUIRETLS" in params and self.tls is None:
+            return R.reply(555, "5.5.4", "Error: REQUIRETLS needs a TLS session")
+        if "AUTH" in params and self.auth_user is None:
+            params["AUTH"] = "<>"  # RFC 4954 §5: not trusted without our own AUTH
+        return None
+
+    def cmd_rcpt(self, args: bytes) -> None:
+        if self.mail_from is None:
+            self._error(R.BAD_SEQUENCE_MAIL, "RCPT before MAIL")
+            return
+        try:
+            address, params = C.parse_rcpt(args, "SMTPUTF8" in self.mail_params)
+        except SmtpSyntaxError as exc:
+            self.rcpt_refused += 1
+            self._syntax(exc)
+            return
+        if params and not self.esmtp:
+            self.rcpt_refused += 1
+            self._error(R.reply(555, "5.5.4", "Error: parameters need EHLO"), "RCPT parameters")
+            return
+        if len(self.rcpts) >= self.ctx.config.limits.max_recipients:
+            self.rcpt_refused += 1
+            self.out.append(R.TOO_MANY_RECIPIENTS)
+            return
+        if self.role == "mx" and not (self.trusted or self.auth_user):
+            domain = address.rpartition("@")[2].lower()
+            if "@" in address and domain not in self.ctx.accepted_domains:
+                self.rcpt_refused += 1
+                log.info("session %s: relay denied to %s", self.peer_ip, address)
+                self.out.append(R.RELAY_DENIED)
+                return
+        self.rcpts.append(Recipient(address, params))
+        self.out.append(R.reply(250, "2.1.5", "Ok"))
+
+    def cmd_data(self, args: bytes) -> None:
+        if self.mail_from is None:
+            self._error(R.BAD_SEQUENCE_MAIL, "DATA before MAIL")
+            return
+        if self.bdat is not None:
+            self._error(R.reply(503, "5.5.1", "Error: DATA after BDAT"), "DATA after BDAT")
+            return
+        if not self.rcpts:
+            if self.rcpt_refused:
+                self._error(R.NO_VALID_RCPT, "DATA without valid RCPT")
+            else:
+                self._error(R.BAD_SEQUENCE_RCPT, "DATA before RCPT")
+            return
+        if args.strip():
+            self._error(R.reply(501, "5.5.4", "Syntax: DATA"), "DATA with arguments")
+            return
+        self.out.append(R.DATA_GO_AHEAD)
+        self.body = DataReader(self.ctx.config.limits.max_message_size)
+        self.state = State.DATA
+        rest = self.lines.drain()
+        if rest:
+            self._feed_data(rest)
+
+    def _feed_data(self, data: bytes) -> None:
+        body = self.body
+        assert body is not None
+        used = body.feed(data)
+        if not body.done:
+            return
+        if used < len(data):
+            self.lines.feed(data[used:])  # pipelined commands after the end of data
+        self.state = State.COMMAND
+        self._end_of_message(body)
+        self._run()
+
+    def cmd_bdat(self, args: bytes) -> None:
+        match = _BDAT_ARGS.fullmatch(args)
+        if match is None:
+            # Without a valid size the rest of the stream cannot be framed: end the session.
+            self._error(R.reply(501, "5.5.4", "Syntax: BDAT size [LAST]"), "BDAT syntax")
+            self.out.append(R.reply(421, "4.7.0", "Error: cannot continue after bad BDAT"))
+            self.close_after_flush = True
+            self.state = State.CLOSED
+            return
+        count, last = int(match.group(1)), match.group(2) is not None
+        if self.bdat is None:
+            refused = self.mail_from is None or not self.rcpts
+            self.bdat_refused = refused
+            if refused:
+                self.bdat = BdatReader(store=False)
+            else:
+                self.bdat = BdatReader(self.ctx.config.limits.max_message_size)
+        self.bdat.start_chunk(count, last)
+        self.state = State.BDAT
+        rest = self.lines.drain()
+        if rest or count == 0:
+            self._feed_bdat(rest)
+
+    def _feed_bdat(self, data: bytes) -> None:
+        bdat = self.bdat
+        assert bdat is not None
+        used = bdat.feed(data) if data else 0
+        if not bdat.chunk_done:
+            return
+        if used < len(data):
+            self.lines.feed(data[used:])
+        self.state = State.COMMAND
+        if self.bdat_refused:
+            reply = R.BAD_SEQUENCE_MAIL if self.mail_from is None else R.BAD_SEQUENCE_RCPT
+            self._error(reply, "BDAT outside a transaction")
+            if bdat.done:
+                self.bdat = None
+                self.bdat_refused = False
+        elif bdat.done:
+            self._end_of_message(bdat)
+        else:
+            self.out.append(R.reply(250, "2.0.0", f"{bdat.size} octets received"))
+        self._run()
+
+    def cmd_rset(self, args: bytes) -> None:
+        self._reset_transaction()
+        self.out.append(R.OK)
+
+    def cmd_noop(self, args: bytes) -> None:
+        self.out.append(R.OK)
+
+    def cmd_quit(self, args: bytes) -> None:
+        self.out.append(R.BYE)
+        self.close_after_flush = True
+        self.state = State.CLOSED
+
+    def cmd_vrfy(self, args: bytes) -> None:
+        if not args.strip():
+            self._error(R.reply(501, "5.5.4", "Syntax: VRFY address"), "VRFY without argument")
+            return
+        self.out.append(R.VRFY_REPLY)
+
+    def cmd_expn(self, args: bytes) -> None:
+        self._error(R.reply(502, "5.5.1", "Error: EXPN not available"), "EXPN")
+
+    def cmd_help(self, args: bytes) -> None:
+        self.out.append(_HELP)
+
+    def cmd_unknown(self, args: bytes) -> None:
+        self._error(R.UNKNOWN_COMMAND, f"unknown command {args[:20]!r}")
+
+    # --- STARTTLS (RFC 3207) ---------------------------------------------------------------
+
+    def cmd_starttls(self, args: bytes) -> None:
+        if self.tls is not None:
+            self._error(R.reply(503, "5.5.1", "Error: TLS already active"), "STARTTLS twice")
+            return
+        if self.ctx.tls_context is None:
+            self._error(R.reply(502, "5.5.1", "Error: STARTTLS not available"), "STARTTLS")
+            return
+        if args.strip():
+            self._error(R.reply(501, "5.5.4", "Syntax: STARTTLS"), "STARTTLS with arguments")
+            return
+        self.out.append(R.reply(220, "2.0.0", "Ready to start TLS"))
+        self._flush()
+        injected = self.lines.drain()
+        if injected:
+            # Plaintext pipelined after STARTTLS must never run inside TLS (CVE-2011-0411).
+            log.warning(
+                "session %s: discarded %d bytes sent after STARTTLS", self.peer_ip, len(injected)
+            )
+        self.state = State.WAIT
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.ctx.loop.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        transport = self.transport
+        assert transport is not None and self.ctx.tls_context is not None
+        try:
+            new = await self.ctx.loop.start_tls(
+                transport, self, self.ctx.tls_context, server_side=True, ssl_handshake_timeout=30
+            )
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.info("session %s: TLS handshake failed: %s", self.peer_ip, exc)
+            self.ctx.tls_failures += 1
+            transport.abort()
+            return
+        if new is None:
+            return
+        self.transport = cast(asyncio.Transport, new)
+        self.tls = tls_description(new)
+        # RFC 3207 §4.2: forget everything learnt before TLS.
+        self.helo, self.esmtp, self.auth_user = None, False, None
+        self._reset_transaction()
+        self.state = State.COMMAND
+        self._run()  # the client may already have sent its new EHLO
+        self._flush()
+
+    # --- AUTH (RFC 4954) -------------------------------------------------------------------
+
+    def cmd_auth(self, args: bytes) -> None:
+        if not self.esmtp:
+            self._error(R.BAD_SEQUENCE_HELO, "AUTH before EHLO")
+            return
+        if self.auth_user is not None:
+            self._error(R.reply(503, "5.5.1", "Error: already authenticated"), "AUTH twice")
+            return
+        if self.mail_from is not None:
+            self._error(R.reply(503, "5.5.1", "Error: AUTH during a transaction"), "AUTH in txn")
+            return
+        if self.tls is None:
+            self._error(R.ENCRYPTION_REQUIRED, "AUTH without TLS")
+            return
+        mechanism, _, initial = args.strip().partition(b" ")
+        mechanism = mechanism.upper()
+        if mechanism == b"PLAIN":
+            if initial:
+                self._auth_plain(initial)
+            else:
+                self._auth_step = self._auth_plain
+                self.state = State.AUTH
+                self.out.append(b"334 \r\n")
+        elif mechanism == b"LOGIN":
+            if initial:
+                self._auth_login_username(initial)
+            else:
+                self._auth_step = self._auth_login_username
+                self.state = State.AUTH
+                self.out.append(b"334 VXNlcm5hbWU6\r\n")
+        else:
+            self._error(
+                R.reply(504, "5.5.4", "Error: unrecognized authentication type"), "AUTH mech"
+            )
+
+    def _auth_decode(self, line: bytes) -> bytes | None:
+        self.state = State.COMMAND
+        if line.strip() == b"*":
+            self._error(R.reply(501, "5.7.0", "Authentication aborted"), "AUTH aborted")
+            return None
+        try:
+            return base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self._error(R.reply(501, "5.5.2", "Error: cannot decode response"), "AUTH bad base64")
+            return None
+
+    def _auth_plain(self, line: bytes) -> None:
+        decoded = self._auth_decode(line)
+        if decoded is None:
+            return
+        parts = decoded.split(b"\x00")
+        if len(parts) != 3:
+            self._error(R.reply(501, "5.5.2", "Error: malformed PLAIN response"), "AUTH PLAIN")
+            return
+        self._auth_check(parts[1], parts[2])
+
+    def _auth_login_username(self, line: bytes) -> None:
+        decoded = self._auth_decode(line)
+        if decoded is None:
+            return
+        self._auth_login_user = decoded.decode("utf-8", "replace")
+        self._auth_step = self._auth_login_password
+        self.state = State.AUTH
+        self.out.append(b"334 UGFzc3dvcmQ6\r\n")
+
+    def _auth_login_password(self, line: bytes) -> None:
+        decoded = self._auth_decode(line)
+        if decoded is not None:
+            self._auth_check(self._auth_login_user.encode(), decoded)
+
+    def _auth_check(self, user: bytes, password: bytes) -> None:
+        name = user.decode("utf-8", "replace")
+        secret = password.decode("utf-8", "replace")
+        self.state = State.WAIT
+        assert self.transport is not None
+        self.transport.pause_reading()
+        work = self.ctx.loop.run_in_executor(None, self.ctx.users.check, name, secret)
+        work.add_done_callback(lambda done: self._auth_done(name, done))
+
+    def _auth_done(self, name: str, done: asyncio.Future[bool]) -> None:
+        if self.transport is None:
+            return
+        ok = not done.cancelled() and done.exception() is None and done.result()
+        if ok:
+            self.ctx.auth_successes += 1
+            self.auth_user = name
+            log.info("session %s: authenticated as %s", self.peer_ip, name)
+            self._resume(R.AUTH_OK)
+            return
+        self.ctx.auth_failures += 1
+        self.auth_failures += 1
+        log.warning("session %s: AUTH failed for %r", self.peer_ip, name)
+        # Slow down password guessing: the failure reply waits.
+        self.ctx.loop.call_later(self.ctx.config.auth.failure_delay, self._auth_failed)
+
+    def _auth_failed(self) -> None:
+        if self.transport is None:
+            return
+        if self.auth_failures >= self.ctx.config.auth.max_failures:
+            self.out.append(R.AUTH_FAILED)
+            self.out.append(R.reply(421, "4.7.0", "Error: too many failed authentications"))
+            self.close_after_flush = True
+            self._flush()
+            return
+        self._resume(R.AUTH_FAILED)
+
+    def _resume(self, reply: bytes) -> None:
+        """Leave WAIT: send *reply*, read again and handle what was pipelined meanwhile."""
+        self.out.append(reply)
+        self.state = State.COMMAND
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self.last_activity = time.monotonic()
+        self._run()
+        self._flush()
+
+    # --- end of a message ------------------------------------------------------------------
+
+    def _end_of_message(self, reader: DataReader | BdatReader) -> None:
+        """Check the finished body, then queue it; the reply is sent after the commit."""
+        self.body, self.bdat = None, None
+        if reader.oversize:
+            log.info(
+                "session %s: message of %d octets refused (too big)", self.peer_ip, reader.size
+            )
+            self.out.append(R.MESSAGE_TOO_BIG)
+            self._reset_transaction()
+            return
+        content = reader.content()
+        if reader.bare_cr or reader.bare_lf:
+            if self.ctx.config.policy.bare_newline == "reject":
+                log.warning(
+                    "session %s: message refused: bare %s in DATA (SMTP smuggling guard)",
+                    self.peer_ip,
+                    "CR" if reader.bare_cr else "LF",
+                )
+                self.out.append(R.BARE_NEWLINE_DATA)
+                self._reset_transaction()
+                return
+            content = _BARE_NEWLINE.sub(b"\r\n", content)
+        queue_id = new_queue_id()
+        now = time.time()
+        headers = [self._received_header(queue_id, now)]
+        if self.role != "mx":
+            headers.extend(self._submission_headers(content, queue_id, now))
+        content = b"".join([*headers, content])
+        assert self.mail_from is not None
+        envelope = Envelope(
+            id=queue_id,
+            sender=self.mail_from,
+            recipients=self.rcpts,
+            mail_params=self.mail_params,
+            arrival=now,
+            size=len(content),
+            client_ip=self.peer_ip,
+            client_port=self.peer_port,
+            helo=self.helo or "",
+            listener=self.role,
+            tls=self.tls,
+            auth=self.auth_user,
+        )
+        self._reset_transaction()
+        self.state = State.WAIT
+        assert self.transport is not None
+        self.transport.pause_reading()
+        future = self.ctx.committer.submit(envelope, content)
+        future.add_done_callback(lambda done: self._committed(queue_id, done))
+
+    def _committed(self, queue_id: str, done: asyncio.Future[None]) -> None:
+        error = done.exception() if not done.cancelled() else None
+        if error is None:
+            self.messages += 1
+            self.ctx.accepted += 1
+            reply = R.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        elif isinstance(error, StorageFull):
+            log.error("queue full, message refused: %s", error)
+            reply = R.STORAGE_FULL
+        else:
+            log.error("queue commit failed: %s", error)
+            reply = R.LOCAL_ERROR
+        if self.transport is None:
+            return  # the client left; a committed message is delivered all the same
+        self._resume(reply)
+
+    def _received_header(self, queue_id: str, now: float) -> bytes:
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls:
+            protocol += "S"
+        if self.auth_user:
+            protocol += "A"  # RFC 3848 protocol types: ESMTPS, ESMTPA, ESMTPSA
+        if "SMTPUTF8" in self.mail_params:
+            protocol = "UTF8" + protocol  # RFC 6531 §3.7.3
+        tls = f"\r\n\t(using {self.tls})" if self.tls else ""
+        auth = " (authenticated)" if self.auth_user else ""
+        rcpt = f"\r\n\tfor <{self.rcpts[0].address}>" if len(self.rcpts) == 1 else ""
+        return (
+            f"Received: from {_header_safe(self.helo or 'unknown')} ([{self.peer_ip}])\r\n"
+            f"\tby {self.ctx.hostname} (Tachymail) with {protocol} id {queue_id}{auth}"
+            f"{tls}{rcpt};\r\n\t{email.utils.formatdate(now)}\r\n"
+        ).encode()
+
+    def _submission_headers(self, content: bytes, queue_id: str, now: float) -> list[bytes]:
+        """Date and Message-ID for a submitted message that lacks them (RFC 6409 §8)."""
+        end = content.find(b"\r\n\r\n")
+        header_block = content if end < 0 else content[: end + 2]
+        added = []
+        if header_value(header_block, b"Date") is None:
+            added.append(f"Date: {email.utils.formatdate(now)}\r\n".encode())
+        if header_value(header_block, b"Message-ID") is None:
+            added.append(f"Message-ID: <{queue_id}@{self.ctx.hostname}>\r\n".encode())
+        return added
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:200]
+
+
+def tls_description(transport: asyncio.BaseTransport) -> str | None:
+    """ "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384", or None when the transport is plain."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()} with cipher {cipher[0] if cipher else 'unknown'}"

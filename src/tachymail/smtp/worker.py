@@ -1,0 +1,208 @@
+"""One SMTP worker process: a uvloop event loop serving every listener via SO_REUSEPORT.
+
+The supervisor forks the workers; each opens its own queue environment after
+the fork, binds its own socket per listener (the kernel spreads connections
+across the workers' sockets) and runs until SIGTERM, when it stops accepting
+and lets open transactions finish within the drain timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import ssl
+import time
+from collections import Counter
+
+import uvloop
+
+from tachymail.auth.users import UsersFile
+from tachymail.config import Config, ListenerConfig
+from tachymail.protocol import replies as R
+from tachymail.queue.commit import GroupCommitter
+from tachymail.queue.store import MiB, QueueStore
+from tachymail.smtp.session import SmtpSession
+from tachymail.smtp.tls import server_context
+
+log = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    """What every session of one worker shares: configuration, queue, TLS, users, counters."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        committer: GroupCommitter,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.committer = committer
+        self.tls_context = tls_context
+        self.hostname = config.server.hostname
+        self.trusted = config.policy.trusted()
+        policy = config.policy
+        self.accepted_domains = {d.lower() for d in [*policy.local_domains, *policy.relay_domains]}
+        self.users = UsersFile(config.users_path)
+        self.sessions: set[SmtpSession] = set()
+        self.per_ip: Counter[str] = Counter()
+        # Connection limits are for the whole server; each worker takes its share, since
+        # SO_REUSEPORT spreads connections evenly across the workers' sockets.
+        workers = config.worker_count
+        limits = config.limits
+        self.max_connections = math.ceil(limits.max_connections / workers)
+        self.max_per_ip = math.ceil(limits.max_connections_per_ip / workers)
+        self.accepted = 0
+        self.tls_failures = 0
+        self.auth_successes = 0
+        self.auth_failures = 0
+        self._ehlo: dict[bool, list[str]] = {tls: self._extensions(tls) for tls in (False, True)}
+
+    def _extensions(self, tls: bool) -> list[str]:
+        extensions = [
+            "PIPELINING",
+            f"SIZE {self.config.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
+        ]
+        if tls:
+            extensions += ["AUTH PLAIN LOGIN", "REQUIRETLS"]
+        elif self.tls_context is not None:
+            extensions.append("STARTTLS")
+        return extensions
+
+    def ehlo_reply(self, peer_ip: str, tls: bool) -> bytes:
+        return R.multiline(250, [f"{self.hostname} greets [{peer_ip}]", *self._ehlo[tls]])
+
+    def admit(self, ip: str, trusted: bool) -> str | None:
+        """Count a new connection; the reason to refuse it, or None.
+
+        Trusted networks are exempt from the per-IP limit (as Postfix exempts
+        $mynetworks), so a local load generator or relay is never throttled.
+        """
+        if len(self.sessions) > self.max_connections:
+            return "too many connections"
+        if self.per_ip[ip] >= self.max_per_ip and not trusted:
+            return f"too many connections from {ip}"
+        self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        if self.per_ip[ip] > 0:
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+
+
+def listening_socket(listener: ListenerConfig) -> socket.socket:
+    """A socket bound with SO_REUSEPORT, so every worker can bind the same address."""
+    info = socket.getaddrinfo(
+        listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(info[4])
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_worker(config: Config, index: int) -> int:
+    loop = asyncio.get_running_loop()
+    store = QueueStore(
+        config.data_path / "queue",
+        map_size=config.queue.map_size_mb * MiB,
+        max_map_size=config.queue.max_map_size_mb * MiB,
+    )
+    committer = GroupCommitter(store, max_batch=config.queue.max_batch)
+    tls = server_context(config)
+    ctx = WorkerContext(config, loop, committer, tls)
+    servers = []
+    for listener in config.listeners:
+        implicit = listener.role == "smtps"
+        role = listener.role
+
+        def factory(role: str = role, implicit: bool = implicit) -> SmtpSession:
+            return SmtpSession(ctx, role, implicit)
+
+        servers.append(
+            await loop.create_server(
+                factory,
+                sock=listening_socket(listener),
+                ssl=tls if implicit else None,
+                ssl_handshake_timeout=30 if implicit else None,
+            )
+        )
+    log.info(
+        "worker %d (pid %d) listening on %s",
+        index,
+        os.getpid(),
+        ", ".join(f"{lst.address} ({lst.role})" for lst in config.listeners),
+    )
+    stop = asyncio.Event()
+    retire = False
+
+    def retire_gently() -> None:
+        nonlocal retire
+        retire = True
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # SIGUSR1: replaced after a reload; sessions may go on to their natural end.
+    loop.add_signal_handler(signal.SIGUSR1, retire_gently)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor handles reloads
+    parent = os.getppid()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            if os.getppid() != parent:  # the supervisor is gone: do not linger as an orphan
+                log.warning("worker %d: supervisor died, shutting down", index)
+                break
+    await drain(ctx, servers, config.server.drain_timeout, keep_idle=retire)
+    committer.close()
+    store.close()
+    log.info(
+        "worker %d (pid %d) stopped after accepting %d messages", index, os.getpid(), ctx.accepted
+    )
+    return 0
+
+
+async def drain(
+    ctx: WorkerContext, servers: list[asyncio.Server], timeout: float, keep_idle: bool = False
+) -> None:
+    """Stop accepting, let open transactions finish (bounded), then close every session.
+
+    On shutdown idle sessions are told 421 at once; when the worker is only being
+    replaced (``keep_idle``, after a reload) they may go on until they end.
+    """
+    for server in servers:
+        server.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [s for s in ctx.sessions if keep_idle or not s.idle]
+        for session in ctx.sessions - set(busy):
+            session.shut_down(R.reply(421, "4.3.2", "Service shutting down"))
+        if not busy and ctx.committer.idle:
+            break
+        await asyncio.sleep(0.05)
+    for session in list(ctx.sessions):
+        session.close()
+    while not ctx.committer.idle and time.monotonic() < deadline + 5:
+        await asyncio.sleep(0.01)
+
+
+def run_worker(config: Config, index: int) -> int:
+    """Entry point in the forked child."""
+    return uvloop.run(serve_worker(config, index))
