@@ -7,6 +7,7 @@ random moment, and after a restart every acknowledged message must be queued.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -74,10 +75,8 @@ class AckingClient(threading.Thread):
         self.port, self.name, self.acked, self.stop_event = port, name, acked, stop
 
     def run(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the server is killed under us: expected
             self._run()
-        except OSError:
-            pass  # the server was killed under us: expected
 
     def _run(self) -> None:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)

@@ -324,3 +324,28 @@ def test_swaks_sends_a_message(server: Server) -> None:
     assert "250 2.0.0 Ok: queued as" in out.stdout
     [entry] = queued(server)
     assert "Subject: from swaks" in content_of(server, str(entry["id"]))
+
+
+def test_storage_full_gets_452_and_harms_nothing_queued(tmp_path: Path) -> None:
+    extra = "[queue]\nmap_size_mb = 1\nmax_map_size_mb = 2\n"
+    with running_server(tmp_path, extra, roles=("mx",)) as srv:
+        client = RawClient(srv.port)
+        client.cmd(b"EHLO x")
+        body = b"Subject: filler\r\n\r\n" + (b"y" * 78 + b"\r\n") * 800  # ~64 KiB
+        accepted, final = 0, b""
+        for _ in range(100):
+            client.cmd(b"MAIL FROM:<a@example.com>")
+            client.cmd(b"RCPT TO:<b@example.net>")
+            client.cmd(b"DATA")
+            client.send(body + b".\r\n")
+            final = client.reply()
+            if not final.startswith(b"250"):
+                break
+            accepted += 1
+        assert final.startswith(b"452 4.3.1"), final
+        assert 0 < accepted < 100
+        assert client.cmd(b"NOOP") == b"250 2.0.0 Ok", "the server keeps running"
+        client.close()
+        assert srv.queue_count() == accepted
+        assert "queue full" in srv.log()
+        assert "growing the queue map from 1 MiB to 2 MiB" in srv.log()

@@ -6,25 +6,86 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
 8BITMIME downgrade, content policy and IMAP BODYSTRUCTURE.
 
 ``scan(message, max_depth=32) -> Part``
-    Never raises, never loops, and runs in time linear in the message size,
-    whatever the input: malformed MIME gives a best-effort tree and a
-    ``defects`` entry on the part concerned.
+    *message* is any bytes-like object (the compiled kernel reads it in
+    place).  Never raises on any content, never loops, and runs in time
+    linear in the message size, whatever the input: malformed MIME gives a
+    best-effort tree and a ``defects`` entry on the part concerned.
+    Python's ``email`` package (``policy.default``) is the oracle: on
+    well-formed and most malformed mail the tree, types, charsets,
+    boundaries, encodings and body bytes are the ones it finds.
+
+    Lines end at LF; a CR just before it belongs to the line break, so CRLF,
+    LF and mixed messages scan alike (a bare CR is not a line break).  A
+    header block ends at the first blank line, or at the first line that is
+    neither a field (a name of printable ASCII without spaces, then ``:``),
+    a continuation (leading space or tab) nor an mbox ``From `` line: that
+    line starts the body (defect ``"missing blank line after headers"``).
+    A part that ends inside its header block has an empty body.
+
+    A boundary line is ``"--" boundary``, then ``"--"`` for the close line,
+    then optional spaces/tabs (transport padding), at the start of a line;
+    ``boundary`` is matched as UTF-8.  Like ``email``: a line that is a
+    boundary line of several enclosing multiparts belongs to the outermost
+    one and ends every part nested in it; repeated delimiter lines open no
+    empty parts; after its close line (in the epilogue) a multipart's own
+    boundary means nothing.  Preamble and epilogue are not parts.
 
 ``Part``
     ``start`` (offset of the part's first header line), ``body_start``
     (offset just past the blank line ending the headers, or the end of the
     part when there is none), ``end`` (end of the body, exclusive; for a
-    multipart child, before the CRLF that precedes the next boundary line).
+    part inside a multipart, before the line break that precedes the next
+    boundary line — or the end of the input when the close line is
+    missing).  ``header_bytes(message)`` / ``body_bytes(message)`` slice
+    *message* with them.
     ``content_type`` is lower-case ``type/subtype`` (default ``text/plain``,
-    or ``message/rfc822`` inside ``multipart/digest``); ``charset`` and
-    ``boundary`` come from its parameters (RFC 2231 continuations and
-    encodings understood); ``transfer_encoding`` is lower-case, default
-    ``7bit``.  ``has_8bit`` is set when the part's own headers or body hold a
-    byte >= 0x80.  ``children``: the parts of a multipart, or the single
-    encapsulated message of a ``message/rfc822`` / ``message/global`` part
-    that is not base64/quoted-printable encoded.  ``depth`` is 0 for the
-    root; parts deeper than ``max_depth`` are not split further (defect
-    ``"too deep"``).
+    or ``message/rfc822`` inside ``multipart/digest``; ``text/plain`` when
+    the header is unparsable, defect ``"invalid content-type"``);
+    ``charset`` (lower-case; None when absent or not ASCII) and ``boundary``
+    (trailing white space removed) come from its parameters, read as
+    ``content_type_params`` does (RFC 2231 continuations and encodings
+    understood); ``transfer_encoding`` is the lower-case mechanism token,
+    default ``7bit``.
+    ``has_8bit`` is set when a byte >= 0x80 is among the part's *own*
+    bytes, those of its range that are not in a child's range: headers and
+    body for a leaf; headers, preamble, boundary lines and epilogue for a
+    multipart; the headers for a ``message/rfc822``.  So a leaf's flag says
+    whether its headers or body need 8BITMIME, and some part has it exactly
+    when the message holds an 8-bit byte.
+    ``children``: the parts of a multipart, or the single encapsulated
+    message (``start == body_start`` of its parent, same ``end``) of a
+    ``message/rfc822`` / ``message/global`` part that is not
+    base64/quoted-printable encoded; other ``message/*`` types are leaves.
+    ``depth`` is 0 for the root; no part is deeper than ``max_depth``: a
+    multipart or message at that depth is a leaf (defect ``"too deep"``).
+    ``defects`` also names ``"no boundary"`` (a multipart without one: a
+    leaf), ``"start boundary not found"`` (no delimiter line: no children)
+    and ``"close boundary not found"`` (the last part runs to the end of its
+    parent).
+
+``header_value(headers, name) -> bytes | None``
+    The first *name* field (case-insensitive) of the header block
+    *headers*, unfolded (line breaks dropped, the white space after them
+    kept) with leading/trailing spaces, tabs and CRs stripped; None when
+    absent.  Reading stops where ``scan`` ends a header block.
+
+``content_type_params(value) -> (str, dict[str, str])``
+    Lower-case ``type/subtype`` (``text/plain`` when invalid) and the
+    parameters by lower-case name: comments skipped, quoted strings
+    unquoted, text between the subtype and the first ``;`` ignored, a bare
+    value ending at white space, ``;``, ``(`` or ``"`` (``=`` and ``/`` are
+    kept: ``boundary=----=_Part_1`` is common), the first occurrence of a
+    name winning.  RFC 2231 sections are joined in section order and
+    ``charset'lang'%XX`` values decoded with that charset when Python knows
+    it, else as UTF-8; undecodable bytes (and invalid UTF-8 in plain values)
+    become U+FFFD, as ``email`` does.  RFC 2047 encoded words are not
+    decoded.
+
+Deliberate differences from ``email``: ``=`` and ``/`` in bare parameter
+values (email cuts the value there); comments and junk around the type
+(email keeps them in ``get_content_type()``); a bare CR (email ends a line
+there); a ``From `` line at the end of a header block (email moves it to
+the body).
 """
 
 from __future__ import annotations

@@ -520,7 +520,7 @@ class SmtpSession(asyncio.Protocol):
             return
         if new is None:
             return
-        self.transport = cast(asyncio.Transport, new)
+        self.transport = new
         self.tls = tls_description(new)
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo, self.esmtp, self.auth_user = None, False, None

@@ -1,0 +1,758 @@
+"""Compiled MIME structure scanner: see tachymail.protocol.mime for the contract.
+
+tachymail.protocol.mime_py is the pure-Python twin and gives the same tree for every input.
+The scan reads the message in place (any buffer) once, with an explicit stack of open parts:
+header lines one by one with memchr, bodies by jumping with memchr from one line starting with
+"--" to the next, and 8-bit detection eight bytes at a time.  Python objects are made per part
+and per candidate boundary line, never per byte.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memchr, memcmp, memcpy
+
+from mime cimport (
+    EPILOGUE,
+    HEADERS,
+    LEAF,
+    MESSAGE,
+    PARTS,
+    PREAMBLE,
+    any_8bit,
+    eol_before,
+    field_colon,
+    find_lf,
+    is_field_line,
+    lower_ascii,
+    read_quoted,
+    skip_comment,
+)
+
+import operator
+import re
+
+__all__ = ["Part", "content_type_params", "header_value", "scan"]
+
+# Byte classes for Content-Type parsing (bit flags in _CLASS; mime.pxd tests the others inline).
+cdef enum:
+    C_WSP = 1         # white space between tokens: SP HT CR LF
+    C_TOKEN_END = 2   # RFC 2045 tspecials and white space
+    C_NAME_END = 4    # ends a parameter name
+    C_VALUE_END = 8   # ends a bare parameter value
+
+cdef unsigned char _CLASS[256]
+
+
+cdef void _init_classes() noexcept:
+    cdef int c
+    for c in range(256):
+        _CLASS[c] = 0
+    for c in b" \t\r\n":
+        _CLASS[c] |= C_WSP | C_TOKEN_END | C_NAME_END | C_VALUE_END
+    for c in b'()<>@,;:\\"/[]?=':
+        _CLASS[c] |= C_TOKEN_END
+    for c in b';=("':
+        _CLASS[c] |= C_NAME_END
+    for c in b';("':
+        _CLASS[c] |= C_VALUE_END
+
+
+_init_classes()
+
+_SECTIONED = re.compile(rb"([^*]+)\*(?:([0-9]{1,9})(\*?))?")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+cdef class Part:
+    """One node of the MIME tree; offsets index the scanned message (see the facade)."""
+
+    cdef public Py_ssize_t start
+    cdef public Py_ssize_t body_start
+    cdef public Py_ssize_t end
+    cdef public str content_type
+    cdef public str charset
+    cdef public str boundary
+    cdef public str transfer_encoding
+    cdef public bint has_8bit
+    cdef public Py_ssize_t depth
+    cdef public list children
+    cdef public list defects
+    # Scanner state, invisible from Python.
+    cdef int _mode
+    cdef bytes _key
+    cdef bint _digest_child
+
+    def __cinit__(self):
+        self.content_type = "text/plain"
+        self.transfer_encoding = "7bit"
+        self.children = []
+        self.defects = []
+        self._mode = HEADERS
+
+    def __init__(self, Py_ssize_t start=0, Py_ssize_t depth=0):
+        self.start = start
+        self.body_start = start
+        self.end = start
+        self.depth = depth
+
+    def header_bytes(self, message):
+        """The header block, with the blank line that ends it: ``message[start:body_start]``."""
+        return bytes(message[self.start:self.body_start])
+
+    def body_bytes(self, message):
+        """The body, still transfer-encoded: ``message[body_start:end]``."""
+        return bytes(message[self.body_start:self.end])
+
+    def __repr__(self):
+        # Children are counted, not shown: a deep tree must not make repr recurse.
+        return (
+            f"Part({self.content_type!r}, start={self.start}, body_start={self.body_start}, "
+            f"end={self.end}, depth={self.depth}, children={len(self.children)}, "
+            f"has_8bit={'True' if self.has_8bit else 'False'}, defects={self.defects!r})"
+        )
+
+
+cdef inline Part _new_part(Py_ssize_t start, Py_ssize_t depth):
+    cdef Part part = Part.__new__(Part)
+    part.start = start
+    part.body_start = start
+    part.end = start
+    part.depth = depth
+    return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Header fields
+
+
+cdef object _field_value(const unsigned char* h, Py_ssize_t n, const unsigned char* name,
+                         Py_ssize_t name_len):
+    """header_value() on a raw header block."""
+    cdef Py_ssize_t pos = 0, line_end, following, colon, i, value_start = -1, value_end = -1
+    cdef Py_ssize_t cur, lf, stop, out_len = 0, a, b
+    cdef unsigned char first
+    cdef unsigned char* out
+    while pos < n:
+        lf = find_lf(h, pos, n)
+        following = n if lf == n else lf + 1
+        line_end = lf
+        if line_end > pos and h[line_end - 1] == 13:
+            line_end -= 1
+        if line_end == pos:
+            break
+        first = h[pos]
+        if first == 32 or first == 9:
+            if value_start >= 0:
+                value_end = line_end
+            pos = following
+            continue
+        if value_start >= 0:
+            break
+        if not (line_end - pos >= 5 and memcmp(h + pos, b"From ", 5) == 0):
+            colon = field_colon(h, pos, line_end)
+            if colon < 0:
+                break
+            if colon - pos == name_len and name_len > 0:
+                i = 0
+                while i < name_len and lower_ascii(h[pos + i]) == lower_ascii(name[i]):
+                    i += 1
+                if i == name_len:
+                    value_start = colon + 1
+                    value_end = line_end
+        pos = following
+    if value_start < 0:
+        return None
+    # Unfold: copy the lines of the field without their line breaks, then strip.
+    out = <unsigned char*>PyMem_Malloc(<size_t>(value_end - value_start + 1))
+    if out == NULL:
+        raise MemoryError()
+    try:
+        cur = value_start
+        while True:
+            lf = find_lf(h, cur, value_end)
+            if lf == value_end:
+                memcpy(out + out_len, h + cur, <size_t>(value_end - cur))
+                out_len += value_end - cur
+                break
+            stop = lf
+            if stop > cur and h[stop - 1] == 13:
+                stop -= 1
+            memcpy(out + out_len, h + cur, <size_t>(stop - cur))
+            out_len += stop - cur
+            cur = lf + 1
+        a = 0
+        b = out_len
+        while a < b and (out[a] == 32 or out[a] == 9 or out[a] == 13):
+            a += 1
+        while b > a and (out[b - 1] == 32 or out[b - 1] == 9 or out[b - 1] == 13):
+            b -= 1
+        return PyBytes_FromStringAndSize(<char*>out + a, b - a)
+    finally:
+        PyMem_Free(out)
+
+
+def header_value(headers, name):
+    """The first *name* field of the header block *headers*, unfolded and stripped, or None.
+
+    *name* is matched case-insensitively.  Reading stops at the end of the header block: a blank
+    line, or a line that is neither a field (``name:``), a continuation (leading space or tab)
+    nor an mbox ``From `` line.  Unfolding drops the line breaks (CRLF or LF) and keeps the
+    white space after them; leading and trailing spaces, tabs and CRs are stripped.
+    """
+    cdef Py_buffer hbuf
+    cdef Py_buffer nbuf
+    PyObject_GetBuffer(headers, &hbuf, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(name, &nbuf, PyBUF_SIMPLE)
+        try:
+            return _field_value(<const unsigned char*>hbuf.buf, hbuf.len,
+                                <const unsigned char*>nbuf.buf, nbuf.len)
+        finally:
+            PyBuffer_Release(&nbuf)
+    finally:
+        PyBuffer_Release(&hbuf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Content-Type and its parameters
+
+
+cdef inline Py_ssize_t _skip_cfws(const unsigned char* v, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Index of the first byte at or after *i* that is neither white space nor in a comment."""
+    while i < n:
+        if _CLASS[v[i]] & C_WSP:
+            i += 1
+        elif v[i] == 40:
+            i = skip_comment(v, i, n)
+        else:
+            break
+    return i
+
+
+cdef inline Py_ssize_t _skip_to_semicolon(const unsigned char* v, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Index of the next ";" that is not inside a quoted string or a comment (or *n*)."""
+    while i < n:
+        if v[i] == 59:
+            break
+        if v[i] == 34:
+            i = read_quoted(v, i, n, NULL, NULL)
+        elif v[i] == 40:
+            i = skip_comment(v, i, n)
+        else:
+            i += 1
+    return i
+
+
+cdef inline Py_ssize_t _token_end(const unsigned char* v, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and not (_CLASS[v[i]] & C_TOKEN_END):
+        i += 1
+    return i
+
+
+cdef bytes _lower_bytes(const unsigned char* v, Py_ssize_t start, Py_ssize_t end):
+    cdef bytes result = PyBytes_FromStringAndSize(NULL, end - start)
+    cdef unsigned char* out = <unsigned char*><char*>result
+    cdef Py_ssize_t i
+    for i in range(end - start):
+        out[i] = lower_ascii(v[start + i])
+    return result
+
+
+cdef tuple _parse_content_type(const unsigned char* v, Py_ssize_t n):
+    """(lower-case "type/subtype" or None when invalid, parameters)."""
+    cdef Py_ssize_t i, start, main_start, main_end, sub_start = 0, sub_end = 0, name_end, k
+    cdef bint starred = False
+    cdef object ctype = None
+    cdef list raw = []
+    cdef bytes name, value, joined
+    cdef unsigned char* scratch = NULL
+    cdef unsigned char* out
+    i = _skip_cfws(v, 0, n)
+    main_start = i
+    i = _token_end(v, i, n)
+    main_end = i
+    i = _skip_cfws(v, i, n)
+    if i < n and v[i] == 47:
+        i = _skip_cfws(v, i + 1, n)
+        sub_start = i
+        i = _token_end(v, i, n)
+        sub_end = i
+    if main_end > main_start and sub_end > sub_start:
+        joined = PyBytes_FromStringAndSize(NULL, main_end - main_start + 1 + sub_end - sub_start)
+        out = <unsigned char*><char*>joined
+        k = 0
+        for start in range(main_start, main_end):
+            out[k] = lower_ascii(v[start])
+            k += 1
+        out[k] = 47
+        k += 1
+        for start in range(sub_start, sub_end):
+            out[k] = lower_ascii(v[start])
+            k += 1
+        ctype = PyUnicode_DecodeUTF8(<char*>out, k, "replace")
+    # Anything between the subtype and the first ";" is ignored.
+    i = _skip_to_semicolon(v, i, n)
+    try:
+        while i < n:
+            i = _skip_cfws(v, i + 1, n)
+            start = i
+            while i < n and not (_CLASS[v[i]] & C_NAME_END):
+                i += 1
+            name_end = i
+            i = _skip_cfws(v, i, n)
+            if name_end > start and i < n and v[i] == 61:
+                name = _lower_bytes(v, start, name_end)
+                if memchr(v + start, 42, <size_t>(name_end - start)) != NULL:
+                    starred = True
+                i = _skip_cfws(v, i + 1, n)
+                if i < n and v[i] == 34:
+                    if scratch == NULL:
+                        scratch = <unsigned char*>PyMem_Malloc(<size_t>n)
+                        if scratch == NULL:
+                            raise MemoryError()
+                    i = read_quoted(v, i, n, scratch, &k)
+                    value = PyBytes_FromStringAndSize(<char*>scratch, k)
+                else:
+                    start = i
+                    while i < n and not (_CLASS[v[i]] & C_VALUE_END):
+                        i += 1
+                    value = PyBytes_FromStringAndSize(<char*>v + start, i - start)
+                raw.append((name, value))
+            i = _skip_to_semicolon(v, i, n)
+    finally:
+        PyMem_Free(scratch)
+    return ctype, _resolve_params(raw, starred)
+
+
+cdef dict _resolve_params(list raw, bint starred):
+    """Parameter values by name: first occurrence wins, RFC 2231 sections joined and decoded."""
+    cdef dict params = {}
+    cdef dict groups
+    cdef list entries, sections, pieces
+    cdef bytes name, value, base
+    cdef object charset, match, text, key
+    cdef Py_ssize_t position, last, number
+    if not starred:
+        for name, value in raw:
+            key = name.decode("utf-8", "replace")
+            if key not in params:
+                params[key] = value.decode("utf-8", "replace")
+        return params
+    # name -> [(section or None, extended, value)], in order of first appearance
+    groups = {}
+    for name, value in raw:
+        match = _SECTIONED.fullmatch(name)
+        if match is None:
+            groups.setdefault(name, []).append((None, False, value))
+        elif match.group(2) is None:
+            groups.setdefault(match.group(1), []).append((None, True, value))
+        else:
+            groups.setdefault(match.group(1), []).append(
+                (int(match.group(2)), bool(match.group(3)), value))
+    for base, entries in groups.items():
+        section, extended, value = entries[0]
+        if section is None:
+            if extended:
+                charset, value = _split_charset(value)
+                text = _sanitize(_decode_bytes(_unpercent(value), charset))
+            else:
+                text = value.decode("utf-8", "replace")
+        else:
+            sections = [entry for entry in entries if entry[0] is not None]
+            sections.sort(key=_section_number)  # stable: equal sections keep their order
+            pieces = []
+            charset = None
+            last = -1
+            for position in range(len(sections)):
+                section, extended, value = sections[position]
+                number = section
+                if number == last:
+                    continue  # a repeated section: the first one wins
+                last = number
+                if not extended:
+                    pieces.append(value.decode("ascii", "surrogateescape"))
+                    continue
+                if position == 0:
+                    charset, value = _split_charset(value)
+                pieces.append(_decode_bytes(_unpercent(value), charset))
+            text = _sanitize("".join(pieces))
+        params[base.decode("utf-8", "replace")] = text
+    return params
+
+
+def _section_number(entry):
+    return entry[0]
+
+
+cdef tuple _split_charset(bytes value):
+    """Split RFC 2231 ``charset'language'text``; no charset when the two quotes are missing."""
+    if value.count(b"'") < 2:
+        return None, value
+    charset, _language, text = value.split(b"'", 2)
+    return charset, text
+
+
+def _percent_byte(match):
+    return bytes((int(match.group(1), 16),))
+
+
+cdef bytes _unpercent(bytes value):
+    if b"%" not in value:
+        return value
+    return _PERCENT.sub(_percent_byte, value)
+
+
+cdef str _decode_bytes(bytes data, object charset):
+    """Decode with *charset* when Python knows it; undecodable bytes stay surrogate-escaped."""
+    if charset is not None:
+        try:
+            return data.decode(charset.decode("ascii"), "surrogateescape")
+        except Exception:  # unknown or unusable codec: fall back as email does
+            pass
+    return data.decode("ascii", "surrogateescape")
+
+
+cdef str _sanitize(str text):
+    """Escaped bytes become UTF-8 where they form it, U+FFFD elsewhere (as email does)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def content_type_params(value):
+    """Parse a Content-Type value: (lower-case "type/subtype", {lower-case name: value}).
+
+    An invalid type gives ``"text/plain"`` (RFC 2045 §5.2); its parameters are still read.
+    Comments are skipped, quoted strings unquoted, text between the subtype and the first
+    ";" ignored.  A bare value ends at white space, ";", "(" or '"' (so ``=`` and ``/`` may
+    appear in it); a quoted one that is not closed runs to the end.  The first occurrence of a
+    name wins.  RFC 2231 sections (``name*0``, ``name*1*``) are joined in section order and
+    ``charset'lang'%XX`` values decoded with that charset when Python knows it, otherwise as
+    UTF-8; undecodable bytes become U+FFFD, as do invalid UTF-8 bytes in plain values.
+    RFC 2047 encoded words are not decoded.
+    """
+    cdef Py_buffer buf
+    PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+    try:
+        ctype, params = _parse_content_type(<const unsigned char*>buf.buf, buf.len)
+    finally:
+        PyBuffer_Release(&buf)
+    return (ctype or "text/plain"), params
+
+
+cdef str _transfer_encoding(bytes value):
+    """The Content-Transfer-Encoding mechanism token, lower-case; "7bit" when absent/empty."""
+    cdef const unsigned char* v
+    cdef Py_ssize_t n, i, end
+    if value is None:
+        return "7bit"
+    v = <const unsigned char*><char*>value
+    n = len(value)
+    i = _skip_cfws(v, 0, n)
+    end = _token_end(v, i, n)
+    if end == i:
+        return "7bit"
+    return _lower_bytes(v, i, end).decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scanner
+
+
+cdef inline Py_ssize_t _bucket(Py_ssize_t length) noexcept nogil:
+    return length if length < 255 else 255
+
+
+cdef class _Scanner:
+    """One scan: the message buffer, the stack of open parts and the listened-for boundaries."""
+
+    cdef const unsigned char* data
+    cdef Py_ssize_t n
+    cdef Py_ssize_t max_depth
+    cdef list stack
+    # boundary -> stack index of the outermost multipart listening for it
+    cdef dict listening
+    # How many listened-for boundaries have each length (the last bucket: that length or more).
+    cdef Py_ssize_t lengths[256]
+
+    def __cinit__(self):
+        cdef int i
+        self.stack = []
+        self.listening = {}
+        for i in range(256):
+            self.lengths[i] = 0
+
+    cdef Part run(self):
+        cdef const unsigned char* data = self.data
+        cdef Py_ssize_t n = self.n
+        cdef Py_ssize_t pos = 0, line_end, following, index, line, i
+        cdef bint close = False
+        cdef const void* hit
+        cdef Part part
+        cdef Part root = _new_part(0, 0)
+        self.stack.append(root)
+        part = root
+        while pos < n:
+            if part._mode == HEADERS:
+                line_end = find_lf(data, pos, n)
+                following = n if line_end == n else line_end + 1
+                if self.listening and pos + 1 < n and data[pos] == 45 and data[pos + 1] == 45:
+                    index = self._claimer(pos, line_end, &close)
+                    if index >= 0:
+                        pos = self._boundary_line(index, close, pos, following)
+                        part = self._top()
+                        continue
+                if line_end > pos and data[line_end - 1] == 13:
+                    line_end -= 1
+                if line_end == pos:  # the blank line ending the header block
+                    part.body_start = following
+                    pos = self._begin_body(part, following)
+                    part = self._top()
+                    continue
+                if data[pos] == 32 or data[pos] == 9 or is_field_line(data, pos, line_end):
+                    pos = following
+                    continue
+                # Neither a field nor a continuation: the body starts with this line.
+                part.body_start = pos
+                part.defects.append("missing blank line after headers")
+                pos = self._begin_body(part, pos)
+                part = self._top()
+                continue
+            # In a body only a boundary line of an enclosing multipart matters.
+            if not self.listening:
+                break
+            # The next line starting with "--": memchr for "-", then look around it.
+            if pos + 1 < n and data[pos] == 45 and data[pos + 1] == 45:
+                line = pos
+            else:
+                line = -1
+                i = pos + 1
+                while i < n:
+                    hit = memchr(data + i, 45, <size_t>(n - i))
+                    if hit == NULL:
+                        break
+                    i = <const unsigned char*>hit - data
+                    if data[i - 1] == 10 and i + 1 < n and data[i + 1] == 45:
+                        line = i
+                        break
+                    i += 1
+                if line < 0:
+                    break
+            line_end = find_lf(data, line, n)
+            following = n if line_end == n else line_end + 1
+            index = self._claimer(line, line_end, &close)
+            if index < 0:
+                pos = following
+            else:
+                pos = self._boundary_line(index, close, line, following)
+                part = self._top()
+        self._close_all()
+        return root
+
+    cdef inline Part _top(self):
+        """The innermost open part; run() asks again after every call that may push or pop."""
+        return <Part>PyList_GET_ITEM(self.stack, PyList_GET_SIZE(self.stack) - 1)
+
+    cdef Py_ssize_t _claimer(self, Py_ssize_t line, Py_ssize_t line_end, bint* close) except -2:
+        """Stack index of the multipart whose boundary line this is, or -1; sets *close*."""
+        cdef const unsigned char* data = self.data
+        cdef Py_ssize_t end = line_end, length, index = -1, outer = -1
+        cdef object found
+        close[0] = False
+        if end > line and data[end - 1] == 13:
+            end -= 1
+        while end > line + 2 and (data[end - 1] == 32 or data[end - 1] == 9):
+            end -= 1
+        length = end - line - 2
+        # Lengths first: most lines starting with "--" cannot be a listened-for boundary.
+        if self.lengths[_bucket(length)]:
+            found = self.listening.get(PyBytes_FromStringAndSize(<char*>data + line + 2, length))
+            if found is not None:
+                index = found
+        if length >= 2 and data[end - 1] == 45 and data[end - 2] == 45 \
+                and self.lengths[_bucket(length - 2)]:
+            found = self.listening.get(
+                PyBytes_FromStringAndSize(<char*>data + line + 2, length - 2))
+            if found is not None:
+                outer = found
+                # An outer multipart's boundary wins, as in email.feedparser.
+                if index < 0 or outer < index:
+                    index = outer
+                    close[0] = True
+        return index
+
+    cdef Py_ssize_t _boundary_line(self, Py_ssize_t index, bint close, Py_ssize_t line,
+                                   Py_ssize_t following) except -1:
+        """Handle a boundary line of the multipart at stack[index]; return where to go on."""
+        cdef const unsigned char* data = self.data
+        cdef Py_ssize_t n = self.n
+        cdef Py_ssize_t end = line - eol_before(data, line), floor = 0, pos, line_end
+        cdef bint dummy = False
+        cdef Part parent, child
+        while len(self.stack) - 1 > index:
+            floor = self._close(<Part>self.stack.pop(), end, floor)
+        parent = <Part>self.stack[index]
+        if close:
+            if parent._mode == PREAMBLE:
+                parent.defects.append("start boundary not found")
+            self._stop_listening(parent, index)
+            parent._mode = EPILOGUE
+            return following
+        parent._mode = PARTS
+        # Repeated boundary lines open no empty parts (email.feedparser does the same).
+        pos = following
+        while pos + 1 < n and data[pos] == 45 and data[pos + 1] == 45:
+            line_end = find_lf(data, pos, n)
+            if self._claimer(pos, line_end, &dummy) != index:
+                break
+            pos = n if line_end == n else line_end + 1
+        child = _new_part(pos, parent.depth + 1)
+        child._digest_child = parent.content_type == "multipart/digest"
+        parent.children.append(child)
+        self.stack.append(child)
+        return pos
+
+    cdef int _classify(self, Part part) except -1:
+        """Read the part's header block into its attributes; return the body's mode."""
+        cdef Py_ssize_t start = part.start
+        cdef Py_ssize_t length = part.body_start - start
+        cdef const unsigned char* headers = self.data + start
+        cdef object value, parsed, charset, boundary
+        cdef dict params
+        cdef str ctype, cte
+        value = _field_value(headers, length, b"content-type", 12)
+        if value is None:
+            ctype = "message/rfc822" if part._digest_child else "text/plain"
+            params = {}
+        else:
+            parsed, params = _parse_content_type(<const unsigned char*><char*>value,
+                                                 len(<bytes>value))
+            if parsed is None:
+                part.defects.append("invalid content-type")
+                ctype = "text/plain"
+            else:
+                ctype = parsed
+        part.content_type = ctype
+        charset = params.get("charset")
+        part.charset = charset.lower() if charset is not None and charset.isascii() else None
+        boundary = params.get("boundary")
+        part.boundary = boundary.rstrip() if boundary is not None else None
+        cte = _transfer_encoding(
+            _field_value(headers, length, b"content-transfer-encoding", 25))
+        part.transfer_encoding = cte
+        if ctype.startswith("multipart/"):
+            if part.depth >= self.max_depth:
+                part.defects.append("too deep")
+            elif part.boundary is None:
+                part.defects.append("no boundary")
+            else:
+                return PREAMBLE
+        elif (ctype == "message/rfc822" or ctype == "message/global") \
+                and cte != "base64" and cte != "quoted-printable":
+            if part.depth >= self.max_depth:
+                part.defects.append("too deep")
+            else:
+                return MESSAGE
+        return LEAF
+
+    cdef Py_ssize_t _begin_body(self, Part part, Py_ssize_t body_start) except -1:
+        """The header block has ended: set up the body's mode; return where to go on."""
+        cdef int mode = self._classify(part)
+        cdef bytes key
+        cdef Part child
+        part._mode = mode
+        if mode == PREAMBLE:
+            key = part.boundary.encode("utf-8")
+            part._key = key
+            if key not in self.listening:  # else an outer multipart's lines shadow ours
+                self.listening[key] = len(self.stack) - 1
+                self.lengths[_bucket(len(key))] += 1
+        elif mode == MESSAGE:
+            child = _new_part(body_start, part.depth + 1)
+            part.children.append(child)
+            self.stack.append(child)
+        return body_start
+
+    cdef int _stop_listening(self, Part part, Py_ssize_t index) except -1:
+        cdef object found
+        if part._key is not None:
+            found = self.listening.get(part._key)
+            if found is not None and <Py_ssize_t>found == index:
+                del self.listening[part._key]
+                self.lengths[_bucket(len(part._key))] -= 1
+        part._key = None
+        return 0
+
+    cdef Py_ssize_t _close(self, Part part, Py_ssize_t end, Py_ssize_t floor) except -1:
+        """Close the part just popped off the stack at *end* (not before *floor*)."""
+        cdef int mode
+        cdef Part child
+        if floor > end:
+            end = floor
+        if part.start > end:
+            end = part.start
+        if part._mode == HEADERS:
+            # The part ends inside its header block: no body.
+            part.body_start = end
+            mode = self._classify(part)
+            if mode == PREAMBLE:
+                part.defects.append("start boundary not found")
+            elif mode == MESSAGE:
+                child = _new_part(end, part.depth + 1)
+                part.children.append(child)
+        else:
+            if part.body_start > end:
+                end = part.body_start
+            if part._mode == PREAMBLE:
+                part.defects.append("start boundary not found")
+            elif part._mode == PARTS:
+                part.defects.append("close boundary not found")
+            self._stop_listening(part, len(self.stack))
+        part.end = end
+        part.has_8bit = self._own_8bit(part)
+        return end
+
+    cdef int _close_all(self) except -1:
+        """End of input: close every open part.  Inside a multipart the final line break
+        belongs to the (missing) boundary, as email.feedparser has it."""
+        cdef Py_ssize_t n = self.n
+        cdef Py_ssize_t cut = n - eol_before(self.data, n)
+        cdef Py_ssize_t first_inner = len(self.stack), index, floor = 0
+        for index in range(len(self.stack)):
+            if (<Part>self.stack[index])._mode == PARTS:
+                first_inner = index + 1
+                break
+        while self.stack:
+            index = len(self.stack) - 1
+            floor = self._close(<Part>self.stack.pop(), cut if index >= first_inner else n, floor)
+        return 0
+
+    cdef bint _own_8bit(self, Part part) noexcept:
+        """A byte >= 0x80 in the part outside its children (headers, preamble, epilogue...)."""
+        cdef Py_ssize_t start = part.start
+        cdef Part child
+        for child in part.children:
+            if child.start > start and any_8bit(self.data, start, child.start):
+                return True
+            start = child.end
+        return part.end > start and any_8bit(self.data, start, part.end)
+
+
+def scan(message, max_depth=32):
+    """The MIME tree of *message* (any bytes-like object, read in place); never raises on any
+    content."""
+    cdef Py_buffer buf
+    cdef _Scanner scanner
+    # Any integer: negative means 0, beyond the message's length it cannot matter.
+    max_depth = min(max(0, operator.index(max_depth)), PY_SSIZE_T_MAX)
+    PyObject_GetBuffer(message, &buf, PyBUF_SIMPLE)
+    try:
+        scanner = _Scanner.__new__(_Scanner)
+        scanner.data = <const unsigned char*>buf.buf
+        scanner.n = buf.len
+        scanner.max_depth = max_depth
+        return scanner.run()
+    finally:
+        PyBuffer_Release(&buf)

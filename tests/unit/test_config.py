@@ -1,0 +1,59 @@
+"""Configuration: defaults, validation messages, and the reference page keeping up."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tachymail.config import Config, ConfigError, defaults_toml, from_dict, load
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_defaults_give_the_three_loopback_listeners() -> None:
+    config = load(None)
+    assert [(x.address, x.role) for x in config.listeners] == [
+        ("127.0.0.1:2525", "mx"),
+        ("127.0.0.1:2587", "submission"),
+        ("127.0.0.1:2465", "smtps"),
+    ]
+    assert config.server.data_dir == "./tachymail-data"
+    assert config.limits.max_command_line == 512
+
+
+def test_defaults_file_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "defaults.toml"
+    path.write_text(defaults_toml())
+    assert load(path) == Config(source=str(path))
+
+
+def test_every_mistake_is_reported_with_its_setting() -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict(
+            {
+                "limits": {"max_recipients": 5, "command_timeout": -1, "nope": 1},
+                "policy": {"bare_newline": "maybe", "trusted_networks": ["10.0.0.0/33"]},
+                "listener": [
+                    {"address": "127.0.0.1:2525", "role": "mx"},
+                    {"address": "127.0.0.1:2525", "role": "mx"},
+                ],
+            }
+        )
+    text = "\n".join(caught.value.problems)
+    assert "limits.max_recipients" in text
+    assert "limits.command_timeout: must not be negative" in text
+    assert "limits.nope: unknown setting" in text
+    assert "policy.bare_newline" in text
+    assert "policy.trusted_networks[0]" in text
+    assert "listener[1].address: 127.0.0.1:2525 is listed twice" in text
+
+
+def test_every_setting_is_documented() -> None:
+    docs = DOCS.read_text()
+    config = Config()
+    for section in ("server", "tls", "limits", "policy", "auth", "queue"):
+        assert f"## [{section}]" in docs
+        for item in dataclasses.fields(getattr(config, section)):
+            assert f"| `{item.name}` |" in docs, f"{section}.{item.name} is not documented"
