@@ -125,8 +125,10 @@ def start_tachymail(workdir: Path, workers: int = 2, extra_args: list[str] | Non
 
 def start_smtp_sink(workdir: Path) -> Peer:
     port = free_port()
+    # As root smtp-sink must be told whose privileges to drop to.
+    user = ["-u", "postfix"] if os.geteuid() == 0 else []
     proc = subprocess.Popen(
-        [SMTP_SINK, "-c", f"127.0.0.1:{port}", "1024"],
+        [SMTP_SINK, *user, "-c", f"127.0.0.1:{port}", "1024"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -221,8 +223,8 @@ def smtp_source(
         "-t",
         "sink@example.net",
     ]
-    if not reuse:
-        cmd.append("-d")  # disconnect after each message: a new connection per message
+    if reuse:
+        cmd.append("-d")  # smtp-source's -d: don't disconnect, send the next message on it
     cmd.append(f"127.0.0.1:{port}")
     started = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

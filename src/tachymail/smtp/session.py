@@ -728,7 +728,7 @@ class SmtpSession(asyncio.Protocol):
         return (
             f"Received: from {_header_safe(self.helo or 'unknown')} ([{self.peer_ip}])\r\n"
             f"\tby {self.ctx.hostname} (Tachymail) with {protocol} id {queue_id}{auth}"
-            f"{tls}{rcpt};\r\n\t{email.utils.formatdate(now)}\r\n"
+            f"{tls}{rcpt};\r\n\t{rfc5322_date(now)}\r\n"
         ).encode()
 
     def _submission_headers(self, content: bytes, queue_id: str, now: float) -> list[bytes]:
@@ -737,10 +737,22 @@ class SmtpSession(asyncio.Protocol):
         header_block = content if end < 0 else content[: end + 2]
         added = []
         if header_value(header_block, b"Date") is None:
-            added.append(f"Date: {email.utils.formatdate(now)}\r\n".encode())
+            added.append(f"Date: {rfc5322_date(now)}\r\n".encode())
         if header_value(header_block, b"Message-ID") is None:
             added.append(f"Message-ID: <{queue_id}@{self.ctx.hostname}>\r\n".encode())
         return added
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def rfc5322_date(now: float) -> str:
+    """The date for Received and Date headers, formatted once per second."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second))
+    return _date_cache[1]
 
 
 def _header_safe(text: str) -> str:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import time
 from collections import Counter
 
@@ -205,4 +206,7 @@ async def drain(
 
 def run_worker(config: Config, index: int) -> int:
     """Entry point in the forked child."""
+    # The commit thread sleeps in fsync and then needs the GIL back at once: with the
+    # default 5 ms switch interval a busy event loop would make every commit wait that long.
+    sys.setswitchinterval(0.0002)
     return uvloop.run(serve_worker(config, index))
