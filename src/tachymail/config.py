@@ -80,8 +80,11 @@ class LimitsConfig:
     max_message_size: int = 35 * 1024 * 1024
     #: RCPTs per transaction (RFC 5321 §4.5.3.1.8 asks for at least 100); 452 4.5.3 beyond
     max_recipients: int = 1000
-    #: command line length including CRLF (RFC 5321 §4.5.3.1.4); 500 5.5.6 beyond
+    #: command line length including CRLF (RFC 5321 §4.5.3.1.4); 500 5.5.0 beyond
     max_command_line: int = 512
+    #: longest text line in a message, CRLF included (RFC 5321 §4.5.3.1.6 says 1000);
+    #: 0 accepts any length, as most MTAs do, since much real mail breaks the rule
+    max_text_line: int = 0
     #: concurrent connections for the whole server and per client IP (trusted networks are
     #: exempt from the latter); 421 4.7.0 beyond
     max_connections: int = 2000
@@ -280,6 +283,8 @@ def validate(config: Config) -> list[str]:
         problems.append("limits.max_command_line: RFC 5321 §4.5.3.1.4 requires at least 512")
     if limits.max_message_size < 65536:
         problems.append("limits.max_message_size: RFC 5321 §4.5.3.1.7 requires at least 64 KiB")
+    if limits.max_text_line and limits.max_text_line < 1000:
+        problems.append("limits.max_text_line: 0 (no limit) or at least 1000 (RFC 5321)")
     for name in ("max_connections", "max_connections_per_ip", "max_errors"):
         if getattr(limits, name) < 1:
             problems.append(f"limits.{name}: must be at least 1")

@@ -10,7 +10,7 @@ The compiled kernel (``ext/commands.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     read-only) counts the CRLF (RFC 5321 §4.5.3.1.4: 512 octets); lines are
     counted as received, so a bare LF counts one octet and ``limit - 1``
     octets ended by a bare LF still fit.  A longer line comes back once, at
-    its end, as ``(b"", LINE_TOO_LONG)`` (reply 500 5.5.6).  ``LINE_BARE_LF``
+    its end, as ``(b"", LINE_TOO_LONG)`` (reply 500 5.5.0).  ``LINE_BARE_LF``
     marks a line ended by LF alone, ``LINE_BARE_CR`` a CR not followed by LF
     inside it (the CR stays in the line); a CR at the end of one chunk and
     the LF at the start of the next are an ordinary CRLF.

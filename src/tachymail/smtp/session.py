@@ -658,6 +658,14 @@ class SmtpSession(asyncio.Protocol):
             self.out.append(R.MESSAGE_TOO_BIG)
             self._reset_transaction()
             return
+        longest = self.ctx.config.limits.max_text_line
+        if longest and reader.max_line > longest:
+            log.info("session %s: message refused: a %d-octet line", self.peer_ip, reader.max_line)
+            self.out.append(
+                R.reply(550, "5.6.0", f"Error: message has a line over {longest} octets")
+            )
+            self._reset_transaction()
+            return
         content = reader.content()
         if reader.bare_cr or reader.bare_lf:
             if self.ctx.config.policy.bare_newline == "reject":
