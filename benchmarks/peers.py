@@ -137,11 +137,24 @@ def start_smtp_sink(workdir: Path) -> Peer:
     return Peer("smtp-sink", port, proc.pid, proc=proc)
 
 
-def start_postfix(workdir: Path, process_limit: int = 200) -> Peer:
-    """A private Postfix instance that accepts on a loopback port and defers all delivery.
+def start_postfix(workdir: Path, process_limit: int = 200, relay_to: int = 0) -> Peer:
+    """A private Postfix instance that accepts on a loopback port and defers all delivery,
+    or, with *relay_to*, relays everything to 127.0.0.1:relay_to.
 
     Needs root (Postfix drops privileges to its own user, as in production).
     """
+    if relay_to:
+        delivery = (
+            f"# relay everything to the sink, over cached connections\n"
+            f"relayhost = [127.0.0.1]:{relay_to}\n"
+            f"smtp_tls_security_level = none\n"
+        )
+    else:
+        delivery = (
+            "relayhost =\n"
+            "# accept and queue, deliver nothing: the twin of tachymail --hold\n"
+            "defer_transports = smtp, relay, local, virtual, error, lmtp\n"
+        )
     port = free_port()
     base = workdir / "postfix"
     etc, spool, data = base / "etc", base / "spool", base / "data"
@@ -166,10 +179,7 @@ mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost =
-# accept and queue, deliver nothing: the twin of tachymail --hold
-defer_transports = smtp, relay, local, virtual, error, lmtp
-default_process_limit = {process_limit}
+{delivery}default_process_limit = {process_limit}
 smtpd_client_connection_count_limit = 0
 smtpd_client_message_rate_limit = 0
 smtpd_client_connection_rate_limit = 0
@@ -232,3 +242,11 @@ def smtp_source(
     if out.returncode != 0 or out.stderr.strip():
         raise RuntimeError(f"smtp-source failed: {out.stderr.strip()[:500]}")
     return elapsed
+
+
+def sink_counters(path: Path) -> dict[str, int]:
+    """The last "sess=.. quit=.. mesg=.." line smtp-sink -c wrote."""
+    text = path.read_bytes().decode(errors="replace").replace("\r", "\n").strip()
+    last = text.rsplit("\n", 1)[-1] if text else ""
+    fields = dict(item.split("=", 1) for item in last.split() if "=" in item)
+    return {k: int(v) for k, v in fields.items() if v.isdigit()}

@@ -104,13 +104,16 @@ class Server:
                 time.sleep(0.01)
 
 
-def write_config(path: Path, data_dir: Path, ports: dict[str, int], extra: str = "") -> None:
+def write_config(
+    path: Path, data_dir: Path, ports: dict[str, int], extra: str = "", hold: bool = True
+) -> None:
     listeners = "".join(
         f'[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "{role}"\n\n'
         for role, port in ports.items()
     )
     path.write_text(
-        f'[server]\nhostname = "mx.test.example"\ndata_dir = "{data_dir}"\nhold = true\n'
+        f'[server]\nhostname = "mx.test.example"\ndata_dir = "{data_dir}"\n'
+        f"hold = {'true' if hold else 'false'}\n"
         f"drain_timeout = 10.0\n\n{listeners}{extra}\n"
     )
 
@@ -122,12 +125,13 @@ def running_server(
     workers: int = 1,
     roles: tuple[str, ...] = ("mx", "submission", "smtps"),
     data_dir: Path | None = None,
+    hold: bool = True,
 ) -> Iterator[Server]:
     """Start `tachymail serve` with *extra* TOML appended; stop it (by PID) afterwards."""
     data_dir = data_dir or tmp_path / "data"
     ports = {role: free_port() for role in roles}
     config_path = tmp_path / "tachymail.toml"
-    write_config(config_path, data_dir, ports, extra)
+    write_config(config_path, data_dir, ports, extra, hold)
     server = start(config_path, data_dir, ports, workers, tmp_path / "server.log")
     try:
         yield server

@@ -133,6 +133,92 @@ class QueueConfig:
     max_batch: int = 512
 
 
+TLS_POLICIES = ("none", "opportunistic", "required")
+
+
+@dataclass(slots=True)
+class DeliveryConfig:
+    #: delivery worker processes; destinations are sharded across them
+    workers: int = 1
+    #: "HOST:PORT" to send everything through (routes still win); empty: DNS MX
+    smarthost: str = ""
+    smarthost_tls: str = "opportunistic"
+    smarthost_tls_verify: bool = False
+    #: "user:password" for AUTH PLAIN at the smarthost (after TLS)
+    smarthost_auth: str = ""
+    #: DNS server "HOST:PORT" for MX lookups; empty: the system's resolvers
+    resolver: str = ""
+    #: remote SMTP port for MX delivery
+    port: int = 25
+    #: STARTTLS towards MX hosts: "opportunistic", "required" or "none"
+    tls: str = "opportunistic"
+    tls_verify: bool = False
+    #: name sent in EHLO; empty: server.hostname
+    helo_name: str = ""
+    #: seconds between attempts; the last one repeats. Each gets +-10% jitter.
+    retry_schedule: list[int] = field(default_factory=lambda: [60, 300, 900, 1800, 3600])
+    #: seconds after arrival to give up and bounce (RFC 5321 §4.5.4.1: 4-5 days)
+    max_lifetime: int = 5 * 86400
+    #: lifetime of a bounce (DSN) itself; it is dropped, never bounced, when it runs out
+    bounce_lifetime: int = 2 * 86400
+    #: seconds after arrival to warn the sender of a delay (RFC 3464 "delayed"); 0: never
+    delay_warning: int = 4 * 3600
+    #: most messages held in memory for delivery at once per worker
+    max_active: int = 10000
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    #: JSON-lines delivery log; empty: data_dir/delivery.log
+    log_file: str = ""
+
+
+@dataclass(slots=True)
+class PoolConfig:
+    """Limits of one destination's connection pool."""
+
+    max_connections: int = 20
+    #: connections opened at first; grows by one per success up to max (slow start)
+    initial_connections: int = 5
+    max_messages_per_connection: int = 1000
+    max_recipients: int = 100
+    #: messages per second to this destination (token bucket); 0: no limit
+    rate: float = 0.0
+    #: seconds an unused connection stays open
+    idle_timeout: float = 30.0
+
+
+@dataclass(slots=True)
+class PoolOverride:
+    """Different pool limits for one destination: a recipient domain or a next-hop host."""
+
+    match: str = ""
+    max_connections: int = 0
+    initial_connections: int = 0
+    max_messages_per_connection: int = 0
+    max_recipients: int = 0
+    rate: float = -1.0
+    idle_timeout: float = 0.0
+
+
+@dataclass(slots=True)
+class RouteConfig:
+    """A fixed next hop for a recipient domain (before smarthost and DNS)."""
+
+    domain: str = ""
+    #: "HOST:PORT", or "local" for local delivery (not supported yet: such mail waits)
+    host: str = ""
+    tls: str = "opportunistic"
+    tls_verify: bool = False
+    #: "user:password" for AUTH PLAIN (after TLS)
+    auth: str = ""
+
+
+@dataclass(slots=True)
+class DkimConfig:
+    #: sender domain -> selector; keys come from data_dir/dkim/<domain>/<selector>.key
+    #: (make one with `tachymail dkim keygen`)
+    domains: dict[str, str] = field(default_factory=dict)
+
+
 def default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig("127.0.0.1:2525", "mx"),
@@ -150,6 +236,11 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    pool_overrides: list[PoolOverride] = field(default_factory=list)
+    routes: list[RouteConfig] = field(default_factory=list)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     #: the file it was read from, if any (SIGHUP re-reads it)
     source: str = ""
 
@@ -186,11 +277,25 @@ _SECTIONS: dict[str, type[Any]] = {
     "policy": PolicyConfig,
     "auth": AuthConfig,
     "queue": QueueConfig,
+    "delivery": DeliveryConfig,
+    "pool": PoolConfig,
+    "dkim": DkimConfig,
+}
+# [[name]] arrays of tables -> (Config attribute, element type)
+_ARRAYS: dict[str, tuple[str, type[Any]]] = {
+    "listener": ("listeners", ListenerConfig),
+    "route": ("routes", RouteConfig),
+    "pool_override": ("pool_overrides", PoolOverride),
 }
 
 
 def _check_type(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _check_type(k, key_type) and _check_type(v, value_type) for k, v in value.items()
+        )
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_check_type(v, item) for v in value)
@@ -235,16 +340,15 @@ def from_dict(data: dict[str, Any], source: str = "") -> Config:
     for key, value in data.items():
         if key in _SECTIONS:
             setattr(config, key, _build(_SECTIONS[key], value, key, problems))
-        elif key == "listener":
+        elif key in _ARRAYS:
+            attribute, element = _ARRAYS[key]
             if not isinstance(value, list):
-                problems.append("listener: must be an array of tables ([[listener]])")
+                problems.append(f"{key}: must be an array of tables ([[{key}]])")
                 continue
-            config.listeners = [
-                _build(ListenerConfig, item, f"listener[{i}]", problems)
-                for i, item in enumerate(value)
-            ]
+            items = [_build(element, item, f"{key}[{i}]", problems) for i, item in enumerate(value)]
+            setattr(config, attribute, items)
         else:
-            known = ", ".join([*_SECTIONS, "listener"])
+            known = ", ".join([*_SECTIONS, *_ARRAYS])
             problems.append(f"{key}: unknown section (known: {known})")
     problems.extend(validate(config))
     if problems:
@@ -310,6 +414,53 @@ def validate(config: Config) -> list[str]:
         problems.append("queue: need 1 <= map_size_mb <= max_map_size_mb")
     if config.queue.max_batch < 1:
         problems.append("queue.max_batch: must be at least 1")
+    problems.extend(_validate_delivery(config))
+    return problems
+
+
+def _validate_delivery(config: Config) -> list[str]:
+    problems: list[str] = []
+    delivery = config.delivery
+    if delivery.workers < 1:
+        problems.append("delivery.workers: must be at least 1")
+    for name in ("smarthost", "resolver"):
+        value = getattr(delivery, name)
+        if value:
+            try:
+                split_hostport(value if name == "smarthost" or ":" in value else value + ":53")
+            except ValueError as exc:
+                problems.append(f"delivery.{name}: {exc}")
+    for where, value in (
+        ("delivery.tls", delivery.tls),
+        ("delivery.smarthost_tls", delivery.smarthost_tls),
+    ):
+        if value not in TLS_POLICIES:
+            problems.append(f"{where}: must be one of {', '.join(TLS_POLICIES)}")
+    if not delivery.retry_schedule or any(t < 1 for t in delivery.retry_schedule):
+        problems.append("delivery.retry_schedule: a non-empty list of positive seconds")
+    if delivery.max_lifetime < 60 or delivery.bounce_lifetime < 60:
+        problems.append("delivery: max_lifetime and bounce_lifetime must be at least 60 seconds")
+    if delivery.smarthost_auth and ":" not in delivery.smarthost_auth:
+        problems.append('delivery.smarthost_auth: must be "user:password"')
+    pool = config.pool
+    if pool.max_connections < 1 or pool.max_messages_per_connection < 1 or pool.max_recipients < 1:
+        problems.append("pool: max_connections, max_messages_per_connection, max_recipients >= 1")
+    for i, route in enumerate(config.routes):
+        where = f"route[{i}]"
+        if not route.domain:
+            problems.append(f"{where}.domain: required")
+        if route.host != "local":
+            try:
+                split_hostport(route.host)
+            except ValueError as exc:
+                problems.append(f'{where}.host: {exc} (or "local")')
+        if route.tls not in TLS_POLICIES:
+            problems.append(f"{where}.tls: must be one of {', '.join(TLS_POLICIES)}")
+        if route.auth and ":" not in route.auth:
+            problems.append(f'{where}.auth: must be "user:password"')
+    for i, override in enumerate(config.pool_overrides):
+        if not override.match:
+            problems.append(f"pool_override[{i}].match: required (a domain or host)")
     return problems
 
 
@@ -328,6 +479,10 @@ def load(path: str | Path | None) -> Config:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -349,4 +504,14 @@ def defaults_toml() -> str:
     for listener in config.listeners:
         out += ["[[listener]]", f"address = {_toml_value(listener.address)}"]
         out += [f"role = {_toml_value(listener.role)}", ""]
+    out += [
+        "# Fixed next hops and per-destination pool limits, for example:",
+        "# [[route]]",
+        '# domain = "example.net"',
+        '# host = "10.0.0.5:25"',
+        "# [[pool_override]]",
+        '# match = "gmail.com"',
+        "# max_connections = 10",
+        "",
+    ]
     return "\n".join(out)

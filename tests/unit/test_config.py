@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tachymail.config import Config, ConfigError, defaults_toml, from_dict, load
+from tachymail.config import (
+    Config,
+    ConfigError,
+    ListenerConfig,
+    PoolOverride,
+    RouteConfig,
+    defaults_toml,
+    from_dict,
+    load,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -53,7 +62,25 @@ def test_every_mistake_is_reported_with_its_setting() -> None:
 def test_every_setting_is_documented() -> None:
     docs = DOCS.read_text()
     config = Config()
-    for section in ("server", "tls", "limits", "policy", "auth", "queue"):
+    for section in (
+        "server",
+        "tls",
+        "limits",
+        "policy",
+        "auth",
+        "queue",
+        "delivery",
+        "pool",
+        "dkim",
+    ):
         assert f"## [{section}]" in docs
         for item in dataclasses.fields(getattr(config, section)):
             assert f"| `{item.name}` |" in docs, f"{section}.{item.name} is not documented"
+    for table, cls in (
+        ("listener", ListenerConfig),
+        ("route", RouteConfig),
+        ("pool_override", PoolOverride),
+    ):
+        assert f"## [[{table}]]" in docs
+        for item in dataclasses.fields(cls):
+            assert f"| `{item.name}` |" in docs, f"{table}.{item.name} is not documented"

@@ -46,6 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["workers"] = args.workers
     if args.hold:
         overrides["hold"] = True
+    if args.smarthost:
+        overrides["smarthost"] = args.smarthost
+    if args.resolver:
+        overrides["resolver"] = args.resolver
     try:
         config = apply_overrides(load(args.config), overrides)
     except ConfigError as exc:
@@ -74,6 +78,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     from tachymail.queue.store import QueueStore
 
+    if args.queue_command in ("flush", "delete", "hold", "release", "bounce"):
+        return _queue_admin(args)
     try:
         config = _config(args)
         store = QueueStore(config.data_path / "queue", readonly=True)
@@ -138,3 +144,61 @@ def cmd_user(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"user {args.name} saved in {users.path}")
     return 0
+
+
+def _queue_admin(args: argparse.Namespace) -> int:
+    """flush, delete, hold, release, bounce: one write transaction on the live queue."""
+    from tachymail.queue import admin
+    from tachymail.queue.store import QueueStore
+
+    action = args.queue_command
+    target = None if action == "flush" or getattr(args, "all", False) else args.id
+    if action != "flush" and target is None and not args.all:
+        return _fail(f"queue {action}: name a queue id or --all")
+    try:
+        config = _config(args)
+        if not (config.data_path / "queue" / "data.mdb").exists():
+            return _fail(f"no queue at {config.data_path / 'queue'} (wrong --data-dir?)")
+        store = QueueStore(config.data_path / "queue")
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    try:
+        changed = admin.run(store, config, action, target)
+    finally:
+        store.close()
+    if target is not None and not changed:
+        return _fail(f"no message {target} in the queue")
+    print(f"{action}: {changed} message(s)")
+    return 0
+
+
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from tachymail.delivery.dkim import keygen
+
+    try:
+        config = _config(args)
+        record = keygen(
+            config.data_path, args.domain, args.selector, args.algorithm, force=args.force
+        )
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    except (ValueError, FileExistsError) as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot write the key: {exc}")
+    print(record)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tachymail.loadtest import generator
+
+    _setup_logging(args.log_level)
+    return generator.main(args)
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from tachymail.loadtest import sink
+
+    _setup_logging(args.log_level)
+    return sink.main(args)

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept and queue, deliver nothing (maintenance, intake benchmarks)",
     )
+    serve.add_argument(
+        "--smarthost", metavar="HOST:PORT", help="relay everything through this host"
+    )
+    serve.add_argument(
+        "--resolver", metavar="HOST:PORT", help="DNS server for MX lookups (default: system)"
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -94,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the TOML file (default: the embedded defaults)")
     config_sub.add_parser("defaults", help="print the embedded default configuration as TOML")
 
-    queue = sub.add_parser("queue", help="inspect the queue (read-only, safe while serving)")
+    queue = sub.add_parser("queue", help="inspect and manage the queue (safe while serving)")
     queue_sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     listing = queue_sub.add_parser("list", help="list queued messages")
     _config_options(listing)
@@ -105,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--body", action="store_true", help="print the whole content too")
     count = queue_sub.add_parser("count", help="print the number of queued messages")
     _config_options(count)
+    flush = queue_sub.add_parser("flush", help="retry every deferred message now")
+    _config_options(flush)
+    for action, text in (
+        ("delete", "delete a message without notice"),
+        ("hold", "keep a message from delivery until released"),
+        ("release", "let a held message be delivered again"),
+        ("bounce", "give up on a message now and send the sender a bounce"),
+    ):
+        one = queue_sub.add_parser(action, help=text)
+        _config_options(one)
+        one.add_argument("id", nargs="?", help="queue id")
+        one.add_argument("--all", action="store_true", help="every message in the queue")
 
     user = sub.add_parser("user", help="manage SMTP AUTH users")
     user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
@@ -121,6 +139,42 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     users = user_sub.add_parser("list", help="list user names")
     _config_options(users)
+
+    dkim = sub.add_parser("dkim", help="manage DKIM signing keys")
+    dkim_sub = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
+    keygen = dkim_sub.add_parser(
+        "keygen",
+        help="make a signing key and print the DNS TXT record to publish",
+        description="Make a DKIM key pair, keep the private key in DATA_DIR/dkim/DOMAIN/"
+        "SELECTOR.key (mode 0600) and print the DNS TXT record of its public key.",
+    )
+    _config_options(keygen)
+    keygen.add_argument("--domain", required=True, help="the signing domain (d=)")
+    keygen.add_argument("--selector", required=True, help="the selector (s=)")
+    keygen.add_argument(
+        "--algorithm",
+        choices=["rsa", "ed25519"],
+        default="rsa",
+        help="rsa (2048 bits, rsa-sha256; the default) or ed25519 (ed25519-sha256)",
+    )
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+
+    from tachymail.loadtest.options import add_bench_arguments, add_sink_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="SMTP load generator (see docs/load-testing.md)",
+        description="Load an SMTP server with many pipelined sessions and print what it "
+        "answered: counts by reply code, msgs/s, transaction latency percentiles.",
+    )
+    add_bench_arguments(bench)
+    sink = sub.add_parser(
+        "sink",
+        help="receive-only SMTP server for benchmarks (see docs/load-testing.md)",
+        description="Accept and discard mail (or store it with --store), with optional reply "
+        "mixes and latency; print counters on exit (SIGTERM/SIGINT).",
+    )
+    add_sink_arguments(sink)
     return parser
 
 

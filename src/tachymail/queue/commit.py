@@ -14,16 +14,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tachymail.queue.envelope import Envelope
-from tachymail.queue.store import QueueStore
+from tachymail.queue.store import Operation, QueueStore, put_message
 
 log = logging.getLogger(__name__)
 
 
 class GroupCommitter:
-    """Commits (envelope, content) pairs to a :class:`QueueStore` in batches.
+    """Runs queue operations in batches, one synced write transaction per batch.
 
-    :meth:`commit` returns once the message is in a synced transaction, or
-    raises ``StorageFull`` (reply 452 4.3.1) or the storage error.
+    Intake submits new messages (:meth:`submit`), delivery submits result updates
+    (:meth:`submit_operation`); the returned future resolves once the batch is synced,
+    or fails with ``StorageFull`` (reply 452 4.3.1) or the storage error.
     """
 
     def __init__(self, store: QueueStore, *, max_batch: int = 512) -> None:
@@ -32,7 +33,7 @@ class GroupCommitter:
         # One thread: LMDB allows one write transaction per environment at a time anyway,
         # and py-lmdb releases the GIL while it syncs, so the event loop keeps running.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-commit")
-        self._pending: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Operation, asyncio.Future[None]]] = []
         self._busy = False
         #: (batch size, seconds) of the last commit, for metrics
         self.last_commit: tuple[int, float] = (0, 0.0)
@@ -40,9 +41,13 @@ class GroupCommitter:
         self.messages = 0
 
     def submit(self, envelope: Envelope, content: bytes) -> asyncio.Future[None]:
-        """Queue a message for the next commit; the future resolves once it is synced."""
+        """Queue a new message for the next commit; the future resolves once it is synced."""
+        return self.submit_operation(put_message(envelope, content))
+
+    def submit_operation(self, operation: Operation) -> asyncio.Future[None]:
+        """Run *operation* in the next commit; the future resolves once it is synced."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((envelope, content, future))
+        self._pending.append((operation, future))
         if not self._busy:
             self._start()
         return future
@@ -56,14 +61,12 @@ class GroupCommitter:
         self._busy = True
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        work = loop.run_in_executor(
-            self._executor, self.store.put_batch, [(e, c) for e, c, _ in batch]
-        )
+        work = loop.run_in_executor(self._executor, self.store.apply, [op for op, _ in batch])
         work.add_done_callback(lambda done: self._finish(batch, done, started))
 
     def _finish(
         self,
-        batch: list[tuple[Envelope, bytes, asyncio.Future[None]]],
+        batch: list[tuple[Operation, asyncio.Future[None]]],
         done: asyncio.Future[None],
         started: float,
     ) -> None:
@@ -75,7 +78,7 @@ class GroupCommitter:
             self.messages += len(batch)
         else:
             log.error("queue commit of %d messages failed: %s", len(batch), error)
-        for _envelope, _content, future in batch:
+        for _operation, future in batch:
             if future.cancelled():
                 continue
             if error is None:

@@ -10,7 +10,9 @@ from itertools import count
 from typing import Any
 
 #: Bumped whenever the record layout changes; readers convert older versions.
-SCHEMA_VERSION = 1
+#: 2: delivery state (per-recipient attempts, replies, next attempt; message due time).
+#: Version 1 records read as version 2 with those fields at their defaults.
+SCHEMA_VERSION = 2
 
 # Recipient states. "queued" ones still have to be delivered.
 QUEUED = "queued"
@@ -41,6 +43,13 @@ class Recipient:
     params: dict[str, str] = field(default_factory=dict)
     state: str = QUEUED
     attempts: int = 0
+    #: unix time of the next attempt (0: as soon as possible)
+    next_attempt: float = 0.0
+    last_attempt: float = 0.0
+    #: the last reply (or local reason) and the enhanced status it gave
+    last_reply: str = ""
+    status: str = ""
+    remote_mta: str = ""
 
 
 @dataclass(slots=True)
@@ -60,6 +69,10 @@ class Envelope:
     tls: str | None = None
     auth: str | None = None
     state: str = ACTIVE
+    #: when the schedule index next lists it (0: not scheduled: held, or nothing left to do)
+    due: float = 0.0
+    #: a delay warning (RFC 3464 "delayed") was already sent
+    warned: bool = False
     version: int = SCHEMA_VERSION
 
     def to_record(self) -> bytes:
@@ -67,8 +80,7 @@ class Envelope:
         # slower, and this runs once per accepted message.
         record = {name: getattr(self, name) for name in _FIELDS}
         record["recipients"] = [
-            {"address": r.address, "params": r.params, "state": r.state, "attempts": r.attempts}
-            for r in self.recipients
+            {name: getattr(r, name) for name in _RCPT_FIELDS} for r in self.recipients
         ]
         return json.dumps(record, separators=(",", ":")).encode()
 
@@ -79,7 +91,19 @@ class Envelope:
         if version > SCHEMA_VERSION:
             raise ValueError(f"queue record schema {version} is newer than this tachymail")
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        data["version"] = SCHEMA_VERSION
         return cls(**data)
+
+    def pending(self) -> list[Recipient]:
+        """Recipients still to be delivered."""
+        return [r for r in self.recipients if r.state == QUEUED]
+
+    def next_due(self) -> float:
+        """When the scheduler should look at this message again (0: never)."""
+        if self.state == HELD:
+            return 0.0
+        times = [r.next_attempt or self.arrival for r in self.recipients if r.state == QUEUED]
+        return min(times) if times else 0.0
 
     def summary(self) -> dict[str, Any]:
         """The record as plain data, for `tachymail queue list --json` and `show`."""
@@ -87,3 +111,4 @@ class Envelope:
 
 
 _FIELDS = [f.name for f in fields(Envelope)]
+_RCPT_FIELDS = [f.name for f in fields(Recipient)]

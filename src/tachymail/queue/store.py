@@ -11,7 +11,7 @@ import errno
 import logging
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lmdb
@@ -81,8 +81,8 @@ class QueueStore:
     def schedule_key(due_ms: int, queue_id: str) -> bytes:
         return _DUE.pack(due_ms) + queue_id.encode()
 
-    def put_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
-        """Store every (envelope, content) in one synced transaction.
+    def apply(self, operations: Sequence[Operation]) -> None:
+        """Run every operation in one synced write transaction.
 
         Raises ``StorageFull`` when the map cannot grow further or the disk is
         full; nothing of the batch is stored then, and the queue is unharmed.
@@ -90,7 +90,9 @@ class QueueStore:
         with self._resize_lock:
             while True:
                 try:
-                    self._write(items)
+                    with self.env.begin(write=True) as txn:
+                        for operation in operations:
+                            operation(self, txn)
                     return
                 except lmdb.MapFullError:
                     self._grow()
@@ -101,14 +103,82 @@ class QueueStore:
                         raise StorageFull(f"disk full: {exc}") from exc
                     raise
 
-    def _write(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
-        with self.env.begin(write=True) as txn:
-            for envelope, content in items:
-                key = envelope.id.encode()
-                txn.put(key, content, db=self.contents, overwrite=False)
-                txn.put(key, envelope.to_record(), db=self.envelopes, overwrite=False)
-                due = self.schedule_key(int(envelope.arrival * 1000), envelope.id)
-                txn.put(due, b"", db=self.schedule)
+    def put_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
+        """Store every (envelope, content) in one synced transaction (see :meth:`apply`)."""
+        self.apply([put_message(envelope, content) for envelope, content in items])
+
+    # --- operations inside a write transaction --------------------------------------------
+
+    def insert(self, txn: lmdb.Transaction, envelope: Envelope, content: bytes) -> None:
+        """A new message: content, envelope, and its place in the schedule."""
+        key = envelope.id.encode()
+        envelope.due = envelope.next_due()
+        txn.put(key, content, db=self.contents, overwrite=False)
+        txn.put(key, envelope.to_record(), db=self.envelopes, overwrite=False)
+        if envelope.due:
+            txn.put(self.schedule_key(_ms(envelope.due), envelope.id), b"", db=self.schedule)
+
+    def load(self, txn: lmdb.Transaction, queue_id: str) -> Envelope | None:
+        raw = txn.get(queue_id.encode(), db=self.envelopes)
+        return None if raw is None else Envelope.from_record(raw)
+
+    def save(self, txn: lmdb.Transaction, envelope: Envelope) -> None:
+        """Write back a changed envelope, moving it in the schedule; remove it when done.
+
+        A message whose recipients are all final (and that is not held) leaves the queue
+        with its content.
+        """
+        key = envelope.id.encode()
+        if envelope.due:
+            txn.delete(self.schedule_key(_ms(envelope.due), envelope.id), db=self.schedule)
+        if not envelope.pending():
+            txn.delete(key, db=self.envelopes)
+            txn.delete(key, db=self.contents)
+            return
+        envelope.due = envelope.next_due()
+        txn.put(key, envelope.to_record(), db=self.envelopes)
+        if envelope.due:
+            txn.put(self.schedule_key(_ms(envelope.due), envelope.id), b"", db=self.schedule)
+
+    def content_in(self, txn: lmdb.Transaction, queue_id: str) -> bytes | None:
+        raw = txn.get(queue_id.encode(), db=self.contents)
+        return None if raw is None else bytes(raw)
+
+    def remove(self, txn: lmdb.Transaction, queue_id: str) -> bool:
+        envelope = self.load(txn, queue_id)
+        if envelope is None:
+            return False
+        if envelope.due:
+            txn.delete(self.schedule_key(_ms(envelope.due), envelope.id), db=self.schedule)
+        txn.delete(queue_id.encode(), db=self.envelopes)
+        txn.delete(queue_id.encode(), db=self.contents)
+        return True
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def due_ids(self, now: float, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, str]]:
+        """Up to *limit* (schedule key, queue id) due by *now*, in due order, after *after*."""
+        found: list[tuple[bytes, str]] = []
+        horizon = _DUE.pack(_ms(now) + 1)
+        with self._read() as txn:
+            cursor = txn.cursor(db=self.schedule)
+            if not (cursor.set_range(after + b"\0") if after else cursor.first()):
+                return found
+            for raw in cursor.iternext(values=False):
+                key = bytes(raw)
+                if key >= horizon or len(found) >= limit:
+                    break
+                found.append((key, key[_DUE.size :].decode()))
+        return found
+
+    def snapshot(self, queue_id: str) -> tuple[Envelope, bytes] | None:
+        """Envelope and content of one message, read together."""
+        with self._read() as txn:
+            raw = txn.get(queue_id.encode(), db=self.envelopes)
+            content = txn.get(queue_id.encode(), db=self.contents)
+            if raw is None or content is None:
+                return None
+            return Envelope.from_record(raw), bytes(content)
 
     def _grow(self) -> None:
         current = self.env.info()["map_size"]
@@ -148,6 +218,22 @@ class QueueStore:
 
     def close(self) -> None:
         self.env.close()
+
+
+Operation = Callable[["QueueStore", lmdb.Transaction], None]
+
+
+def put_message(envelope: Envelope, content: bytes) -> Operation:
+    """The operation that stores a newly accepted message."""
+
+    def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
+        store.insert(txn, envelope, content)
+
+    return operation
+
+
+def _ms(when: float) -> int:
+    return int(when * 1000)
 
 
 def _is_disk_full(exc: lmdb.Error) -> bool:

@@ -703,6 +703,30 @@ class SmtpSession(asyncio.Protocol):
         self.state = State.WAIT
         assert self.transport is not None
         self.transport.pause_reading()
+        signer = self.ctx.dkim
+        domain = None
+        if signer is not None and (self.auth_user or self.trusted):
+            # Only mail we originate is signed: never an inbound message claiming our domain.
+            domain = signer.signing_domain(envelope.sender, content)
+        if domain is None:
+            self._commit(envelope, content)
+            return
+        # Signing hashes the whole message: off the event loop.
+        work = self.ctx.loop.run_in_executor(None, signer.sign, content, domain)  # type: ignore[union-attr]
+        work.add_done_callback(lambda done: self._signed(envelope, content, done))
+
+    def _signed(self, envelope: Envelope, content: bytes, done: asyncio.Future[bytes]) -> None:
+        if done.exception() is not None:
+            log.error(
+                "DKIM signing of %s failed: %s; queued unsigned", envelope.id, done.exception()
+            )
+        else:
+            content = done.result() + content
+            envelope.size = len(content)
+        self._commit(envelope, content)
+
+    def _commit(self, envelope: Envelope, content: bytes) -> None:
+        queue_id = envelope.id
         future = self.ctx.committer.submit(envelope, content)
         future.add_done_callback(lambda done: self._committed(queue_id, done))
 

@@ -36,6 +36,7 @@ class Slot:
     """One worker position: its process and its restart back-off."""
 
     index: int
+    kind: str = "smtp"  # "smtp" or "delivery"
     pid: int = 0
     started: float = 0.0
     backoff: float = 0.0
@@ -84,16 +85,29 @@ class Supervisor:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
-                from tachymail.smtp.worker import run_worker
+                if slot.kind == "delivery":
+                    from tachymail.delivery.worker import run_delivery_worker
 
-                code = run_worker(self.config, slot.index)
+                    code = run_delivery_worker(self.config, slot.index, self.delivery_workers)
+                else:
+                    from tachymail.smtp.worker import run_worker
+
+                    code = run_worker(self.config, slot.index)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
                 logging.shutdown()
                 os._exit(code)
         slot.pid, slot.started = pid, time.monotonic()
-        log.info("started worker %d as pid %d", slot.index, pid)
+        log.info("started %s worker %d as pid %d", slot.kind, slot.index, pid)
+
+    @property
+    def delivery_workers(self) -> int:
+        return 0 if self.config.server.hold else self.config.delivery.workers
+
+    def new_slots(self) -> list[Slot]:
+        smtp = [Slot(i) for i in range(self.config.worker_count)]
+        return smtp + [Slot(i, "delivery") for i in range(self.delivery_workers)]
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -103,13 +117,14 @@ class Supervisor:
         except OSError as exc:
             log.error("%s", exc)
             return 1
-        self.slots = [Slot(i) for i in range(self.config.worker_count)]
+        self.slots = self.new_slots()
         for slot in self.slots:
             self.spawn(slot)
         log.info(
-            "tachymail supervisor pid %d: %d workers, data in %s%s",
+            "tachymail supervisor pid %d: %d SMTP and %d delivery workers, data in %s%s",
             os.getpid(),
-            len(self.slots),
+            self.config.worker_count,
+            self.delivery_workers,
             self.config.data_path,
             ", holding delivery" if self.config.server.hold else "",
         )
@@ -176,7 +191,8 @@ class Supervisor:
         slot.backoff = 0.0 if lived > STABLE_AFTER else min(max(slot.backoff * 2, 0.1), MAX_BACKOFF)
         slot.restart_at = time.monotonic() + slot.backoff
         log.error(
-            "worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
+            "%s worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
+            slot.kind,
             slot.index,
             pid,
             _describe(status),
@@ -202,7 +218,7 @@ class Supervisor:
             log.error("SIGHUP: cannot use the new configuration: %s", exc)
             return
         old = [s.pid for s in self.slots if s.pid]
-        self.slots = [Slot(i) for i in range(new.worker_count)]
+        self.slots = self.new_slots()
         for slot in self.slots:
             self.spawn(slot)
         # Give the new workers a moment to bind before the old ones stop accepting.
@@ -222,6 +238,9 @@ def apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
     for key in ("data_dir", "workers", "hold"):
         if key in overrides:
             setattr(config.server, key, overrides[key])
+    for key in ("smarthost", "resolver"):
+        if key in overrides:
+            setattr(config.delivery, key, overrides[key])
     problems = validate(config)
     if problems:
         raise ConfigError(problems)

@@ -23,6 +23,7 @@ import uvloop
 
 from tachymail.auth.users import UsersFile
 from tachymail.config import Config, ListenerConfig
+from tachymail.delivery.dkim import DkimSigner
 from tachymail.protocol import replies as R
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.store import MiB, QueueStore
@@ -51,6 +52,10 @@ class WorkerContext:
         policy = config.policy
         self.accepted_domains = {d.lower() for d in [*policy.local_domains, *policy.relay_domains]}
         self.users = UsersFile(config.users_path)
+        # Keys load once per worker; a missing key stops the worker with the keygen command.
+        self.dkim = (
+            DkimSigner(config.data_path, config.dkim.domains) if config.dkim.domains else None
+        )
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         # Connection limits are for the whole server; each worker takes its share, since

@@ -1,0 +1,349 @@
+"""The client side of SMTP: one outbound connection, pipelined when the peer allows it.
+
+An ``asyncio.Protocol`` parses replies incrementally and hands each complete
+reply to the oldest waiting future, so a pipelined batch (RFC 2920) is one
+``write`` followed by one await per reply, with no read loop per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+from typing import cast
+
+from tachymail.protocol.data import dot_stuff
+
+log = logging.getLogger(__name__)
+
+MAX_REPLY = 64 * 1024  # a reply longer than this is a broken or hostile peer
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: its code and the text of each of its lines."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines).strip()
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 enhanced code at the start of the text, or ""."""
+        head = self.text.split(" ", 1)[0]
+        parts = head.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and head[0] in "245":
+            return head
+        return ""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+class SmtpClientError(Exception):
+    """The connection failed or the peer broke the protocol (treated as a 4xx)."""
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    """What the peer said to one mail transaction."""
+
+    mail: Reply
+    rcpts: list[Reply]
+    data: Reply | None  # None when no recipient was accepted (DATA not sent or refused)
+
+
+class _ReplyProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.lines: list[str] = []
+        self.waiters: deque[asyncio.Future[Reply]] = deque()
+        self.ready: deque[Reply] = deque()
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > MAX_REPLY:
+                    self._fail(SmtpClientError("reply line too long"))
+                return
+            line = bytes(self.buffer[:end]).rstrip(b"\r").decode("utf-8", "replace")
+            del self.buffer[: end + 1]
+            if len(line) < 3 or not line[:3].isdigit():
+                self._fail(SmtpClientError(f"malformed reply {line[:80]!r}"))
+                return
+            self.lines.append(line[4:])
+            if line[3:4] != "-":
+                reply = Reply(int(line[:3]), tuple(self.lines))
+                self.lines = []
+                if self.waiters:
+                    waiter = self.waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(reply)
+                else:
+                    self.ready.append(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(SmtpClientError(f"connection lost: {exc}" if exc else "connection closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.lost = self.lost or exc
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def next_reply(self) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if self.ready:
+            future.set_result(self.ready.popleft())
+        elif self.lost is not None:
+            future.set_exception(self.lost)
+        else:
+            self.waiters.append(future)
+        return future
+
+
+@dataclass(slots=True)
+class ClientSettings:
+    """How to talk to one next hop."""
+
+    helo: str
+    tls: str = "opportunistic"  # "none" | "opportunistic" | "required"
+    tls_verify: bool = False
+    auth: tuple[str, str] | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    server_name: str = ""  # for certificate verification (SNI and hostname check)
+
+
+@dataclass(slots=True)
+class SmtpConnection:
+    """One established SMTP session to a remote host, reusable for many transactions."""
+
+    host: str
+    address: str
+    port: int
+    settings: ClientSettings
+    protocol: _ReplyProtocol = field(default_factory=_ReplyProtocol)
+    extensions: dict[str, str] = field(default_factory=dict)
+    tls_version: str = ""
+    messages: int = 0
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        transport = self.protocol.transport
+        if transport is None:
+            raise SmtpClientError("not connected")
+        return transport
+
+    @property
+    def usable(self) -> bool:
+        return self.protocol.lost is None and self.protocol.transport is not None
+
+    async def _reply(self) -> Reply:
+        try:
+            return await asyncio.wait_for(self.protocol.next_reply(), self.settings.command_timeout)
+        except TimeoutError as exc:
+            self.abort()
+            raise SmtpClientError("timeout waiting for a reply") from exc
+
+    async def _command(self, line: str) -> Reply:
+        self.transport.write(line.encode() + b"\r\n")
+        return await self._reply()
+
+    @classmethod
+    async def open(
+        cls, host: str, address: str, port: int, settings: ClientSettings
+    ) -> SmtpConnection:
+        """Connect, read the greeting, EHLO (HELO as a fallback), STARTTLS and AUTH as set.
+
+        Raises SmtpClientError for network trouble and :class:`ReplyError` when the peer
+        refuses the session (a 4xx/5xx greeting, required TLS not offered, AUTH refused).
+        """
+        loop = asyncio.get_running_loop()
+        conn = cls(host, address, port, settings)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn.protocol, address, port),
+                settings.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise SmtpClientError(f"cannot connect to {address}:{port}: {exc}") from exc
+        greeting = await conn._reply()
+        if greeting.code != 220:
+            conn.abort()
+            raise ReplyError(greeting, "greeting")
+        await conn._hello()
+        if settings.tls != "none" and "STARTTLS" in conn.extensions:
+            await conn._starttls()
+        elif settings.tls == "required":
+            conn.abort()
+            refusal = Reply(421, ("4.7.0 TLS required but not offered by the peer",))
+            raise ReplyError(refusal, "tls")
+        if settings.auth is not None:
+            await conn._authenticate(*settings.auth)
+        return conn
+
+    async def _hello(self) -> None:
+        reply = await self._command(f"EHLO {self.settings.helo}")
+        if reply.code == 250:
+            self.extensions = parse_ehlo(reply)
+            return
+        reply = await self._command(f"HELO {self.settings.helo}")
+        if reply.code != 250:
+            self.abort()
+            raise ReplyError(reply, "HELO")
+        self.extensions = {}
+
+    async def _starttls(self) -> None:
+        reply = await self._command("STARTTLS")
+        if reply.code != 220:
+            if self.settings.tls == "required":
+                self.abort()
+                raise ReplyError(reply, "STARTTLS")
+            return
+        context = ssl.create_default_context()
+        if not self.settings.tls_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(
+                self.transport,
+                self.protocol,
+                context,
+                server_hostname=self.settings.server_name or self.host,
+                ssl_handshake_timeout=self.settings.connect_timeout,
+            )
+        except Exception as exc:
+            self.abort()
+            raise SmtpClientError(f"TLS handshake with {self.host} failed: {exc!r}") from exc
+        self.protocol.transport = cast(asyncio.Transport, new)
+        ssl_object = new.get_extra_info("ssl_object") if new is not None else None
+        self.tls_version = ssl_object.version() if ssl_object is not None else ""
+        await self._hello()
+
+    async def _authenticate(self, user: str, password: str) -> None:
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        reply = await self._command(f"AUTH PLAIN {token}")
+        if reply.code != 235:
+            self.abort()
+            raise ReplyError(reply, "AUTH")
+
+    async def send(
+        self,
+        sender: str,
+        mail_params: str,
+        recipients: list[tuple[str, str]],
+        content: bytes,
+    ) -> TransactionResult:
+        """One transaction: MAIL, every RCPT, then DATA (or BDAT when offered).
+
+        With PIPELINING everything up to DATA goes out in one write (and with CHUNKING the
+        whole message too, as one BDAT LAST chunk). *mail_params* and each recipient's
+        parameter string are appended as given.
+        """
+        pipelining = "PIPELINING" in self.extensions
+        chunking = "CHUNKING" in self.extensions
+        mail_line = f"MAIL FROM:<{sender}>{mail_params}\r\n".encode()
+        rcpt_lines = [f"RCPT TO:<{addr}>{params}\r\n".encode() for addr, params in recipients]
+        self.messages += 1
+        if pipelining:
+            batch = [mail_line, *rcpt_lines]
+            if chunking:
+                batch += [b"BDAT %d LAST\r\n" % len(content), content]
+            else:
+                batch.append(b"DATA\r\n")
+            self.transport.write(b"".join(batch))
+            mail = await self._reply()
+            rcpts = [await self._reply() for _ in recipients]
+            last = await self._reply()
+            if not any(r.code // 100 == 2 for r in rcpts) or mail.code // 100 != 2:
+                if not chunking and last.code == 354:
+                    # Nobody to deliver to but the peer wants data: end it empty.
+                    self.transport.write(b".\r\n")
+                    await self._reply()
+                self._reset_after_failure()
+                return TransactionResult(mail, rcpts, None)
+            if chunking:
+                return TransactionResult(mail, rcpts, last)
+            if last.code != 354:
+                return TransactionResult(mail, rcpts, last)
+            self.transport.write(dot_stuff(content) + b".\r\n")
+            return TransactionResult(mail, rcpts, await self._reply())
+        mail = await self._command(mail_line.decode().rstrip("\r\n"))
+        if mail.code // 100 != 2:
+            return TransactionResult(mail, [mail] * len(recipients), None)
+        rcpts = []
+        for line in rcpt_lines:
+            self.transport.write(line)
+            rcpts.append(await self._reply())
+        if not any(r.code // 100 == 2 for r in rcpts):
+            await self._command("RSET")
+            return TransactionResult(mail, rcpts, None)
+        if chunking:
+            self.transport.write(b"BDAT %d LAST\r\n" % len(content) + content)
+            return TransactionResult(mail, rcpts, await self._reply())
+        go = await self._command("DATA")
+        if go.code != 354:
+            return TransactionResult(mail, rcpts, go)
+        self.transport.write(dot_stuff(content) + b".\r\n")
+        return TransactionResult(mail, rcpts, await self._reply())
+
+    def _reset_after_failure(self) -> None:
+        # RSET pipelined; its reply is consumed before the next transaction's replies.
+        self.transport.write(b"RSET\r\n")
+        self.protocol.next_reply().add_done_callback(_ignore)
+
+    async def quit(self) -> None:
+        """Say QUIT politely and close; never raises."""
+        try:
+            if self.usable:
+                self.transport.write(b"QUIT\r\n")
+                await asyncio.wait_for(self.protocol.next_reply(), 5)
+        except Exception:  # the peer may already be gone; closing is all that matters
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        if self.protocol.transport is not None:
+            self.protocol.transport.close()
+
+
+class ReplyError(SmtpClientError):
+    """The peer answered a session step (greeting, EHLO, STARTTLS, AUTH) with an error."""
+
+    def __init__(self, reply: Reply, step: str) -> None:
+        super().__init__(f"{step}: {reply}")
+        self.reply = reply
+        self.step = step
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """The extensions an EHLO reply advertises: keyword (upper-case) → parameters."""
+    extensions = {}
+    for line in reply.lines[1:]:  # the first line is the greeting
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = params
+    return extensions
+
+
+def _ignore(future: asyncio.Future[Reply]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,343 @@
+"""One destination's pool of persistent SMTP connections, with adaptive concurrency.
+
+Each connection is a runner task that takes transactions from the pool's queue
+until the queue stays empty for ``idle_timeout``. The pool opens connections up
+to its current concurrency, which starts at ``initial_connections`` and grows by
+one per successful transaction up to ``max_connections`` (slow start); a 421 or
+a run of temporary failures halves it and paces the pool with a back-off, as
+Postfix's scheduler does. Connection failures move on to the next MX host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tachymail.config import PoolConfig
+from tachymail.delivery.client import (
+    ReplyError,
+    SmtpClientError,
+    SmtpConnection,
+    TransactionResult,
+)
+from tachymail.delivery.eightbit import downgrade
+from tachymail.delivery.routing import NextHop
+from tachymail.dns.resolver import Resolver, TemporaryDnsError
+from tachymail.queue.envelope import Recipient
+
+log = logging.getLogger(__name__)
+
+DELIVERED, DEFERRED, FAILED = "delivered", "deferred", "failed"
+TROUBLE_RUN = 3  # temporary failures in a row that count as trouble
+MAX_PACE = 10.0  # seconds between transactions at worst
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one recipient in one attempt."""
+
+    kind: str  # DELIVERED, DEFERRED or FAILED
+    code: int
+    status: str
+    text: str
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+@dataclass(slots=True)
+class Job:
+    """One transaction to send: a message to some of its recipients at one destination."""
+
+    sender: str
+    mail_params: dict[str, str]
+    recipients: list[Recipient]
+    content: bytes
+    eight_bit: bool
+    future: asyncio.Future[JobResult]
+
+
+@dataclass(slots=True)
+class JobResult:
+    outcomes: list[Outcome]
+    remote_host: str = ""
+    remote_ip: str = ""
+    tls: str = ""
+
+
+def all_outcomes(job: Job, outcome: Outcome, conn: SmtpConnection | None = None) -> JobResult:
+    result = JobResult([outcome] * len(job.recipients))
+    if conn is not None:
+        result.remote_host, result.remote_ip, result.tls = conn.host, conn.address, conn.tls_version
+    return result
+
+
+def classify(code: int, text: str, status_fallback: str) -> Outcome:
+    kind = DELIVERED if code // 100 == 2 else DEFERRED if code // 100 == 4 else FAILED
+    head = text.split(" ", 1)[0]
+    parts = head.split(".")
+    status = head if len(parts) == 3 and all(p.isdigit() for p in parts) else status_fallback
+    return Outcome(kind, code, status, text)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: "+" and "=" and anything outside ! to ~ as +XX."""
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+@dataclass(slots=True)
+class DeliveryPool:
+    """Connections to one destination (see the module docstring)."""
+
+    hop: NextHop
+    limits: PoolConfig
+    resolver: Resolver
+    jobs: deque[Job] = field(default_factory=deque)
+    runners: int = 0
+    idle: deque[asyncio.Future[None]] = field(default_factory=deque)
+    concurrency: int = 1
+    trouble: int = 0
+    pace: float = 0.0
+    next_send: float = 0.0
+    tokens: float = 0.0
+    last_refill: float = 0.0
+    #: counters for metrics and tests
+    connections_opened: int = 0
+    transactions: int = 0
+
+    def __post_init__(self) -> None:
+        self.concurrency = max(1, min(self.limits.initial_connections, self.limits.max_connections))
+        self.tokens = max(1.0, self.limits.rate)
+        self.last_refill = time.monotonic()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.append(job)
+        while self.idle:
+            waiter = self.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if self.runners < self.concurrency:
+            self.runners += 1
+            asyncio.get_running_loop().create_task(self._runner())
+
+    async def _take(self, connected: bool) -> Job | None:
+        if self.jobs:
+            return self.jobs.popleft()
+        if not connected:
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.idle.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.limits.idle_timeout)
+        except TimeoutError:
+            return None
+        return self.jobs.popleft() if self.jobs else None
+
+    async def _wait_turn(self) -> None:
+        """Rate limit (token bucket) and the back-off pace after trouble."""
+        now = time.monotonic()
+        if self.pace and self.next_send > now:
+            await asyncio.sleep(self.next_send - now)
+        self.next_send = time.monotonic() + self.pace
+        rate = self.limits.rate
+        if rate > 0:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(max(1.0, rate), self.tokens + (now - self.last_refill) * rate)
+                self.last_refill = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / rate)
+
+    async def _runner(self) -> None:
+        conn: SmtpConnection | None = None
+        try:
+            while True:
+                job = await self._take(conn is not None and conn.usable)
+                if job is None:
+                    break
+                await self._wait_turn()
+                if (
+                    conn is None
+                    or not conn.usable
+                    or (conn.messages >= self.limits.max_messages_per_connection)
+                ):
+                    if conn is not None:
+                        asyncio.get_running_loop().create_task(conn.quit())
+                        conn = None
+                    try:
+                        conn = await self._connect()
+                    except SmtpClientError as exc:
+                        job.future.set_result(self._connect_failure(job, exc))
+                        self._feedback(False, trouble=True)
+                        if self.runners > self.concurrency:
+                            break
+                        continue
+                result = await self._send(conn, job)
+                if not job.future.done():
+                    job.future.set_result(result)
+                kinds = {o.kind for o in result.outcomes}
+                said_421 = any(o.code == 421 for o in result.outcomes)
+                self._feedback(DEFERRED not in kinds, trouble=said_421 or kinds == {DEFERRED})
+                if self.runners > self.concurrency:
+                    break  # shrink after trouble
+        finally:
+            self.runners -= 1
+            if conn is not None:
+                asyncio.get_running_loop().create_task(conn.quit())
+            # Jobs left behind by a shrinking runner still need one to carry them.
+            if self.jobs and self.runners == 0:
+                self.runners += 1
+                asyncio.get_running_loop().create_task(self._runner())
+
+    def _feedback(self, success: bool, trouble: bool) -> None:
+        if success:
+            self.trouble = 0
+            self.pace = self.pace / 2 if self.pace > 0.01 else 0.0
+            if self.concurrency < self.limits.max_connections:
+                self.concurrency += 1
+            return
+        if trouble:
+            self.trouble += 1
+            if self.trouble >= TROUBLE_RUN or (self.trouble == 1 and self.pace == 0):
+                halved = max(1, self.concurrency // 2)
+                if halved < self.concurrency:
+                    log.info(
+                        "destination %s in trouble: concurrency %d -> %d",
+                        self.hop.key,
+                        self.concurrency,
+                        halved,
+                    )
+                self.concurrency = halved
+                self.pace = min(max(self.pace * 2, 0.1), MAX_PACE)
+
+    async def _addresses(self, host: str) -> list[str]:
+        if host.startswith("["):
+            literal = host[1:-1]
+            return [literal[5:] if literal.lower().startswith("ipv6:") else literal]
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        return await self.resolver.addresses(host)
+
+    async def _connect(self) -> SmtpConnection:
+        """The first host (and address) of the next hop that lets us in."""
+        errors: list[str] = []
+        last: SmtpClientError | None = None
+        for host in self.hop.hosts:
+            try:
+                addresses = await self._addresses(host)
+            except TemporaryDnsError as exc:
+                errors.append(f"{host}: {exc}")
+                continue
+            if not addresses:
+                errors.append(f"{host}: no address")
+                continue
+            for address in addresses:
+                try:
+                    conn = await SmtpConnection.open(
+                        host, address, self.hop.port, self.hop.settings
+                    )
+                except SmtpClientError as exc:
+                    last = exc
+                    errors.append(str(exc))
+                    continue
+                self.connections_opened += 1
+                return conn
+        if isinstance(last, ReplyError) and len(self.hop.hosts) == 1:
+            raise last
+        raise SmtpClientError("; ".join(errors) or "no host to connect to")
+
+    def _connect_failure(self, job: Job, exc: SmtpClientError) -> JobResult:
+        if isinstance(exc, ReplyError) and exc.reply.code // 100 == 5 and exc.step != "greeting":
+            outcome = classify(exc.reply.code, exc.reply.text, "5.0.0")
+        elif isinstance(exc, ReplyError):
+            outcome = Outcome(DEFERRED, exc.reply.code, exc.reply.status or "4.4.1", str(exc))
+        else:
+            outcome = Outcome(DEFERRED, 451, "4.4.1", str(exc))
+        return all_outcomes(job, outcome)
+
+    async def _send(self, conn: SmtpConnection, job: Job) -> JobResult:
+        extensions = conn.extensions
+        params = job.mail_params
+        content = job.content
+        if "SMTPUTF8" in params and "SMTPUTF8" not in extensions:
+            refusal = Outcome(FAILED, 553, "5.6.7", "5.6.7 the next hop does not support SMTPUTF8")
+            return all_outcomes(job, refusal, conn)
+        if "REQUIRETLS" in params and (not conn.tls_version or "REQUIRETLS" not in extensions):
+            refusal = Outcome(
+                FAILED, 550, "5.7.10", "5.7.10 REQUIRETLS not supported by the next hop"
+            )
+            return all_outcomes(job, refusal, conn)
+        eight_bit = job.eight_bit
+        if eight_bit and "8BITMIME" not in extensions:
+            converted = downgrade(content)
+            if converted is None:
+                refusal = Outcome(
+                    FAILED, 554, "5.6.3", "5.6.3 8-bit message cannot be converted for a 7-bit peer"
+                )
+                return all_outcomes(job, refusal, conn)
+            content, eight_bit = converted, False
+        mail = ""
+        if "SIZE" in extensions:
+            mail += f" SIZE={len(content)}"
+        if eight_bit:
+            mail += " BODY=8BITMIME"
+        if "SMTPUTF8" in params:
+            mail += " SMTPUTF8"
+        if "REQUIRETLS" in params:
+            mail += " REQUIRETLS"
+        dsn = "DSN" in extensions
+        if dsn and "RET" in params:
+            mail += f" RET={params['RET']}"
+        if dsn and "ENVID" in params:
+            mail += f" ENVID={xtext(params['ENVID'])}"
+        rcpts = []
+        for rcpt in job.recipients:
+            extra = ""
+            if dsn and "NOTIFY" in rcpt.params:
+                extra += f" NOTIFY={rcpt.params['NOTIFY']}"
+            if dsn and "ORCPT" in rcpt.params:
+                kind, _, address = rcpt.params["ORCPT"].partition(";")
+                extra += f" ORCPT={kind};{xtext(address)}"
+            rcpts.append((rcpt.address, extra))
+        self.transactions += 1
+        try:
+            result = await conn.send(job.sender, mail, rcpts, content)
+        except SmtpClientError as exc:
+            conn.abort()
+            return all_outcomes(job, Outcome(DEFERRED, 451, "4.4.2", str(exc)), conn)
+        return self._outcomes(job, result, conn)
+
+    @staticmethod
+    def _outcomes(job: Job, result: TransactionResult, conn: SmtpConnection) -> JobResult:
+        out = JobResult([], conn.host, conn.address, conn.tls_version)
+        if result.mail.code // 100 != 2:
+            outcome = classify(
+                result.mail.code, result.mail.text, "4.0.0" if result.mail.code < 500 else "5.0.0"
+            )
+            out.outcomes = [outcome] * len(job.recipients)
+            return out
+        for reply in result.rcpts:
+            if reply.code // 100 != 2:
+                fallback = "4.0.0" if reply.code < 500 else "5.1.1"
+                out.outcomes.append(classify(reply.code, reply.text, fallback))
+            elif result.data is None:
+                out.outcomes.append(Outcome(DEFERRED, 451, "4.3.0", "no final reply"))
+            else:
+                data = result.data
+                fallback = "2.0.0" if data.code < 400 else "4.0.0" if data.code < 500 else "5.0.0"
+                out.outcomes.append(classify(data.code, data.text, fallback))
+        return out

@@ -1,0 +1,456 @@
+"""The delivery worker: takes due recipients from the queue, groups them by next hop,
+hands them to the destination pools, and writes the results back.
+
+Only a bounded window of the queue (``delivery.max_active`` messages) is in
+memory. The schedule index is read in due order from a cursor, with a full
+rescan every ``RESCAN`` seconds for entries that sorted behind it (a message
+committed a moment after a later one). Results are written through the group
+committer, so many messages' updates share one synced transaction. A crash
+between the remote 250 and that write makes the message go again: delivery is
+at least once, never lost.
+
+With several delivery workers, worker *k* of *n* delivers the recipients whose
+domain hashes to *k*, so each destination's connections live in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from tachymail.config import Config, PoolConfig
+from tachymail.delivery.bounce import (
+    RecipientReport,
+    build_report,
+    report_mail_params,
+    report_recipients,
+)
+from tachymail.delivery.eightbit import needs_8bit
+from tachymail.delivery.pool import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    DeliveryPool,
+    Job,
+    JobResult,
+    Outcome,
+)
+from tachymail.delivery.routing import NextHop, Router, RoutingFailure
+from tachymail.dns.resolver import Resolver
+from tachymail.queue.commit import GroupCommitter
+from tachymail.queue.envelope import (
+    BOUNCED,
+    QUEUED,
+    Envelope,
+    Recipient,
+    new_queue_id,
+)
+from tachymail.queue.envelope import (
+    DELIVERED as RCPT_DELIVERED,
+)
+from tachymail.queue.store import Operation, QueueStore
+
+log = logging.getLogger(__name__)
+
+POLL = 0.02  # seconds between looks at the schedule: new mail goes out within ~20 ms
+RESCAN = 0.1  # seconds between full rescans while the window has room
+
+
+def shard_of(address: str, shards: int) -> int:
+    """The delivery worker (of *shards*) that owns this recipient's domain."""
+    if shards == 1:
+        return 0
+    return zlib.crc32(address.rpartition("@")[2].lower().encode()) % shards
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One recipient's result in one delivery attempt, for the queue and the log."""
+
+    index: int
+    recipient: Recipient
+    outcome: Outcome
+    hop: str
+    remote_ip: str = ""
+    tls: str = ""
+
+
+class DeliveryLog:
+    """One JSON line per attempt, appended with O_APPEND so several processes can share it."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def write(self, records: list[dict[str, object]]) -> None:
+        if records:
+            # One write per batch: O_APPEND keeps each write whole and in place.
+            os.write(self.fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class DeliveryWorker:
+    """Delivers the recipients of shard ``index`` of ``count`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        index: int,
+        count: int,
+        store: QueueStore,
+        committer: GroupCommitter,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.count = count
+        self.store = store
+        self.committer = committer
+        delivery = config.delivery
+        self.resolver = Resolver(delivery.resolver or None, timeout=10.0)
+        self.router = Router(config, self.resolver)
+        self.pools: dict[str, DeliveryPool] = {}
+        self.active: set[str] = set()
+        self.skipped: set[bytes] = set()
+        self.cursor = b""
+        self.last_rescan = 0.0
+        log_path = (
+            Path(delivery.log_file) if delivery.log_file else config.data_path / "delivery.log"
+        )
+        self.log = DeliveryLog(log_path)
+        self.hostname = config.server.hostname
+        self.wake = asyncio.Event()
+        #: counters for metrics and tests
+        self.attempts = 0
+        self.delivered = 0
+        self.bounced = 0
+
+    # --- taking work from the queue ------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.poll()
+            except lmdb.Error as exc:
+                log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), POLL)
+            self.wake.clear()
+        # Let transactions under way finish (the caller bounds this by its drain timeout).
+        while self.active:
+            await asyncio.sleep(0.05)
+
+    def poll(self) -> None:
+        room = self.config.delivery.max_active - len(self.active)
+        if room <= 0:
+            return
+        now = time.time()
+        limit = min(room * 2, 2000)
+        entries = self.store.due_ids(now, self.cursor, limit)
+        for key, queue_id in entries:
+            self.cursor = key
+            if queue_id in self.active or key in self.skipped:
+                continue
+            if self._take(key, queue_id, now):
+                room -= 1
+                if room <= 0:
+                    return
+        rescan_every = RESCAN if len(self.active) < 1000 else 1.0
+        if len(entries) < limit and now - self.last_rescan >= rescan_every:
+            self.cursor = b""
+            self.last_rescan = now
+            self.skipped.clear()
+
+    def _take(self, key: bytes, queue_id: str, now: float) -> bool:
+        snapshot = self.store.snapshot(queue_id)
+        if snapshot is None:
+            return False
+        envelope, content = snapshot
+        mine = [
+            (i, r)
+            for i, r in enumerate(envelope.recipients)
+            if r.state == QUEUED
+            and r.next_attempt <= now
+            and shard_of(r.address, self.count) == self.index
+        ]
+        if not mine or envelope.state != "active":
+            self.skipped.add(key)
+            return False
+        self.active.add(queue_id)
+        asyncio.get_running_loop().create_task(self._deliver(envelope, content, mine))
+        return True
+
+    # --- one message ----------------------------------------------------------------------
+
+    async def _deliver(
+        self, envelope: Envelope, content: bytes, mine: list[tuple[int, Recipient]]
+    ) -> None:
+        try:
+            attempts = await self._attempt(envelope, content, mine)
+            await self._record(envelope, content, attempts)
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly; it stays queued", envelope.id)
+        finally:
+            self.active.discard(envelope.id)
+            self.wake.set()
+
+    async def _attempt(
+        self, envelope: Envelope, content: bytes, mine: list[tuple[int, Recipient]]
+    ) -> list[Attempt]:
+        by_domain: dict[str, list[tuple[int, Recipient]]] = defaultdict(list)
+        for index, rcpt in mine:
+            by_domain[rcpt.address.rpartition("@")[2].lower()].append((index, rcpt))
+        attempts: list[Attempt] = []
+        groups: dict[str, tuple[NextHop, list[tuple[int, Recipient]]]] = {}
+        for domain, rcpts in by_domain.items():
+            hop = await self.router.route(domain)
+            if isinstance(hop, RoutingFailure):
+                kind = FAILED if hop.permanent else DEFERRED
+                outcome = Outcome(kind, hop.code, hop.status, f"{hop.status} {hop.text}")
+                attempts += [Attempt(i, r, outcome, "dns") for i, r in rcpts]
+            elif hop.local:
+                outcome = Outcome(
+                    DEFERRED, 451, "4.3.0", "4.3.0 local delivery is not supported yet"
+                )
+                attempts += [Attempt(i, r, outcome, "local") for i, r in rcpts]
+            else:
+                groups.setdefault(hop.key, (hop, []))[1].extend(rcpts)
+        eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
+        loop = asyncio.get_running_loop()
+        waits: list[tuple[NextHop, list[tuple[int, Recipient]], asyncio.Future[JobResult]]] = []
+        for hop, rcpts in groups.values():
+            pool = self._pool(hop)
+            step = pool.limits.max_recipients
+            for start in range(0, len(rcpts), step):
+                chunk = rcpts[start : start + step]
+                future: asyncio.Future[JobResult] = loop.create_future()
+                job = Job(
+                    envelope.sender,
+                    envelope.mail_params,
+                    [r for _, r in chunk],
+                    content,
+                    eight_bit,
+                    future,
+                )
+                pool.submit(job)
+                waits.append((hop, chunk, future))
+        for hop, chunk, future in waits:
+            result = await future
+            for (i, rcpt), outcome in zip(chunk, result.outcomes, strict=True):
+                attempts.append(
+                    Attempt(
+                        i,
+                        rcpt,
+                        outcome,
+                        result.remote_host or hop.key,
+                        result.remote_ip,
+                        result.tls,
+                    )
+                )
+        return attempts
+
+    def _pool(self, hop: NextHop) -> DeliveryPool:
+        pool = self.pools.get(hop.key)
+        if pool is None:
+            pool = DeliveryPool(hop, self._limits(hop), self.resolver)
+            self.pools[hop.key] = pool
+        return pool
+
+    def _limits(self, hop: NextHop) -> PoolConfig:
+        base = self.config.pool
+        limits = PoolConfig(
+            base.max_connections,
+            base.initial_connections,
+            base.max_messages_per_connection,
+            base.max_recipients,
+            base.rate,
+            base.idle_timeout,
+        )
+        names = {h.lower() for h in hop.hosts} | {hop.key.partition(":")[2].lower()}
+        for override in self.config.pool_overrides:
+            if override.match.lower() in names or any(
+                name.endswith("." + override.match.lower()) for name in names
+            ):
+                for name in (
+                    "max_connections",
+                    "initial_connections",
+                    "max_messages_per_connection",
+                    "max_recipients",
+                    "idle_timeout",
+                ):
+                    value = getattr(override, name)
+                    if value:
+                        setattr(limits, name, value)
+                if override.rate >= 0:
+                    limits.rate = override.rate
+        return limits
+
+    # --- results --------------------------------------------------------------------------
+
+    def _retry_delay(self, attempts: int) -> float:
+        schedule = self.config.delivery.retry_schedule
+        base = schedule[min(attempts, len(schedule)) - 1] if attempts else schedule[0]
+        return base * random.uniform(0.9, 1.1)
+
+    async def _record(self, envelope: Envelope, content: bytes, attempts: list[Attempt]) -> None:
+        """Write the attempt's results to the queue, with any DSN, and log them."""
+        now = time.time()
+        delivery = self.config.delivery
+        lifetime = delivery.max_lifetime if envelope.sender else delivery.bounce_lifetime
+        expired = now - envelope.arrival >= lifetime
+        changes: dict[int, Recipient] = {}
+        failed: list[RecipientReport] = []
+        delayed: list[RecipientReport] = []
+        succeeded: list[RecipientReport] = []
+        records: list[dict[str, object]] = []
+        for attempt in attempts:
+            rcpt = attempt.recipient
+            outcome = attempt.outcome
+            kind = outcome.kind
+            if kind == DEFERRED and expired:
+                kind = FAILED
+                outcome = Outcome(
+                    FAILED,
+                    outcome.code,
+                    "4.4.7",
+                    f"{outcome.reply} (gave up after {lifetime // 3600} hours)",
+                )
+            updated = Recipient(
+                rcpt.address,
+                rcpt.params,
+                state=QUEUED,
+                attempts=rcpt.attempts + 1,
+                last_attempt=now,
+                last_reply=outcome.reply,
+                status=outcome.status,
+                remote_mta=attempt.hop,
+            )
+            report = RecipientReport(
+                recipient=updated,
+                action={DELIVERED: "relayed", FAILED: "failed", DEFERRED: "delayed"}[kind],
+                status=outcome.status,
+                diagnostic=outcome.reply if attempt.remote_ip else "",
+                remote_mta=attempt.hop if attempt.remote_ip else "",
+                last_attempt=now,
+                will_retry_until=envelope.arrival + lifetime,
+            )
+            if kind == DELIVERED:
+                updated.state = RCPT_DELIVERED
+                succeeded.append(report)
+                self.delivered += 1
+            elif kind == FAILED:
+                updated.state = BOUNCED
+                failed.append(report)
+            else:
+                updated.next_attempt = now + self._retry_delay(updated.attempts)
+                delayed.append(report)
+            changes[attempt.index] = updated
+            self.attempts += 1
+            records.append(
+                {
+                    "time": round(now, 3),
+                    "id": envelope.id,
+                    "recipient": rcpt.address,
+                    "next_hop": attempt.hop,
+                    "remote_ip": attempt.remote_ip,
+                    "result": {DELIVERED: "delivered", FAILED: "bounced", DEFERRED: "deferred"}[
+                        kind
+                    ],
+                    "code": outcome.code,
+                    "reply": outcome.reply,
+                    "tls": attempt.tls,
+                    "attempt": updated.attempts,
+                    "latency": round(now - envelope.arrival, 4),
+                }
+            )
+        reports = self._reports(envelope, content, failed, delayed, succeeded, now)
+        operation = _apply_attempt(envelope.id, changes, reports, warned=delayed_reported(reports))
+        try:
+            await self.committer.submit_operation(operation)
+        finally:
+            self.log.write(records)
+
+    def _reports(
+        self,
+        envelope: Envelope,
+        content: bytes,
+        failed: list[RecipientReport],
+        delayed: list[RecipientReport],
+        succeeded: list[RecipientReport],
+        now: float,
+    ) -> list[tuple[Envelope, bytes, str]]:
+        """DSN messages to queue: failures, success notices, one delay warning."""
+        if not envelope.sender:
+            if failed:
+                log.warning("dropping undeliverable DSN %s: %s", envelope.id, failed[0].diagnostic)
+            return []  # never report on a report (RFC 5321 §4.5.5, RFC 3461 §6.2)
+        out: list[tuple[Envelope, bytes, str]] = []
+        warn_after = self.config.delivery.delay_warning
+        wanted_delay = (
+            delayed and warn_after and not envelope.warned and now - envelope.arrival >= warn_after
+        )
+        for kind, reports in (("failed", failed), ("delivered", succeeded), ("delayed", delayed)):
+            if not reports or (kind == "delayed" and not wanted_delay):
+                continue
+            wanted = {r.address for r in report_recipients(envelope, kind)}  # per NOTIFY
+            chosen = [r for r in reports if r.recipient.address in wanted]
+            if not chosen:
+                continue
+            queue_id = new_queue_id()
+            body = build_report(
+                envelope, content, chosen, reporting_mta=self.hostname, now=now, queue_id=queue_id
+            )
+            report = Envelope(
+                id=queue_id,
+                sender="",
+                recipients=[Recipient(envelope.sender)],
+                mail_params=report_mail_params(body),
+                arrival=now,
+                size=len(body),
+                helo=self.hostname,
+                listener="dsn",
+            )
+            if kind == "failed":
+                self.bounced += len(chosen)
+            out.append((report, body, kind))
+        return out
+
+
+def delayed_reported(reports: list[tuple[Envelope, bytes, str]]) -> bool:
+    return any(kind == "delayed" for _, _, kind in reports)
+
+
+def _apply_attempt(
+    queue_id: str,
+    changes: dict[int, Recipient],
+    reports: list[tuple[Envelope, bytes, str]],
+    warned: bool,
+) -> Operation:
+    """The queue operation recording one attempt: recipient states, new due time, DSNs."""
+
+    def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
+        for report, body, _kind in reports:
+            store.insert(txn, report, body)
+        envelope = store.load(txn, queue_id)
+        if envelope is None:
+            return  # deleted meanwhile by `tachymail queue delete`
+        for index, updated in changes.items():
+            if index < len(envelope.recipients) and envelope.recipients[index].state == QUEUED:
+                envelope.recipients[index] = updated
+        if warned:
+            envelope.warned = True
+        store.save(txn, envelope)
+
+    return operation

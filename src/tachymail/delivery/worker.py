@@ -1,0 +1,69 @@
+"""A delivery worker process: one uvloop event loop running a DeliveryWorker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+
+from tachymail.config import Config
+from tachymail.delivery.scheduler import DeliveryWorker
+from tachymail.queue.commit import GroupCommitter
+from tachymail.queue.store import MiB, QueueStore
+
+log = logging.getLogger(__name__)
+
+
+async def serve_delivery(config: Config, index: int, count: int) -> int:
+    loop = asyncio.get_running_loop()
+    store = QueueStore(
+        config.data_path / "queue",
+        map_size=config.queue.map_size_mb * MiB,
+        max_map_size=config.queue.max_map_size_mb * MiB,
+    )
+    committer = GroupCommitter(store, max_batch=config.queue.max_batch)
+    worker = DeliveryWorker(config, index, count, store, committer)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor handles reloads
+    log.info("delivery worker %d/%d (pid %d) started", index, count, os.getpid())
+    parent = os.getppid()
+    runner = loop.create_task(worker.run(stop))
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            if os.getppid() != parent:
+                log.warning("delivery worker %d: supervisor died, shutting down", index)
+                stop.set()
+    try:
+        await asyncio.wait_for(runner, config.server.drain_timeout)
+    except TimeoutError:
+        log.warning(
+            "delivery worker %d: %d messages still in flight at exit; they stay queued",
+            index,
+            len(worker.active),
+        )
+    while not committer.idle:
+        await asyncio.sleep(0.01)
+    committer.close()
+    worker.log.close()
+    store.close()
+    log.info(
+        "delivery worker %d stopped: %d attempts, %d delivered",
+        index,
+        worker.attempts,
+        worker.delivered,
+    )
+    return 0
+
+
+def run_delivery_worker(config: Config, index: int, count: int) -> int:
+    """Entry point in the forked child."""
+    sys.setswitchinterval(0.0002)  # see tachymail.smtp.worker.run_worker
+    return uvloop.run(serve_delivery(config, index, count))
