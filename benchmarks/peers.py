@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class Peer:
     pid: int
     stop_cmd: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    #: a directory of the peer's own, removed when it stops
+    home: Path | None = None
 
     def cpu(self) -> float:
         return tree_cpu_seconds(self.pid)
@@ -85,6 +88,8 @@ class Peer:
     def stop(self) -> None:
         if self.stop_cmd:
             subprocess.run(self.stop_cmd, capture_output=True, timeout=60)
+            if self.home is not None:
+                shutil.rmtree(self.home, ignore_errors=True)
         elif self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -123,13 +128,15 @@ def start_tachymail(workdir: Path, workers: int = 2, extra_args: list[str] | Non
     return Peer("tachymail", port, proc.pid, proc=proc)
 
 
-def start_smtp_sink(workdir: Path) -> Peer:
+def start_smtp_sink(workdir: Path, counters: Path | None = None) -> Peer:
+    """smtp-sink on a free port; with *counters*, its running counters go to that file."""
     port = free_port()
     # As root smtp-sink must be told whose privileges to drop to.
     user = ["-u", "postfix"] if os.geteuid() == 0 else []
+    out = open(counters, "wb") if counters else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [SMTP_SINK, *user, "-c", f"127.0.0.1:{port}", "1024"],
-        stdout=subprocess.DEVNULL,
+        [SMTP_SINK, *user, *(["-c"] if counters else []), f"127.0.0.1:{port}", "1024"],
+        stdout=out,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -156,13 +163,14 @@ def start_postfix(workdir: Path, process_limit: int = 200, relay_to: int = 0) ->
             "defer_transports = smtp, relay, local, virtual, error, lmtp\n"
         )
     port = free_port()
-    base = workdir / "postfix"
+    # Postfix's daemons run as the postfix user, which must reach the queue: the instance
+    # lives in a directory of its own in /tmp (a test's tmp_path is private to root).
+    base = Path(tempfile.mkdtemp(prefix="tachymail-postfix-"))
+    base.chmod(0o755)
     etc, spool, data = base / "etc", base / "spool", base / "data"
     for d in (etc, spool, data):
         d.mkdir(parents=True, exist_ok=True)
     shutil.chown(data, "postfix", "postfix")
-    base.chmod(0o755)
-    workdir.chmod(0o755)
     (etc / "main.cf").write_text(
         f"""compatibility_level = 3.6
 queue_directory = {spool}
@@ -204,7 +212,7 @@ smtpd_banner = $myhostname ESMTP
         raise RuntimeError(f"postfix did not start: {started.stderr}")
     wait_port(port)
     pid = int((spool / "pid" / "master.pid").read_text().split()[0])
-    return Peer("postfix", port, pid, stop_cmd=[POSTFIX, "-c", str(etc), "stop"])
+    return Peer("postfix", port, pid, stop_cmd=[POSTFIX, "-c", str(etc), "stop"], home=base)
 
 
 def postfix_available() -> str | None:

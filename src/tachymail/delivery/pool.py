@@ -134,13 +134,19 @@ class DeliveryPool:
             return self.jobs.popleft()
         if not connected:
             return None
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.idle.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, self.limits.idle_timeout)
-        except TimeoutError:
-            return None
-        return self.jobs.popleft() if self.jobs else None
+        deadline = time.monotonic() + self.limits.idle_timeout
+        while not self.jobs:
+            # Another runner may take the job we were woken for: then wait on, not close.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.idle.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                return None
+        return self.jobs.popleft()
 
     async def _wait_turn(self) -> None:
         """Rate limit (token bucket) and the back-off pace after trouble."""

@@ -1,0 +1,90 @@
+"""Real MTAs downstream: Postfix's smtp-sink and a real Postfix instance as next hops."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import peers  # noqa: E402
+from server import running_server  # noqa: E402
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def smarthost(port: int) -> str:
+    return f'[delivery]\nsmarthost = "127.0.0.1:{port}"\nsmarthost_tls = "none"\n'
+
+
+def send_many(port: int, count: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        for i in range(count):
+            client.sendmail(
+                "load@example.com",
+                [f"r{i}@far.example"],
+                f"Subject: {i}\r\nMessage-ID: <m{i}@example.com>\r\n\r\nbody {i}\r\n".encode(),
+            )
+
+
+def test_relay_to_smtp_sink_uses_few_connections(tmp_path: Path) -> None:
+    if not Path(peers.SMTP_SINK).exists():
+        pytest.skip("Postfix's smtp-sink is not installed (./dev test installs postfix as root)")
+    counters = tmp_path / "sink.counters"
+    sink = peers.start_smtp_sink(tmp_path, counters)
+    # start_smtp_sink's readiness probe is a session of its own: count from after it.
+    wait_until(lambda: peers.sink_counters(counters).get("sess", 0) >= 1)
+    probes = peers.sink_counters(counters)["sess"]
+    try:
+        with running_server(tmp_path, smarthost(sink.port), hold=False, roles=("mx",)) as srv:
+            send_many(srv.port, 200)
+            wait_until(lambda: peers.sink_counters(counters).get("mesg", 0) >= 200)
+            wait_until(lambda: srv.queue_count() == 0)
+        time.sleep(0.5)  # tachymail stopped: its cached connections have closed
+        seen = peers.sink_counters(counters)
+        assert seen["mesg"] == 200
+        connections = seen["sess"] - probes
+        assert 1 <= connections <= 20, f"{connections} connections for 200 messages"
+    finally:
+        sink.stop()
+
+
+def test_relay_to_a_real_postfix(tmp_path: Path) -> None:
+    why = peers.postfix_available()
+    if why:
+        pytest.skip(why)
+    postfix = peers.start_postfix(tmp_path)
+    try:
+        with running_server(tmp_path, smarthost(postfix.port), hold=False, roles=("mx",)) as srv:
+            send_many(srv.port, 5)
+            wait_until(lambda: srv.queue_count() == 0)
+        assert postfix.home is not None
+        spool = postfix.home / "spool"
+
+        def queued_files() -> list[Path]:
+            found = []
+            for sub in ("incoming", "active", "deferred"):
+                for root, _dirs, files in os.walk(spool / sub):
+                    found += [Path(root) / f for f in files]
+            return found
+
+        wait_until(lambda: len(queued_files()) == 5)
+        contents = b"".join(p.read_bytes() for p in queued_files())
+        for i in range(5):
+            assert f"<m{i}@example.com>".encode() in contents
+            assert f"r{i}@far.example".encode() in contents
+        assert b"by mx.test.example (Tachymail)" in contents
+    finally:
+        postfix.stop()
