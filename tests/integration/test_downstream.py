@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import peers  # noqa: E402
-from server import running_server  # noqa: E402
+import peers
+from server import running_server
 
 
 def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
