@@ -341,7 +341,8 @@ class DeliveryWorker:
                 recipient=updated,
                 action={DELIVERED: "relayed", FAILED: "failed", DEFERRED: "delayed"}[kind],
                 status=outcome.status,
-                diagnostic=outcome.reply if attempt.remote_ip else "",
+                # Local reasons (DNS, lifetime, no SMTPUTF8) are worth telling the sender too.
+                diagnostic=outcome.reply,
                 remote_mta=attempt.hop if attempt.remote_ip else "",
                 last_attempt=now,
                 will_retry_until=envelope.arrival + lifetime,
