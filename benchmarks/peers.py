@@ -99,10 +99,17 @@ class Peer:
                 self.proc.wait()
 
 
-def start_tachymail(workdir: Path, workers: int = 2, extra_args: list[str] | None = None) -> Peer:
+def start_tachymail(
+    workdir: Path, workers: int = 2, extra_args: list[str] | None = None, config: str = ""
+) -> Peer:
+    """tachymail with --hold, or, with *config* (TOML, e.g. a smarthost), delivering."""
     port = free_port()
     data = workdir / "tachymail-data"
     binary = Path(sys.executable).with_name("tachymail")
+    mode = ["--hold"]
+    if config:
+        (workdir / "tachymail.toml").write_text(config)
+        mode = ["-c", str(workdir / "tachymail.toml")]
     log = open(workdir / "tachymail.log", "ab")  # noqa: SIM115 - kept open by the child
     proc = subprocess.Popen(
         [
@@ -116,7 +123,7 @@ def start_tachymail(workdir: Path, workers: int = 2, extra_args: list[str] | Non
             str(data),
             "--workers",
             str(workers),
-            "--hold",
+            *mode,
             *(extra_args or []),
         ],
         stdout=log,

@@ -24,6 +24,8 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
         config.data_path / "queue",
         map_size=config.queue.map_size_mb * MiB,
         max_map_size=config.queue.max_map_size_mb * MiB,
+        # Delivery results may be lost in a power cut at worst: the message then goes again.
+        metasync=False,
     )
     committer = GroupCommitter(store, max_batch=config.queue.max_batch)
     worker = DeliveryWorker(config, index, count, store, committer)

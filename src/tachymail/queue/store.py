@@ -35,7 +35,7 @@ class QueueStore:
 
     ``map_size`` is where the memory map starts; it doubles on demand up to
     ``max_map_size``. Commits are synchronous (``sync=True``): when
-    :meth:`put_batch` returns, the batch is on disk.
+    :meth:`apply` returns, the batch is on disk (see ``metasync`` for the one exception).
     """
 
     def __init__(
@@ -45,6 +45,7 @@ class QueueStore:
         map_size: int = 256 * MiB,
         max_map_size: int = 64 * GiB,
         readonly: bool = False,
+        metasync: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.max_map_size = max(max_map_size, map_size)
@@ -58,7 +59,10 @@ class QueueStore:
             max_dbs=4,
             readonly=readonly,
             sync=True,
-            metasync=True,
+            # False only for delivery workers: each commit then syncs once, not twice; a
+            # power cut may undo their last commit (never an acknowledged message: intake
+            # processes keep both syncs), and the message is simply delivered again.
+            metasync=metasync,
             max_readers=512,
             readahead=False,  # random access to envelopes; let the kernel not prefetch
         )
