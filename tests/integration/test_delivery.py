@@ -310,3 +310,35 @@ def test_kill_9_during_delivery_loses_nothing(tmp_path: Path, workers: int) -> N
         got = {m.recipients[0] for m in peer.messages}
         assert got == {f"k{i}@dest.example" for i in range(300)}, "every message at least once"
         assert len(ids) == 300
+
+
+def test_delay_warning_once_then_delivery(tmp_path: Path) -> None:
+    script = Script(rcpt={"busy@dest.example": "451 4.2.1 mailbox busy"})
+    with SmtpPeer(script) as peer:
+        config = relay_config(peer.port).replace("delay_warning = 0", "delay_warning = 1")
+        with running_server(tmp_path, config, hold=False, roles=("mx",)) as srv:
+            send(srv.port, ["busy@dest.example"], rcpt_options=("NOTIFY=DELAY,FAILURE",))
+            [warning] = peer.wait_for(1)
+            assert warning.sender == "" and warning.recipients == ["alice@sender.example"]
+            assert b"Action: delayed" in warning.content and b"Status: 4.2.1" in warning.content
+            assert b"Will-Retry-Until:" in warning.content
+            time.sleep(2.5)  # further retries happen, but the warning is sent only once
+            assert len(peer.messages) == 1
+            script.rcpt.clear()
+            peer.wait_for(2)
+            assert peer.messages[1].recipients == ["busy@dest.example"]
+
+
+def test_a_peer_slower_than_the_timeout_defers(tmp_path: Path) -> None:
+    script = Script(delay=0.0)
+    with SmtpPeer(script) as peer:
+        config = relay_config(peer.port, "command_timeout = 1.0\n")
+        with running_server(tmp_path, config, hold=False, roles=("mx",)) as srv:
+            script.delay = 1.5  # every reply now comes too late
+            send(srv.port, ["slow@dest.example"])
+            wait_until(lambda: any(e["result"] == "deferred" for e in delivery_log(srv)))
+            entry = next(e for e in delivery_log(srv) if e["result"] == "deferred")
+            assert entry["code"] == 451 and "timeout" in str(entry["reply"])
+            script.delay = 0.0
+            peer.wait_for(1)
+            wait_until(lambda: srv.queue_count() == 0)
