@@ -219,6 +219,26 @@ class DkimConfig:
     domains: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class MetricsConfig:
+    #: "HOST:PORT" of the supervisor's /metrics, /healthz and /readyz; empty: no endpoint
+    address: str = "127.0.0.1:9525"
+    #: next hops with their own destination label per delivery worker; the rest are "other"
+    destinations: int = 20
+    #: prometheus-client's multiprocess directory, emptied at start and removed at exit;
+    #: empty: data_dir/metrics
+    directory: str = ""
+
+
+LOG_FORMATS = ("text", "json", "logfmt")
+
+
+@dataclass(slots=True)
+class LogConfig:
+    #: "text" for people, "json" (one object per line) or "logfmt" for log pipelines
+    format: str = "text"
+
+
 def default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig("127.0.0.1:2525", "mx"),
@@ -241,6 +261,8 @@ class Config:
     pool_overrides: list[PoolOverride] = field(default_factory=list)
     routes: list[RouteConfig] = field(default_factory=list)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     #: the file it was read from, if any (SIGHUP re-reads it)
     source: str = ""
 
@@ -280,6 +302,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "delivery": DeliveryConfig,
     "pool": PoolConfig,
     "dkim": DkimConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
 }
 # [[name]] arrays of tables -> (Config attribute, element type)
 _ARRAYS: dict[str, tuple[str, type[Any]]] = {
@@ -414,6 +438,15 @@ def validate(config: Config) -> list[str]:
         problems.append("queue: need 1 <= map_size_mb <= max_map_size_mb")
     if config.queue.max_batch < 1:
         problems.append("queue.max_batch: must be at least 1")
+    if config.metrics.address:
+        try:
+            split_hostport(config.metrics.address)
+        except ValueError as exc:
+            problems.append(f"metrics.address: {exc}")
+    if config.metrics.destinations < 0:
+        problems.append("metrics.destinations: must not be negative")
+    if config.log.format not in LOG_FORMATS:
+        problems.append(f"log.format: must be one of {', '.join(LOG_FORMATS)}")
     problems.extend(_validate_delivery(config))
     return problems
 

@@ -18,8 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import Server, run_cli, running_server  # noqa: E402
-from smtp_peer import Script, SmtpPeer  # noqa: E402
+from server import Server, run_cli, running_server
+from smtp_peer import Script, SmtpPeer
 
 
 def relay_config(peer_port: int, extra: str = "") -> str:
@@ -49,9 +49,8 @@ def send(
         for rcpt in rcpts:
             code, _ = client.rcpt(rcpt, list(rcpt_options))
             assert code == 250
-        code, text = client.data(
-            f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: test\r\n{headers}\r\n{body}".encode()
-        )
+        head = f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: test\r\n{headers}"
+        code, text = client.data(f"{head}\r\n{body}".encode())
         assert code == 250
         return text.decode().split()[-1]
 
@@ -115,7 +114,7 @@ def test_temporary_failure_is_retried_then_delivered(tmp_path: Path) -> None:
         ]
         states = {r["address"]: r["state"] for r in entry["recipients"]}
         assert states == {"now@dest.example": "delivered", "later@dest.example": "queued"}
-        deferred = [r for r in entry["recipients"] if r["state"] == "queued"][0]
+        deferred = next(r for r in entry["recipients"] if r["state"] == "queued")
         assert deferred["last_reply"].startswith("450 4.2.0") and deferred["attempts"] == 1
         script.rcpt.clear()  # the mailbox is free again
         peer.wait_for(2)

@@ -13,9 +13,9 @@ import dns.resolver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dnsserver import DnsRecords, running_dnsmasq  # noqa: E402
-from server import run_cli, running_server  # noqa: E402
-from smtp_peer import SmtpPeer  # noqa: E402
+from dnsserver import DnsRecords, running_dnsmasq
+from server import run_cli, running_server
+from smtp_peer import SmtpPeer
 
 
 def dns_config(dns_address: str, peer_port: int, extra: str = "") -> str:

@@ -50,10 +50,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["smarthost"] = args.smarthost
     if args.resolver:
         overrides["resolver"] = args.resolver
+    if args.metrics is not None:
+        overrides["metrics"] = args.metrics
     try:
         config = apply_overrides(load(args.config), overrides)
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
+    from tachymail.metrics.logs import use_format
+
+    use_format(config.log.format)
     return Supervisor(config, overrides).run()
 
 

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--resolver", metavar="HOST:PORT", help="DNS server for MX lookups (default: system)"
     )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz here (default 127.0.0.1:9525; '' turns it off)",
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -27,6 +27,7 @@ from tachymail.delivery.client import (
 from tachymail.delivery.eightbit import downgrade
 from tachymail.delivery.routing import NextHop
 from tachymail.dns.resolver import Resolver, TemporaryDnsError
+from tachymail.metrics import m
 from tachymail.queue.envelope import Recipient
 
 log = logging.getLogger(__name__)
@@ -180,15 +181,20 @@ class DeliveryPool:
                 ):
                     if conn is not None:
                         asyncio.get_running_loop().create_task(conn.quit())
+                        m.outbound_connections_open.dec()
                         conn = None
                     try:
                         conn = await self._connect()
                     except SmtpClientError as exc:
+                        m.outbound_connection_failures.inc()
                         job.future.set_result(self._connect_failure(job, exc))
                         self._feedback(False, trouble=True)
                         if self.runners > self.concurrency:
                             break
                         continue
+                    m.outbound_connections_open.inc()
+                elif conn.messages:
+                    m.outbound_connections_reused.inc()
                 result = await self._send(conn, job)
                 if not job.future.done():
                     job.future.set_result(result)
@@ -201,6 +207,7 @@ class DeliveryPool:
             self.runners -= 1
             if conn is not None:
                 asyncio.get_running_loop().create_task(conn.quit())
+                m.outbound_connections_open.dec()
             # Jobs left behind by a shrinking runner still need one to carry them.
             if self.jobs and self.runners == 0:
                 self.runners += 1
@@ -261,6 +268,7 @@ class DeliveryPool:
                     errors.append(str(exc))
                     continue
                 self.connections_opened += 1
+                m.outbound_connections.inc()
                 return conn
         if isinstance(last, ReplyError) and len(self.hop.hosts) == 1:
             raise last

@@ -48,6 +48,7 @@ from tachymail.delivery.pool import (
 )
 from tachymail.delivery.routing import NextHop, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver
+from tachymail.metrics import m
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.envelope import (
     BOUNCED,
@@ -351,6 +352,7 @@ class DeliveryWorker:
                 updated.state = RCPT_DELIVERED
                 succeeded.append(report)
                 self.delivered += 1
+                m.delivery_latency.observe(now - envelope.arrival)
             elif kind == FAILED:
                 updated.state = BOUNCED
                 failed.append(report)
@@ -375,6 +377,17 @@ class DeliveryWorker:
                     "attempt": updated.attempts,
                     "latency": round(now - envelope.arrival, 4),
                 }
+            )
+            record = records[-1]
+            m.delivery_attempt(str(record["result"]), attempt.hop)
+            log.info(
+                "%s to <%s> via %s: %s: %s",
+                envelope.id,
+                rcpt.address,
+                attempt.hop,
+                record["result"],
+                outcome.reply,
+                extra={"fields": {"event": "delivery_attempt", "queue_id": envelope.id, **record}},
             )
         reports = self._reports(envelope, content, failed, delayed, succeeded, now)
         operation = _apply_attempt(envelope.id, changes, reports, warned=delayed_reported(reports))
@@ -425,6 +438,7 @@ class DeliveryWorker:
             )
             if kind == "failed":
                 self.bounced += len(chosen)
+            m.bounces[kind].inc()
             out.append((report, body, kind))
         return out
 

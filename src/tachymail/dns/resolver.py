@@ -28,6 +28,8 @@ import dns.rrset
 from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.SOA import SOA
 
+from tachymail.metrics import m
+
 log = logging.getLogger(__name__)
 
 #: the statuses of :class:`Resolution`, documented in :mod:`tachymail.dns`
@@ -220,6 +222,7 @@ class Resolver:
         )
         if cached:
             self.cache_hits += 1
+            m.dns_cache_hits.inc()
         if len(resolution.hosts) > 1:
             return replace(resolution, hosts=_shuffle_equal(resolution.hosts))
         return resolution
@@ -245,6 +248,7 @@ class Resolver:
         )
         if cached:
             self.cache_hits += 1
+            m.dns_cache_hits.inc()
         if result.status == TEMPORARY:
             raise TemporaryDnsError(result.detail)
         return list(result.addresses)
@@ -359,8 +363,15 @@ class Resolver:
         self.queries += 1
         qname = dns.name.from_text(name)
         kind = dns.rdatatype.to_text(rdtype)
+        counted = kind in m.dns_queries
+        if counted:
+            m.dns_queries[kind].inc()
+        started = time.perf_counter()
         try:
-            answer = await self._dns.resolve(qname, rdtype, raise_on_no_answer=False)
+            try:
+                answer = await self._dns.resolve(qname, rdtype, raise_on_no_answer=False)
+            finally:
+                m.dns_duration.observe(time.perf_counter() - started)
         except dns.resolver.NXDOMAIN as exc:
             response = (exc.kwargs.get("responses") or {}).get(qname)
             return _Answer(None, True, self._negative_ttl(response))
@@ -378,6 +389,8 @@ class Resolver:
                 return _Answer(None, False, ttl)
             return _Answer(answer.rrset, False, self._clamp(answer.chaining_result.minimum_ttl))
         self.failures += 1
+        if counted:
+            m.dns_failures[kind].inc()
         log.warning("DNS lookup failed: %s", detail)
         return _Failure(detail)
 

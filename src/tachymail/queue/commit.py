@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tachymail.metrics import m
 from tachymail.queue.envelope import Envelope
 from tachymail.queue.store import Operation, QueueStore, put_message
 
@@ -76,7 +77,10 @@ class GroupCommitter:
         if error is None:
             self.commits += 1
             self.messages += len(batch)
+            m.commit_batch_size.observe(len(batch))
+            m.commit_duration.observe(self.last_commit[1])
         else:
+            m.commit_failures.inc()
             log.error("queue commit of %d messages failed: %s", len(batch), error)
         for _operation, future in batch:
             if future.cancelled():

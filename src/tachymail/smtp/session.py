@@ -22,6 +22,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, cast
 
+from tachymail.metrics import m
 from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
 from tachymail.protocol.data import BdatReader, DataReader
@@ -46,6 +47,8 @@ class State(IntEnum):
     CLOSED = 6
 
 
+#: queue ids named in a session's log line; a longer session logs the count only beyond it
+LOGGED_IDS = 100
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _BDAT_ARGS = re.compile(rb"(\d{1,18})(?: +(LAST))? *", re.IGNORECASE)
 _HELP = R.multiline(
@@ -81,6 +84,9 @@ class SmtpSession(asyncio.Protocol):
         self.tls: str | None = None
         self.auth_user: str | None = None
         self.messages = 0
+        self.queue_ids: list[str] = []  # for the session's log line (the first LOGGED_IDS)
+        self.opened = False  # counted in the open-connections gauge
+        self.outcome = "disconnect"  # how the session ended, for its log line
         self.last_activity = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
         self._reset_transaction()
@@ -123,8 +129,10 @@ class SmtpSession(asyncio.Protocol):
         self.peer_ip, self.peer_port = peer[0], peer[1]
         ctx = self.ctx
         ctx.sessions.add(self)
+        m.smtp_connections[self.role].inc()
         if self.implicit_tls:
             self.tls = tls_description(transport)
+            m.tls_handshakes[self.role].inc()
         try:
             address = ipaddress.ip_address(self.peer_ip)
             self.trusted = any(address in net for net in ctx.trusted)
@@ -133,10 +141,17 @@ class SmtpSession(asyncio.Protocol):
         refused = ctx.admit(self.peer_ip, self.trusted)
         if refused:
             log.warning("refused connection from %s: %s", self.peer_ip, refused)
+            self.outcome = "refused"
+            m.smtp_connections_refused[
+                "max_per_ip" if " from " in refused else "max_connections"
+            ].inc()
+            m.REPLIES[4] += 1
             transport.write(R.reply(421, "4.7.0", f"Error: {refused}, try again later"))
             self.state = State.CLOSED
             transport.close()
             return
+        self.opened = True
+        m.smtp_connections_open[self.role].inc()
         delay = ctx.config.limits.greeting_delay
         if delay > 0:
             self.ctx.loop.call_later(delay, self._greet)
@@ -148,23 +163,47 @@ class SmtpSession(asyncio.Protocol):
         if self.state != State.GREETING or self.transport is None:
             return
         self.state = State.COMMAND
+        m.REPLIES[2] += 1
         self.transport.write(R.reply(220, "", f"{self.ctx.hostname} ESMTP Tachymail"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.outcome == "disconnect":
+            self.outcome = "error"
         log.info(
-            "session %s:%s closed: %d message(s), %d error(s)%s",
+            "session %s:%s closed (%s): %d message(s), %d error(s)%s%s",
             self.peer_ip,
             self.peer_port,
+            self.outcome,
             self.messages,
             self.errors,
+            f" queued {' '.join(self.queue_ids)}" if self.queue_ids else "",
             f" ({exc})" if exc else "",
+            extra={"fields": self._log_fields(exc)},
         )
+        if self.opened:
+            self.opened = False
+            m.smtp_connections_open[self.role].dec()
         self.state = State.CLOSED
         self.transport = None
         if self.timer is not None:
             self.timer.cancel()
         self.ctx.sessions.discard(self)
         self.ctx.release(self.peer_ip)
+
+    def _log_fields(self, exc: Exception | None) -> dict[str, object]:
+        return {
+            "event": "smtp_session",
+            "outcome": self.outcome,
+            "client": f"{self.peer_ip}:{self.peer_port}",
+            "listener": self.role,
+            "helo": self.helo,
+            "tls": self.tls,
+            "auth": self.auth_user,
+            "messages": self.messages,
+            "errors": self.errors,
+            "queue_ids": self.queue_ids,
+            "error": str(exc) if exc else None,
+        }
 
     def _arm_timer(self) -> None:
         # One timer per session, re-armed lazily: activity only stamps a time.
@@ -191,6 +230,7 @@ class SmtpSession(asyncio.Protocol):
                 "session %s:%s timed out in state %s", self.peer_ip, self.peer_port, self.state.name
             )
             self.out.append(R.TIMEOUT)
+            self.outcome = "timeout"
             self.close_after_flush = True
             self._flush()
             return
@@ -198,6 +238,7 @@ class SmtpSession(asyncio.Protocol):
 
     def shut_down(self, reply: bytes) -> None:
         """Send *reply* (a 421) and close: the server is going away."""
+        self.outcome = "shutdown"
         self.out.append(reply)
         self.close_after_flush = True
         self._flush()
@@ -218,6 +259,9 @@ class SmtpSession(asyncio.Protocol):
             self.out.clear()
             return
         if self.out:
+            replies = m.REPLIES
+            for reply in self.out:
+                replies[reply[0] - 48] += 1
             transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
             self.out.clear()
         if self.close_after_flush:
@@ -241,6 +285,8 @@ class SmtpSession(asyncio.Protocol):
                 "early talker %s:%s: sent data before the greeting", self.peer_ip, self.peer_port
             )
             self.out.append(R.reply(554, "5.5.1", "Error: data received before greeting"))
+            self.outcome = "early_talker"
+            m.smtp_connections_refused["early_talker"].inc()
             self.close_after_flush = True
         elif state == State.WAIT:
             # Only reached when a transport delivers data despite pause_reading; keep it.
@@ -271,6 +317,7 @@ class SmtpSession(asyncio.Protocol):
                 step(line)
                 continue
             verb, args = C.parse_command(line)
+            m.COMMANDS[verb] += 1
             handlers[verb](args)
 
     def _error(self, reply: bytes, why: str) -> None:
@@ -281,6 +328,7 @@ class SmtpSession(asyncio.Protocol):
         )
         if self.errors > self.ctx.config.limits.max_errors:
             self.out.append(R.TOO_MANY_ERRORS)
+            self.outcome = "too_many_errors"
             self.close_after_flush = True
             self.state = State.CLOSED
         else:
@@ -355,6 +403,7 @@ class SmtpSession(asyncio.Protocol):
             address, params = C.parse_rcpt(args, "SMTPUTF8" in self.mail_params)
         except SmtpSyntaxError as exc:
             self.rcpt_refused += 1
+            m.recipients_rejected["syntax"].inc()
             self._syntax(exc)
             return
         if params and not self.esmtp:
@@ -363,12 +412,14 @@ class SmtpSession(asyncio.Protocol):
             return
         if len(self.rcpts) >= self.ctx.config.limits.max_recipients:
             self.rcpt_refused += 1
+            m.recipients_rejected["too_many"].inc()
             self.out.append(R.TOO_MANY_RECIPIENTS)
             return
         if self.role == "mx" and not (self.trusted or self.auth_user):
             domain = address.rpartition("@")[2].lower()
             if "@" in address and domain not in self.ctx.accepted_domains:
                 self.rcpt_refused += 1
+                m.recipients_rejected["relay_denied"].inc()
                 log.info("session %s: relay denied to %s", self.peer_ip, address)
                 self.out.append(R.RELAY_DENIED)
                 return
@@ -462,6 +513,7 @@ class SmtpSession(asyncio.Protocol):
         self.out.append(R.OK)
 
     def cmd_quit(self, args: bytes) -> None:
+        self.outcome = "quit"
         self.out.append(R.BYE)
         self.close_after_flush = True
         self.state = State.CLOSED
@@ -516,12 +568,14 @@ class SmtpSession(asyncio.Protocol):
         except (TimeoutError, OSError, ConnectionError) as exc:
             log.info("session %s: TLS handshake failed: %s", self.peer_ip, exc)
             self.ctx.tls_failures += 1
+            m.tls_failures[self.role].inc()
             transport.abort()
             return
         if new is None:
             return
         self.transport = new
         self.tls = tls_description(new)
+        m.tls_handshakes[self.role].inc()
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo, self.esmtp, self.auth_user = None, False, None
         self._reset_transaction()
@@ -615,11 +669,13 @@ class SmtpSession(asyncio.Protocol):
         ok = not done.cancelled() and done.exception() is None and done.result()
         if ok:
             self.ctx.auth_successes += 1
+            m.auth_successes.inc()
             self.auth_user = name
             log.info("session %s: authenticated as %s", self.peer_ip, name)
             self._resume(R.AUTH_OK)
             return
         self.ctx.auth_failures += 1
+        m.auth_failures.inc()
         self.auth_failures += 1
         log.warning("session %s: AUTH failed for %r", self.peer_ip, name)
         # Slow down password guessing: the failure reply waits.
@@ -656,6 +712,7 @@ class SmtpSession(asyncio.Protocol):
                 "session %s: message of %d octets refused (too big)", self.peer_ip, reader.size
             )
             self.out.append(R.MESSAGE_TOO_BIG)
+            m.messages_rejected["too_big"].inc()
             self._reset_transaction()
             return
         longest = self.ctx.config.limits.max_text_line
@@ -664,6 +721,7 @@ class SmtpSession(asyncio.Protocol):
             self.out.append(
                 R.reply(550, "5.6.0", f"Error: message has a line over {longest} octets")
             )
+            m.messages_rejected["line_too_long"].inc()
             self._reset_transaction()
             return
         content = reader.content()
@@ -675,6 +733,7 @@ class SmtpSession(asyncio.Protocol):
                     "CR" if reader.bare_cr else "LF",
                 )
                 self.out.append(R.BARE_NEWLINE_DATA)
+                m.messages_rejected["bare_newline"].inc()
                 self._reset_transaction()
                 return
             content = _BARE_NEWLINE.sub(b"\r\n", content)
@@ -728,19 +787,27 @@ class SmtpSession(asyncio.Protocol):
     def _commit(self, envelope: Envelope, content: bytes) -> None:
         queue_id = envelope.id
         future = self.ctx.committer.submit(envelope, content)
-        future.add_done_callback(lambda done: self._committed(queue_id, done))
+        size = envelope.size
+        future.add_done_callback(lambda done: self._committed(queue_id, done, size))
 
-    def _committed(self, queue_id: str, done: asyncio.Future[None]) -> None:
+    def _committed(self, queue_id: str, done: asyncio.Future[None], size: int = 0) -> None:
         error = done.exception() if not done.cancelled() else None
         if error is None:
             self.messages += 1
             self.ctx.accepted += 1
+            if len(self.queue_ids) < LOGGED_IDS:
+                self.queue_ids.append(queue_id)
+            m.messages_accepted[self.role].inc()
+            m.received_bytes[self.role].inc(size)
+            m.message_size.observe(size)
             reply = R.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         elif isinstance(error, StorageFull):
             log.error("queue full, message refused: %s", error)
+            m.messages_rejected["queue_full"].inc()
             reply = R.STORAGE_FULL
         else:
             log.error("queue commit failed: %s", error)
+            m.messages_rejected["queue_error"].inc()
             reply = R.LOCAL_ERROR
         if self.transport is None:
             return  # the client left; a committed message is delivered all the same

@@ -16,8 +16,11 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from tachymail import metrics
 from tachymail.config import Config, ConfigError, load
+from tachymail.metrics import endpoint as metrics_endpoint
 from tachymail.queue.store import MiB, QueueStore
 from tachymail.smtp.tls import server_context
 
@@ -96,6 +99,7 @@ class Supervisor:
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
+                metrics.flush()
                 logging.shutdown()
                 os._exit(code)
         slot.pid, slot.started = pid, time.monotonic()
@@ -117,6 +121,31 @@ class Supervisor:
         except OSError as exc:
             log.error("%s", exc)
             return 1
+        try:
+            endpoint = self._start_metrics()
+        except OSError as exc:
+            log.error("cannot prepare the metrics directory: %s", exc)
+            return 1
+        try:
+            return self._supervise()
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+            metrics.disable()
+
+    def _start_metrics(self) -> metrics_endpoint.MetricsEndpoint | None:
+        """A fresh multiprocess directory (before any fork) and the HTTP endpoint."""
+        settings = self.config.metrics
+        directory = (
+            Path(settings.directory) if settings.directory else self.config.data_path / "metrics"
+        )
+        metrics.m.DESTINATIONS = settings.destinations
+        metrics.enable(directory)
+        if not settings.address:
+            return None
+        return metrics_endpoint.start_endpoint(self, settings.address, directory)
+
+    def _supervise(self) -> int:
         self.slots = self.new_slots()
         for slot in self.slots:
             self.spawn(slot)
@@ -176,6 +205,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            metrics.mark_dead(pid)
             if self.retiring.pop(pid, None) is not None:
                 continue
             for slot in self.slots:
@@ -190,6 +220,7 @@ class Supervisor:
         # Back off only when the worker keeps dying young, so a crash loop does not spin.
         slot.backoff = 0.0 if lived > STABLE_AFTER else min(max(slot.backoff * 2, 0.1), MAX_BACKOFF)
         slot.restart_at = time.monotonic() + slot.backoff
+        metrics.m.worker_restarts[slot.kind].inc()
         log.error(
             "%s worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
             slot.kind,
@@ -241,6 +272,8 @@ def apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
     for key in ("smarthost", "resolver"):
         if key in overrides:
             setattr(config.delivery, key, overrides[key])
+    if "metrics" in overrides:
+        config.metrics.address = str(overrides["metrics"])
     problems = validate(config)
     if problems:
         raise ConfigError(problems)

@@ -21,6 +21,7 @@ from collections import Counter
 
 import uvloop
 
+from tachymail import metrics
 from tachymail.auth.users import UsersFile
 from tachymail.config import Config, ListenerConfig
 from tachymail.delivery.dkim import DkimSigner
@@ -173,6 +174,7 @@ async def serve_worker(config: Config, index: int) -> int:
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
+            metrics.flush()  # the hot-path tallies reach /metrics within about a second
             if os.getppid() != parent:  # the supervisor is gone: do not linger as an orphan
                 log.warning("worker %d: supervisor died, shutting down", index)
                 break

@@ -1,0 +1,780 @@
+"""The quick performance-regression check that `./dev test` runs after the tests.
+
+    .venv/bin/python benchmarks/perfcheck.py            check against perf-baseline.json
+    .venv/bin/python benchmarks/perfcheck.py --update   re-measure and rewrite the baseline
+                                                        (what `./dev perf-baseline` runs)
+
+It fails (exit 1, naming the figure, its baseline and the tolerance) on a real regression,
+and not on the noise of a shared machine, because every figure it gates on is either counted
+or a ratio measured within one run:
+
+* ``kernel.<k>.instructions`` -- instructions (valgrind callgrind, Ir) of a fixed in-process
+  workload on each compiled kernel: DataReader, BdatReader and dot_stuff over a fixed set of
+  64 KiB messages, the command parser over a fixed pipelined batch, the MIME scanner over a
+  fixed set of multipart messages. Repeated runs agree within 0.4 %.
+* ``intake.worker_instructions_per_msg`` -- instructions per message of a real SMTP worker
+  (``tachymail.smtp.worker``, as ``tachymail serve`` forks it, LMDB queue and group commit
+  included) under callgrind, receiving messages from `tachymail bench` over loopback, one
+  session at a time; counted between two marks the harness sets from the worker's own loop.
+* ``kernel.<k>.speedup`` -- wall-clock time of the pure-Python twin over the compiled kernel
+  on the same workload, measured alternately in this process (the best of several rounds).
+* ``intake.cpu_vs_smtp_sink`` -- CPU seconds of `tachymail serve --hold` (one worker) per
+  message over those of Postfix's smtp-sink, both loaded by smtp-source in this run.
+* ``bench.cpu_vs_smtp_source`` -- CPU seconds per message of `tachymail bench` over those of
+  smtp-source, both sending to the same smtp-sink in this run.
+
+Tolerances are about three times the spread measured on unchanged code (docs/load-testing.md
+has the numbers). The baseline (benchmarks/perf-baseline.json) records the figures, the
+spread seen when it was made, the machine and the date. Under TACHYMAIL_PURE, or without
+valgrind, the check is skipped with a message (exit 0); figures that need Postfix are
+skipped when it is missing.
+
+The package measured is the one `import tachymail` finds for this interpreter -- the
+installed one under `./dev test` -- and every child process is checked to use the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BASELINE = HERE / "perf-baseline.json"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+# Callgrind zeroes its counters on entering the first C function and dumps them on entering
+# the second; the harness calls them (harmless builtins nothing else here uses) around each
+# workload, so only the workload is counted.
+ZERO_MARK = "sys_getswitchinterval"
+DUMP_MARK = "sys_getallocatedblocks"
+EXPECT_ENV = "TACHYMAIL_PERFCHECK_PACKAGE"
+
+
+@dataclass
+class Spec:
+    """What a figure means and how far it may move: ``better`` is "lower" or "higher"."""
+
+    unit: str
+    better: str
+    tolerance: float | None  # relative; None: reported, not checked
+    about: str
+
+
+SPECS: dict[str, Spec] = {}
+for _kernel, _what in (
+    ("data", "DataReader, 16 x 64 KiB messages in 16 KiB chunks"),
+    ("bdat", "BdatReader, the same messages"),
+    ("dot_stuff", "dot_stuff, the same messages with and without dot lines"),
+    ("commands", "LineReader + parse_command/mail/rcpt, 200 pipelined transactions"),
+    ("mime", "mime.scan, 24 multipart messages of 2-64 KiB"),
+):
+    SPECS[f"kernel.{_kernel}.instructions"] = Spec("Ir", "lower", 0.02, f"callgrind: {_what}")
+    SPECS[f"kernel.{_kernel}.instructions_pure_over_compiled"] = Spec(
+        "x", "higher", None, f"callgrind: pure twin / compiled, {_what}"
+    )
+SPEEDUP_KERNELS = ("data", "commands", "mime")
+for _kernel in SPEEDUP_KERNELS:
+    SPECS[f"kernel.{_kernel}.speedup"] = Spec(
+        "x", "higher", 0.4, "wall clock: pure twin / compiled, same workload, best of 21 runs"
+    )
+SPECS["intake.worker_instructions_per_msg"] = Spec(
+    "Ir/msg", "lower", 0.03, "callgrind: a real SMTP worker, 1 KiB messages, one session"
+)
+SPECS["intake.cpu_vs_smtp_sink"] = Spec(
+    "x", "lower", 0.6, "CPU s/msg: serve --hold (1 worker) / smtp-sink, smtp-source 16 sessions"
+)
+SPECS["bench.cpu_vs_smtp_source"] = Spec(
+    "x", "lower", 0.6, "CPU s/msg: tachymail bench / smtp-source, same smtp-sink, 16 sessions"
+)
+
+
+# --- fixed workloads (the same bytes on every machine and every run) --------------------------
+
+WORDS = (
+    b"the quick brown fox jumps over lazy dog mail relay queue delivery message header "
+    b"Received from by with ESMTP id for Subject Date To Cc Message-ID 2024 example.org"
+).split()
+
+
+def text_message(size: int, seed: int, dot_lines: bool = True) -> bytes:
+    rng = random.Random(seed)
+    lines, total = [], 0
+    while total < size:
+        line = b" ".join(rng.choices(WORDS, k=rng.randint(3, 16)))[:76]
+        if dot_lines and rng.random() < 0.02:
+            line = b"." + line[1:]
+        lines.append(line + b"\r\n")
+        total += len(line) + 2
+    return b"".join(lines)
+
+
+def mime_message(size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    text = "Grüße aus Köln: the plain text part, with some 8-bit UTF-8.\r\n".encode() * 3
+    head = (
+        b"From: sender@example.org\r\nTo: rcpt@example.net\r\nSubject: perfcheck\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="==outer=="\r\n'
+        b"\r\npreamble\r\n--==outer==\r\nContent-Type: multipart/alternative; boundary=inner\r\n"
+        b"\r\n--inner\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + text + b"\r\n--inner\r\n"
+        b"Content-Type: text/html; charset=us-ascii\r\n\r\n<html><p>alternative</p></html>\r\n"
+        b"--inner--\r\n\r\n--==outer==\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: inner\r\nContent-Type: text/plain\r\n\r\nforwarded\r\n\r\n"
+        b'--==outer==\r\nContent-Type: application/octet-stream; name="data.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+    )
+    tail = b"\r\n--==outer==--\r\nepilogue\r\n"
+    room = max(size - len(head) - len(tail), 80)
+    data = rng.randbytes(room * 3 // 4 + 64)
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return head + encoded[: encoded.rfind(b"\r\n", 0, room)] + tail
+
+
+def pipelined_batch(transactions: int) -> bytes:
+    out = []
+    for i in range(transactions):
+        out.append(
+            b"EHLO client%d.example.org\r\n"
+            b"MAIL FROM:<sender-%d@example.org> SIZE=%d BODY=8BITMIME\r\n" % (i, i, 1000 + i)
+        )
+        for j in range(3):
+            out.append(
+                b"RCPT TO:<rcpt-%d-%d@example.net> NOTIFY=SUCCESS,FAILURE "
+                b"ORCPT=rfc822;rcpt-%d@example.net\r\n" % (i, j, j)
+            )
+        out.append(b"DATA\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+    return b"".join(out)
+
+
+def kernel_workloads() -> list[tuple[str, Callable[[], object]]]:
+    """(name, workload) pairs: each kernel compiled and pure, on fixed inputs."""
+    bodies = [text_message(64 * 1024, seed) for seed in range(16)]
+    plain = [text_message(64 * 1024, 100 + seed, dot_lines=False) for seed in range(8)]
+    mimes = [mime_message(2048 << (seed % 6), seed) for seed in range(24)]
+    batch = pipelined_batch(200)
+    work: list[tuple[str, Callable[[], object]]] = []
+    for impl in ("compiled", "pure"):
+        work += impl_workloads(impl, bodies, plain, mimes, batch)
+    return work
+
+
+def impl_workloads(
+    impl: str, bodies: list[bytes], plain: list[bytes], mimes: list[bytes], batch: bytes
+) -> list[tuple[str, Callable[[], object]]]:
+    import importlib
+
+    def load(kernel: str) -> Any:
+        suffix = f"_{kernel}" if impl == "compiled" else f"{kernel}_py"
+        return importlib.import_module(f"tachymail.protocol.{suffix}")
+
+    data, cmd, mime = load("data"), load("commands"), load("mime")
+    chunk = 16 * 1024
+    wires = [data.dot_stuff(b) + b".\r\n" for b in bodies]
+    wire_chunks = [[w[i : i + chunk] for i in range(0, len(w), chunk)] for w in wires]
+    body_chunks = [[b[i : i + chunk] for i in range(0, len(b), chunk)] for b in bodies]
+    batch_chunks = [batch[i : i + 4096] for i in range(0, len(batch), 4096)]
+
+    def run_data() -> object:
+        for pieces in wire_chunks:
+            reader = data.DataReader()
+            for piece in pieces:
+                reader.feed(piece)
+            reader.content()
+        return reader.size
+
+    def run_bdat() -> object:
+        for body, pieces in zip(bodies, body_chunks, strict=True):
+            reader = data.BdatReader()
+            reader.start_chunk(len(body), True)
+            for piece in pieces:
+                reader.feed(piece)
+            reader.content()
+        return reader.size
+
+    def run_dot_stuff() -> object:
+        return [data.dot_stuff(b) for b in bodies] + [data.dot_stuff(b) for b in plain]
+
+    def run_commands() -> object:
+        reader = cmd.LineReader(512)
+        parse_command, parse_mail, parse_rcpt = cmd.parse_command, cmd.parse_mail, cmd.parse_rcpt
+        mail, rcpt = cmd.VERB_MAIL, cmd.VERB_RCPT
+        count = 0
+        for piece in batch_chunks:
+            reader.feed(piece)
+            while (item := reader.readline()) is not None:
+                verb, args = parse_command(item[0])
+                if verb == mail:
+                    parse_mail(args)
+                elif verb == rcpt:
+                    parse_rcpt(args)
+                count += 1
+        return count
+
+    def run_mime() -> object:
+        return [mime.scan(m) for m in mimes]
+
+    return [
+        (f"data.{impl}", run_data),
+        (f"bdat.{impl}", run_bdat),
+        (f"dot_stuff.{impl}", run_dot_stuff),
+        (f"commands.{impl}", run_commands),
+        (f"mime.{impl}", run_mime),
+    ]
+
+
+# --- harnesses: what runs under valgrind ------------------------------------------------------
+
+
+def check_package() -> None:
+    import tachymail
+
+    expected = os.environ.get(EXPECT_ENV)
+    if expected and str(Path(tachymail.__file__).resolve().parent) != expected:
+        sys.exit(f"perfcheck harness: imported tachymail from {tachymail.__file__}, not {expected}")
+
+
+def harness_kernels() -> int:
+    check_package()
+    names = []
+    for name, work in kernel_workloads():
+        work()  # warm: imports, caches and the interpreter's specialisation settle
+        work()
+        gc.collect()
+        sys.getswitchinterval()  # ZERO_MARK
+        work()
+        sys.getallocatedblocks()  # DUMP_MARK
+        names.append(name)
+    print(json.dumps(names))
+    return 0
+
+
+def harness_worker(config_path: str) -> int:
+    """A real SMTP worker, with a control pipe on stdin: "z" zeroes, "d" dumps, each acked."""
+    check_package()
+    import asyncio
+    import logging
+
+    from tachymail.config import load
+    from tachymail.smtp import worker
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    config = load(config_path)
+    serve_worker = worker.serve_worker
+
+    async def serve_with_marks(config: Any, index: int) -> int:
+        def control() -> None:
+            command = os.read(0, 1)
+            if not command:  # the parent went away
+                asyncio.get_running_loop().remove_reader(0)
+                return
+            if command == b"z":
+                # A full collection now, so that whether one falls inside the window does
+                # not depend on how many objects start-up left (it varies with paths).
+                gc.collect()
+                sys.getswitchinterval()  # ZERO_MARK
+            elif command == b"d":
+                sys.getallocatedblocks()  # DUMP_MARK
+            os.write(1, b"k")
+
+        asyncio.get_running_loop().add_reader(0, control)
+        result: int = await serve_worker(config, index)
+        return result
+
+    # The worker's own entry point (switch interval, uvloop) runs the wrapped coroutine.
+    worker.serve_worker = serve_with_marks
+    return worker.run_worker(config, 0)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    import tachymail
+
+    env = dict(os.environ)
+    env[EXPECT_ENV] = str(Path(tachymail.__file__).resolve().parent)
+    # Children run elsewhere: a relative PYTHONPATH (PYTHONPATH=src) must keep its meaning.
+    if env.get("PYTHONPATH"):
+        paths = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) if p else p for p in paths)
+    env["PYTHONHASHSEED"] = "0"
+    env.pop("TACHYMAIL_PURE", None)
+    return env
+
+
+def callgrind_cmd(outdir: Path) -> list[str]:
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={outdir}/cg.%p",
+        f"--zero-before={ZERO_MARK}",
+        f"--dump-before={DUMP_MARK}",
+        "--log-file=" + str(outdir / "valgrind.log"),
+    ]
+
+
+def dumps(outdir: Path, pid: int) -> list[int]:
+    """Instruction counts of the marked dumps of process *pid*, in order."""
+    found = []
+    for path in outdir.glob(f"cg.{pid}.*"):
+        number = int(path.name.rsplit(".", 1)[1])
+        text = path.read_text(errors="replace")
+        match = re.search(r"^summary:\s+(\d+)", text, re.M)
+        if match:
+            found.append((number, int(match.group(1))))
+    return [ir for _, ir in sorted(found)]
+
+
+def measure_kernels(tmp: Path) -> dict[str, float]:
+    outdir = tmp / "kernels"
+    outdir.mkdir()
+    proc = subprocess.run(
+        [*callgrind_cmd(outdir), sys.executable, str(Path(__file__).resolve()), "--harness"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=tmp,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"kernel harness failed: {proc.stderr[-2000:]}")
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    pids = {int(p.name.split(".")[1]) for p in outdir.glob("cg.*.*")}
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one profiled process, found {sorted(pids)}")
+    counts = dumps(outdir, pids.pop())
+    if len(counts) != len(names):
+        raise RuntimeError(f"{len(names)} workloads but {len(counts)} callgrind dumps")
+    ir = dict(zip(names, counts, strict=True))
+    figures: dict[str, float] = {}
+    for kernel in ("data", "bdat", "dot_stuff", "commands", "mime"):
+        figures[f"kernel.{kernel}.instructions"] = ir[f"{kernel}.compiled"]
+        figures[f"kernel.{kernel}.instructions_pure_over_compiled"] = round(
+            ir[f"{kernel}.pure"] / ir[f"{kernel}.compiled"], 2
+        )
+    return figures
+
+
+def measure_speedups(rounds: int = 21) -> dict[str, float]:
+    """Pure twin / compiled wall time per kernel, each the best of *rounds* alternating runs.
+
+    The best run is the one least disturbed by other work on the machine; alternating
+    which implementation runs first spreads slow phases over both.
+    """
+    work = dict(kernel_workloads())
+    best: dict[str, float] = {}
+    for round_ in range(rounds):
+        for kernel in SPEEDUP_KERNELS:
+            impls = ("compiled", "pure") if round_ % 2 == 0 else ("pure", "compiled")
+            for impl in impls:
+                name = f"{kernel}.{impl}"
+                started = time.perf_counter()
+                work[name]()
+                elapsed = time.perf_counter() - started
+                best[name] = min(best.get(name, elapsed), elapsed)
+    return {
+        f"kernel.{k}.speedup": round(best[f"{k}.pure"] / best[f"{k}.compiled"], 2)
+        for k in SPEEDUP_KERNELS
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, timeout: float) -> None:
+    """Until something listens on 127.0.0.1:port (checked in /proc, without connecting)."""
+    wanted = f"0100007F:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == wanted and fields[3] == "0A":
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def tachymail(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tachymail", *args]
+
+
+def run_measured(cmd: list[str], **popen: Any) -> tuple[int, str, str, float]:
+    """Run *cmd*; (exit code, stdout, stderr, its user+system CPU seconds from wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **popen)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it, with its own resource usage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            usage.ru_utime + usage.ru_stime,
+        )
+
+
+def bench(port: int, messages: int, *extra: str) -> tuple[dict[str, Any], float]:
+    """Run `tachymail bench`; its summary and its CPU seconds."""
+    code, out, err, cpu = run_measured(
+        tachymail("bench", f"127.0.0.1:{port}", "--messages", str(messages), "--json", *extra),
+        env=child_env(),
+        cwd=tempfile.gettempdir(),  # python -m puts the working directory on sys.path
+    )
+    if code != 0:
+        raise RuntimeError(f"tachymail bench failed: {err[-1000:]}")
+    summary: dict[str, Any] = json.loads(out)
+    if summary["accepted"] != messages:
+        raise RuntimeError(f"tachymail bench: {summary['accepted']} of {messages} accepted")
+    return summary, cpu
+
+
+def write_config(path: Path, data: Path, port: int) -> None:
+    from tachymail.config import Config
+
+    # A metrics endpoint (where this tachymail has one) would want its fixed default port.
+    extra = '\n[metrics]\naddress = ""\n' if "metrics" in Config.__dataclass_fields__ else ""
+    path.write_text(
+        f'[server]\nhostname = "perfcheck.invalid"\ndata_dir = "{data}"\nhold = true\n'
+        f'workers = 1\n\n[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "mx"\n{extra}'
+    )
+
+
+def measure_worker(tmp: Path, messages: int = 200) -> dict[str, float]:
+    outdir = tmp / "worker"
+    outdir.mkdir()
+    port = free_port()
+    config = tmp / "worker.toml"
+    write_config(config, tmp / "worker-data", port)
+    proc = subprocess.Popen(
+        [
+            *callgrind_cmd(outdir),
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--harness-worker",
+            str(config),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        cwd=tmp,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def mark(command: bytes) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(command)
+        proc.stdin.flush()
+        if proc.stdout.read(1) != b"k":
+            raise RuntimeError("the worker harness did not acknowledge a mark")
+
+    try:
+        wait_listening(port, 120)
+        bench(port, 60, "--concurrency", "1")  # warm: first connection, caches, map growth
+        mark(b"z")
+        bench(port, messages, "--concurrency", "1")
+        mark(b"d")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    counts = dumps(outdir, proc.pid)
+    if not counts:
+        raise RuntimeError(f"no callgrind dump from the worker: {err.decode()[-1000:]}")
+    return {"intake.worker_instructions_per_msg": round(counts[0] / messages)}
+
+
+def cpu_seconds(root: int) -> float:
+    """On-CPU time (ns precision, from schedstat) of *root*, its threads and descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            with suppress(FileNotFoundError, ProcessLookupError):
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        stack.extend(children.get(pid, []))
+    return total / 1e9
+
+
+def smtp_source(port: int, messages: int, sessions: int = 16) -> float:
+    """Run smtp-source (1 KiB messages, connections reused); returns its CPU seconds."""
+    code, _, err, cpu = run_measured(
+        [
+            *(SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", "1024", "-d"),
+            *("-f", "perf@example.com", "-t", "sink@example.net", f"127.0.0.1:{port}"),
+        ]
+    )
+    if code != 0:
+        raise RuntimeError(f"smtp-source failed: {err[-500:]}")
+    return cpu
+
+
+@contextmanager
+def server(cmd: list[str], port: int, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        **popen,
+    )
+    try:
+        wait_listening(port, 30)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def smtp_sink_cmd(port: int) -> list[str]:
+    user = ["-u", "postfix"] if os.geteuid() == 0 else []
+    return [SMTP_SINK, *user, "-c", f"127.0.0.1:{port}", "1024"]
+
+
+def measure_cpu_ratios(tmp: Path, rounds: int = 3) -> dict[str, float]:
+    """Medians over *rounds* of the two CPU ratios, each measured side by side."""
+    intake, loader = [], []
+    messages = 5000
+    for r in range(rounds):
+        per_msg: dict[str, float] = {}
+        port = free_port()
+        config = tmp / f"serve{r}.toml"
+        write_config(config, tmp / f"serve-data{r}", port)
+        with server(tachymail("serve", "-c", str(config)), port, env=child_env(), cwd=tmp) as p:
+            smtp_source(port, 300)  # warm
+            before = cpu_seconds(p.pid)
+            smtp_source(port, messages)
+            per_msg["tachymail"] = (cpu_seconds(p.pid) - before) / messages
+        port = free_port()
+        with server(smtp_sink_cmd(port), port) as p:
+            smtp_source(port, 300)
+            before = cpu_seconds(p.pid)
+            per_msg["smtp-source"] = smtp_source(port, messages) / messages
+            per_msg["smtp-sink"] = (cpu_seconds(p.pid) - before) / messages
+            # The generator's CPU per message, its start-up cancelled out by two run lengths.
+            small, large = 2000, 20000
+            cost = {n: bench(port, n, "--concurrency", "16")[1] for n in (small, large)}
+            per_msg["bench"] = (cost[large] - cost[small]) / (large - small)
+        intake.append(per_msg["tachymail"] / per_msg["smtp-sink"])
+        loader.append(per_msg["bench"] / per_msg["smtp-source"])
+        if os.environ.get("PERFCHECK_VERBOSE"):
+            print(f"perfcheck: CPU s/msg {per_msg}", file=sys.stderr)
+    return {
+        "intake.cpu_vs_smtp_sink": round(statistics.median(intake), 3),
+        "bench.cpu_vs_smtp_source": round(statistics.median(loader), 3),
+    }
+
+
+def measure(skipped: list[str]) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="perfcheck-") as name:
+        tmp = Path(name)
+        tmp.chmod(0o755)  # smtp-sink drops privileges to postfix
+        figures.update(measure_kernels(tmp))
+        figures.update(measure_worker(tmp))
+        figures.update(measure_speedups())
+        if Path(SMTP_SINK).exists() and Path(SMTP_SOURCE).exists():
+            figures.update(measure_cpu_ratios(tmp))
+        else:
+            skipped.append("intake.cpu_vs_smtp_sink, bench.cpu_vs_smtp_source: no Postfix tools")
+    return figures
+
+
+# --- baseline and verdict ----------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import Cython  # noqa: F401 - only its version is recorded
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "libc": " ".join(platform.libc_ver()),
+        "cython": getattr(sys.modules.get("Cython"), "__version__", "?"),
+        "valgrind": subprocess.run(
+            ["valgrind", "--version"], capture_output=True, text=True
+        ).stdout.strip(),
+        "system": platform.platform(),
+    }
+
+
+def fmt(value: float, unit: str) -> str:
+    text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return f"{text} {unit}"
+
+
+def verdict(figures: dict[str, float], baseline: dict[str, Any]) -> int:
+    base = baseline.get("figures", {})
+    failures = []
+    print(f"{'figure':<48} {'now':>16} {'baseline':>16} {'change':>8} {'allowed':>8}")
+    for name, value in figures.items():
+        spec = SPECS[name]
+        entry = base.get(name)
+        if entry is None:
+            print(f"{name:<48} {fmt(value, spec.unit):>16} {'(new)':>16}")
+            continue
+        was = entry["value"]
+        tolerance = entry.get("tolerance", spec.tolerance)
+        change = value / was - 1 if was else 0.0
+        worse = change if spec.better == "lower" else -change
+        allowed = (
+            "-" if tolerance is None else f"{'+' if spec.better == 'lower' else '-'}{tolerance:.0%}"
+        )
+        status = ""
+        if tolerance is not None and worse > tolerance:
+            status = "REGRESSION"
+            failures.append(
+                f"{name} = {fmt(value, spec.unit)}, baseline {fmt(was, spec.unit)}: "
+                f"{change:+.1%} (tolerance {allowed}; {spec.about})"
+            )
+        elif tolerance is not None and -worse > tolerance:
+            status = "better (update the baseline?)"
+        print(
+            f"{name:<48} {fmt(value, spec.unit):>16} {fmt(was, spec.unit):>16} "
+            f"{change:>+8.1%} {allowed:>8} {status}"
+        )
+    for failure in failures:
+        print(f"perfcheck: REGRESSION {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def update(runs: list[dict[str, float]], path: Path) -> None:
+    figures = {}
+    for name in runs[0]:
+        values = [r[name] for r in runs if name in r]
+        middle = statistics.median(values)
+        spread = max(abs(v / middle - 1) for v in values) if middle else 0.0
+        spec = SPECS[name]
+        figures[name] = {
+            "value": middle,
+            "unit": spec.unit,
+            "better": spec.better,
+            "tolerance": spec.tolerance,
+            "spread": round(spread, 4),
+            "runs": values,
+            "about": spec.about,
+        }
+    document = {
+        "about": "Baseline of benchmarks/perfcheck.py; rewrite it with ./dev perf-baseline.",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "figures": figures,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--update", action="store_true", help="rewrite the baseline")
+    parser.add_argument("--runs", type=int, default=3, help="measurements for --update")
+    parser.add_argument("--baseline", type=Path, default=BASELINE)
+    parser.add_argument("--harness", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--harness-worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.harness:
+        return harness_kernels()
+    if args.harness_worker:
+        return harness_worker(args.harness_worker)
+
+    if os.environ.get("TACHYMAIL_PURE", "").strip().lower() not in ("", "0", "false", "no"):
+        print("perfcheck: skipped: TACHYMAIL_PURE is set (it measures the compiled kernels)")
+        return 0
+    if shutil.which("valgrind") is None:
+        print("perfcheck: skipped: valgrind is not installed (Debian package valgrind)")
+        return 0
+    import tachymail
+    from tachymail.cli.main import kernel_report
+
+    kernels = kernel_report()
+    print(f"perfcheck: tachymail from {Path(tachymail.__file__).parent} ({kernels})")
+    if "pure" in kernels:
+        print("perfcheck: FAILED: a compiled kernel is not built", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    skipped: list[str] = []
+    if args.update:
+        runs = []
+        for run in range(args.runs):
+            runs.append(measure(skipped))
+            print(f"perfcheck: run {run + 1}/{args.runs}: {json.dumps(runs[-1])}")
+        update(runs, args.baseline)
+        for name, entry in json.loads(args.baseline.read_text())["figures"].items():
+            print(f"perfcheck: {name}: {entry['value']} (spread {entry['spread']:.2%})")
+        took = time.monotonic() - started
+        print(f"perfcheck: baseline written to {args.baseline} ({took:.0f} s)")
+        return 0
+    if not args.baseline.exists():
+        print(f"perfcheck: FAILED: no baseline at {args.baseline} (./dev perf-baseline)")
+        return 1
+    baseline = json.loads(args.baseline.read_text())
+    try:
+        figures = measure(skipped)
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+        print(f"perfcheck: FAILED: could not measure: {exc}", file=sys.stderr)
+        return 1
+    for note in sorted(set(skipped)):
+        print(f"perfcheck: skipped {note}")
+    if baseline.get("machine", {}).get("cpu") != machine()["cpu"]:
+        print("perfcheck: note: the baseline comes from another CPU; counts may differ a little")
+    code = verdict(figures, baseline)
+    took = time.monotonic() - started
+    if code == 0:
+        print(f"perfcheck: ok, {len(figures)} figures within tolerance ({took:.0f} s)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

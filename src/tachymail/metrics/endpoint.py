@@ -1,0 +1,336 @@
+"""The supervisor's HTTP endpoint: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+The supervisor has no event loop, so a small ``http.server`` runs in a daemon thread of
+its own. ``/metrics`` adds up every worker's multiprocess files and appends what only the
+supervisor knows, computed at scrape time: queue depth by state and the oldest message's
+age (from one LMDB read transaction, see :func:`queue_stats`), workers alive, and each
+process's CPU time and memory read from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from tachymail import __version__
+from tachymail.config import Config, split_hostport
+from tachymail.queue.envelope import Envelope
+from tachymail.queue.store import _DUE, QueueStore
+
+log = logging.getLogger(__name__)
+
+#: schedule entries counted one by one from each end of the index per scrape
+SCAN_LIMIT = 20_000
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class WorkerSlot(Protocol):
+    index: int
+    kind: str
+    pid: int
+
+
+class SupervisorView(Protocol):
+    """What the endpoint reads from the supervisor (from its own thread, never writing)."""
+
+    config: Config
+    stopping: bool
+
+    @property
+    def slots(self) -> Sequence[WorkerSlot]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Queue depth by state and the age of the oldest message, at one instant."""
+
+    active: int  # scheduled and due now
+    deferred: int  # scheduled for a later attempt
+    held: int  # in the queue but not scheduled (tachymail queue hold)
+    oldest_age: float  # seconds since the oldest message arrived; 0 for an empty queue
+    exact: bool  # False when active/deferred were estimated (see queue_stats)
+
+
+def queue_stats(store: QueueStore, now: float | None = None) -> QueueStats:
+    """Counts from database statistics plus a bounded walk of the schedule index.
+
+    Totals come from LMDB's entry counts, so they cost nothing: held = messages minus
+    schedule entries. Splitting the schedule into due-now (active) and later (deferred)
+    walks keys from the front (earliest due) and from the back, at most SCAN_LIMIT each.
+    When both walks stop short of the boundary (over 2 x SCAN_LIMIT scheduled messages),
+    the unwalked middle is split by interpolating its due times linearly, and ``exact``
+    is False.
+    """
+    now = time.time() if now is None else now
+    horizon = _DUE.pack(int(now * 1000) + 1)
+    with store.env.begin(buffers=False) as txn:
+        total: int = txn.stat(store.envelopes)["entries"]
+        scheduled: int = txn.stat(store.schedule)["entries"]
+        oldest_age = 0.0
+        cursor = txn.cursor(db=store.envelopes)
+        if cursor.first():
+            oldest_age = max(0.0, now - Envelope.from_record(cursor.value()).arrival)
+        active, deferred, fraction = _split_schedule(txn.cursor(db=store.schedule), horizon, now)
+    if fraction is not None:
+        active += round((scheduled - active - deferred) * fraction)
+        deferred = scheduled - active
+    return QueueStats(active, deferred, max(0, total - scheduled), oldest_age, fraction is None)
+
+
+def _split_schedule(cursor: object, horizon: bytes, now: float) -> tuple[int, int, float | None]:
+    """(due now, due later, None) from walks at both ends of the schedule index; when the
+    walks do not meet, the third item is the share of the unwalked middle that is due."""
+    cur = cursor  # an lmdb.Cursor; typed loosely since lmdb ships no stubs for it
+    active = 0
+    front_key = b""
+    if cur.first():  # type: ignore[attr-defined]
+        for raw in cur.iternext(values=False):  # type: ignore[attr-defined]
+            key = bytes(raw)
+            if key >= horizon:
+                return active, _count_back(cur, horizon), None
+            active += 1
+            front_key = key
+            if active >= SCAN_LIMIT:
+                break
+        else:
+            return active, 0, None
+    else:
+        return 0, 0, None
+    deferred = 0
+    back_key = b""
+    if cur.last():  # type: ignore[attr-defined]
+        for raw in cur.iterprev(values=False):  # type: ignore[attr-defined]
+            key = bytes(raw)
+            if key < horizon or key <= front_key:
+                return active, deferred, None
+            deferred += 1
+            back_key = key
+            if deferred >= SCAN_LIMIT:
+                break
+    first_due = _DUE.unpack(front_key[: _DUE.size])[0]
+    last_due = _DUE.unpack(back_key[: _DUE.size])[0]
+    span = max(1, last_due - first_due)
+    return active, deferred, min(1.0, max(0.0, (now * 1000 - first_due) / span))
+
+
+def _count_back(cur: object, horizon: bytes) -> int:
+    count = 0
+    if cur.last():  # type: ignore[attr-defined]
+        for raw in cur.iterprev(values=False):  # type: ignore[attr-defined]
+            if bytes(raw) < horizon:
+                break
+            count += 1
+    return count
+
+
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of *pid* from /proc, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return cpu, int(statm.split()[1]) * _PAGE
+
+
+def listening_ports() -> set[int]:
+    """TCP ports with a socket in LISTEN state in this network namespace."""
+    ports: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A":
+                ports.add(int(parts[1].rpartition(":")[2], 16))
+    return ports
+
+
+class SupervisorCollector(Collector):
+    """The supervisor's own metrics, computed when scraped."""
+
+    def __init__(self, view: SupervisorView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterable[Metric]:
+        view = self.view
+        info = GaugeMetricFamily("tachymail_build_info", "Always 1.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        slots = list(view.slots)
+        alive = GaugeMetricFamily(
+            "tachymail_workers_alive", "Worker processes running, by kind.", labels=["kind"]
+        )
+        wanted = GaugeMetricFamily(
+            "tachymail_workers_configured", "Worker processes configured, by kind.", labels=["kind"]
+        )
+        for kind in ("smtp", "delivery"):
+            alive.add_metric([kind], sum(1 for s in slots if s.kind == kind and s.pid))
+            wanted.add_metric([kind], sum(1 for s in slots if s.kind == kind))
+        yield alive
+        yield wanted
+        ready = GaugeMetricFamily("tachymail_ready", "1 when /readyz would answer 200.")
+        ready.add_metric([], 1.0 if readiness(view)[0] else 0.0)
+        yield ready
+        cpu = CounterMetricFamily(
+            "tachymail_process_cpu_seconds",
+            "User and system CPU time of each process (restarts begin again at 0).",
+            labels=["kind", "index"],
+        )
+        rss = GaugeMetricFamily(
+            "tachymail_process_resident_memory_bytes",
+            "Resident memory of each process.",
+            labels=["kind", "index"],
+        )
+        processes = [("supervisor", "0", os.getpid())]
+        processes += [(s.kind, str(s.index), s.pid) for s in slots if s.pid]
+        for kind, index, pid in processes:
+            usage = process_usage(pid)
+            if usage is not None:
+                cpu.add_metric([kind, index], usage[0])
+                rss.add_metric([kind, index], usage[1])
+        yield cpu
+        yield rss
+        yield from self._queue()
+
+    def _queue(self) -> Iterator[Metric]:
+        try:
+            store = QueueStore(self.view.config.data_path / "queue", readonly=True)
+        except Exception as exc:  # the queue may be missing or broken: /healthz reports it
+            log.debug("queue metrics unavailable: %s", exc)
+            return
+        try:
+            stats = queue_stats(store)
+        finally:
+            store.close()
+        depth = GaugeMetricFamily(
+            "tachymail_queue_messages",
+            "Messages in the queue by state: active (due now), deferred (waiting to retry), held.",
+            labels=["state"],
+        )
+        depth.add_metric(["active"], stats.active)
+        depth.add_metric(["deferred"], stats.deferred)
+        depth.add_metric(["held"], stats.held)
+        yield depth
+        oldest = GaugeMetricFamily(
+            "tachymail_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the queue (0 when empty).",
+        )
+        oldest.add_metric([], stats.oldest_age)
+        yield oldest
+
+
+def health(view: SupervisorView) -> tuple[bool, str]:
+    """(healthy, why): the queue opens and every worker position has a live process."""
+    try:
+        QueueStore(view.config.data_path / "queue", readonly=True).close()
+    except Exception as exc:
+        return False, f"queue does not open: {exc}"
+    dead = [f"{s.kind} {s.index}" for s in view.slots if not s.pid]
+    if dead:
+        return False, "workers not running: " + ", ".join(dead)
+    return True, "ok"
+
+
+def readiness(view: SupervisorView) -> tuple[bool, str]:
+    """(ready, why): not draining and every configured listener port is in LISTEN state."""
+    if view.stopping:
+        return False, "draining"
+    listening = listening_ports()
+    missing = [
+        lst.address
+        for lst in view.config.listeners
+        if split_hostport(lst.address)[1] not in listening
+    ]
+    if missing:
+        return False, "not listening on " + ", ".join(missing)
+    return True, "ok"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.partition("?")[0]
+        if path == "/metrics":
+            try:
+                body, status, ctype = (
+                    generate_latest(self.server.registry),
+                    200,
+                    CONTENT_TYPE_LATEST,
+                )
+            except Exception as exc:
+                log.exception("metrics collection failed")
+                body, status, ctype = f"{exc}\n".encode(), 500, "text/plain"
+        elif path in ("/healthz", "/readyz"):
+            check = health if path == "/healthz" else readiness
+            ok, why = check(self.server.view)
+            body, status, ctype = f"{why}\n".encode(), 200 if ok else 503, "text/plain"
+        else:
+            body, status, ctype = b"try /metrics, /healthz or /readyz\n", 404, "text/plain"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # scrapes every few seconds would drown the log
+
+
+class _Server(HTTPServer):
+    def __init__(self, address: tuple[str, int], view: SupervisorView, directory: Path) -> None:
+        super().__init__(address, _Handler)
+        self.view = view
+        self.registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(self.registry, str(directory))  # type: ignore[no-untyped-call]
+        self.registry.register(SupervisorCollector(view))
+
+
+class MetricsEndpoint:
+    """The running HTTP server thread; :meth:`close` stops it."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.address = server.server_address
+        self.thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def start_endpoint(view: SupervisorView, address: str, directory: Path) -> MetricsEndpoint | None:
+    """Serve on *address* ("HOST:PORT"); None (with a warning) if it cannot bind.
+
+    A busy metrics port never stops the MTA: mail matters more than its graphs.
+    """
+    host, port = split_hostport(address)
+    try:
+        server = _Server((host, port), view, directory)
+    except OSError as exc:
+        log.warning("metrics endpoint not started: cannot listen on %s: %s", address, exc.strerror)
+        return None
+    log.info("metrics on http://%s/metrics (and /healthz, /readyz)", address)
+    return MetricsEndpoint(server)

@@ -1,0 +1,315 @@
+"""Every metric Tachymail exports, built by :func:`build` (at import and on ``enable``).
+
+Names follow the Prometheus conventions: ``tachymail_`` prefix, ``_total`` counters,
+``_seconds`` and ``_bytes`` base units, histograms for latencies and sizes. No label
+carries a per-message or per-recipient value; the destination label is bounded by
+:func:`destination` (the first ``DESTINATIONS`` next hops a process sees, then "other").
+
+The hottest counters (commands and replies, several per message) are tallied in plain
+lists (:data:`COMMANDS`, :data:`REPLIES`, a few ns per count) and moved into the shared
+counters by :func:`flush`, which each worker calls about once a second; everything else
+is counted directly on labelled children bound once in :func:`build`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+from tachymail.protocol import commands as C
+
+#: own destination labels per process; later destinations share "other"
+DESTINATIONS = 20
+
+LISTENER_ROLES = ("mx", "submission", "smtps")
+REFUSE_REASONS = ("max_connections", "max_per_ip", "early_talker")
+REJECT_REASONS = (
+    "too_big",
+    "line_too_long",
+    "bare_newline",
+    "queue_full",
+    "queue_error",
+)
+RCPT_REJECT_REASONS = ("relay_denied", "too_many", "syntax")
+RESULTS = ("delivered", "deferred", "bounced")
+DSN_KINDS = ("failed", "delayed", "delivered")
+DNS_TYPES = ("MX", "A", "AAAA")
+WORKER_KINDS = ("smtp", "delivery")
+
+VERBS: dict[int, str] = {
+    C.VERB_HELO: "HELO",
+    C.VERB_EHLO: "EHLO",
+    C.VERB_MAIL: "MAIL",
+    C.VERB_RCPT: "RCPT",
+    C.VERB_DATA: "DATA",
+    C.VERB_BDAT: "BDAT",
+    C.VERB_RSET: "RSET",
+    C.VERB_NOOP: "NOOP",
+    C.VERB_QUIT: "QUIT",
+    C.VERB_VRFY: "VRFY",
+    C.VERB_EXPN: "EXPN",
+    C.VERB_HELP: "HELP",
+    C.VERB_STARTTLS: "STARTTLS",
+    C.VERB_AUTH: "AUTH",
+    C.VERB_UNKNOWN: "unknown",
+}
+
+#: commands by verb number: ``COMMANDS[verb] += 1`` on the hot path
+COMMANDS: list[int] = [0] * (max(VERBS) + 1)
+#: replies by first digit (index 0-9): ``REPLIES[reply[0] - 48] += 1``
+REPLIES: list[int] = [0] * 10
+
+_BYTE_BUCKETS = tuple(float(1 << n) for n in range(10, 27, 2))  # 1 KiB .. 64 MiB
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10, 30, 60, 300, 900, 3600, 14400)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# --- the metrics (rebuilt by build()) -------------------------------------------------------
+smtp_connections_open: dict[str, Gauge]
+smtp_connections: dict[str, Counter]
+smtp_connections_refused: dict[str, Counter]
+smtp_commands: dict[int, Counter]
+smtp_replies: dict[int, Counter]
+messages_accepted: dict[str, Counter]
+messages_rejected: dict[str, Counter]
+recipients_rejected: dict[str, Counter]
+received_bytes: dict[str, Counter]
+message_size: Histogram
+tls_handshakes: dict[str, Counter]
+tls_failures: dict[str, Counter]
+auth_successes: Counter
+auth_failures: Counter
+commit_batch_size: Histogram
+commit_duration: Histogram
+commit_failures: Counter
+delivery_attempts: Counter
+delivery_latency: Histogram
+outbound_connections_open: Gauge
+outbound_connections: Counter
+outbound_connections_reused: Counter
+outbound_connection_failures: Counter
+bounces: dict[str, Counter]
+dns_queries: dict[str, Counter]
+dns_failures: dict[str, Counter]
+dns_duration: Histogram
+dns_cache_hits: Counter
+worker_restarts: dict[str, Counter]
+
+_destinations: dict[str, str] = {}
+_attempts: dict[tuple[str, str], Counter] = {}
+
+
+def build() -> None:
+    """(Re)create every metric with prometheus-client's current value class."""
+    global smtp_connections_open, smtp_connections, smtp_connections_refused
+    global smtp_commands, smtp_replies, messages_accepted, messages_rejected, recipients_rejected
+    global received_bytes, message_size, tls_handshakes, tls_failures, auth_successes
+    global auth_failures, commit_batch_size, commit_duration, commit_failures
+    global delivery_attempts, delivery_latency, outbound_connections_open, outbound_connections
+    global outbound_connections_reused, outbound_connection_failures, bounces
+    global dns_queries, dns_failures, dns_duration, dns_cache_hits, worker_restarts
+
+    def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=None)
+
+    def by(metric: MetricWrapperBase, values: tuple[str, ...]) -> dict[str, Counter]:
+        return {v: metric.labels(v) for v in values}  # type: ignore[misc]
+
+    open_gauge = Gauge(
+        "tachymail_smtp_connections_open",
+        "Inbound SMTP connections open now, by listener role.",
+        ["listener"],
+        registry=None,
+        multiprocess_mode="livesum",
+    )
+    smtp_connections_open = {r: open_gauge.labels(r) for r in LISTENER_ROLES}
+    listener = ("listener",)
+    smtp_connections = by(
+        counter(
+            "tachymail_smtp_connections_total",
+            "Inbound SMTP connections accepted by the kernel, by listener role.",
+            listener,
+        ),
+        LISTENER_ROLES,
+    )
+    smtp_connections_refused = by(
+        counter(
+            "tachymail_smtp_connections_refused_total",
+            "Inbound connections refused with 421 or 554, by reason.",
+            ("reason",),
+        ),
+        REFUSE_REASONS,
+    )
+    commands = counter("tachymail_smtp_commands_total", "SMTP commands received.", ("verb",))
+    smtp_commands = {n: commands.labels(v) for n, v in VERBS.items()}
+    replies = counter(
+        "tachymail_smtp_replies_total", "SMTP replies sent, by code class (2xx..5xx).", ("class",)
+    )
+    smtp_replies = {d: replies.labels(f"{d}xx") for d in range(2, 6)}
+    messages_accepted = by(
+        counter(
+            "tachymail_messages_accepted_total",
+            "Messages committed to the queue and acknowledged with 250, by listener role.",
+            listener,
+        ),
+        LISTENER_ROLES,
+    )
+    messages_rejected = by(
+        counter(
+            "tachymail_messages_rejected_total",
+            "Messages refused at the end of DATA/BDAT, by reason.",
+            ("reason",),
+        ),
+        REJECT_REASONS,
+    )
+    recipients_rejected = by(
+        counter(
+            "tachymail_recipients_rejected_total", "RCPT commands refused, by reason.", ("reason",)
+        ),
+        RCPT_REJECT_REASONS,
+    )
+    received_bytes = by(
+        counter(
+            "tachymail_received_bytes_total",
+            "Octets of accepted messages (as queued), by listener role.",
+            listener,
+        ),
+        LISTENER_ROLES,
+    )
+    message_size = Histogram(
+        "tachymail_message_size_bytes",
+        "Size of accepted messages.",
+        buckets=_BYTE_BUCKETS,
+        registry=None,
+    )
+    tls_handshakes = by(
+        counter(
+            "tachymail_tls_handshakes_total",
+            "Inbound TLS handshakes completed (STARTTLS or implicit), by listener role.",
+            listener,
+        ),
+        LISTENER_ROLES,
+    )
+    tls_failures = by(
+        counter(
+            "tachymail_tls_handshake_failures_total",
+            "Inbound STARTTLS handshakes that failed, by listener role.",
+            listener,
+        ),
+        LISTENER_ROLES,
+    )
+    auth_successes = counter("tachymail_auth_successes_total", "Successful SMTP AUTH.")
+    auth_failures = counter("tachymail_auth_failures_total", "Failed SMTP AUTH attempts.")
+    commit_batch_size = Histogram(
+        "tachymail_queue_commit_batch_size",
+        "Operations (messages or delivery results) per synced queue transaction.",
+        buckets=_BATCH_BUCKETS,
+        registry=None,
+    )
+    commit_duration = Histogram(
+        "tachymail_queue_commit_duration_seconds",
+        "Time from the start of a group commit to its fsync.",
+        buckets=_LATENCY_BUCKETS,
+        registry=None,
+    )
+    commit_failures = counter("tachymail_queue_commit_failures_total", "Failed group commits.")
+    delivery_attempts = counter(
+        "tachymail_delivery_attempts_total",
+        "Recipient delivery attempts, by result and destination (top N next hops, else other).",
+        ("result", "destination"),
+    )
+    delivery_latency = Histogram(
+        "tachymail_delivery_latency_seconds",
+        "Time from acceptance to successful delivery, per recipient.",
+        buckets=_DELIVERY_BUCKETS,
+        registry=None,
+    )
+    outbound_connections_open = Gauge(
+        "tachymail_outbound_connections_open",
+        "Outbound SMTP connections open now.",
+        registry=None,
+        multiprocess_mode="livesum",
+    )
+    outbound_connections = counter(
+        "tachymail_outbound_connections_total", "Outbound SMTP connections opened."
+    )
+    outbound_connections_reused = counter(
+        "tachymail_outbound_connections_reused_total",
+        "Outbound transactions sent on a connection that had already carried one.",
+    )
+    outbound_connection_failures = counter(
+        "tachymail_outbound_connection_failures_total",
+        "Next hops that could not be connected to (every host and address failed).",
+    )
+    bounces = by(
+        counter(
+            "tachymail_dsn_generated_total",
+            "Delivery status notifications queued, by kind (failed = bounces).",
+            ("kind",),
+        ),
+        DSN_KINDS,
+    )
+    queries = counter("tachymail_dns_queries_total", "DNS queries sent, by type.", ("type",))
+    dns_queries = by(queries, DNS_TYPES)
+    dns_failures = by(
+        counter(
+            "tachymail_dns_query_failures_total",
+            "DNS queries without a usable answer (timeout, SERVFAIL, refused), by type.",
+            ("type",),
+        ),
+        DNS_TYPES,
+    )
+    dns_duration = Histogram(
+        "tachymail_dns_query_duration_seconds",
+        "DNS query latency.",
+        buckets=_LATENCY_BUCKETS,
+        registry=None,
+    )
+    dns_cache_hits = counter("tachymail_dns_cache_hits_total", "Lookups answered from the cache.")
+    worker_restarts = by(
+        counter(
+            "tachymail_worker_restarts_total",
+            "Workers that died unexpectedly and were restarted, by kind.",
+            ("kind",),
+        ),
+        WORKER_KINDS,
+    )
+    _destinations.clear()
+    _attempts.clear()
+
+
+def destination(key: str) -> str:
+    """The label for next hop *key*: itself for the first DESTINATIONS seen, else "other"."""
+    if key in _destinations:
+        return key
+    if len(_destinations) < DESTINATIONS:
+        _destinations[key] = key
+        return key
+    return "other"
+
+
+def delivery_attempt(result: str, hop: str) -> None:
+    """Count one recipient's attempt with *result* ("delivered", "deferred", "bounced")."""
+    label = destination(hop)
+    child = _attempts.get((result, label))
+    if child is None:
+        child = delivery_attempts.labels(result, label)
+        _attempts[(result, label)] = child
+    child.inc()
+
+
+def flush() -> None:
+    """Add the hot-path tallies to the counters and zero them."""
+    for verb, count in enumerate(COMMANDS):
+        if count:
+            COMMANDS[verb] = 0
+            smtp_commands.get(verb, smtp_commands[C.VERB_UNKNOWN]).inc(count)
+    for digit, count in enumerate(REPLIES):
+        if count:
+            REPLIES[digit] = 0
+            child = smtp_replies.get(digit)
+            if child is not None:
+                child.inc(count)
+
+
+build()
