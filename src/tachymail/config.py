@@ -226,7 +226,7 @@ class MetricsConfig:
     #: next hops with their own destination label per delivery worker; the rest are "other"
     destinations: int = 20
     #: prometheus-client's multiprocess directory, emptied at start and removed at exit;
-    #: empty: data_dir/metrics
+    #: empty: one in /dev/shm (shared memory), or data_dir/metrics where there is none
     directory: str = ""
 
 

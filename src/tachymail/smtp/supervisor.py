@@ -10,6 +10,7 @@ then the old ones stop accepting and finish their sessions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -137,7 +138,9 @@ class Supervisor:
         """A fresh multiprocess directory (before any fork) and the HTTP endpoint."""
         settings = self.config.metrics
         directory = (
-            Path(settings.directory) if settings.directory else self.config.data_path / "metrics"
+            Path(settings.directory)
+            if settings.directory
+            else default_metrics_dir(self.config.data_path)
         )
         metrics.m.DESTINATIONS = settings.destinations
         metrics.enable(directory)
@@ -258,6 +261,20 @@ class Supervisor:
             _kill(pid, signal.SIGUSR1)  # retire: stop accepting, let sessions end
             self.retiring[pid] = time.monotonic() + new.server.drain_timeout + 5
         log.info("SIGHUP: configuration reloaded; %d old workers draining", len(old))
+
+
+def default_metrics_dir(data_path: Path) -> Path:
+    """Where the workers' metric files go when the configuration does not say.
+
+    Shared memory (/dev/shm) when there is one: the files are rewritten on every counter
+    update, and on the queue's disk their writeback would share the journal with the
+    queue's fsyncs and slow every commit. One directory per data directory.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        digest = hashlib.sha1(str(data_path).encode()).hexdigest()[:12]
+        return shm / f"tachymail-metrics-{digest}"
+    return data_path / "metrics"
 
 
 def apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
