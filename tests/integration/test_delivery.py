@@ -27,7 +27,7 @@ def relay_config(peer_port: int, extra: str = "") -> str:
     return (
         f'[[route]]\ndomain = "dest.example"\nhost = "127.0.0.1:{peer_port}"\ntls = "none"\n\n'
         f'[[route]]\ndomain = "sender.example"\nhost = "127.0.0.1:{peer_port}"\ntls = "none"\n\n'
-        "[delivery]\nretry_schedule = [1]\ndelay_warning = 0\nresolver = \"127.0.0.1:9\"\n" + extra
+        '[delivery]\nretry_schedule = [1]\ndelay_warning = 0\nresolver = "127.0.0.1:9"\n' + extra
     )
 
 

@@ -42,7 +42,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def config(peer_port: int, metrics_port: int) -> str:
     return (
         f'[[route]]\ndomain = "dest.example"\nhost = "127.0.0.1:{peer_port}"\ntls = "none"\n\n'
-        "[delivery]\nretry_schedule = [1]\ndelay_warning = 0\nresolver = \"127.0.0.1:9\"\n\n"
+        '[delivery]\nretry_schedule = [1]\ndelay_warning = 0\nresolver = "127.0.0.1:9"\n\n'
         "[limits]\nmax_message_size = 65536\n\n"
         "[pool]\ninitial_connections = 1\nmax_connections = 1\n\n"
         f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n\n[log]\nformat = "json"\n'
