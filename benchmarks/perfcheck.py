@@ -100,11 +100,14 @@ for _kernel in SPEEDUP_KERNELS:
 SPECS["intake.worker_instructions_per_msg"] = Spec(
     "Ir/msg", "lower", 0.03, "callgrind: a real SMTP worker, 1 KiB messages, one session"
 )
+# The CPU ratios of short runs swing more than the instruction counts: +63% was seen for the
+# bench ratio on unchanged code, so it is reported only; intake's ratio gates at +100% as a
+# backstop (the worker's instruction count, +3%, is the precise gate for intake).
 SPECS["intake.cpu_vs_smtp_sink"] = Spec(
-    "x", "lower", 0.6, "CPU s/msg: serve --hold (1 worker) / smtp-sink, smtp-source 16 sessions"
+    "x", "lower", 1.0, "CPU s/msg: serve --hold (1 worker) / smtp-sink, smtp-source 16 sessions"
 )
 SPECS["bench.cpu_vs_smtp_source"] = Spec(
-    "x", "lower", 0.6, "CPU s/msg: tachymail bench / smtp-source, same smtp-sink, 16 sessions"
+    "x", "lower", None, "CPU s/msg: tachymail bench / smtp-source, same smtp-sink, 16 sessions"
 )
 
 
