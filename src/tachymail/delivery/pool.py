@@ -235,9 +235,8 @@ class DeliveryPool:
                 self.pace = min(max(self.pace * 2, 0.1), MAX_PACE)
 
     async def _addresses(self, host: str) -> list[str]:
-        if host.startswith("["):
-            literal = host[1:-1]
-            return [literal[5:] if literal.lower().startswith("ipv6:") else literal]
+        # A bare IP (a route or smarthost "127.0.0.1:25") needs no DNS; the resolver handles
+        # bracketed address literals and names.
         try:
             ipaddress.ip_address(host)
             return [host]

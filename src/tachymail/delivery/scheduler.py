@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -270,15 +271,7 @@ class DeliveryWorker:
         return pool
 
     def _limits(self, hop: NextHop) -> PoolConfig:
-        base = self.config.pool
-        limits = PoolConfig(
-            base.max_connections,
-            base.initial_connections,
-            base.max_messages_per_connection,
-            base.max_recipients,
-            base.rate,
-            base.idle_timeout,
-        )
+        limits = dataclasses.replace(self.config.pool)
         names = {h.lower() for h in hop.hosts} | {hop.key.partition(":")[2].lower()}
         for override in self.config.pool_overrides:
             if override.match.lower() in names or any(
