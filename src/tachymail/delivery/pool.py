@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from tachymail.config import PoolConfig
 from tachymail.delivery.client import (
+    PendingData,
     ReplyError,
     SmtpClientError,
     SmtpConnection,
@@ -69,6 +70,8 @@ class JobResult:
     remote_host: str = ""
     remote_ip: str = ""
     tls: str = ""
+    #: no connection could be made: always trouble for the pool
+    connect_failed: bool = False
 
 
 def all_outcomes(job: Job, outcome: Outcome, conn: SmtpConnection | None = None) -> JobResult:
@@ -126,13 +129,14 @@ class DeliveryPool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
-        if self.runners < self.concurrency:
+        # A new connection only when the busy ones have a job each waiting already: a
+        # connection with a queue pipelines (one write per message, see
+        # tachymail.delivery.client), and a busy one takes its next job within a round trip.
+        if self.runners < self.concurrency and len(self.jobs) > self.runners:
             self.runners += 1
             asyncio.get_running_loop().create_task(self._runner())
 
     async def _take(self, connected: bool) -> Job | None:
-        if self.jobs:
-            return self.jobs.popleft()
         if not connected:
             return None
         deadline = time.monotonic() + self.limits.idle_timeout
@@ -168,17 +172,36 @@ class DeliveryPool:
 
     async def _runner(self) -> None:
         conn: SmtpConnection | None = None
+        # The job whose content waits in the connection, to go out in one write with the
+        # next job's commands (see tachymail.delivery.client).
+        inflight: tuple[Job, PendingData] | None = None
         try:
             while True:
-                job = await self._take(conn is not None and conn.usable)
+                # The common case under load, a job waiting and no limit to observe, costs
+                # no coroutine: this loop runs once per message.
+                if self.jobs:
+                    job: Job | None = self.jobs.popleft()
+                elif inflight is not None and conn is not None:
+                    # Nothing to send with it: finish the message under way now.
+                    self._complete(inflight[0], await self._finish(conn, *inflight))
+                    inflight = None
+                    continue
+                else:
+                    job = await self._take(conn is not None and conn.usable)
                 if job is None:
                     break
-                await self._wait_turn()
-                if (
+                waits = self.pace or self.limits.rate > 0
+                renew = (
                     conn is None
                     or not conn.usable
                     or (conn.messages >= self.limits.max_messages_per_connection)
-                ):
+                )
+                if inflight is not None and conn is not None and (waits or renew):
+                    self._complete(inflight[0], await self._finish(conn, *inflight))
+                    inflight = None
+                if waits:
+                    await self._wait_turn()
+                if renew:
                     if conn is not None:
                         asyncio.get_running_loop().create_task(conn.quit())
                         m.outbound_connections_open.dec()
@@ -187,24 +210,31 @@ class DeliveryPool:
                         conn = await self._connect()
                     except SmtpClientError as exc:
                         m.outbound_connection_failures.inc()
-                        job.future.set_result(self._connect_failure(job, exc))
-                        self._feedback(False, trouble=True)
+                        self._complete(job, self._connect_failure(job, exc))
                         if self.runners > self.concurrency:
                             break
                         continue
                     m.outbound_connections_open.inc()
-                elif conn.messages:
+                elif conn is not None and conn.messages:
                     m.outbound_connections_reused.inc()
-                result = await self._send(conn, job)
-                if not job.future.done():
-                    job.future.set_result(result)
-                kinds = {o.kind for o in result.outcomes}
-                said_421 = any(o.code == 421 for o in result.outcomes)
-                self._feedback(DEFERRED not in kinds, trouble=said_421 or kinds == {DEFERRED})
-                if self.runners > self.concurrency:
+                assert conn is not None
+                started = await self._start(conn, job)
+                if inflight is not None:
+                    # Its final reply came before the replies just read.
+                    self._complete(inflight[0], await self._finish(conn, *inflight))
+                    inflight = None
+                if isinstance(started, PendingData):
+                    inflight = (job, started)
+                else:
+                    self._complete(job, started)
+                if self.runners > self.concurrency and inflight is None:
                     break  # shrink after trouble
         finally:
             self.runners -= 1
+            if inflight is not None and not inflight[0].future.done():
+                # Only on cancellation (shutdown): the message stays queued.
+                lost = Outcome(DEFERRED, 451, "4.4.2", "delivery interrupted before the reply")
+                inflight[0].future.set_result(all_outcomes(inflight[0], lost, conn))
             if conn is not None:
                 asyncio.get_running_loop().create_task(conn.quit())
                 m.outbound_connections_open.dec()
@@ -212,6 +242,17 @@ class DeliveryPool:
             if self.jobs and self.runners == 0:
                 self.runners += 1
                 asyncio.get_running_loop().create_task(self._runner())
+
+    def _complete(self, job: Job, result: JobResult) -> None:
+        """Hand *job* its result and let the outcome steer the pool's concurrency."""
+        if not job.future.done():
+            job.future.set_result(result)
+        kinds = {o.kind for o in result.outcomes}
+        said_421 = any(o.code == 421 for o in result.outcomes)
+        if result.connect_failed:
+            self._feedback(False, trouble=True)
+        else:
+            self._feedback(DEFERRED not in kinds, trouble=said_421 or kinds == {DEFERRED})
 
     def _feedback(self, success: bool, trouble: bool) -> None:
         if success:
@@ -280,9 +321,12 @@ class DeliveryPool:
             outcome = Outcome(DEFERRED, exc.reply.code, exc.reply.status or "4.4.1", str(exc))
         else:
             outcome = Outcome(DEFERRED, 451, "4.4.1", str(exc))
-        return all_outcomes(job, outcome)
+        result = all_outcomes(job, outcome)
+        result.connect_failed = True
+        return result
 
-    async def _send(self, conn: SmtpConnection, job: Job) -> JobResult:
+    async def _start(self, conn: SmtpConnection, job: Job) -> JobResult | PendingData:
+        """Start *job* on *conn*: its result, or the pending final reply after a 354."""
         extensions = conn.extensions
         params = job.mail_params
         content = job.content
@@ -328,7 +372,17 @@ class DeliveryPool:
             rcpts.append((rcpt.address, extra))
         self.transactions += 1
         try:
-            result = await conn.send(job.sender, mail, rcpts, content)
+            started = await conn.start(job.sender, mail, rcpts, content)
+        except SmtpClientError as exc:
+            conn.abort()
+            return all_outcomes(job, Outcome(DEFERRED, 451, "4.4.2", str(exc)), conn)
+        if isinstance(started, PendingData):
+            return started
+        return self._outcomes(job, started, conn)
+
+    async def _finish(self, conn: SmtpConnection, job: Job, pending: PendingData) -> JobResult:
+        try:
+            result = await conn.finish(pending)
         except SmtpClientError as exc:
             conn.abort()
             return all_outcomes(job, Outcome(DEFERRED, 451, "4.4.2", str(exc)), conn)

@@ -2,12 +2,15 @@
 hands them to the destination pools, and writes the results back.
 
 Only a bounded window of the queue (``delivery.max_active`` messages) is in
-memory. The schedule index is read in due order from a cursor, with a full
-rescan every ``RESCAN`` seconds for entries that sorted behind it (a message
-committed a moment after a later one). Results are written through the group
-committer, so many messages' updates share one synced transaction. A crash
-between the remote 250 and that write makes the message go again: delivery is
-at least once, never lost.
+memory. New messages arrive as notifications from the SMTP workers
+(:mod:`tachymail.queue.notify`) the moment they are committed. Everything else
+(retries coming due, messages whose notification was lost, work left by a crash)
+is found by reading the schedule index in due order from a cursor, with a full
+rescan now and then for entries that sorted behind it (a message committed a
+moment after a later one). Results are written through the group committer, so
+many messages' updates share one synced transaction. A crash between the remote
+250 and that write makes the message go again: delivery is at least once, never
+lost.
 
 With several delivery workers, worker *k* of *n* delivers the recipients whose
 domain hashes to *k*, so each destination's connections live in one process.
@@ -23,7 +26,6 @@ import logging
 import os
 import random
 import time
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,19 +63,18 @@ from tachymail.queue.envelope import (
 from tachymail.queue.envelope import (
     DELIVERED as RCPT_DELIVERED,
 )
+from tachymail.queue.notify import Listener, shard_of
 from tachymail.queue.store import Operation, QueueStore
 
 log = logging.getLogger(__name__)
 
-POLL = 0.02  # seconds between looks at the schedule: new mail goes out within ~20 ms
-RESCAN = 0.1  # seconds between full rescans while the window has room
+# Seconds between looks at the schedule, and between full rescans, with notifications
+# coming in and without them (the channel not bound yet, after a reload). With them the
+# scan is only a safety net; without, it is how new mail is found.
+POLL, POLL_UNNOTIFIED = 0.1, 0.02
+RESCAN, RESCAN_UNNOTIFIED = 1.0, 0.1
 
-
-def shard_of(address: str, shards: int) -> int:
-    """The delivery worker (of *shards*) that owns this recipient's domain."""
-    if shards == 1:
-        return 0
-    return zlib.crc32(address.rpartition("@")[2].lower().encode()) % shards
+__all__ = ["DeliveryWorker", "shard_of"]
 
 
 @dataclass(slots=True)
@@ -134,6 +135,10 @@ class DeliveryWorker:
         self.log = DeliveryLog(log_path)
         self.hostname = config.server.hostname
         self.wake = asyncio.Event()
+        #: the window was full when there was work: wake the poll when a slot frees
+        self.starved = False
+        self.stopping = False
+        self.listener = Listener(config.data_path, index, self._notified)
         #: counters for metrics and tests
         self.attempts = 0
         self.delivered = 0
@@ -142,21 +147,28 @@ class DeliveryWorker:
     # --- taking work from the queue ------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.poll()
-            except lmdb.Error as exc:
-                log.error("delivery worker %d: queue read failed: %s", self.index, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), POLL)
-            self.wake.clear()
+        try:
+            while not stop.is_set():
+                notified = self.listener.bind()
+                try:
+                    self.poll(RESCAN if notified else RESCAN_UNNOTIFIED)
+                except lmdb.Error as exc:
+                    log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), POLL if notified else POLL_UNNOTIFIED)
+                self.wake.clear()
+        finally:
+            # Let go of the channel at once: the worker replacing this one binds it.
+            self.stopping = True
+            self.listener.close()
         # Let transactions under way finish (the caller bounds this by its drain timeout).
         while self.active:
             await asyncio.sleep(0.05)
 
-    def poll(self) -> None:
+    def poll(self, rescan_every: float = RESCAN_UNNOTIFIED) -> None:
         room = self.config.delivery.max_active - len(self.active)
         if room <= 0:
+            self.starved = True
             return
         now = time.time()
         limit = min(room * 2, 2000)
@@ -168,18 +180,38 @@ class DeliveryWorker:
             if self._take(key, queue_id, now):
                 room -= 1
                 if room <= 0:
+                    self.starved = True
                     return
-        rescan_every = RESCAN if len(self.active) < 1000 else 1.0
         if len(entries) < limit and now - self.last_rescan >= rescan_every:
             self.cursor = b""
             self.last_rescan = now
             self.skipped.clear()
 
-    def _take(self, key: bytes, queue_id: str, now: float) -> bool:
+    def _notified(self, ids: list[str]) -> None:
+        """Newly queued messages from the SMTP workers: start them now if there is room."""
+        if self.stopping:
+            return
+        room = self.config.delivery.max_active - len(self.active)
+        now = time.time()
+        for queue_id in ids:
+            if room <= 0:
+                self.starved = True  # the scan takes the rest when slots free up
+                return
+            if queue_id in self.active:
+                continue
+            try:
+                if self._take(None, queue_id, now):
+                    room -= 1
+            except lmdb.Error as exc:
+                log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+                return
+
+    def _take(self, key: bytes | None, queue_id: str, now: float) -> bool:
+        """Start delivering *queue_id* (schedule entry *key*, None when notified)."""
         snapshot = self.store.snapshot(queue_id)
         if snapshot is None:
             return False
-        envelope, content = snapshot
+        envelope, content, raw = snapshot
         mine = [
             (i, r)
             for i, r in enumerate(envelope.recipients)
@@ -188,25 +220,28 @@ class DeliveryWorker:
             and shard_of(r.address, self.count) == self.index
         ]
         if not mine or envelope.state != "active":
-            self.skipped.add(key)
+            if key is not None:
+                self.skipped.add(key)
             return False
         self.active.add(queue_id)
-        asyncio.get_running_loop().create_task(self._deliver(envelope, content, mine))
+        asyncio.get_running_loop().create_task(self._deliver(envelope, content, raw, mine))
         return True
 
     # --- one message ----------------------------------------------------------------------
 
     async def _deliver(
-        self, envelope: Envelope, content: bytes, mine: list[tuple[int, Recipient]]
+        self, envelope: Envelope, content: bytes, raw: bytes, mine: list[tuple[int, Recipient]]
     ) -> None:
         try:
             attempts = await self._attempt(envelope, content, mine)
-            await self._record(envelope, content, attempts)
+            await self._record(envelope, content, raw, attempts)
         except Exception:
             log.exception("delivery of %s failed unexpectedly; it stays queued", envelope.id)
         finally:
             self.active.discard(envelope.id)
-            self.wake.set()
+            if self.starved:
+                self.starved = False
+                self.wake.set()
 
     async def _attempt(
         self, envelope: Envelope, content: bytes, mine: list[tuple[int, Recipient]]
@@ -298,12 +333,22 @@ class DeliveryWorker:
         base = schedule[min(attempts, len(schedule)) - 1] if attempts else schedule[0]
         return base * random.uniform(0.9, 1.1)
 
-    async def _record(self, envelope: Envelope, content: bytes, attempts: list[Attempt]) -> None:
-        """Write the attempt's results to the queue, with any DSN, and log them."""
+    async def _record(
+        self, envelope: Envelope, content: bytes, raw: bytes, attempts: list[Attempt]
+    ) -> None:
+        """Write the attempt's results to the queue, with any DSN, and log them.
+
+        *raw* is the envelope record the attempt started from: when the attempt finished
+        every recipient and the record is still the same at commit time, the message is
+        removed without decoding and re-encoding it (the common case under load).
+        """
         now = time.time()
         delivery = self.config.delivery
         lifetime = delivery.max_lifetime if envelope.sender else delivery.bounce_lifetime
         expired = now - envelope.arrival >= lifetime
+        latency = now - envelope.arrival
+        until = envelope.arrival + lifetime
+        verbose = log.isEnabledFor(logging.INFO)
         changes: dict[int, Recipient] = {}
         failed: list[RecipientReport] = []
         delayed: list[RecipientReport] = []
@@ -331,27 +376,19 @@ class DeliveryWorker:
                 status=outcome.status,
                 remote_mta=attempt.hop,
             )
-            report = RecipientReport(
-                recipient=updated,
-                action={DELIVERED: "relayed", FAILED: "failed", DEFERRED: "delayed"}[kind],
-                status=outcome.status,
-                # Local reasons (DNS, lifetime, no SMTPUTF8) are worth telling the sender too.
-                diagnostic=outcome.reply,
-                remote_mta=attempt.hop if attempt.remote_ip else "",
-                last_attempt=now,
-                will_retry_until=envelope.arrival + lifetime,
-            )
             if kind == DELIVERED:
                 updated.state = RCPT_DELIVERED
-                succeeded.append(report)
                 self.delivered += 1
-                m.delivery_latency.observe(now - envelope.arrival)
+                m.delivery_latency.observe(latency)
+                # A success notice only for NOTIFY=SUCCESS: no report object otherwise.
+                if "SUCCESS" in rcpt.params.get("NOTIFY", "").upper():
+                    succeeded.append(_report(updated, "relayed", outcome, attempt, now, until))
             elif kind == FAILED:
                 updated.state = BOUNCED
-                failed.append(report)
+                failed.append(_report(updated, "failed", outcome, attempt, now, until))
             else:
                 updated.next_attempt = now + self._retry_delay(updated.attempts)
-                delayed.append(report)
+                delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
             changes[attempt.index] = updated
             self.attempts += 1
             records.append(
@@ -368,22 +405,34 @@ class DeliveryWorker:
                     "reply": outcome.reply,
                     "tls": attempt.tls,
                     "attempt": updated.attempts,
-                    "latency": round(now - envelope.arrival, 4),
+                    "latency": round(latency, 4),
                 }
             )
             record = records[-1]
             m.delivery_attempt(str(record["result"]), attempt.hop)
-            log.info(
-                "%s to <%s> via %s: %s: %s",
-                envelope.id,
-                rcpt.address,
-                attempt.hop,
-                record["result"],
-                outcome.reply,
-                extra={"fields": {"event": "delivery_attempt", "queue_id": envelope.id, **record}},
-            )
+            if verbose:
+                log.info(
+                    "%s to <%s> via %s: %s: %s",
+                    envelope.id,
+                    rcpt.address,
+                    attempt.hop,
+                    record["result"],
+                    outcome.reply,
+                    extra={
+                        "fields": {"event": "delivery_attempt", "queue_id": envelope.id, **record}
+                    },
+                )
         reports = self._reports(envelope, content, failed, delayed, succeeded, now)
-        operation = _apply_attempt(envelope.id, changes, reports, warned=delayed_reported(reports))
+        finished = len(changes) == len(envelope.recipients) and all(
+            r.state != QUEUED for r in changes.values()
+        )
+        operation = _apply_attempt(
+            envelope.id,
+            changes,
+            reports,
+            warned=delayed_reported(reports),
+            finished_from=(raw, envelope.due) if finished else None,
+        )
         try:
             await self.committer.submit_operation(operation)
         finally:
@@ -436,6 +485,21 @@ class DeliveryWorker:
         return out
 
 
+def _report(
+    updated: Recipient, action: str, outcome: Outcome, attempt: Attempt, now: float, until: float
+) -> RecipientReport:
+    return RecipientReport(
+        recipient=updated,
+        action=action,
+        status=outcome.status,
+        # Local reasons (DNS, lifetime, no SMTPUTF8) are worth telling the sender too.
+        diagnostic=outcome.reply,
+        remote_mta=attempt.hop if attempt.remote_ip else "",
+        last_attempt=now,
+        will_retry_until=until,
+    )
+
+
 def delayed_reported(reports: list[tuple[Envelope, bytes, str]]) -> bool:
     return any(kind == "delayed" for _, _, kind in reports)
 
@@ -445,12 +509,21 @@ def _apply_attempt(
     changes: dict[int, Recipient],
     reports: list[tuple[Envelope, bytes, str]],
     warned: bool,
+    finished_from: tuple[bytes, float] | None = None,
 ) -> Operation:
-    """The queue operation recording one attempt: recipient states, new due time, DSNs."""
+    """The queue operation recording one attempt: recipient states, new due time, DSNs.
+
+    *finished_from* (the record the attempt read, and its due time) says the attempt
+    left no recipient to deliver: if the record is unchanged, the message just goes.
+    """
 
     def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
         for report, body, _kind in reports:
             store.insert(txn, report, body)
+        if finished_from is not None:
+            raw, due = finished_from
+            if store.discard_if_unchanged(txn, queue_id, raw, due):
+                return
         envelope = store.load(txn, queue_id)
         if envelope is None:
             return  # deleted meanwhile by `tachymail queue delete`

@@ -1,9 +1,14 @@
 """Group commit: messages that finish while a commit is under way share the next one.
 
-There is no timer. The first message starts a commit at once; everything that
-arrives while that commit syncs is taken by the following one, so batches grow
-with load and intake is not bounded by the disk's sync rate, while a lone
-message waits for exactly one sync.
+For intake there is no timer. The first message starts a commit at once;
+everything that arrives while that commit syncs is taken by the following one,
+so batches grow with load and intake is not bounded by the disk's sync rate,
+while a lone message waits for exactly one sync.
+
+Delivery results are not waited for by any client, so the delivery workers
+commit with a ``linger``: the first result waits that long for others to join
+it. Fewer, larger commits leave more of the queue's single write lock (shared by
+every process) and of the disk's syncs to intake, where a client waits for them.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ class GroupCommitter:
     or fails with ``StorageFull`` (reply 452 4.3.1) or the storage error.
     """
 
-    def __init__(self, store: QueueStore, *, max_batch: int = 512) -> None:
+    def __init__(self, store: QueueStore, *, max_batch: int = 512, linger: float = 0.0) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.linger = linger
+        self._lingering = False
         # One thread: LMDB allows one write transaction per environment at a time anyway,
         # and py-lmdb releases the GIL while it syncs, so the event loop keeps running.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-commit")
@@ -49,9 +56,18 @@ class GroupCommitter:
         """Run *operation* in the next commit; the future resolves once it is synced."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((operation, future))
-        if not self._busy:
-            self._start()
+        if not self._busy and not self._lingering:
+            if self.linger > 0 and len(self._pending) < self.max_batch:
+                self._lingering = True
+                asyncio.get_running_loop().call_later(self.linger, self._linger_over)
+            else:
+                self._start()
         return future
+
+    def _linger_over(self) -> None:
+        self._lingering = False
+        if not self._busy and self._pending:
+            self._start()
 
     async def commit(self, envelope: Envelope, content: bytes) -> None:
         await self.submit(envelope, content)
@@ -94,7 +110,7 @@ class GroupCommitter:
 
     @property
     def idle(self) -> bool:
-        return not self._busy and not self._pending
+        return not self._busy and not self._pending and not self._lingering
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

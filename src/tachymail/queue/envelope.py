@@ -24,6 +24,17 @@ ACTIVE = "active"
 HELD = "held"
 
 _counter = count()
+# The pid part of queue ids, kept rather than asked for per message (a system call), and
+# renewed in forked children so two processes never share it.
+_pid_bits = os.getpid() & 0xFFFFF
+
+
+def _renew_pid_bits() -> None:
+    global _pid_bits
+    _pid_bits = os.getpid() & 0xFFFFF
+
+
+os.register_at_fork(after_in_child=_renew_pid_bits)
 
 
 def new_queue_id() -> str:
@@ -32,7 +43,7 @@ def new_queue_id() -> str:
     20 hex digits; ids sort by arrival, so the oldest message is the first key.
     """
     millis = time.time_ns() // 1_000_000
-    return f"{millis:011x}{os.getpid() & 0xFFFFF:05x}{next(_counter) & 0xFFFF:04x}"
+    return f"{millis:011x}{_pid_bits:05x}{next(_counter) & 0xFFFF:04x}"
 
 
 @dataclass(slots=True)

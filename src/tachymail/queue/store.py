@@ -144,6 +144,23 @@ class QueueStore:
         if envelope.due:
             txn.put(self.schedule_key(_ms(envelope.due), envelope.id), b"", db=self.schedule)
 
+    def discard_if_unchanged(
+        self, txn: lmdb.Transaction, queue_id: str, raw: bytes, due: float
+    ) -> bool:
+        """Remove a finished message if its record is still *raw* (due at *due*).
+
+        Nothing is decoded: the delivery worker read *raw* before its attempt, and an
+        unchanged record means nobody (a queue command, another worker) touched it since.
+        """
+        key = queue_id.encode()
+        if txn.get(key, db=self.envelopes) != raw:
+            return False
+        if due:
+            txn.delete(self.schedule_key(_ms(due), queue_id), db=self.schedule)
+        txn.delete(key, db=self.envelopes)
+        txn.delete(key, db=self.contents)
+        return True
+
     def content_in(self, txn: lmdb.Transaction, queue_id: str) -> bytes | None:
         raw = txn.get(queue_id.encode(), db=self.contents)
         return None if raw is None else bytes(raw)
@@ -175,14 +192,15 @@ class QueueStore:
                 found.append((key, key[_DUE.size :].decode()))
         return found
 
-    def snapshot(self, queue_id: str) -> tuple[Envelope, bytes] | None:
-        """Envelope and content of one message, read together."""
+    def snapshot(self, queue_id: str) -> tuple[Envelope, bytes, bytes] | None:
+        """Envelope, content and the envelope's raw record of one message, read together."""
         with self._read() as txn:
-            raw = txn.get(queue_id.encode(), db=self.envelopes)
-            content = txn.get(queue_id.encode(), db=self.contents)
+            key = queue_id.encode()
+            raw = txn.get(key, db=self.envelopes)
+            content = txn.get(key, db=self.contents)
             if raw is None or content is None:
                 return None
-            return Envelope.from_record(raw), bytes(content)
+            return Envelope.from_record(raw), bytes(content), bytes(raw)
 
     def _grow(self) -> None:
         current = self.env.info()["map_size"]

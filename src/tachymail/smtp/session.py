@@ -785,14 +785,16 @@ class SmtpSession(asyncio.Protocol):
         self._commit(envelope, content)
 
     def _commit(self, envelope: Envelope, content: bytes) -> None:
-        queue_id = envelope.id
         future = self.ctx.committer.submit(envelope, content)
-        size = envelope.size
-        future.add_done_callback(lambda done: self._committed(queue_id, done, size))
+        future.add_done_callback(lambda done: self._committed(envelope, done))
 
-    def _committed(self, queue_id: str, done: asyncio.Future[None], size: int = 0) -> None:
+    def _committed(self, envelope: Envelope, done: asyncio.Future[None]) -> None:
         error = done.exception() if not done.cancelled() else None
+        queue_id, size = envelope.id, envelope.size
         if error is None:
+            notifier = self.ctx.notifier
+            if notifier is not None:
+                notifier.queued(queue_id, [r.address for r in envelope.recipients])
             self.messages += 1
             self.ctx.accepted += 1
             if len(self.queue_ids) < LOGGED_IDS:

@@ -27,6 +27,7 @@ from tachymail.config import Config, ListenerConfig
 from tachymail.delivery.dkim import DkimSigner
 from tachymail.protocol import replies as R
 from tachymail.queue.commit import GroupCommitter
+from tachymail.queue.notify import Notifier
 from tachymail.queue.store import MiB, QueueStore
 from tachymail.smtp.session import SmtpSession
 from tachymail.smtp.tls import server_context
@@ -56,6 +57,10 @@ class WorkerContext:
         # Keys load once per worker; a missing key stops the worker with the keygen command.
         self.dkim = (
             DkimSigner(config.data_path, config.dkim.domains) if config.dkim.domains else None
+        )
+        # Newly queued ids go straight to the delivery workers (none while holding).
+        self.notifier = (
+            None if config.server.hold else Notifier(config.data_path, config.delivery.workers)
         )
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
@@ -180,6 +185,8 @@ async def serve_worker(config: Config, index: int) -> int:
                 break
     await drain(ctx, servers, config.server.drain_timeout, keep_idle=retire)
     committer.close()
+    if ctx.notifier is not None:
+        ctx.notifier.close()
     store.close()
     log.info(
         "worker %d (pid %d) stopped after accepting %d messages", index, os.getpid(), ctx.accepted

@@ -1,0 +1,130 @@
+"""The queue's hints to delivery workers, and the delivery worker's cheap removal of a
+finished message: real sockets and a real LMDB queue in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import uvloop
+
+from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
+from tachymail.queue.notify import Listener, Notifier, channel_address, shard_of
+from tachymail.queue.store import QueueStore, put_message
+
+
+def test_ids_reach_the_shard_that_owns_each_recipient(tmp_path: Path) -> None:
+    async def run() -> tuple[list[str], list[str]]:
+        got: list[list[str]] = [[], []]
+        listeners = [Listener(tmp_path, k, got[k].extend) for k in (0, 1)]
+        assert all(listener.bind() for listener in listeners)
+        notifier = Notifier(tmp_path, 2)
+        domains = [f"d{n}.test" for n in range(20)]
+        for n, domain in enumerate(domains):
+            notifier.queued(f"id{n}", [f"user@{domain}"])
+        notifier.queued("both", [f"a@{d}" for d in domains])
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if sum(map(len, got)) == 22:
+                break
+        for listener in listeners:
+            listener.close()
+        notifier.close()
+        return got[0], got[1]
+
+    shard0, shard1 = uvloop.run(run())
+    domains = [f"d{n}.test" for n in range(20)]
+    expected0 = [f"id{n}" for n, d in enumerate(domains) if shard_of(f"u@{d}", 2) == 0]
+    expected1 = [f"id{n}" for n, d in enumerate(domains) if shard_of(f"u@{d}", 2) == 1]
+    assert expected0 and expected1, "the test domains must fall on both shards"
+    assert shard0 == [*expected0, "both"] and shard1 == [*expected1, "both"]
+
+
+def test_a_second_listener_waits_until_the_first_lets_go(tmp_path: Path) -> None:
+    async def run() -> list[str]:
+        got: list[str] = []
+        old = Listener(tmp_path, 0, got.extend)
+        new = Listener(tmp_path, 0, got.extend)
+        assert old.bind()
+        assert not new.bind(), "the name is taken while the old worker holds it"
+        old.close()
+        assert new.bind()
+        notifier = Notifier(tmp_path, 1)
+        notifier.queued("after-reload", ["x@y.test"])
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if got:
+                break
+        new.close()
+        notifier.close()
+        return got
+
+    assert uvloop.run(run()) == ["after-reload"]
+
+
+def test_sending_with_nobody_listening_is_not_an_error(tmp_path: Path) -> None:
+    async def run() -> int:
+        notifier = Notifier(tmp_path, 1)
+        notifier.queued("lost", ["x@y.test"])
+        await asyncio.sleep(0.05)
+        notifier.close()
+        return notifier.dropped
+
+    assert uvloop.run(run()) == 1
+
+
+def test_channel_names_differ_per_queue_and_shard(tmp_path: Path) -> None:
+    names = {
+        channel_address(tmp_path / "a", 0),
+        channel_address(tmp_path / "a", 1),
+        channel_address(tmp_path / "b", 0),
+    }
+    assert len(names) == 3 and all(name.startswith(b"\0tachymail-") for name in names)
+
+
+def _queued(store: QueueStore) -> tuple[Envelope, bytes]:
+    envelope = Envelope(
+        id=new_queue_id(),
+        sender="a@x.test",
+        recipients=[Recipient("b@y.test")],
+        arrival=1000.0,
+        size=5,
+    )
+    store.apply([put_message(envelope, b"hello")])
+    snapshot = store.snapshot(envelope.id)
+    assert snapshot is not None
+    return snapshot[0], snapshot[2]
+
+
+def test_a_finished_message_is_removed_without_decoding_if_unchanged(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue")
+    envelope, raw = _queued(store)
+    removed: list[bool] = []
+    store.apply(
+        [lambda s, txn: removed.append(s.discard_if_unchanged(txn, envelope.id, raw, envelope.due))]
+    )
+    assert removed == [True]
+    assert store.count() == 0 and store.content(envelope.id) is None
+    assert store.due_ids(2000.0) == [], "its schedule entry went with it"
+    store.close()
+
+
+def test_a_changed_record_is_not_removed_behind_the_change(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue")
+    envelope, raw = _queued(store)
+
+    def hold(s: QueueStore, txn: object) -> None:  # what `tachymail queue hold` does
+        current = s.load(txn, envelope.id)  # type: ignore[arg-type]
+        assert current is not None
+        current.state = "held"
+        s.save(txn, current)  # type: ignore[arg-type]
+
+    store.apply([hold])
+    removed: list[bool] = []
+    store.apply(
+        [lambda s, txn: removed.append(s.discard_if_unchanged(txn, envelope.id, raw, envelope.due))]
+    )
+    assert removed == [False]
+    held = store.envelope(envelope.id)
+    assert held is not None and held.state == "held"
+    store.close()
