@@ -100,9 +100,13 @@ class Peer:
 
 
 def start_tachymail(
-    workdir: Path, workers: int = 2, extra_args: list[str] | None = None, config: str = ""
+    workdir: Path, workers: int | None = None, extra_args: list[str] | None = None, config: str = ""
 ) -> Peer:
-    """tachymail with --hold, or, with *config* (TOML, e.g. a smarthost), delivering."""
+    """tachymail with --hold, or, with *config* (TOML, e.g. a smarthost), delivering.
+
+    *workers* None keeps tachymail's default: one SMTP worker per core, less the delivery
+    workers when delivering.
+    """
     port = free_port()
     data = workdir / "tachymail-data"
     binary = Path(sys.executable).with_name("tachymail")
@@ -121,8 +125,7 @@ def start_tachymail(
             f"127.0.0.1:{port}",
             "--data-dir",
             str(data),
-            "--workers",
-            str(workers),
+            *(["--workers", str(workers)] if workers else []),
             *mode,
             *(extra_args or []),
         ],

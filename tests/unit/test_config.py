@@ -84,3 +84,13 @@ def test_every_setting_is_documented() -> None:
         assert f"## [[{table}]]" in docs
         for item in dataclasses.fields(cls):
             assert f"| `{item.name}` |" in docs, f"{table}.{item.name} is not documented"
+
+
+def test_smtp_workers_default_to_the_cores_delivery_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert from_dict({}).worker_count == 7
+    assert from_dict({"delivery": {"workers": 3}}).worker_count == 5
+    assert from_dict({"server": {"hold": True}}).worker_count == 8, "nothing to deliver"
+    assert from_dict({"server": {"workers": 4}}).worker_count == 4, "as configured"
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert from_dict({"delivery": {"workers": 2}}).worker_count == 1, "never fewer than one"

@@ -128,3 +128,30 @@ def test_a_changed_record_is_not_removed_behind_the_change(tmp_path: Path) -> No
     held = store.envelope(envelope.id)
     assert held is not None and held.state == "held"
     store.close()
+
+
+def test_messages_arriving_during_a_commit_are_stored_by_the_next(tmp_path: Path) -> None:
+    """Every acknowledged message is in the queue: none is answered from a batch it was
+    not part of."""
+    from tachymail.queue.commit import GroupCommitter
+
+    store = QueueStore(tmp_path / "queue")
+
+    async def run() -> tuple[int, int]:
+        committer = GroupCommitter(store)
+        futures = []
+        for n in range(50):
+            envelope = Envelope(
+                id=new_queue_id(), sender="a@x.test", recipients=[Recipient("b@y.test")]
+            )
+            futures.append(committer.submit(envelope, b"message %d" % n))
+            if n % 10 == 0:
+                await asyncio.sleep(0)  # a commit may start and others join behind it
+        await asyncio.gather(*futures)
+        committer.close()
+        return committer.commits, store.count()
+
+    commits, stored = uvloop.run(run())
+    assert stored == 50
+    assert 1 < commits < 50, "later messages joined batches behind the first commit"
+    store.close()

@@ -89,9 +89,12 @@ class _ReplyProtocol(asyncio.Protocol):
         self.waiters: deque[tuple[asyncio.Future[list[Reply]], int, list[Reply]]] = deque()
         self.ready: deque[Reply] = deque()
         self.lost: Exception | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # Kept, not asked for per reply: asyncio.get_running_loop() makes a getpid call.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -134,7 +137,9 @@ class _ReplyProtocol(asyncio.Protocol):
 
     def replies(self, count: int) -> asyncio.Future[list[Reply]]:
         """A future for the next *count* replies, in order."""
-        future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Reply]] = (
+            self.loop or asyncio.get_running_loop()
+        ).create_future()
         got: list[Reply] = []
         ready = self.ready
         while ready and len(got) < count and not self.waiters:
@@ -203,9 +208,8 @@ class SmtpConnection:
         # One timer per batch rather than ``asyncio.wait_for`` per reply: wait_for wraps
         # the future in a task each time, several times the cost of reading the reply.
         if not future.done():
-            timer = asyncio.get_running_loop().call_later(
-                self.settings.command_timeout, _expire, future
-            )
+            loop = self.protocol.loop or asyncio.get_running_loop()
+            timer = loop.call_later(self.settings.command_timeout, _expire, future)
             try:
                 await future
             except TimeoutError as exc:

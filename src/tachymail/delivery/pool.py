@@ -116,8 +116,11 @@ class DeliveryPool:
     #: counters for metrics and tests
     connections_opened: int = 0
     transactions: int = 0
+    loop: asyncio.AbstractEventLoop = field(init=False)
 
     def __post_init__(self) -> None:
+        # Kept, not asked for per job: asyncio.get_running_loop() makes a getpid call.
+        self.loop = asyncio.get_running_loop()
         self.concurrency = max(1, min(self.limits.initial_connections, self.limits.max_connections))
         self.tokens = max(1.0, self.limits.rate)
         self.last_refill = time.monotonic()
@@ -134,7 +137,7 @@ class DeliveryPool:
         # tachymail.delivery.client), and a busy one takes its next job within a round trip.
         if self.runners < self.concurrency and len(self.jobs) > self.runners:
             self.runners += 1
-            asyncio.get_running_loop().create_task(self._runner())
+            self.loop.create_task(self._runner())
 
     async def _take(self, connected: bool) -> Job | None:
         if not connected:
@@ -145,7 +148,7 @@ class DeliveryPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[None] = self.loop.create_future()
             self.idle.append(waiter)
             try:
                 await asyncio.wait_for(waiter, remaining)
@@ -175,6 +178,7 @@ class DeliveryPool:
         # The job whose content waits in the connection, to go out in one write with the
         # next job's commands (see tachymail.delivery.client).
         inflight: tuple[Job, PendingData] | None = None
+        yielded = False
         try:
             while True:
                 # The common case under load, a job waiting and no limit to observe, costs
@@ -182,6 +186,12 @@ class DeliveryPool:
                 if self.jobs:
                     job: Job | None = self.jobs.popleft()
                 elif inflight is not None and conn is not None:
+                    if not yielded:
+                        # Jobs of the same burst may still be on their way from their
+                        # tasks: one turn of the loop lets them reach the queue.
+                        yielded = True
+                        await asyncio.sleep(0)
+                        continue
                     # Nothing to send with it: finish the message under way now.
                     self._complete(inflight[0], await self._finish(conn, *inflight))
                     inflight = None
@@ -190,6 +200,7 @@ class DeliveryPool:
                     job = await self._take(conn is not None and conn.usable)
                 if job is None:
                     break
+                yielded = False
                 waits = self.pace or self.limits.rate > 0
                 renew = (
                     conn is None
@@ -203,7 +214,7 @@ class DeliveryPool:
                     await self._wait_turn()
                 if renew:
                     if conn is not None:
-                        asyncio.get_running_loop().create_task(conn.quit())
+                        self.loop.create_task(conn.quit())
                         m.outbound_connections_open.dec()
                         conn = None
                     try:
@@ -236,12 +247,12 @@ class DeliveryPool:
                 lost = Outcome(DEFERRED, 451, "4.4.2", "delivery interrupted before the reply")
                 inflight[0].future.set_result(all_outcomes(inflight[0], lost, conn))
             if conn is not None:
-                asyncio.get_running_loop().create_task(conn.quit())
+                self.loop.create_task(conn.quit())
                 m.outbound_connections_open.dec()
             # Jobs left behind by a shrinking runner still need one to carry them.
             if self.jobs and self.runners == 0:
                 self.runners += 1
-                asyncio.get_running_loop().create_task(self._runner())
+                self.loop.create_task(self._runner())
 
     def _complete(self, job: Job, result: JobResult) -> None:
         """Hand *job* its result and let the outcome steer the pool's concurrency."""

@@ -56,6 +56,7 @@ class Router:
         delivery = config.delivery
         self.helo = delivery.helo_name or config.server.hostname
         self.routes: dict[str, RouteConfig] = {r.domain.lower(): r for r in config.routes}
+        self.local_domains = {d.lower() for d in config.policy.local_domains}
         self.smarthost: NextHop | None = None
         if delivery.smarthost:
             host, port = split_hostport(delivery.smarthost)
@@ -88,7 +89,7 @@ class Router:
             host, port = split_hostport(route.host)
             settings = self._settings(route.tls, route.tls_verify, route.auth)
             return NextHop(f"route:{host}:{port}", (host,), port, settings)
-        if domain in {d.lower() for d in self.config.policy.local_domains}:
+        if domain in self.local_domains:
             return NextHop("local", (), 0, self._settings("none", False, ""), local=True)
         if self.smarthost is not None:
             return self.smarthost

@@ -90,18 +90,31 @@ class Attempt:
 
 
 class DeliveryLog:
-    """One JSON line per attempt, appended with O_APPEND so several processes can share it."""
+    """One JSON line per attempt, appended with O_APPEND so several processes can share it.
+
+    Lines gather until the event loop turns and then go out in one write: O_APPEND keeps
+    each write whole and in place, and under load one system call carries many lines.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self.lines: list[str] = []
 
     def write(self, records: list[dict[str, object]]) -> None:
-        if records:
-            # One write per batch: O_APPEND keeps each write whole and in place.
-            os.write(self.fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+        if not records:
+            return
+        if not self.lines:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.lines.extend(json.dumps(r) + "\n" for r in records)
+
+    def flush(self) -> None:
+        if self.lines:
+            data, self.lines = "".join(self.lines).encode(), []
+            os.write(self.fd, data)
 
     def close(self) -> None:
+        self.flush()
         os.close(self.fd)
 
 
@@ -134,6 +147,7 @@ class DeliveryWorker:
         )
         self.log = DeliveryLog(log_path)
         self.hostname = config.server.hostname
+        self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         #: the window was full when there was work: wake the poll when a slot frees
         self.starved = False
@@ -173,15 +187,23 @@ class DeliveryWorker:
         now = time.time()
         limit = min(room * 2, 2000)
         entries = self.store.due_ids(now, self.cursor, limit)
-        for key, queue_id in entries:
-            self.cursor = key
-            if queue_id in self.active or key in self.skipped:
-                continue
-            if self._take(key, queue_id, now):
-                room -= 1
-                if room <= 0:
-                    self.starved = True
-                    return
+        wanted = [
+            (key, queue_id)
+            for key, queue_id in entries
+            if queue_id not in self.active and key not in self.skipped
+        ]
+        full = len(wanted) > room
+        del wanted[room:]
+        snapshots = self.store.snapshots([queue_id for _, queue_id in wanted])
+        for (key, queue_id), snapshot in zip(wanted, snapshots, strict=True):
+            self._take(key, queue_id, snapshot, now)
+        if full:
+            # The window is full: carry on from the last entry taken when slots free up.
+            self.starved = True
+            self.cursor = wanted[-1][0]
+            return
+        if entries:
+            self.cursor = entries[-1][0]
         if len(entries) < limit and now - self.last_rescan >= rescan_every:
             self.cursor = b""
             self.last_rescan = now
@@ -192,24 +214,28 @@ class DeliveryWorker:
         if self.stopping:
             return
         room = self.config.delivery.max_active - len(self.active)
+        wanted = [queue_id for queue_id in ids if queue_id not in self.active]
+        if len(wanted) > room:
+            self.starved = True  # the scan takes the rest when slots free up
+            del wanted[max(room, 0) :]
         now = time.time()
-        for queue_id in ids:
-            if room <= 0:
-                self.starved = True  # the scan takes the rest when slots free up
-                return
-            if queue_id in self.active:
-                continue
-            try:
-                if self._take(None, queue_id, now):
-                    room -= 1
-            except lmdb.Error as exc:
-                log.error("delivery worker %d: queue read failed: %s", self.index, exc)
-                return
+        try:
+            snapshots = self.store.snapshots(wanted)
+        except lmdb.Error as exc:
+            log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+            return
+        for queue_id, snapshot in zip(wanted, snapshots, strict=True):
+            self._take(None, queue_id, snapshot, now)
 
-    def _take(self, key: bytes | None, queue_id: str, now: float) -> bool:
+    def _take(
+        self,
+        key: bytes | None,
+        queue_id: str,
+        snapshot: tuple[Envelope, bytes, bytes] | None,
+        now: float,
+    ) -> bool:
         """Start delivering *queue_id* (schedule entry *key*, None when notified)."""
-        snapshot = self.store.snapshot(queue_id)
-        if snapshot is None:
+        if snapshot is None or queue_id in self.active:
             return False
         envelope, content, raw = snapshot
         mine = [
@@ -224,7 +250,7 @@ class DeliveryWorker:
                 self.skipped.add(key)
             return False
         self.active.add(queue_id)
-        asyncio.get_running_loop().create_task(self._deliver(envelope, content, raw, mine))
+        self.loop.create_task(self._deliver(envelope, content, raw, mine))
         return True
 
     # --- one message ----------------------------------------------------------------------
@@ -265,7 +291,7 @@ class DeliveryWorker:
             else:
                 groups.setdefault(hop.key, (hop, []))[1].extend(rcpts)
         eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waits: list[tuple[NextHop, list[tuple[int, Recipient]], asyncio.Future[JobResult]]] = []
         for hop, rcpts in groups.values():
             pool = self._pool(hop)

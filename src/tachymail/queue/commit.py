@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from tachymail.metrics import m
 from tachymail.queue.envelope import Envelope
@@ -31,6 +32,8 @@ class GroupCommitter:
     Intake submits new messages (:meth:`submit`), delivery submits result updates
     (:meth:`submit_operation`); the returned future resolves once the batch is synced,
     or fails with ``StorageFull`` (reply 452 4.3.1) or the storage error.
+
+    Must be created inside the running event loop it serves.
     """
 
     def __init__(self, store: QueueStore, *, max_batch: int = 512, linger: float = 0.0) -> None:
@@ -38,15 +41,23 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.linger = linger
         self._lingering = False
-        # One thread: LMDB allows one write transaction per environment at a time anyway,
-        # and py-lmdb releases the GIL while it syncs, so the event loop keeps running.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-commit")
+        # Kept, not asked for: asyncio.get_running_loop() makes a getpid system call.
+        self._loop = asyncio.get_running_loop()
         self._pending: list[tuple[Operation, asyncio.Future[None]]] = []
         self._busy = False
+        self._started = 0.0
+        self._in_flight = 0
         #: (batch size, seconds) of the last commit, for metrics
         self.last_commit: tuple[int, float] = (0, 0.0)
         self.commits = 0
         self.messages = 0
+        # One plain thread fed by a SimpleQueue: LMDB allows one write transaction per
+        # environment at a time anyway, and py-lmdb releases the GIL while it syncs, so the
+        # event loop keeps running. A ThreadPoolExecutor's futures, conditions and callback
+        # chain cost several more GIL hand-offs per commit, each a futex call on both sides.
+        self._requests: queue.SimpleQueue[list[Operation] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
+        self._thread.start()
 
     def submit(self, envelope: Envelope, content: bytes) -> asyncio.Future[None]:
         """Queue a new message for the next commit; the future resolves once it is synced."""
@@ -54,12 +65,12 @@ class GroupCommitter:
 
     def submit_operation(self, operation: Operation) -> asyncio.Future[None]:
         """Run *operation* in the next commit; the future resolves once it is synced."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         self._pending.append((operation, future))
         if not self._busy and not self._lingering:
             if self.linger > 0 and len(self._pending) < self.max_batch:
                 self._lingering = True
-                asyncio.get_running_loop().call_later(self.linger, self._linger_over)
+                self._loop.call_later(self.linger, self._linger_over)
             else:
                 self._start()
         return future
@@ -73,23 +84,35 @@ class GroupCommitter:
         await self.submit(envelope, content)
 
     def _start(self) -> None:
-        batch = self._pending[: self.max_batch]
-        del self._pending[: self.max_batch]
+        # The batch is the head of _pending; what arrives meanwhile queues behind it and is
+        # left there by _finish for the next commit.
         self._busy = True
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        work = loop.run_in_executor(self._executor, self.store.apply, [op for op, _ in batch])
-        work.add_done_callback(lambda done: self._finish(batch, done, started))
+        self._started = time.perf_counter()
+        operations = [op for op, _ in self._pending[: self.max_batch]]
+        self._in_flight = len(operations)
+        self._requests.put(operations)
 
-    def _finish(
-        self,
-        batch: list[tuple[Operation, asyncio.Future[None]]],
-        done: asyncio.Future[None],
-        started: float,
-    ) -> None:
+    def _run(self) -> None:
+        """The commit thread: one batch at a time, the outcome handed back to the loop."""
+        while True:
+            operations = self._requests.get()
+            if operations is None:
+                return
+            error: BaseException | None = None
+            try:
+                self.store.apply(operations)
+            except Exception as exc:  # handed to every waiting client as its reply
+                error = exc
+            try:
+                self._loop.call_soon_threadsafe(self._finish, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _finish(self, error: BaseException | None) -> None:
+        batch = self._pending[: self._in_flight]
+        del self._pending[: self._in_flight]
         self._busy = False
-        self.last_commit = (len(batch), time.perf_counter() - started)
-        error = done.exception()
+        self.last_commit = (len(batch), time.perf_counter() - self._started)
         if error is None:
             self.commits += 1
             self.messages += len(batch)
@@ -113,4 +136,5 @@ class GroupCommitter:
         return not self._busy and not self._pending and not self._lingering
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._requests.put(None)
+        self._thread.join()

@@ -51,6 +51,7 @@ class Notifier:
         self.addresses = [channel_address(data_path, k) for k in range(shards)]
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
         self.pending: list[list[str]] = [[] for _ in range(shards)]
         self.scheduled = False
         #: datagrams that could not be sent (receiver absent or full), for tests
@@ -65,7 +66,7 @@ class Notifier:
                 self.pending[shard].append(queue_id)
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_later(GATHER, self.flush)
+            self.loop.call_later(GATHER, self.flush)
 
     def flush(self) -> None:
         self.scheduled = False

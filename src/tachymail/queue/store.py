@@ -115,12 +115,14 @@ class QueueStore:
 
     def insert(self, txn: lmdb.Transaction, envelope: Envelope, content: bytes) -> None:
         """A new message: content, envelope, and its place in the schedule."""
-        key = envelope.id.encode()
-        envelope.due = envelope.next_due()
+        self.insert_prepared(txn, prepare(envelope, content))
+
+    def insert_prepared(self, txn: lmdb.Transaction, prepared: Prepared) -> None:
+        key, content, record, schedule = prepared
         txn.put(key, content, db=self.contents, overwrite=False)
-        txn.put(key, envelope.to_record(), db=self.envelopes, overwrite=False)
-        if envelope.due:
-            txn.put(self.schedule_key(_ms(envelope.due), envelope.id), b"", db=self.schedule)
+        txn.put(key, record, db=self.envelopes, overwrite=False)
+        if schedule:
+            txn.put(schedule, b"", db=self.schedule)
 
     def load(self, txn: lmdb.Transaction, queue_id: str) -> Envelope | None:
         raw = txn.get(queue_id.encode(), db=self.envelopes)
@@ -194,13 +196,23 @@ class QueueStore:
 
     def snapshot(self, queue_id: str) -> tuple[Envelope, bytes, bytes] | None:
         """Envelope, content and the envelope's raw record of one message, read together."""
+        return self.snapshots([queue_id])[0]
+
+    def snapshots(self, queue_ids: Sequence[str]) -> list[tuple[Envelope, bytes, bytes] | None]:
+        """:meth:`snapshot` of several messages in one read transaction (None: gone)."""
+        out: list[tuple[Envelope, bytes, bytes] | None] = []
+        if not queue_ids:
+            return out
         with self._read() as txn:
-            key = queue_id.encode()
-            raw = txn.get(key, db=self.envelopes)
-            content = txn.get(key, db=self.contents)
-            if raw is None or content is None:
-                return None
-            return Envelope.from_record(raw), bytes(content), bytes(raw)
+            for queue_id in queue_ids:
+                key = queue_id.encode()
+                raw = txn.get(key, db=self.envelopes)
+                content = txn.get(key, db=self.contents)
+                if raw is None or content is None:
+                    out.append(None)
+                else:
+                    out.append((Envelope.from_record(raw), bytes(content), bytes(raw)))
+        return out
 
     def _grow(self) -> None:
         current = self.env.info()["map_size"]
@@ -244,12 +256,28 @@ class QueueStore:
 
 Operation = Callable[["QueueStore", lmdb.Transaction], None]
 
+#: a new message ready to store: key, content, envelope record, schedule key (or b"")
+Prepared = tuple[bytes, bytes, bytes, bytes]
+
+
+def prepare(envelope: Envelope, content: bytes) -> Prepared:
+    """Everything a new message's insertion writes, computed before the transaction."""
+    envelope.due = envelope.next_due()
+    schedule = QueueStore.schedule_key(_ms(envelope.due), envelope.id) if envelope.due else b""
+    return envelope.id.encode(), content, envelope.to_record(), schedule
+
 
 def put_message(envelope: Envelope, content: bytes) -> Operation:
-    """The operation that stores a newly accepted message."""
+    """The operation that stores a newly accepted message.
+
+    The record is encoded here, in the caller's thread, not in the commit thread: there
+    every Python step competes for the GIL with the busy event loop, and each forced
+    switch stretches the commit that every waiting client waits for.
+    """
+    prepared = prepare(envelope, content)
 
     def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
-        store.insert(txn, envelope, content)
+        store.insert_prepared(txn, prepared)
 
     return operation
 
