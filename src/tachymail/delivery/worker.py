@@ -27,8 +27,8 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
         # Delivery results may be lost in a power cut at worst: the message then goes again.
         metasync=False,
     )
-    # Results wait up to 10 ms for company: see tachymail.queue.commit.
-    committer = GroupCommitter(store, max_batch=config.queue.max_batch, linger=0.01)
+    # Results wait up to 10 ms for company, and commit in the loop: see tachymail.queue.commit.
+    committer = GroupCommitter(store, max_batch=config.queue.max_batch, linger=0.01, inline=True)
     worker = DeliveryWorker(config, index, count, store, committer)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
