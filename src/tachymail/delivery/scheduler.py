@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import orjson
 
 from tachymail.config import Config, PoolConfig
 from tachymail.delivery.bounce import (
@@ -99,18 +99,18 @@ class DeliveryLog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self.lines: list[str] = []
+        self.lines: list[bytes] = []
 
     def write(self, records: list[dict[str, object]]) -> None:
         if not records:
             return
         if not self.lines:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.lines.extend(json.dumps(r) + "\n" for r in records)
+        self.lines.extend(orjson.dumps(r) + b"\n" for r in records)
 
     def flush(self) -> None:
         if self.lines:
-            data, self.lines = "".join(self.lines).encode(), []
+            data, self.lines = b"".join(self.lines), []
             os.write(self.fd, data)
 
     def close(self) -> None:

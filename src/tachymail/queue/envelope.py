@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from itertools import count
 from typing import Any
+
+import orjson
 
 #: Bumped whenever the record layout changes; readers convert older versions.
 #: 2: delivery state (per-recipient attempts, replies, next attempt; message due time).
@@ -93,11 +94,11 @@ class Envelope:
         record["recipients"] = [
             {name: getattr(r, name) for name in _RCPT_FIELDS} for r in self.recipients
         ]
-        return json.dumps(record, separators=(",", ":")).encode()
+        return orjson.dumps(record)
 
     @classmethod
     def from_record(cls, raw: bytes | memoryview) -> Envelope:
-        data: dict[str, Any] = json.loads(bytes(raw))
+        data: dict[str, Any] = orjson.loads(raw)
         version = data.get("version", 1)
         if version > SCHEMA_VERSION:
             raise ValueError(f"queue record schema {version} is newer than this tachymail")
