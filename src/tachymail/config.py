@@ -131,6 +131,12 @@ class QueueConfig:
     max_map_size_mb: int = 64 * 1024
     #: most messages in one group commit
     max_batch: int = 512
+    #: where intake commits run: "inline" in the SMTP worker's event loop (least CPU; the
+    #: loop waits for each sync) or "thread" (the loop runs on while a thread syncs: for
+    #: disks whose sync takes milliseconds)
+    commit: str = "inline"
+    #: inline commits wait this long for more messages to join a batch, in milliseconds
+    commit_linger_ms: float = 1.0
 
 
 TLS_POLICIES = ("none", "opportunistic", "required")
@@ -449,6 +455,10 @@ def validate(config: Config) -> list[str]:
         problems.append("queue: need 1 <= map_size_mb <= max_map_size_mb")
     if config.queue.max_batch < 1:
         problems.append("queue.max_batch: must be at least 1")
+    if config.queue.commit not in ("inline", "thread"):
+        problems.append(f"queue.commit: {config.queue.commit!r} is not inline or thread")
+    if not 0 <= config.queue.commit_linger_ms <= 100:
+        problems.append("queue.commit_linger_ms: must be between 0 and 100")
     if config.metrics.address:
         try:
             split_hostport(config.metrics.address)

@@ -108,7 +108,9 @@ class AckingClient(threading.Thread):
                 self.acked[marker] = match.group(1).decode()
 
 
-def run_kill_round(tmp_path: Path, seed: int, acked: dict[str, str]) -> None:
+def run_kill_round(
+    tmp_path: Path, seed: int, acked: dict[str, str], commit: str = "inline"
+) -> None:
     """Load the server, kill -9 everything at a random moment, restart, check every ack.
 
     *acked* accumulates across rounds on the same queue, so later rounds also check that
@@ -118,7 +120,7 @@ def run_kill_round(tmp_path: Path, seed: int, acked: dict[str, str]) -> None:
     data_dir = tmp_path / "data"
     config = tmp_path / "tachymail.toml"
     if not config.exists():
-        write_config(config, data_dir, {"mx": free_port()})
+        write_config(config, data_dir, {"mx": free_port()}, f'[queue]\ncommit = "{commit}"\n')
     port = int(config.read_text().split("127.0.0.1:")[1].split('"')[0])
     log = tmp_path / "server.log"
     srv = start(config, data_dir, {"mx": port}, 2, log)
@@ -149,8 +151,9 @@ def run_kill_round(tmp_path: Path, seed: int, acked: dict[str, str]) -> None:
         srv.stop()
 
 
-def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    run_kill_round(tmp_path, seed=1, acked={})
+@pytest.mark.parametrize("commit", ["inline", "thread"])
+def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path, commit: str) -> None:
+    run_kill_round(tmp_path, seed=1, acked={}, commit=commit)
 
 
 @pytest.mark.slow

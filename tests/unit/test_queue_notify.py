@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import uvloop
 
 from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
@@ -130,7 +131,14 @@ def test_a_changed_record_is_not_removed_behind_the_change(tmp_path: Path) -> No
     store.close()
 
 
-def test_messages_arriving_during_a_commit_are_stored_by_the_next(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("inline", "linger"),
+    [(False, 0.0), (True, 0.001), (True, 0.0)],
+    ids=["thread", "inline", "inline-no-linger"],
+)
+def test_messages_arriving_during_a_commit_are_stored_by_the_next(
+    tmp_path: Path, inline: bool, linger: float
+) -> None:
     """Every acknowledged message is in the queue: none is answered from a batch it was
     not part of."""
     from tachymail.queue.commit import GroupCommitter
@@ -138,7 +146,7 @@ def test_messages_arriving_during_a_commit_are_stored_by_the_next(tmp_path: Path
     store = QueueStore(tmp_path / "queue")
 
     async def run() -> tuple[int, int]:
-        committer = GroupCommitter(store)
+        committer = GroupCommitter(store, inline=inline, linger=linger)
         futures = []
         for n in range(50):
             envelope = Envelope(

@@ -1,9 +1,13 @@
 """Group commit: messages that finish while a commit is under way share the next one.
 
-For intake there is no timer. The first message starts a commit at once;
-everything that arrives while that commit syncs is taken by the following one,
-so batches grow with load and intake is not bounded by the disk's sync rate,
-while a lone message waits for exactly one sync.
+With a commit thread (``inline=False``) there is no timer. The first message
+starts a commit at once; everything that arrives while that commit syncs is
+taken by the following one, so batches grow with load and intake is not bounded
+by the disk's sync rate, while a lone message waits for exactly one sync.
+
+Inline commits (the default for intake, ``queue.commit``) run in the event
+loop's thread after a short ``linger`` that lets concurrent messages join: the
+loop stops for the sync, but no second thread competes with it for the GIL.
 
 Delivery results are not waited for by any client, so the delivery workers
 commit with a ``linger``: the first result waits that long for others to join
@@ -82,13 +86,18 @@ class GroupCommitter:
         """Run *operation* in the next commit; the future resolves once it is synced."""
         future: asyncio.Future[None] = self._loop.create_future()
         self._pending.append((operation, future))
-        if not self._busy and not self._lingering:
-            if self.linger > 0 and len(self._pending) < self.max_batch:
-                self._lingering = True
-                self._loop.call_later(self.linger, self._linger_over)
-            else:
-                self._start()
+        self._schedule()
         return future
+
+    def _schedule(self) -> None:
+        """Start a commit of what is pending, now or after the linger."""
+        if self._busy or self._lingering or not self._pending:
+            return
+        if self.linger > 0 and len(self._pending) < self.max_batch:
+            self._lingering = True
+            self._loop.call_later(self.linger, self._linger_over)
+        else:
+            self._start()
 
     def _linger_over(self) -> None:
         self._lingering = False
@@ -151,8 +160,7 @@ class GroupCommitter:
                 future.set_result(None)
             else:
                 future.set_exception(error)
-        if self._pending:
-            self._start()
+        self._schedule()
 
     @property
     def idle(self) -> bool:

@@ -136,7 +136,12 @@ async def serve_worker(config: Config, index: int) -> int:
         map_size=config.queue.map_size_mb * MiB,
         max_map_size=config.queue.max_map_size_mb * MiB,
     )
-    committer = GroupCommitter(store, max_batch=config.queue.max_batch)
+    committer = GroupCommitter(
+        store,
+        max_batch=config.queue.max_batch,
+        linger=config.queue.commit_linger_ms / 1000 if config.queue.commit == "inline" else 0.0,
+        inline=config.queue.commit == "inline",
+    )
     tls = server_context(config)
     ctx = WorkerContext(config, loop, committer, tls)
     servers = []
