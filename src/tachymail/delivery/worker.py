@@ -10,6 +10,7 @@ import sys
 
 import uvloop
 
+from tachymail import metrics
 from tachymail.config import Config
 from tachymail.delivery.scheduler import DeliveryWorker
 from tachymail.queue.commit import GroupCommitter
@@ -41,6 +42,7 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
+            metrics.flush()  # the hot-path tallies reach /metrics within about a second
             if os.getppid() != parent:
                 log.warning("delivery worker %d: supervisor died, shutting down", index)
                 stop.set()

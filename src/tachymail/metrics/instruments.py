@@ -6,12 +6,16 @@ carries a per-message or per-recipient value; the destination label is bounded b
 :func:`destination` (the first ``DESTINATIONS`` next hops a process sees, then "other").
 
 The hottest counters (commands and replies, several per message) are tallied in plain
-lists (:data:`COMMANDS`, :data:`REPLIES`, a few ns per count) and moved into the shared
-counters by :func:`flush`, which each worker calls about once a second; everything else
-is counted directly on labelled children bound once in :func:`build`.
+lists (:data:`COMMANDS`, :data:`REPLIES`, a few ns per count), and the per-message and
+per-commit ones in :class:`CounterTally` and :class:`HistogramTally`; :func:`flush`, which
+each worker calls about once a second, moves them into the shared values. A shared value
+update takes a lock, packs a struct and writes the mmap, microseconds each, several times
+per message. Everything else is counted directly on labelled children bound in :func:`build`.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -64,29 +68,83 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10, 30, 60, 300, 900, 3600, 14400)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+
+class CounterTally:
+    """Increments of one counter (child) summed in a float until :func:`flush`."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.pending = 0.0
+        _TALLIES.append(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            self.child.inc(amount)
+
+
+class HistogramTally:
+    """Observations of one histogram counted per bucket until :func:`flush`.
+
+    prometheus-client has no bulk observe, so the flush adds each bucket's count to the
+    histogram's own bucket values, as ``observe`` does one at a time.
+    """
+
+    __slots__ = ("counts", "histogram", "sum", "upper_bounds")
+
+    def __init__(self, histogram: Histogram, buckets: tuple[float, ...]) -> None:
+        self.histogram = histogram
+        self.upper_bounds = [*buckets, float("inf")]
+        self.counts = [0] * len(self.upper_bounds)
+        self.sum = 0.0
+        _TALLIES.append(self)
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        # The first bucket whose upper bound is >= value, as Histogram.observe chooses.
+        self.counts[bisect_left(self.upper_bounds, value)] += 1
+
+    def flush(self) -> None:
+        if not any(self.counts):
+            return
+        counts, self.counts = self.counts, [0] * len(self.upper_bounds)
+        total, self.sum = self.sum, 0.0
+        self.histogram._sum.inc(total)
+        for bucket, count in zip(self.histogram._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+_TALLIES: list[CounterTally | HistogramTally] = []
+
 # --- the metrics (rebuilt by build()) -------------------------------------------------------
 smtp_connections_open: dict[str, Gauge]
 smtp_connections: dict[str, Counter]
 smtp_connections_refused: dict[str, Counter]
 smtp_commands: dict[int, Counter]
 smtp_replies: dict[int, Counter]
-messages_accepted: dict[str, Counter]
+messages_accepted: dict[str, CounterTally]
 messages_rejected: dict[str, Counter]
 recipients_rejected: dict[str, Counter]
-received_bytes: dict[str, Counter]
-message_size: Histogram
+received_bytes: dict[str, CounterTally]
+message_size: HistogramTally
 tls_handshakes: dict[str, Counter]
 tls_failures: dict[str, Counter]
 auth_successes: Counter
 auth_failures: Counter
-commit_batch_size: Histogram
-commit_duration: Histogram
+commit_batch_size: HistogramTally
+commit_duration: HistogramTally
 commit_failures: Counter
 delivery_attempts: Counter
-delivery_latency: Histogram
+delivery_latency: HistogramTally
 outbound_connections_open: Gauge
 outbound_connections: Counter
-outbound_connections_reused: Counter
+outbound_connections_reused: CounterTally
 outbound_connection_failures: Counter
 bounces: dict[str, Counter]
 dns_queries: dict[str, Counter]
@@ -96,7 +154,7 @@ dns_cache_hits: Counter
 worker_restarts: dict[str, Counter]
 
 _destinations: dict[str, str] = {}
-_attempts: dict[tuple[str, str], Counter] = {}
+_attempts: dict[tuple[str, str], CounterTally] = {}
 
 
 def build() -> None:
@@ -114,6 +172,11 @@ def build() -> None:
 
     def by(metric: MetricWrapperBase, values: tuple[str, ...]) -> dict[str, Counter]:
         return {v: metric.labels(v) for v in values}  # type: ignore[misc]
+
+    def tallied(children: dict[str, Counter]) -> dict[str, CounterTally]:
+        return {v: CounterTally(child) for v, child in children.items()}
+
+    _TALLIES.clear()
 
     open_gauge = Gauge(
         "tachymail_smtp_connections_open",
@@ -146,13 +209,15 @@ def build() -> None:
         "tachymail_smtp_replies_total", "SMTP replies sent, by code class (2xx..5xx).", ("class",)
     )
     smtp_replies = {d: replies.labels(f"{d}xx") for d in range(2, 6)}
-    messages_accepted = by(
-        counter(
-            "tachymail_messages_accepted_total",
-            "Messages committed to the queue and acknowledged with 250, by listener role.",
-            listener,
-        ),
-        LISTENER_ROLES,
+    messages_accepted = tallied(
+        by(
+            counter(
+                "tachymail_messages_accepted_total",
+                "Messages committed to the queue and acknowledged with 250, by listener role.",
+                listener,
+            ),
+            LISTENER_ROLES,
+        )
     )
     messages_rejected = by(
         counter(
@@ -168,19 +233,24 @@ def build() -> None:
         ),
         RCPT_REJECT_REASONS,
     )
-    received_bytes = by(
-        counter(
-            "tachymail_received_bytes_total",
-            "Octets of accepted messages (as queued), by listener role.",
-            listener,
-        ),
-        LISTENER_ROLES,
+    received_bytes = tallied(
+        by(
+            counter(
+                "tachymail_received_bytes_total",
+                "Octets of accepted messages (as queued), by listener role.",
+                listener,
+            ),
+            LISTENER_ROLES,
+        )
     )
-    message_size = Histogram(
-        "tachymail_message_size_bytes",
-        "Size of accepted messages.",
-        buckets=_BYTE_BUCKETS,
-        registry=None,
+    message_size = HistogramTally(
+        Histogram(
+            "tachymail_message_size_bytes",
+            "Size of accepted messages.",
+            buckets=_BYTE_BUCKETS,
+            registry=None,
+        ),
+        _BYTE_BUCKETS,
     )
     tls_handshakes = by(
         counter(
@@ -200,17 +270,23 @@ def build() -> None:
     )
     auth_successes = counter("tachymail_auth_successes_total", "Successful SMTP AUTH.")
     auth_failures = counter("tachymail_auth_failures_total", "Failed SMTP AUTH attempts.")
-    commit_batch_size = Histogram(
-        "tachymail_queue_commit_batch_size",
-        "Operations (messages or delivery results) per synced queue transaction.",
-        buckets=_BATCH_BUCKETS,
-        registry=None,
+    commit_batch_size = HistogramTally(
+        Histogram(
+            "tachymail_queue_commit_batch_size",
+            "Operations (messages or delivery results) per synced queue transaction.",
+            buckets=_BATCH_BUCKETS,
+            registry=None,
+        ),
+        _BATCH_BUCKETS,
     )
-    commit_duration = Histogram(
-        "tachymail_queue_commit_duration_seconds",
-        "Time from the start of a group commit to its fsync.",
-        buckets=_LATENCY_BUCKETS,
-        registry=None,
+    commit_duration = HistogramTally(
+        Histogram(
+            "tachymail_queue_commit_duration_seconds",
+            "Time from the start of a group commit to its fsync.",
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        ),
+        _LATENCY_BUCKETS,
     )
     commit_failures = counter("tachymail_queue_commit_failures_total", "Failed group commits.")
     delivery_attempts = counter(
@@ -218,11 +294,14 @@ def build() -> None:
         "Recipient delivery attempts, by result and destination (top N next hops, else other).",
         ("result", "destination"),
     )
-    delivery_latency = Histogram(
-        "tachymail_delivery_latency_seconds",
-        "Time from acceptance to successful delivery, per recipient.",
-        buckets=_DELIVERY_BUCKETS,
-        registry=None,
+    delivery_latency = HistogramTally(
+        Histogram(
+            "tachymail_delivery_latency_seconds",
+            "Time from acceptance to successful delivery, per recipient.",
+            buckets=_DELIVERY_BUCKETS,
+            registry=None,
+        ),
+        _DELIVERY_BUCKETS,
     )
     outbound_connections_open = Gauge(
         "tachymail_outbound_connections_open",
@@ -233,9 +312,11 @@ def build() -> None:
     outbound_connections = counter(
         "tachymail_outbound_connections_total", "Outbound SMTP connections opened."
     )
-    outbound_connections_reused = counter(
-        "tachymail_outbound_connections_reused_total",
-        "Outbound transactions sent on a connection that had already carried one.",
+    outbound_connections_reused = CounterTally(
+        counter(
+            "tachymail_outbound_connections_reused_total",
+            "Outbound transactions sent on a connection that had already carried one.",
+        )
     )
     outbound_connection_failures = counter(
         "tachymail_outbound_connection_failures_total",
@@ -291,11 +372,11 @@ def destination(key: str) -> str:
 def delivery_attempt(result: str, hop: str) -> None:
     """Count one recipient's attempt with *result* ("delivered", "deferred", "bounced")."""
     label = destination(hop)
-    child = _attempts.get((result, label))
-    if child is None:
-        child = delivery_attempts.labels(result, label)
-        _attempts[(result, label)] = child
-    child.inc()
+    tally = _attempts.get((result, label))
+    if tally is None:
+        tally = CounterTally(delivery_attempts.labels(result, label))
+        _attempts[(result, label)] = tally
+    tally.inc()
 
 
 def flush() -> None:
@@ -310,6 +391,8 @@ def flush() -> None:
             child = smtp_replies.get(digit)
             if child is not None:
                 child.inc(count)
+    for tally in _TALLIES:
+        tally.flush()
 
 
 build()
