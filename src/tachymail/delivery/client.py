@@ -406,8 +406,8 @@ class SmtpConnection:
     async def quit(self) -> None:
         """Say QUIT politely and close; never raises."""
         try:
-            if self.usable:
-                self.flush()
+            # Never content still unsent: its transaction is not recorded as delivered.
+            if self.usable and not self.unsent:
                 self.transport.write(b"QUIT\r\n")
                 await asyncio.wait_for(self.protocol.replies(1), 5)
         except Exception:  # the peer may already be gone; closing is all that matters

@@ -243,9 +243,13 @@ class DeliveryPool:
         finally:
             self.runners -= 1
             if inflight is not None and not inflight[0].future.done():
-                # Only on cancellation (shutdown): the message stays queued.
+                # Only on cancellation (shutdown): the message stays queued, and the
+                # connection is dropped rather than closed with QUIT, which would send its
+                # unsent content first and deliver what is recorded as not delivered.
                 lost = Outcome(DEFERRED, 451, "4.4.2", "delivery interrupted before the reply")
                 inflight[0].future.set_result(all_outcomes(inflight[0], lost, conn))
+                if conn is not None:
+                    conn.abort()
             if conn is not None:
                 self.loop.create_task(conn.quit())
                 m.outbound_connections_open.dec()
