@@ -163,3 +163,27 @@ def test_messages_arriving_during_a_commit_are_stored_by_the_next(
     assert stored == 50
     assert 1 < commits < 50, "later messages joined batches behind the first commit"
     store.close()
+
+
+def test_an_inline_commit_lingers_only_when_others_may_join(tmp_path: Path) -> None:
+    from tachymail.queue.commit import GroupCommitter
+
+    store = QueueStore(tmp_path / "queue")
+
+    async def run() -> tuple[bool, bool]:
+        # A linger far longer than the test: a commit that waits for it cannot finish here.
+        committer = GroupCommitter(store, inline=True, linger=600.0)
+        committer.more_may_join = lambda pending: False  # a lone client
+        envelope = Envelope(id=new_queue_id(), sender="a@x.test", recipients=[Recipient("b@y")])
+        alone = committer.submit(envelope, b"alone")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        committer.more_may_join = lambda pending: True  # other clients mid-transaction
+        envelope = Envelope(id=new_queue_id(), sender="a@x.test", recipients=[Recipient("b@y")])
+        waiting = committer.submit(envelope, b"in company")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return alone.done(), waiting.done()
+
+    assert uvloop.run(run()) == (True, False)
+    store.close()

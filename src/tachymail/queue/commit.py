@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from tachymail.metrics import m
 from tachymail.queue.envelope import Envelope
@@ -57,6 +58,9 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.linger = linger
         self.inline = inline
+        #: given the number of operations pending, whether more may join them within the
+        #: linger (None: always wait); the SMTP worker answers from its open sessions
+        self.more_may_join: Callable[[int], bool] | None = None
         self._lingering = False
         # Kept, not asked for: asyncio.get_running_loop() makes a getpid system call.
         self._loop = asyncio.get_running_loop()
@@ -93,7 +97,12 @@ class GroupCommitter:
         """Start a commit of what is pending, now or after the linger."""
         if self._busy or self._lingering or not self._pending:
             return
-        if self.linger > 0 and len(self._pending) < self.max_batch:
+        pending = len(self._pending)
+        if (
+            self.linger > 0
+            and pending < self.max_batch
+            and (self.more_may_join is None or self.more_may_join(pending))
+        ):
             self._lingering = True
             self._loop.call_later(self.linger, self._linger_over)
         else:

@@ -144,6 +144,10 @@ async def serve_worker(config: Config, index: int) -> int:
     )
     tls = server_context(config)
     ctx = WorkerContext(config, loop, committer, tls)
+    # A lone client, or every client already waiting for this commit: nobody can join it,
+    # so it starts at once instead of lingering (one session would otherwise wait 1 ms
+    # per message for company that never comes).
+    committer.more_may_join = lambda pending: len(ctx.sessions) > pending
     servers = []
     for listener in config.listeners:
         implicit = listener.role == "smtps"
