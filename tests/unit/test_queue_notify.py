@@ -161,7 +161,10 @@ def test_messages_arriving_during_a_commit_are_stored_by_the_next(
 
     commits, stored = uvloop.run(run())
     assert stored == 50
-    assert 1 < commits < 50, "later messages joined batches behind the first commit"
+    assert commits < 50, "messages share commits"
+    if not linger:
+        # The first message starts a commit at once; the others queue behind it.
+        assert commits > 1
     store.close()
 
 
