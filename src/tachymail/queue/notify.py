@@ -5,9 +5,9 @@ message the moment its commit is synced, instead of finding it on its next look 
 the schedule. Each delivery worker binds a Unix datagram socket in the abstract
 namespace (no file to clean up, gone when the process dies), named after the data
 directory and its shard. An SMTP worker sends the ids it committed, one datagram per
-shard every ``GATHER`` seconds at most. Losing a datagram costs only latency: the receiver is
-absent during a restart, or its buffer is full under overload, and the scheduler's
-scan of the queue finds the message a moment later.
+shard every ``GATHER`` seconds at most. Losing a datagram costs only latency: the
+receiver is absent during a restart, or its buffer is full under overload, and the
+scheduler's scan of the queue finds the message a moment later.
 """
 
 from __future__ import annotations
