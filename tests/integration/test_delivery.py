@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import json
+import signal
 import smtplib
 import sys
 import time
@@ -341,3 +342,28 @@ def test_a_peer_slower_than_the_timeout_defers(tmp_path: Path) -> None:
             script.delay = 0.0
             peer.wait_for(1)
             wait_until(lambda: srv.queue_count() == 0)
+
+
+def test_a_reload_during_delivery_sends_each_message_once(tmp_path: Path) -> None:
+    """SIGHUP starts a new delivery worker while the old one finishes what it holds: the
+    new one must not take those messages too."""
+    script = Script(delay=0.003)  # a slow peer: many messages are under way at the reload
+    with SmtpPeer(script) as peer:
+        with running_server(tmp_path, relay_config(peer.port), hold=True, roles=("mx",)) as srv:
+            for i in range(150):
+                send(srv.port, [f"h{i}@dest.example"])
+        config = srv.config_path.read_text().replace("hold = true", "hold = false")
+        srv.config_path.write_text(config)
+        from server import start
+
+        srv = start(srv.config_path, srv.data_dir, srv.ports, 1, tmp_path / "again.log")
+        try:
+            wait_until(lambda: len(peer.messages) > 10)
+            srv.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "configuration reloaded" in srv.log())
+            wait_until(lambda: srv.queue_count() == 0, timeout=60)
+            time.sleep(0.5)
+        finally:
+            srv.stop()
+        got = sorted(m.recipients[0] for m in peer.messages)
+        assert got == sorted(f"h{i}@dest.example" for i in range(150)), "each exactly once"

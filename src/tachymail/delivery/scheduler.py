@@ -161,23 +161,36 @@ class DeliveryWorker:
     # --- taking work from the queue ------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        # The notification channel doubles as this shard's lock. After a reload the worker
+        # being replaced holds it until its last message is recorded; until then this one
+        # takes nothing, or both would deliver the messages the old one still holds. A
+        # worker that died let go of it with its last breath; should the channel stay taken
+        # anyway, the queue scan takes over after the old worker's drain time.
+        patience = time.monotonic() + self.config.server.drain_timeout + 5
+        waiting_logged = False
         try:
             while not stop.is_set():
                 notified = self.listener.bind()
-                try:
-                    self.poll(RESCAN if notified else RESCAN_UNNOTIFIED)
-                except lmdb.Error as exc:
-                    log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+                if notified or time.monotonic() > patience:
+                    try:
+                        self.poll(RESCAN if notified else RESCAN_UNNOTIFIED)
+                    except lmdb.Error as exc:
+                        log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+                elif not waiting_logged:
+                    waiting_logged = True
+                    log.info(
+                        "delivery worker %d: waiting for its predecessor to finish", self.index
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), POLL if notified else POLL_UNNOTIFIED)
                 self.wake.clear()
         finally:
-            # Let go of the channel at once: the worker replacing this one binds it.
-            self.stopping = True
-            self.listener.close()
-        # Let transactions under way finish (the caller bounds this by its drain timeout).
+            self.stopping = True  # take no new work, notified or not
+        # Let transactions under way finish (the caller bounds this by its drain timeout),
+        # then hand the channel on to the worker that replaces this one.
         while self.active:
             await asyncio.sleep(0.05)
+        self.listener.close()
 
     def poll(self, rescan_every: float = RESCAN_UNNOTIFIED) -> None:
         room = self.config.delivery.max_active - len(self.active)
