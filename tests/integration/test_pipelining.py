@@ -91,3 +91,31 @@ def test_a_connection_cut_after_the_content_defers_what_was_under_way() -> None:
     assert all(r.outcomes[0].kind == DEFERRED for r in results)
     assert all(r.outcomes[0].status == "4.4.2" for r in results)
     assert not peer.messages
+
+
+def test_temporary_failures_at_end_of_data_shrink_the_pool() -> None:
+    """A run of 4xx lowers the concurrency and paces the pool, pipelined or not, and the
+    connections beyond the new concurrency close."""
+    script = Script(data="451 4.3.0 try again later")
+    with SmtpPeer(script) as peer:
+
+        async def run() -> tuple[int, int, float]:
+            settings = ClientSettings("relay.test", tls="none", command_timeout=5.0)
+            hop = NextHop(f"route:127.0.0.1:{peer.port}", ("127.0.0.1",), peer.port, settings)
+            limits = PoolConfig(initial_connections=4, max_connections=4)
+            pool = DeliveryPool(hop, limits, resolver=None)  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+            futures = []
+            for n in range(8):
+                future: asyncio.Future[JobResult] = loop.create_future()
+                job = Job(
+                    "a@sender.test", {}, [Recipient(f"r{n}@dest.test")], body(n), False, future
+                )
+                pool.submit(job)
+                futures.append(future)
+            await asyncio.wait_for(asyncio.gather(*futures), 60)
+            return pool.concurrency, pool.runners, pool.pace
+
+        concurrency, runners, pace = uvloop.run(run())
+    assert concurrency == 1 and pace > 0
+    assert runners <= concurrency, "runners beyond the concurrency have stopped"

@@ -238,8 +238,12 @@ class DeliveryPool:
                     inflight = (job, started)
                 else:
                     self._complete(job, started)
-                if self.runners > self.concurrency and inflight is None:
-                    break  # shrink after trouble
+                if self.runners > self.concurrency:
+                    # Shrink after trouble: the message under way is finished first.
+                    if inflight is not None:
+                        self._complete(inflight[0], await self._finish(conn, *inflight))
+                        inflight = None
+                    break
         finally:
             self.runners -= 1
             if inflight is not None and not inflight[0].future.done():
