@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import Server, run_cli, running_server
+from server import Server, run_cli, running_server, wait_until
 from smtp_peer import Script, SmtpPeer
 
 
@@ -59,14 +59,6 @@ def send(
 def delivery_log(srv: Server) -> list[dict[str, object]]:
     path = srv.data_dir / "delivery.log"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_delivers_over_one_persistent_pipelined_connection(tmp_path: Path) -> None:

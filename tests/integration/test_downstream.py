@@ -14,15 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import peers
-from server import running_server
-
-
-def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+from server import running_server, wait_until
 
 
 def smarthost(port: int) -> str:
@@ -45,13 +37,13 @@ def test_relay_to_smtp_sink_uses_few_connections(tmp_path: Path) -> None:
     counters = tmp_path / "sink.counters"
     sink = peers.start_smtp_sink(tmp_path, counters)
     # start_smtp_sink's readiness probe is a session of its own: count from after it.
-    wait_until(lambda: peers.sink_counters(counters).get("sess", 0) >= 1)
+    wait_until(lambda: peers.sink_counters(counters).get("sess", 0) >= 1, timeout=30)
     probes = peers.sink_counters(counters)["sess"]
     try:
         with running_server(tmp_path, smarthost(sink.port), hold=False, roles=("mx",)) as srv:
             send_many(srv.port, 200)
-            wait_until(lambda: peers.sink_counters(counters).get("mesg", 0) >= 200)
-            wait_until(lambda: srv.queue_count() == 0)
+            wait_until(lambda: peers.sink_counters(counters).get("mesg", 0) >= 200, timeout=30)
+            wait_until(lambda: srv.queue_count() == 0, timeout=30)
         time.sleep(0.5)  # tachymail stopped: its cached connections have closed
         seen = peers.sink_counters(counters)
         assert seen["mesg"] == 200
@@ -69,7 +61,7 @@ def test_relay_to_a_real_postfix(tmp_path: Path) -> None:
     try:
         with running_server(tmp_path, smarthost(postfix.port), hold=False, roles=("mx",)) as srv:
             send_many(srv.port, 5)
-            wait_until(lambda: srv.queue_count() == 0)
+            wait_until(lambda: srv.queue_count() == 0, timeout=30)
         assert postfix.home is not None
         spool = postfix.home / "spool"
 
@@ -80,7 +72,7 @@ def test_relay_to_a_real_postfix(tmp_path: Path) -> None:
                     found += [Path(root) / f for f in files]
             return found
 
-        wait_until(lambda: len(queued_files()) == 5)
+        wait_until(lambda: len(queued_files()) == 5, timeout=30)
         contents = b"".join(p.read_bytes() for p in queued_files())
         for i in range(5):
             assert f"<m{i}@example.com>".encode() in contents

@@ -27,21 +27,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server import free_port, running_server
+from tachymail.metrics.endpoint import listening_ports
 
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
 def _listening(port: int) -> bool:
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rpartition(":")[2], 16) == port:
-                return True
-    return False
+    return port in listening_ports()
 
 
 def prometheus_binary() -> str:

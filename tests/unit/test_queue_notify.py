@@ -22,8 +22,8 @@ def test_ids_reach_the_shard_that_owns_each_recipient(tmp_path: Path) -> None:
         notifier = Notifier(tmp_path, 2)
         domains = [f"d{n}.test" for n in range(20)]
         for n, domain in enumerate(domains):
-            notifier.queued(f"id{n}", [f"user@{domain}"])
-        notifier.queued("both", [f"a@{d}" for d in domains])
+            notifier.queued(f"id{n}", [Recipient(f"user@{domain}")])
+        notifier.queued("both", [Recipient(f"a@{d}") for d in domains])
         for _ in range(100):
             await asyncio.sleep(0.01)
             if sum(map(len, got)) == 22:
@@ -51,7 +51,7 @@ def test_a_second_listener_waits_until_the_first_lets_go(tmp_path: Path) -> None
         old.close()
         assert new.bind()
         notifier = Notifier(tmp_path, 1)
-        notifier.queued("after-reload", ["x@y.test"])
+        notifier.queued("after-reload", [Recipient("x@y.test")])
         for _ in range(100):
             await asyncio.sleep(0.01)
             if got:
@@ -66,7 +66,7 @@ def test_a_second_listener_waits_until_the_first_lets_go(tmp_path: Path) -> None
 def test_sending_with_nobody_listening_is_not_an_error(tmp_path: Path) -> None:
     async def run() -> int:
         notifier = Notifier(tmp_path, 1)
-        notifier.queued("lost", ["x@y.test"])
+        notifier.queued("lost", [Recipient("x@y.test")])
         await asyncio.sleep(0.05)
         notifier.close()
         return notifier.dropped
@@ -92,7 +92,7 @@ def _queued(store: QueueStore) -> tuple[Envelope, bytes]:
         size=5,
     )
     store.apply([put_message(envelope, b"hello")])
-    snapshot = store.snapshot(envelope.id)
+    [snapshot] = store.snapshots([envelope.id])
     assert snapshot is not None
     return snapshot[0], snapshot[2]
 

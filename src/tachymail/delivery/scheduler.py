@@ -74,8 +74,6 @@ log = logging.getLogger(__name__)
 POLL, POLL_UNNOTIFIED = 0.1, 0.02
 RESCAN, RESCAN_UNNOTIFIED = 1.0, 0.1
 
-__all__ = ["DeliveryWorker", "shard_of"]
-
 
 @dataclass(slots=True)
 class Attempt:

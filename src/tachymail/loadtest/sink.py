@@ -44,6 +44,7 @@ from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
 from tachymail.protocol.data import BdatReader, DataReader
 from tachymail.protocol.errors import SmtpSyntaxError
+from tachymail.smtp.worker import reuseport_socket
 
 if TYPE_CHECKING:
     from tachymail.queue.commit import GroupCommitter
@@ -597,18 +598,6 @@ class SinkSession(asyncio.Protocol):
 # --- processes, counters and metrics ---------------------------------------------------------
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A listening socket with SO_REUSEPORT, so that several sink processes share the port."""
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(info[4])
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
 class SharedCounters:
     """One row of counters per process in an anonymous shared mapping made before fork."""
 
@@ -721,7 +710,8 @@ def run_sink(config: SinkConfig) -> dict[str, int]:
     """
     import uvloop
 
-    sockets = [listening_socket(config.host, config.port) for _ in range(config.procs)]
+    # SO_REUSEPORT, as the server's workers bind: the sink processes share the port.
+    sockets = [reuseport_socket(config.host, config.port) for _ in range(config.procs)]
     log.info("sink listening on %s:%d (%d process(es))", config.host, config.port, config.procs)
     if config.procs == 1:
         live: list[SinkCounters] = []

@@ -113,9 +113,6 @@ class GroupCommitter:
         if not self._busy and self._pending:
             self._start()
 
-    async def commit(self, envelope: Envelope, content: bytes) -> None:
-        await self.submit(envelope, content)
-
     def _start(self) -> None:
         # The batch is the head of _pending; what arrives meanwhile queues behind it and is
         # left there by _finish for the next commit.

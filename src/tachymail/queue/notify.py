@@ -20,6 +20,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tachymail.queue.envelope import Recipient
+
 log = logging.getLogger(__name__)
 
 #: ids per datagram: 2,000 ids of 21 octets stays well under the default datagram limits
@@ -57,12 +59,12 @@ class Notifier:
         #: datagrams that could not be sent (receiver absent or full), for tests
         self.dropped = 0
 
-    def queued(self, queue_id: str, recipients: Sequence[str]) -> None:
+    def queued(self, queue_id: str, recipients: Sequence[Recipient]) -> None:
         """*queue_id* is committed; tell the shards of its *recipients*, soon."""
         if self.shards == 1:
             self.pending[0].append(queue_id)
         else:
-            for shard in {shard_of(address, self.shards) for address in recipients}:
+            for shard in {shard_of(r.address, self.shards) for r in recipients}:
                 self.pending[shard].append(queue_id)
         if not self.scheduled:
             self.scheduled = True

@@ -107,10 +107,6 @@ class QueueStore:
                         raise StorageFull(f"disk full: {exc}") from exc
                     raise
 
-    def put_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
-        """Store every (envelope, content) in one synced transaction (see :meth:`apply`)."""
-        self.apply([put_message(envelope, content) for envelope, content in items])
-
     # --- operations inside a write transaction --------------------------------------------
 
     def insert(self, txn: lmdb.Transaction, envelope: Envelope, content: bytes) -> None:
@@ -194,12 +190,9 @@ class QueueStore:
                 found.append((key, key[_DUE.size :].decode()))
         return found
 
-    def snapshot(self, queue_id: str) -> tuple[Envelope, bytes, bytes] | None:
-        """Envelope, content and the envelope's raw record of one message, read together."""
-        return self.snapshots([queue_id])[0]
-
     def snapshots(self, queue_ids: Sequence[str]) -> list[tuple[Envelope, bytes, bytes] | None]:
-        """:meth:`snapshot` of several messages in one read transaction (None: gone)."""
+        """Envelope, content and the envelope's raw record of each message, all read in one
+        transaction (None: the message is gone)."""
         out: list[tuple[Envelope, bytes, bytes] | None] = []
         if not queue_ids:
             return out

@@ -794,7 +794,7 @@ class SmtpSession(asyncio.Protocol):
         if error is None:
             notifier = self.ctx.notifier
             if notifier is not None:
-                notifier.queued(queue_id, [r.address for r in envelope.recipients])
+                notifier.queued(queue_id, envelope.recipients)
             self.messages += 1
             self.ctx.accepted += 1
             if len(self.queue_ids) < LOGGED_IDS:

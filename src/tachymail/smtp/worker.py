@@ -116,10 +116,14 @@ class WorkerContext:
 
 
 def listening_socket(listener: ListenerConfig) -> socket.socket:
-    """A socket bound with SO_REUSEPORT, so every worker can bind the same address."""
-    info = socket.getaddrinfo(
-        listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    """The listener's socket, bound with SO_REUSEPORT (see :func:`reuseport_socket`)."""
+    return reuseport_socket(listener.host, listener.port)
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A listening socket bound with SO_REUSEPORT, so several processes (every worker, or
+    every `tachymail sink` process) can bind the same address."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
