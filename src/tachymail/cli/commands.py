@@ -7,9 +7,12 @@ import getpass
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tachymail.config import Config, ConfigError, load
+
+if TYPE_CHECKING:
+    from tachymail.queue.store import QueueStore
 
 
 def _setup_logging(level: str) -> None:
@@ -81,6 +84,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    import lmdb
+
     from tachymail.queue.store import QueueStore
 
     if args.queue_command in ("flush", "delete", "hold", "release", "bounce"):
@@ -92,30 +97,39 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return _fail(f"invalid configuration:\n{exc}")
     except FileNotFoundError as exc:
         return _fail(str(exc))
+    except (lmdb.Error, OSError) as exc:
+        return _fail(f"queue {args.queue_command}: cannot open the queue: {exc}")
     try:
-        if args.queue_command == "count":
-            print(store.count())
-        elif args.queue_command == "list":
-            for envelope in store.iter_envelopes():
-                if args.json:
-                    print(json.dumps(envelope.summary()))
-                else:
-                    rcpts = ", ".join(r.address for r in envelope.recipients)
-                    print(
-                        f"{envelope.id}  {envelope.size:>9}  {envelope.state:<7} "
-                        f"<{envelope.sender}> -> {rcpts}"
-                    )
-        elif args.queue_command == "show":
-            found = store.envelope(args.id)
-            if found is None:
-                return _fail(f"no message {args.id} in the queue")
-            print(json.dumps(found.summary(), indent=2))
-            content = store.content(args.id) or b""
-            end = content.find(b"\r\n\r\n")
-            shown = content if args.body or end < 0 else content[: end + 2]
-            sys.stdout.write("\n" + shown.decode("utf-8", "replace"))
+        return _queue_read(args, store)
+    except (lmdb.Error, OSError) as exc:
+        return _fail(f"queue {args.queue_command}: cannot read the queue: {exc}")
     finally:
         store.close()
+
+
+def _queue_read(args: argparse.Namespace, store: QueueStore) -> int:
+    """count, list, show: from one read-only store (nothing is written, even on a full disk)."""
+    if args.queue_command == "count":
+        print(store.count())
+    elif args.queue_command == "list":
+        for envelope in store.iter_envelopes():
+            if args.json:
+                print(json.dumps(envelope.summary()))
+            else:
+                rcpts = ", ".join(r.address for r in envelope.recipients)
+                print(
+                    f"{envelope.id}  {envelope.size:>9}  {envelope.state:<7} "
+                    f"<{envelope.sender}> -> {rcpts}"
+                )
+    elif args.queue_command == "show":
+        found = store.envelope(args.id)
+        if found is None:
+            return _fail(f"no message {args.id} in the queue")
+        print(json.dumps(found.summary(), indent=2))
+        content = store.content(args.id) or b""
+        end = content.find(b"\r\n\r\n")
+        shown = content if args.body or end < 0 else content[: end + 2]
+        sys.stdout.write("\n" + shown.decode("utf-8", "replace"))
     return 0
 
 
@@ -152,9 +166,16 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 
 def _queue_admin(args: argparse.Namespace) -> int:
-    """flush, delete, hold, release, bounce: one write transaction on the live queue."""
+    """flush, delete, hold, release, bounce: one write transaction on the live queue.
+
+    A storage error (a full disk above all) is one line on stderr and exit status 2,
+    never a traceback; on a full disk, delete still works (it spends the queue's reserve
+    file, see ``queue.reserve_mb``) and says so.
+    """
+    import lmdb
+
     from tachymail.queue import admin
-    from tachymail.queue.store import QueueStore
+    from tachymail.queue.store import MiB, QueueStore, StorageFull
 
     action = args.queue_command
     target = None if action == "flush" or getattr(args, "all", False) else args.id
@@ -164,11 +185,25 @@ def _queue_admin(args: argparse.Namespace) -> int:
         config = _config(args)
         if not (config.data_path / "queue" / "data.mdb").exists():
             return _fail(f"no queue at {config.data_path / 'queue'} (wrong --data-dir?)")
-        store = QueueStore(config.data_path / "queue")
+        store = QueueStore(config.data_path / "queue", reserve=config.queue.reserve_mb * MiB)
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
+    except (lmdb.Error, OSError) as exc:
+        return _fail(f"queue {action}: cannot open the queue: {exc}")
     try:
         changed = admin.run(store, config, action, target)
+        if store.reserve_spent:
+            print(
+                f"{action}: the disk was full; the queue's reserve file "
+                f"({store.reserve_spent / MiB:.1f} MiB) was deleted to make room for this "
+                "commit (it is made again at the next start or queue command with room)"
+            )
+        store.ensure_reserve()
+    except StorageFull as exc:
+        hint = "" if action == "delete" else "; free space, or delete messages first"
+        return _fail(f"queue {action}: no room on the queue's disk ({exc}){hint}")
+    except (lmdb.Error, OSError) as exc:
+        return _fail(f"queue {action}: storage error: {exc}")
     finally:
         store.close()
     if target is not None and not changed:

@@ -1,7 +1,8 @@
 """The queue commands that change it: flush, delete, hold, release, bounce.
 
 Each runs as one write transaction on the live queue, beside a running server
-(LMDB serialises writers across processes). A delivery under way when a message
+(LMDB serialises writers across processes); `delete --all` takes one per 500 messages,
+so that it also works on a full disk. A delivery under way when a message
 is deleted or bounced finishes, and its result is then ignored.
 """
 
@@ -21,7 +22,7 @@ from tachymail.queue.envelope import (
     Recipient,
     new_queue_id,
 )
-from tachymail.queue.store import QueueStore
+from tachymail.queue.store import Operation, QueueStore
 
 
 def _ids(store: QueueStore, txn: lmdb.Transaction, target: str | None) -> list[str]:
@@ -31,12 +32,19 @@ def _ids(store: QueueStore, txn: lmdb.Transaction, target: str | None) -> list[s
 
 
 def run(store: QueueStore, config: Config, action: str, target: str | None) -> int:
-    """Apply *action* to message *target* (None: every message); returns how many changed."""
+    """Apply *action* to message *target* (None: every message); returns how many changed.
+
+    Raises StorageFull when the disk has no room for the change; a delete first spends
+    the store's reserve file (see QueueStore.ensure_reserve), so it commits on a full disk.
+    """
+    if action == "delete" and target is None:
+        return _delete_all(store)
     changed = 0
     now = time.time()
 
     def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
         nonlocal changed
+        changed = 0  # apply may run it again (map grown, reserve spent): count that run only
         for queue_id in _ids(store, txn, target):
             if action == "delete":
                 changed += store.remove(txn, queue_id)
@@ -63,8 +71,41 @@ def run(store: QueueStore, config: Config, action: str, target: str | None) -> i
             changed += 1
             store.save(txn, envelope)
 
-    store.apply([operation])
+    # Only a deletion may spend the reserve: it is what gives the disk's room back.
+    store.apply([operation], frees_space=action == "delete")
+    if action == "delete" and changed:
+        store.settle()  # the room it freed is usable by the next commit, not the one after
     return changed
+
+
+#: messages removed per commit by `queue delete --all`
+DELETE_CHUNK = 500
+
+
+def _delete_all(store: QueueStore) -> int:
+    """Remove every message queued now (not those arriving meanwhile), DELETE_CHUNK per
+    commit: on a full disk each commit then needs room only for its own list of freed
+    pages (the first one spends the reserve), and later ones reuse what earlier ones
+    freed. Raises StorageFull if even that finds no room; what was deleted stays deleted.
+    """
+    queue_ids = store.ids()
+    removed = 0
+    for start in range(0, len(queue_ids), DELETE_CHUNK):
+        counted: list[int] = []
+        store.apply([_remover(queue_ids[start : start + DELETE_CHUNK], counted)], frees_space=True)
+        removed += counted[-1]  # the last run: apply may have run it twice
+    if removed:
+        store.settle()
+    return removed
+
+
+def _remover(queue_ids: list[str], counted: list[int]) -> Operation:
+    """The operation removing *queue_ids*; appends how many it found to *counted*."""
+
+    def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
+        counted.append(sum(store.remove(txn, queue_id) for queue_id in queue_ids))
+
+    return operation
 
 
 def _bounce(

@@ -41,7 +41,9 @@ class GroupCommitter:
 
     Intake submits new messages (:meth:`submit`), delivery submits result updates
     (:meth:`submit_operation`); the returned future resolves once the batch is synced,
-    or fails with ``StorageFull`` (reply 452 4.3.1) or the storage error.
+    or fails with ``StorageFull`` (any storage exhaustion: reply 452 4.3.1), the storage
+    error (451 4.3.0), or, for that message alone, ``QueueIdTaken`` (its id is in use:
+    451 4.3.0; the rest of the batch is stored).
 
     Must be created inside the running event loop it serves.
     """
@@ -122,11 +124,12 @@ class GroupCommitter:
         self._in_flight = len(operations)
         if self.inline:
             error: BaseException | None = None
+            outcomes: list[Exception | None] = []
             try:
-                self.store.apply(operations)
+                outcomes = self.store.apply(operations)
             except Exception as exc:
                 error = exc
-            self._loop.call_soon(self._finish, error)
+            self._loop.call_soon(self._finish, error, outcomes)
             return
         self._requests.put(operations)
 
@@ -137,16 +140,19 @@ class GroupCommitter:
             if operations is None:
                 return
             error: BaseException | None = None
+            outcomes: list[Exception | None] = []
             try:
-                self.store.apply(operations)
+                outcomes = self.store.apply(operations)
             except Exception as exc:  # handed to every waiting client as its reply
                 error = exc
             try:
-                self._loop.call_soon_threadsafe(self._finish, error)
+                self._loop.call_soon_threadsafe(self._finish, error, outcomes)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
-    def _finish(self, error: BaseException | None) -> None:
+    def _finish(self, error: BaseException | None, outcomes: list[Exception | None]) -> None:
+        """Resolve the batch's futures: *error* fails them all, else each gets its outcome
+        (None: stored; an exception: that operation alone refused)."""
         batch = self._pending[: self._in_flight]
         del self._pending[: self._in_flight]
         self._busy = False
@@ -159,13 +165,16 @@ class GroupCommitter:
         else:
             m.commit_failures.inc()
             log.error("queue commit of %d messages failed: %s", len(batch), error)
-        for _operation, future in batch:
+        for index, (_operation, future) in enumerate(batch):
             if future.cancelled():
                 continue
-            if error is None:
-                future.set_result(None)
-            else:
+            refused = outcomes[index] if error is None and index < len(outcomes) else None
+            if error is not None:
                 future.set_exception(error)
+            elif refused is not None:
+                future.set_exception(refused)
+            else:
+                future.set_result(None)
         self._schedule()
 
     @property

@@ -25,14 +25,21 @@ ACTIVE = "active"
 HELD = "held"
 
 _counter = count()
+
+
+def pid_bits(pid: int) -> int:
+    """The pid part of queue ids: the whole pid, which Linux keeps below 2**22."""
+    return pid & 0x3FFFFF
+
+
 # The pid part of queue ids, kept rather than asked for per message (a system call), and
 # renewed in forked children so two processes never share it.
-_pid_bits = os.getpid() & 0xFFFFF
+_pid_bits = pid_bits(os.getpid())
 
 
 def _renew_pid_bits() -> None:
     global _pid_bits
-    _pid_bits = os.getpid() & 0xFFFFF
+    _pid_bits = pid_bits(os.getpid())
 
 
 os.register_at_fork(after_in_child=_renew_pid_bits)
@@ -41,10 +48,14 @@ os.register_at_fork(after_in_child=_renew_pid_bits)
 def new_queue_id() -> str:
     """A unique, time-sortable queue id: milliseconds, process id, per-process counter.
 
-    20 hex digits; ids sort by arrival, so the oldest message is the first key.
+    20 hex digits: 44 bits of milliseconds, the 22 bits of the pid, a 14-bit counter.
+    Ids sort by arrival, so the oldest message is the first key. Two live processes never
+    share a pid, so ids repeat only if one process makes over 16,384 in one millisecond
+    or the clock steps back; the store refuses such a repeat (QueueIdTaken), never
+    overwriting.
     """
     millis = time.time_ns() // 1_000_000
-    return f"{millis:011x}{_pid_bits:05x}{next(_counter) & 0xFFFF:04x}"
+    return f"{millis:011x}{(_pid_bits << 14) | (next(_counter) & 0x3FFF):09x}"
 
 
 @dataclass(slots=True)

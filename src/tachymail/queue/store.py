@@ -7,8 +7,10 @@ after fork (an LMDB environment must not cross a fork).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +28,35 @@ GiB = 1024 * MiB
 _DUE = struct.Struct(">Q")
 
 
+#: the file of spare disk space kept beside data.mdb (see QueueStore.ensure_reserve)
+RESERVE_FILE = "reserve"
+
+# errno values that mean "no room": LMDB reports a short write as EIO.
+_EXHAUSTED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+_EXHAUSTED_TEXT = tuple(os.strerror(code) for code in _EXHAUSTED)
+
+
 class StorageFull(Exception):
     """The queue cannot take the message: map at its maximum or disk full (452 4.3.1)."""
+
+
+class QueueIdTaken(Exception):
+    """A message with this queue id is already stored; nothing was written (451 4.3.0)."""
+
+
+def is_storage_exhausted(exc: BaseException) -> bool:
+    """Whether *exc* says the storage has no room: a full map, disk or quota, a file over
+    its size limit, or a short write (which LMDB reports as EIO)."""
+    if isinstance(exc, lmdb.MapFullError | lmdb.DiskError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _EXHAUSTED
+    if isinstance(exc, lmdb.Error):
+        if getattr(exc, "code", None) in _EXHAUSTED:
+            return True
+        text = str(exc)  # older py-lmdb builds keep the errno only in the message
+        return "ENOSPC" in text or any(reason in text for reason in _EXHAUSTED_TEXT)
+    return False
 
 
 class QueueStore:
@@ -46,9 +75,14 @@ class QueueStore:
         max_map_size: int = 64 * GiB,
         readonly: bool = False,
         metasync: bool = True,
+        reserve: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.max_map_size = max(max_map_size, map_size)
+        #: bytes of disk kept free in RESERVE_FILE for commits that free space (0: none)
+        self.reserve = reserve
+        #: bytes of reserve file this store deleted to let a commit through (0: none)
+        self.reserve_spent = 0
         if not readonly:
             self.directory.mkdir(parents=True, exist_ok=True)
         elif not (self.directory / "data.mdb").exists():
@@ -85,27 +119,97 @@ class QueueStore:
     def schedule_key(due_ms: int, queue_id: str) -> bytes:
         return _DUE.pack(due_ms) + queue_id.encode()
 
-    def apply(self, operations: Sequence[Operation]) -> None:
-        """Run every operation in one synced write transaction.
+    def apply(
+        self, operations: Sequence[Operation], *, frees_space: bool = False
+    ) -> list[Exception | None]:
+        """Run every operation in one synced write transaction; returns each one's outcome.
 
-        Raises ``StorageFull`` when the map cannot grow further or the disk is
-        full; nothing of the batch is stored then, and the queue is unharmed.
+        An operation may refuse on its own by returning an exception (having written
+        nothing, e.g. QueueIdTaken): the others are committed all the same.
+
+        Raises ``StorageFull`` when the map cannot grow further or the disk, the quota or
+        the file size limit is reached (however LMDB reports it); nothing of the batch is
+        stored then, the transaction is aborted and the queue stays usable: the next
+        commit succeeds once there is room. With *frees_space* (deleting messages), a
+        commit that finds the disk full deletes the reserve file and tries once more.
         """
         with self._resize_lock:
             while True:
                 try:
                     with self.env.begin(write=True) as txn:
-                        for operation in operations:
-                            operation(self, txn)
-                    return
+                        outcomes = [operation(self, txn) for operation in operations]
+                    return outcomes
                 except lmdb.MapFullError:
                     self._grow()
                 except lmdb.MapResizedError:
                     self.env.set_mapsize(0)  # another process grew the map: adopt its size
-                except lmdb.Error as exc:
-                    if _is_disk_full(exc):
-                        raise StorageFull(f"disk full: {exc}") from exc
-                    raise
+                except (lmdb.Error, OSError) as exc:
+                    if not is_storage_exhausted(exc):
+                        raise
+                    if frees_space and self._use_reserve():
+                        continue
+                    raise StorageFull(f"no room for the queue: {exc}") from exc
+
+    def settle(self) -> None:
+        """One tiny commit after a deletion, so the very next commit can reuse its pages.
+
+        LMDB keeps the last two snapshots: pages freed by commit N are reused from commit
+        N + 2 on. On a full disk that is the difference between a second
+        ``tachymail queue delete`` that finds room and one that does not. Best effort:
+        StorageFull is ignored.
+        """
+
+        def touch(store: QueueStore, txn: lmdb.Transaction) -> None:
+            # No schedule key is one byte long, and this one never outlives the transaction.
+            txn.put(b"\0", b"", db=store.schedule)
+            txn.delete(b"\0", db=store.schedule)
+
+        with contextlib.suppress(StorageFull):
+            self.apply([touch], frees_space=True)
+
+    # --- the reserve: spare disk space for commits that free space ---------------------
+
+    def ensure_reserve(self) -> bool:
+        """Make sure RESERVE_FILE holds ``reserve`` bytes of real disk blocks.
+
+        LMDB copies every page it changes, so even deleting a message needs free pages: on
+        a full disk, only the space this file gives back lets ``tachymail queue delete``
+        commit. Made only while the filesystem has four times that much free, so that it
+        never takes the last room intake needs. Returns whether the reserve is in place.
+        """
+        if not self.reserve:
+            return False
+        path = self.directory / RESERVE_FILE
+        with contextlib.suppress(OSError):
+            if path.stat().st_size >= self.reserve:
+                return True
+        try:
+            fs = os.statvfs(self.directory)
+            if fs.f_bavail * fs.f_frsize < 4 * self.reserve:
+                log.warning(
+                    "queue: no room for the %d MiB reserve in %s yet", self.reserve // MiB, path
+                )
+                return False
+            _write_reserve(path, self.reserve)
+        except OSError as exc:
+            log.warning("queue: cannot make the reserve %s: %s", path, exc)
+            return False
+        log.info("queue: %d MiB of disk kept in reserve in %s", self.reserve // MiB, path)
+        return True
+
+    def _use_reserve(self) -> bool:
+        """Delete the reserve file so that a commit freeing space can run; False: none."""
+        if not self.reserve:
+            return False
+        path = self.directory / RESERVE_FILE
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        self.reserve_spent += size
+        log.warning("queue: disk full; the reserve file was deleted to let a deletion commit")
+        return True
 
     # --- operations inside a write transaction --------------------------------------------
 
@@ -114,9 +218,14 @@ class QueueStore:
         self.insert_prepared(txn, prepare(envelope, content))
 
     def insert_prepared(self, txn: lmdb.Transaction, prepared: Prepared) -> None:
+        """Store a prepared new message; raises QueueIdTaken, having written nothing, when
+        its id is in use (a message is never overwritten)."""
         key, content, record, schedule = prepared
-        txn.put(key, content, db=self.contents, overwrite=False)
-        txn.put(key, record, db=self.envelopes, overwrite=False)
+        if not txn.put(key, content, db=self.contents, overwrite=False):
+            raise QueueIdTaken(f"queue id {key.decode()} is already in use")
+        if not txn.put(key, record, db=self.envelopes, overwrite=False):
+            txn.delete(key, db=self.contents)  # ours, just written: leave nothing behind
+            raise QueueIdTaken(f"queue id {key.decode()} is already in use")
         if schedule:
             txn.put(schedule, b"", db=self.schedule)
 
@@ -213,7 +322,12 @@ class QueueStore:
             raise StorageFull(f"queue map is at its maximum size ({current // MiB} MiB)")
         new = min(current * 2, self.max_map_size)
         log.info("growing the queue map from %d MiB to %d MiB", current // MiB, new // MiB)
-        self.env.set_mapsize(new)
+        try:
+            self.env.set_mapsize(new)
+        except (lmdb.Error, OSError) as exc:
+            if is_storage_exhausted(exc):
+                raise StorageFull(f"queue map cannot grow: {exc}") from exc
+            raise
 
     def _read(self) -> lmdb.Transaction:
         try:
@@ -238,6 +352,12 @@ class QueueStore:
             for _key, raw in txn.cursor(db=self.envelopes):
                 yield Envelope.from_record(raw)
 
+    def ids(self) -> list[str]:
+        """Every queued message's id, oldest first, from one read snapshot."""
+        with self._read() as txn:
+            cursor = txn.cursor(db=self.envelopes)
+            return [bytes(key).decode() for key in cursor.iternext(values=False)]
+
     def count(self) -> int:
         with self._read() as txn:
             entries: int = txn.stat(self.envelopes)["entries"]
@@ -247,7 +367,9 @@ class QueueStore:
         self.env.close()
 
 
-Operation = Callable[["QueueStore", lmdb.Transaction], None]
+#: a change inside a write transaction; it may return an exception to refuse on its own,
+#: having written nothing (the rest of the batch commits)
+Operation = Callable[["QueueStore", lmdb.Transaction], Exception | None]
 
 #: a new message ready to store: key, content, envelope record, schedule key (or b"")
 Prepared = tuple[bytes, bytes, bytes, bytes]
@@ -269,8 +391,13 @@ def put_message(envelope: Envelope, content: bytes) -> Operation:
     """
     prepared = prepare(envelope, content)
 
-    def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
-        store.insert_prepared(txn, prepared)
+    def operation(store: QueueStore, txn: lmdb.Transaction) -> Exception | None:
+        try:
+            store.insert_prepared(txn, prepared)
+        except QueueIdTaken as exc:  # refused alone: the rest of the group commit goes on
+            log.error("message refused, nothing overwritten: %s", exc)
+            return exc
+        return None
 
     return operation
 
@@ -279,6 +406,22 @@ def _ms(when: float) -> int:
     return int(when * 1000)
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
-    text = str(exc)
-    return "No space left" in text or f"[Errno {errno.ENOSPC}]" in text or "ENOSPC" in text
+def _write_reserve(path: Path, size: int) -> None:
+    """Allocate *size* bytes of real blocks at *path*, atomically (a temporary file first)."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(partial, "wb") as file:
+            try:
+                os.posix_fallocate(file.fileno(), 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                chunk = bytes(MiB)  # no fallocate here: zeros take the blocks as well
+                for offset in range(0, size, MiB):
+                    file.write(chunk[: size - offset])
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
