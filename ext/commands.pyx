@@ -210,12 +210,16 @@ cdef class LineReader:
     cdef Py_ssize_t _end
     cdef Py_ssize_t _scan
     cdef bint _skipping          # dropping the rest of an over-long line until its LF
+    cdef bint _cut               # the line at _start lost bytes: it is too long, whatever limit
     cdef readonly Py_ssize_t limit
+    cdef readonly Py_ssize_t auth_limit
+    cdef public bint auth_exchange  # every line is an AUTH exchange line (auth_limit applies)
 
-    def __cinit__(self, Py_ssize_t limit=512):
+    def __cinit__(self, Py_ssize_t limit=512, Py_ssize_t auth_limit=0):
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.limit = limit
+        self.auth_limit = max(limit, auth_limit)
         self._buf = <unsigned char*>PyMem_Malloc(FIRST_CAPACITY)
         if self._buf == NULL:
             raise MemoryError()
@@ -261,13 +265,27 @@ cdef class LineReader:
         self._capacity = capacity
         return 0
 
+    cdef Py_ssize_t _line_limit(self, Py_ssize_t first, Py_ssize_t end) noexcept:
+        """The limit of the line starting at first (end: the buffered bytes of it, or its
+        end): auth_limit in an AUTH exchange or for "AUTH " (any case), else limit."""
+        if self.auth_limit == self.limit:
+            return self.limit
+        if self.auth_exchange:
+            return self.auth_limit
+        if (end - first > 4 and self._buf[first + 4] == SP
+                and iequal(self._buf + first, 4, b"AUTH")):
+            return self.auth_limit
+        return self.limit
+
     cdef void _truncate_if_overlong(self) noexcept:
-        """Called when the unread bytes hold no LF: a partial line of limit bytes or more is
-        already too long, so keep only limit of its bytes and drop the rest until its LF."""
-        if self._end - self._start >= self.limit:
-            self._end = self._start + self.limit
+        """Called when the unread bytes hold no LF: a partial line of its limit or more is
+        already too long, so keep only that many of its bytes and drop the rest until its LF."""
+        cdef Py_ssize_t limit = self._line_limit(self._start, self._end)
+        if self._end - self._start >= limit:
+            self._end = self._start + limit
             self._scan = self._end
             self._skipping = True
+            self._cut = True
 
     def feed(self, data):
         """Append a chunk (any contiguous buffer)."""
@@ -321,7 +339,10 @@ cdef class LineReader:
         stop = lf - buf
         self._start = self._scan = stop + 1
         # Counted as received: a bare LF counts one octet, CRLF two.
-        if stop + 1 - first > self.limit:
+        # auth_limit >= limit: only a line over limit needs to know which limit is its own.
+        if self._cut or (stop + 1 - first > self.limit
+                         and stop + 1 - first > self._line_limit(first, stop)):
+            self._cut = False
             line = b""
             flags = F_TOO_LONG
         else:
@@ -341,6 +362,7 @@ cdef class LineReader:
         """Every buffered byte, partial line included; the reader is empty afterwards."""
         rest = PyBytes_FromStringAndSize(<char*>self._buf + self._start, self._end - self._start)
         self._skipping = False
+        self._cut = False
         self._empty()
         return rest
 

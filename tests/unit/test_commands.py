@@ -254,6 +254,65 @@ def test_long_line_byte_by_byte_within_limit(cmd: ModuleType) -> None:
     assert (len(line), flags) == (200_000, cmd.LINE_BARE_LF)
 
 
+# --- LineReader: AUTH lines (RFC 4954: 12,288 octets) ----------------------------------------
+
+
+def test_auth_command_line_may_reach_auth_limit(cmd: ModuleType) -> None:
+    reader = cmd.LineReader(512, auth_limit=12288)
+    assert (reader.limit, reader.auth_limit) == (512, 12288)
+    fits = b"AUTH PLAIN " + b"A" * (12288 - 13)
+    lower = b"auth plain " + b"B" * 5000
+    reader.feed(fits + b"\r\n" + lower + b"\r\n")
+    assert read_all(reader) == [(fits, 0), (lower, 0)]
+    # Other commands keep the 512-octet limit; an AUTH line past 12,288 is too long.
+    reader.feed(b"NOOP " + b"x" * 600 + b"\r\n" + fits + b"x\r\nQUIT\r\n")
+    assert read_all(reader) == [(b"", cmd.LINE_TOO_LONG)] * 2 + [(b"QUIT", 0)]
+    assert reader.pending == 0
+
+
+def test_auth_line_in_small_chunks_is_cut_at_auth_limit(cmd: ModuleType) -> None:
+    reader = cmd.LineReader(512, auth_limit=12288)
+    reader.feed(b"AUTH PLAIN ")
+    for _ in range(2000):
+        reader.feed(b"0123456789")
+        assert reader.readline() is None
+        assert reader.pending <= 12288
+    assert reader.pending == 12288
+    reader.feed(b"\r\nNOOP\r\n")
+    assert read_all(reader) == [(b"", cmd.LINE_TOO_LONG), (b"NOOP", 0)]
+
+
+def test_auth_exchange_lines_may_reach_auth_limit(cmd: ModuleType) -> None:
+    reader = cmd.LineReader(512, auth_limit=12288)
+    assert reader.auth_exchange is False
+    reader.auth_exchange = True
+    response = b"Q" * 12000
+    reader.feed(response + b"\r\n")
+    assert reader.readline() == (response, 0)
+    reader.feed(b"R" * 13000 + b"\r\n")
+    assert reader.readline() == (b"", cmd.LINE_TOO_LONG)
+    reader.auth_exchange = False
+    reader.feed(b"S" * 600 + b"\r\n")
+    assert reader.readline() == (b"", cmd.LINE_TOO_LONG)
+
+
+def test_a_line_cut_before_the_exchange_began_stays_too_long(cmd: ModuleType) -> None:
+    reader = cmd.LineReader(16, auth_limit=64)
+    reader.feed(b"x" * 30)
+    assert reader.readline() is None and reader.pending == 16
+    reader.auth_exchange = True  # its 16 kept octets would now fit: it must not look whole
+    reader.feed(b"\r\nok\r\n")
+    assert read_all(reader) == [(b"", cmd.LINE_TOO_LONG), (b"ok", 0)]
+
+
+def test_auth_limit_defaults_to_limit(cmd: ModuleType) -> None:
+    reader = cmd.LineReader(100)
+    assert reader.auth_limit == 100
+    assert cmd.LineReader(600, auth_limit=100).auth_limit == 600
+    reader.feed(b"AUTH PLAIN " + b"x" * 100 + b"\r\n")
+    assert reader.readline() == (b"", cmd.LINE_TOO_LONG)
+
+
 # --- LineReader: drain -----------------------------------------------------------------------
 
 
@@ -790,6 +849,38 @@ def test_twins_agree_on_any_chunking(
             assert reader.pending <= limit  # what is left is one partial line, cut at limit
             if index == drain_at:
                 trace.append(reader.drain())
+        trace.append(reader.drain())
+        traces.append(trace)
+    assert traces[0] == traces[1]
+
+
+AUTH_PIECES = [b"AUTH PLAIN ", b"auth x", b"AUTH", b" ", b"y" * 30, b"\r\n", b"\n", b"NOOP"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.sampled_from(AUTH_PIECES), max_size=30).map(b"".join),
+    limit=st.integers(min_value=1, max_value=40),
+    extra=st.integers(min_value=0, max_value=80),
+    cuts=st.lists(st.integers(min_value=0, max_value=1000), max_size=12),
+    exchange=st.lists(st.booleans(), min_size=13, max_size=13),
+)
+def test_twins_agree_on_auth_lines(
+    data: bytes, limit: int, extra: int, cuts: list[int], exchange: list[bool]
+) -> None:
+    compiled, pure = both_impls("commands")
+    bounds = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    traces = []
+    for module in (compiled, pure):
+        reader = module.LineReader(limit, auth_limit=limit + extra)
+        trace: list[Any] = []
+        for index, chunk in enumerate(chunks):
+            reader.auth_exchange = exchange[index]
+            reader.feed(chunk)
+            trace.append(reader.pending)
+            trace += read_all(reader)
+            assert reader.pending <= limit + extra
         trace.append(reader.drain())
         traces.append(trace)
     assert traces[0] == traces[1]

@@ -111,4 +111,37 @@ class UsersFile:
         return True
 
 
+class SenderOwnership:
+    """Which envelope senders each authenticated user owns, for the sender-login policy.
+
+    A user owns its login name when that is an address (``alice@example.com``), and the
+    addresses and ``@domain`` entries listed for it in ``auth.senders``. Addresses and
+    domains compare without regard to case; a domain entry covers that domain only, not
+    its subdomains. The null sender is owned by everyone when *null_sender* is true.
+    """
+
+    def __init__(self, senders: dict[str, list[str]], *, null_sender: bool) -> None:
+        self.null_sender = null_sender
+        self._addresses: dict[str, set[str]] = {}
+        self._domains: dict[str, set[str]] = {}
+        for user, owned in senders.items():
+            for item in owned:
+                if item.startswith("@"):
+                    self._domains.setdefault(user, set()).add(item[1:].lower())
+                else:
+                    self._addresses.setdefault(user, set()).add(item.lower())
+
+    def owns(self, user: str, sender: str) -> bool:
+        """Whether *user* may use the envelope sender *sender* ("" for ``<>``)."""
+        if not sender:
+            return self.null_sender
+        address = sender.lower()
+        if "@" in user and address == user.lower():
+            return True
+        if address in self._addresses.get(user, ()):
+            return True
+        _, at, domain = address.rpartition("@")
+        return bool(at) and domain in self._domains.get(user, ())
+
+
 _DUMMY_HASH = hash_password("tachymail-dummy-password")

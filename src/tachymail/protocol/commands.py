@@ -3,7 +3,7 @@
 The compiled kernel (``ext/commands.pyx``) is used unless ``TACHYMAIL_PURE=1``;
 ``commands_py`` is its twin with the same API and the same replies.
 
-``LineReader(limit=512)``
+``LineReader(limit=512, auth_limit=0)``
     ``feed(data)`` appends any bytes-like chunk; ``readline()`` returns the
     next complete line as ``(line, flags)`` with the line terminator removed,
     or ``None`` when no complete line is buffered.  ``limit`` (at least 1,
@@ -15,10 +15,20 @@ The compiled kernel (``ext/commands.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     inside it (the CR stays in the line); a CR at the end of one chunk and
     the LF at the start of the next are an ordinary CRLF.
 
-    Memory stays bounded: once ``limit`` octets of a line with no LF before
-    them are buffered, only those ``limit`` octets are kept and the rest of
-    the line is dropped as it arrives, so after ``readline()`` returned
-    ``None``, ``pending <= limit``.  Octets behind a complete buffered line
+    ``auth_limit`` (read-only; never below ``limit``, which it is when given
+    as 0) is the limit instead for a line that starts with ``"AUTH "`` in any
+    case (an AUTH command with an initial response), and for every line while
+    the writable ``auth_exchange`` flag is true (the caller sets it while it
+    waits for an AUTH continuation line): RFC 4954 allows those 12,288
+    octets.  The limit is chosen from the line's first five octets when they
+    are buffered, and from ``auth_exchange`` as it is when the line is cut or
+    returned; a line once cut always comes back as ``LINE_TOO_LONG``.
+
+    Memory stays bounded: once a line's limit of octets with no LF before
+    them are buffered, only those octets are kept and the rest of the line
+    is dropped as it arrives, so after ``readline()`` returned ``None``,
+    ``pending <= auth_limit`` (``<= limit`` unless the partial line is an
+    AUTH line).  Octets behind a complete buffered line
     are never dropped: ``drain()`` hands over every buffered byte (the start
     of a DATA or BDAT body, which may have long lines) and empties the
     reader, including any line being dropped; ``pending`` counts buffered

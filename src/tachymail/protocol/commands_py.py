@@ -88,13 +88,26 @@ _ENVID_MAX = 100  # RFC 3461 §4.4
 class LineReader:
     """Splits a byte stream into command lines; see ``tachymail.protocol.commands``."""
 
-    __slots__ = ("_buf", "_limit", "_scan", "_skipping", "_start")
+    __slots__ = (
+        "_auth_limit",
+        "_buf",
+        "_cut",
+        "_limit",
+        "_scan",
+        "_skipping",
+        "_start",
+        "auth_exchange",
+    )
 
-    def __init__(self, limit: int = 512) -> None:
+    def __init__(self, limit: int = 512, auth_limit: int = 0) -> None:
         limit = operator.index(limit)
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._limit = limit
+        self._auth_limit = max(limit, operator.index(auth_limit))
+        #: every line is an AUTH exchange line (auth_limit applies)
+        self.auth_exchange = False
+        self._cut = False  # the line at _start lost bytes: it is too long, whatever limit
         # Unread bytes are _buf[_start:]; _buf[_start:_scan] is known to hold no LF.
         self._buf = bytearray()
         self._start = 0
@@ -107,9 +120,29 @@ class LineReader:
         return self._limit
 
     @property
+    def auth_limit(self) -> int:
+        """The longest AUTH command or AUTH exchange line accepted, its CRLF included."""
+        return self._auth_limit
+
+    @property
     def pending(self) -> int:
         """Bytes buffered and not yet returned by readline()."""
         return len(self._buf) - self._start
+
+    def _line_limit(self, first: int, end: int) -> int:
+        # auth_limit in an AUTH exchange or for "AUTH " (any case), else limit.
+        if self._auth_limit == self._limit:
+            return self._limit
+        if self.auth_exchange:
+            return self._auth_limit
+        buf = self._buf
+        if (
+            end - first > 4
+            and buf[first + 4] == 32
+            and bytes(buf[first : first + 4]).upper() == b"AUTH"
+        ):
+            return self._auth_limit
+        return self._limit
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append a chunk (any contiguous buffer)."""
@@ -139,12 +172,14 @@ class LineReader:
                 self._scan = lf
 
     def _truncate_if_overlong(self) -> None:
-        # Called when the unread bytes hold no LF: a partial line of limit bytes or more is
-        # already too long, so keep only limit of its bytes and drop the rest until its LF.
-        if len(self._buf) - self._start >= self._limit:
-            del self._buf[self._start + self._limit :]
+        # Called when the unread bytes hold no LF: a partial line of its limit or more is
+        # already too long, so keep only that many of its bytes and drop the rest until its LF.
+        limit = self._line_limit(self._start, len(self._buf))
+        if len(self._buf) - self._start >= limit:
+            del self._buf[self._start + limit :]
             self._scan = len(self._buf)
             self._skipping = True
+            self._cut = True
 
     def readline(self) -> tuple[bytes, int] | None:
         """The next complete line as (line, flags), or None when no LF is buffered."""
@@ -159,7 +194,11 @@ class LineReader:
             return None
         self._start = self._scan = lf + 1
         # Counted as received: a bare LF counts one octet, CRLF two.
-        if lf + 1 - first > self._limit:
+        # auth_limit >= limit: only a line over limit needs to know which limit is its own.
+        if self._cut or (
+            lf + 1 - first > self._limit and lf + 1 - first > self._line_limit(first, lf)
+        ):
+            self._cut = False
             line, flags = b"", LINE_TOO_LONG
         else:
             stop = lf
@@ -179,6 +218,7 @@ class LineReader:
         """Every buffered byte, partial line included; the reader is empty afterwards."""
         rest = bytes(self._buf[self._start :])
         self._skipping = False
+        self._cut = False
         self._empty()
         return rest
 
