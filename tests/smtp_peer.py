@@ -5,12 +5,18 @@ some recipients or at end of data, a 421 greeting, slow replies, a connection cu
 after a command), advertises a chosen set of extensions, and records what it got:
 every message with its envelope, every connection, and the size of every read (so a
 test can see that a pipelined batch arrived in one write).
+
+For TLS and AUTH tests it can offer STARTTLS (with a server context the test makes) and
+AUTH, and records every AUTH line with whether it came under TLS. For fault injection it
+can cut the connection at a chosen point, the first few times or always (``cut_at``,
+``cut_times``): see :class:`Script`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -50,8 +56,19 @@ class Script:
     data: str | None = None
     #: seconds to wait before every reply
     delay: float = 0.0
-    #: close the connection instead of answering this verb ("MAIL", "DATA", "EOD", ...)
+    #: close the connection instead of answering this verb ("MAIL", "DATA", "EOD", ...), or:
+    #: "CONTENT": after the 354, on the first bytes of content (before the dot);
+    #: "EOD": after the dot, before any reply, the message discarded;
+    #: "EOD_KEPT": after the dot, before any reply, the message kept (as if queued);
+    #: "EOD_PARTIAL": the message kept, ``partial_reply`` written without CRLF, then closed
     cut_at: str = ""
+    #: cut only this many times, then behave (0: every time)
+    cut_times: int = 0
+    partial_reply: str = "250 2.0.0 O"
+    #: offer STARTTLS with this server context
+    tls_context: ssl.SSLContext | None = None
+    #: offer AUTH PLAIN LOGIN (and accept any credentials with 235)
+    auth: bool = False
     #: called with each accepted message (for tests that change the script as mail arrives)
     on_message: Callable[[Received], None] | None = None
 
@@ -65,6 +82,8 @@ class _Session(asyncio.Protocol):
         self.bdat_last = False
         self.body = bytearray()
         self.reset()
+        self.tls = False
+        self.upgrading = False
         peer.connections += 1
         self.number = peer.connections
 
@@ -81,6 +100,34 @@ class _Session(asyncio.Protocol):
         if self.peer.script.greeting.startswith(("421", "554")):
             self.transport.close()  # type: ignore[attr-defined]
 
+    async def upgrade(self, context: ssl.SSLContext) -> None:
+        """STARTTLS on the server side; a failed handshake just ends the connection."""
+        loop = asyncio.get_running_loop()
+        self.buffer = b""  # RFC 3207 §4.2: nothing sent before the handshake counts
+        # Commands may arrive (decrypted) before start_tls returns the new transport: they
+        # wait in the buffer, or their replies would go out in plaintext.
+        self.upgrading = True
+        try:
+            new = await loop.start_tls(
+                self.transport,  # type: ignore[arg-type]
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=10,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            self.peer.tls_failures.append(repr(exc))
+            self.transport.close()  # type: ignore[attr-defined]
+            return
+        if new is None:
+            return
+        self.transport = new  # type: ignore[assignment]
+        self.tls = True
+        self.upgrading = False
+        self.reset()
+        if self.buffer:
+            self.data_received(b"")
+
     def reply(self, text: str) -> None:
         delay = self.peer.script.delay
         if delay:
@@ -88,15 +135,18 @@ class _Session(asyncio.Protocol):
         self.transport.write(text.encode() + b"\r\n")  # type: ignore[attr-defined]
 
     def cut(self, verb: str) -> bool:
-        if self.peer.script.cut_at == verb:
+        script = self.peer.script
+        if script.cut_at == verb and (not script.cut_times or self.peer.cuts < script.cut_times):
+            self.peer.cuts += 1
             self.transport.close()  # type: ignore[attr-defined]
             return True
         return False
 
     def data_received(self, data: bytes) -> None:
-        self.peer.reads.append(len(data))
+        if data:
+            self.peer.reads.append(len(data))
         self.buffer += data
-        while self.buffer:
+        while self.buffer and not self.upgrading:
             if self.bdat_left:
                 take = self.buffer[: self.bdat_left]
                 self.body += take
@@ -109,6 +159,8 @@ class _Session(asyncio.Protocol):
                         self.reply("250 2.0.0 chunk ok")
                 continue
             if self.in_data:
+                if self.cut("CONTENT"):
+                    return
                 end = self.buffer.find(b"\r\n.\r\n")
                 if end < 0 and self.buffer.startswith(b".\r\n"):
                     end = -2
@@ -130,7 +182,12 @@ class _Session(asyncio.Protocol):
         if self.cut("EOD"):
             return
         reply = self.peer.script.data
-        if reply is None or reply.startswith("2"):
+        script = self.peer.script
+        cut_at = script.cut_at
+        kept_then_cut = cut_at in ("EOD_KEPT", "EOD_PARTIAL") and (
+            not script.cut_times or self.peer.cuts < script.cut_times
+        )
+        if reply is None or reply.startswith("2") or kept_then_cut:
             received = Received(
                 self.sender or "",
                 self.mail_args,
@@ -142,6 +199,11 @@ class _Session(asyncio.Protocol):
             self.peer.messages.append(received)
             if self.peer.script.on_message:
                 self.peer.script.on_message(received)
+        if kept_then_cut:
+            if cut_at == "EOD_PARTIAL":  # a reply line begun, never finished
+                self.transport.write(script.partial_reply.encode())  # type: ignore[attr-defined]
+            self.cut(cut_at)
+            return
         self.reply(reply or f"250 2.0.0 Ok: queued as P{len(self.peer.messages)}")
         self.reset()
 
@@ -152,6 +214,10 @@ class _Session(asyncio.Protocol):
             return False
         if verb == "EHLO":
             lines = ["peer.test", *script.extensions]
+            if script.tls_context is not None and not self.tls:
+                lines.append("STARTTLS")
+            if script.auth:
+                lines.append("AUTH PLAIN LOGIN")
             out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
             self.reply("\r\n".join(out))
         elif verb == "HELO":
@@ -169,6 +235,8 @@ class _Session(asyncio.Protocol):
             match = re.match(r"RCPT TO:<([^>]*)>(.*)", line, re.I)
             address = match.group(1) if match else ""
             answer = script.rcpt.get(address, "250 2.1.5 Ok")
+            if self.sender is None:  # MAIL was refused (or never sent): RFC 5321 §3.3
+                answer = "503 5.5.1 MAIL first"
             if answer.startswith("2"):
                 self.rcpts.append(address)
                 self.rcpt_args.append(match.group(2).strip() if match else "")
@@ -185,6 +253,14 @@ class _Session(asyncio.Protocol):
             self.bdat_last = len(parts) > 2 and parts[2].upper() == "LAST"
             if self.bdat_left == 0 and self.bdat_last:
                 self.end_of_message(bytes(self.body))
+        elif verb == "STARTTLS" and script.tls_context is not None and not self.tls:
+            self.reply("220 2.0.0 go ahead")
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+            self.upgrade_task = asyncio.ensure_future(self.upgrade(script.tls_context))
+            return False
+        elif verb == "AUTH" and script.auth:
+            self.peer.auth_lines.append((self.tls, line))
+            self.reply("235 2.7.0 authenticated")
         elif verb == "RSET":
             self.reset()
             self.reply("250 2.0.0 Ok")
@@ -205,6 +281,12 @@ class SmtpPeer:
         self.messages: list[Received] = []
         self.connections = 0
         self.reads: list[int] = []
+        #: (under TLS, the AUTH command line) for every AUTH received
+        self.auth_lines: list[tuple[bool, str]] = []
+        #: handshakes that failed (the client refused the certificate, ...)
+        self.tls_failures: list[str] = []
+        #: connections cut by ``Script.cut_at``
+        self.cuts = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)

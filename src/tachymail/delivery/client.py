@@ -160,6 +160,9 @@ class ClientSettings:
     helo: str
     tls: str = "opportunistic"  # "none" | "opportunistic" | "required"
     tls_verify: bool = False
+    #: PEM file of the CAs to verify against; empty: the system's
+    tls_ca: str = ""
+    #: sent only under TLS whose certificate was verified (the router sets tls_verify)
     auth: tuple[str, str] | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
@@ -231,6 +234,8 @@ class SmtpConnection:
 
         Raises SmtpClientError for network trouble and :class:`ReplyError` when the peer
         refuses the session (a 4xx/5xx greeting, required TLS not offered, AUTH refused).
+        Credentials go out only under TLS with a verified certificate: otherwise
+        :class:`TlsPolicyError`, 451 4.7.10 (no TLS) or 451 4.7.5 (certificate not verified).
         """
         loop = asyncio.get_running_loop()
         conn = cls(host, address, port, settings)
@@ -253,6 +258,14 @@ class SmtpConnection:
             refusal = Reply(421, ("4.7.0 TLS required but not offered by the peer",))
             raise ReplyError(refusal, "tls")
         if settings.auth is not None:
+            if not conn.tls_version or not settings.tls_verify:
+                conn.abort()
+                why = "refused STARTTLS" if "STARTTLS" in conn.extensions else "offers no TLS"
+                if conn.tls_version:
+                    why = "has an unverified certificate"  # only if built without the router
+                log.warning("%s [%s]: %s; credentials not sent", host, address, why)
+                refusal = Reply(451, (f"4.7.10 {host} {why}; credentials not sent",))
+                raise TlsPolicyError(refusal, "AUTH")
             await conn._authenticate(*settings.auth)
         return conn
 
@@ -274,7 +287,7 @@ class SmtpConnection:
                 self.abort()
                 raise ReplyError(reply, "STARTTLS")
             return
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=self.settings.tls_ca or None)
         if not self.settings.tls_verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -287,6 +300,12 @@ class SmtpConnection:
                 server_hostname=self.settings.server_name or self.host,
                 ssl_handshake_timeout=self.settings.connect_timeout,
             )
+        except ssl.SSLCertVerificationError as exc:
+            self.abort()
+            why = f"certificate of {self.host} not verified: {exc.verify_message}"
+            log.warning("%s [%s]: %s", self.host, self.address, why)
+            # RFC 3463 X.7.5, as Postfix reports an unverified server certificate
+            raise TlsPolicyError(Reply(451, (f"4.7.5 {why}",)), "STARTTLS") from exc
         except Exception as exc:
             self.abort()
             raise SmtpClientError(f"TLS handshake with {self.host} failed: {exc!r}") from exc
@@ -426,6 +445,11 @@ class ReplyError(SmtpClientError):
         super().__init__(f"{step}: {reply}")
         self.reply = reply
         self.step = step
+
+
+class TlsPolicyError(ReplyError):
+    """We ended the session ourselves: credentials without verified TLS (451 4.7.10) or a
+    certificate that does not verify (451 4.7.5). The message is deferred with ``reply``."""
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:

@@ -23,6 +23,7 @@ from tachymail.delivery.client import (
     ReplyError,
     SmtpClientError,
     SmtpConnection,
+    TlsPolicyError,
     TransactionResult,
 )
 from tachymail.delivery.eightbit import downgrade
@@ -72,6 +73,11 @@ class JobResult:
     tls: str = ""
     #: no connection could be made: always trouble for the pool
     connect_failed: bool = False
+
+
+class NextHopDnsError(SmtpClientError):
+    """No host of the next hop could be tried because the DNS failed temporarily: the
+    recipients are deferred with 451 4.4.3 (RFC 3463: directory server failure)."""
 
 
 def all_outcomes(job: Job, outcome: Outcome, conn: SmtpConnection | None = None) -> JobResult:
@@ -308,10 +314,12 @@ class DeliveryPool:
         """The first host (and address) of the next hop that lets us in."""
         errors: list[str] = []
         last: SmtpClientError | None = None
+        dns_trouble = False
         for host in self.hop.hosts:
             try:
                 addresses = await self._addresses(host)
             except TemporaryDnsError as exc:
+                dns_trouble = True
                 errors.append(f"{host}: {exc}")
                 continue
             if not addresses:
@@ -331,10 +339,16 @@ class DeliveryPool:
                 return conn
         if isinstance(last, ReplyError) and len(self.hop.hosts) == 1:
             raise last
+        if dns_trouble and last is None:
+            raise NextHopDnsError("; ".join(errors))
         raise SmtpClientError("; ".join(errors) or "no host to connect to")
 
     def _connect_failure(self, job: Job, exc: SmtpClientError) -> JobResult:
-        if isinstance(exc, ReplyError) and exc.reply.code // 100 == 5 and exc.step != "greeting":
+        if isinstance(exc, TlsPolicyError):
+            outcome = Outcome(DEFERRED, exc.reply.code, exc.reply.status, exc.reply.text)
+        elif isinstance(exc, NextHopDnsError):
+            outcome = Outcome(DEFERRED, 451, "4.4.3", f"4.4.3 DNS lookup failed: {exc}")
+        elif isinstance(exc, ReplyError) and exc.reply.code // 100 == 5 and exc.step != "greeting":
             outcome = classify(exc.reply.code, exc.reply.text, "5.0.0")
         elif isinstance(exc, ReplyError):
             outcome = Outcome(DEFERRED, exc.reply.code, exc.reply.status or "4.4.1", str(exc))

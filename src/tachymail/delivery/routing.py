@@ -65,16 +65,22 @@ class Router:
                 (host,),
                 port,
                 self._settings(
-                    delivery.smarthost_tls, delivery.smarthost_tls_verify, delivery.smarthost_auth
+                    delivery.smarthost_tls,
+                    delivery.smarthost_tls_verify,
+                    delivery.smarthost_auth,
+                    delivery.smarthost_tls_ca,
                 ),
             )
 
-    def _settings(self, tls: str, verify: bool, auth: str) -> ClientSettings:
+    def _settings(self, tls: str, verify: bool | None, auth: str, ca: str = "") -> ClientSettings:
+        """How to talk to a hop. With credentials the certificate is always verified (an
+        explicit ``false`` is refused by the configuration check): they go nowhere else."""
         delivery = self.config.delivery
         return ClientSettings(
             helo=self.helo,
             tls=tls,
-            tls_verify=verify,
+            tls_verify=bool(auth) or bool(verify),
+            tls_ca=ca,
             auth=_auth(auth),
             connect_timeout=delivery.connect_timeout,
             command_timeout=delivery.command_timeout,
@@ -87,7 +93,7 @@ class Router:
             if route.host == "local":
                 return NextHop("local", (), 0, self._settings("none", False, ""), local=True)
             host, port = split_hostport(route.host)
-            settings = self._settings(route.tls, route.tls_verify, route.auth)
+            settings = self._settings(route.tls, route.tls_verify, route.auth, route.tls_ca)
             return NextHop(f"route:{host}:{port}", (host,), port, settings)
         if domain in self.local_domains:
             return NextHop("local", (), 0, self._settings("none", False, ""), local=True)

@@ -64,7 +64,7 @@ from tachymail.queue.envelope import (
     DELIVERED as RCPT_DELIVERED,
 )
 from tachymail.queue.notify import Listener, shard_of
-from tachymail.queue.store import Operation, QueueStore
+from tachymail.queue.store import Operation, QueueStore, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,18 @@ log = logging.getLogger(__name__)
 # scan is only a safety net; without, it is how new mail is found.
 POLL, POLL_UNNOTIFIED = 0.1, 0.02
 RESCAN, RESCAN_UNNOTIFIED = 1.0, 0.1
+#: TEST FAULT INJECTION, never for production: a recipient address whose delivery attempts
+#: raise RuntimeError once the peer has answered, as a bug in the delivery path would. Read
+#: once when a delivery worker starts; documented in docs/configuration.md.
+TEST_FAULT_ENV = "TACHYMAIL_TEST_DELIVERY_FAULT"
+#: commits of one result tried before giving up on an error other than StorageFull (which
+#: is retried as long as the worker runs: space comes back, a broken operation does not)
+COMMIT_TRIES = 3
+#: the outcome of an attempt that raised: a temporary failure like any other (RFC 3463 X.3.0)
+INTERNAL_ERROR = Outcome(DEFERRED, 451, "4.3.0", "4.3.0 internal error during delivery")
+#: the hop of recipients in local domains, and its deferral reply: no mailboxes exist yet
+LOCAL_HOP = "local"
+LOCAL_HOP_REPLY = "4.3.0 local delivery is not available; held without DSN until routed elsewhere"
 
 
 @dataclass(slots=True)
@@ -109,7 +121,11 @@ class DeliveryLog:
     def flush(self) -> None:
         if self.lines:
             data, self.lines = b"".join(self.lines), []
-            os.write(self.fd, data)
+            try:
+                os.write(self.fd, data)
+            except OSError as exc:
+                # A full disk must not stop delivery: the queue, not this log, is the record.
+                log.warning("delivery log: %d lines lost: %s", data.count(b"\n"), exc)
 
     def close(self) -> None:
         self.flush()
@@ -133,7 +149,7 @@ class DeliveryWorker:
         self.store = store
         self.committer = committer
         delivery = config.delivery
-        self.resolver = Resolver(delivery.resolver or None, timeout=10.0)
+        self.resolver = Resolver(delivery.resolver or None, timeout=delivery.dns_timeout)
         self.router = Router(config, self.resolver)
         self.pools: dict[str, DeliveryPool] = {}
         self.active: set[str] = set()
@@ -150,11 +166,23 @@ class DeliveryWorker:
         #: the window was full when there was work: wake the poll when a slot frees
         self.starved = False
         self.stopping = False
+        #: set with ``stopping``: ends the waits between retries of a failed result commit
+        self.halt = asyncio.Event()
+        #: queue id -> time before which it is not taken again: its attempt could not be
+        #: recorded, so the queue still says it is due (memory only; a restart forgets it)
+        self.held: dict[str, float] = {}
         self.listener = Listener(config.data_path, index, self._notified)
         #: counters for metrics and tests
         self.attempts = 0
         self.delivered = 0
         self.bounced = 0
+        self.test_fault = os.environ.get(TEST_FAULT_ENV, "").lower()
+        if self.test_fault:
+            log.warning(
+                "TEST FAULT INJECTION ACTIVE (%s): attempts for <%s> will raise",
+                TEST_FAULT_ENV,
+                self.test_fault,
+            )
 
     # --- taking work from the queue ------------------------------------------------------
 
@@ -184,6 +212,7 @@ class DeliveryWorker:
                 self.wake.clear()
         finally:
             self.stopping = True  # take no new work, notified or not
+            self.halt.set()
         # Let transactions under way finish (the caller bounds this by its drain timeout),
         # then hand the channel on to the worker that replaces this one.
         while self.active:
@@ -219,6 +248,8 @@ class DeliveryWorker:
             self.cursor = b""
             self.last_rescan = now
             self.skipped.clear()
+            if self.held:  # forget holds that ran out (or whose message is gone)
+                self.held = {q: until for q, until in self.held.items() if until > now}
 
     def _notified(self, ids: list[str]) -> None:
         """Newly queued messages from the SMTP workers: start them now if there is room."""
@@ -248,6 +279,9 @@ class DeliveryWorker:
         """Start delivering *queue_id* (schedule entry *key*, None when notified)."""
         if snapshot is None or queue_id in self.active:
             return False
+        if self.held and self.held.get(queue_id, 0.0) > now:
+            return False
+        self.held.pop(queue_id, None)
         envelope, content, raw = snapshot
         mine = [
             (i, r)
@@ -269,11 +303,33 @@ class DeliveryWorker:
     async def _deliver(
         self, envelope: Envelope, content: bytes, raw: bytes, mine: list[tuple[int, Recipient]]
     ) -> None:
+        """Attempt and record; whatever fails, the next attempt follows the retry schedule.
+
+        An attempt that raises is recorded as ``451 4.3.0 internal error during delivery``
+        (traceback logged once). A result that cannot be committed is retried by
+        :meth:`_commit` without sending the message again. Only if even that gives up (the
+        worker stops, or an error other than StorageFull persists) is the message held in
+        memory for one retry interval, then sent again (at least once).
+        """
         try:
-            attempts = await self._attempt(envelope, content, mine)
+            try:
+                attempts = await self._attempt(envelope, content, mine)
+            except Exception:
+                log.exception(
+                    "delivery of %s failed unexpectedly; deferred on the retry schedule",
+                    envelope.id,
+                )
+                attempts = [Attempt(i, r, INTERNAL_ERROR, "internal") for i, r in mine]
             await self._record(envelope, content, raw, attempts)
         except Exception:
-            log.exception("delivery of %s failed unexpectedly; it stays queued", envelope.id)
+            # The queue still says "due now": without this hold it would go again at once.
+            delay = self._retry_delay(1 + min((r.attempts for _, r in mine), default=0))
+            self.held[envelope.id] = time.time() + delay
+            log.exception(
+                "result of %s not recorded; it stays queued, next attempt in %.0fs",
+                envelope.id,
+                delay,
+            )
         finally:
             self.active.discard(envelope.id)
             if self.starved:
@@ -295,10 +351,10 @@ class DeliveryWorker:
                 outcome = Outcome(kind, hop.code, hop.status, f"{hop.status} {hop.text}")
                 attempts += [Attempt(i, r, outcome, "dns") for i, r in rcpts]
             elif hop.local:
-                outcome = Outcome(
-                    DEFERRED, 451, "4.3.0", "4.3.0 local delivery is not supported yet"
-                )
-                attempts += [Attempt(i, r, outcome, "local") for i, r in rcpts]
+                # Only mail queued before its domain became local gets here (RCPT refuses
+                # the rest): it waits for a route elsewhere, and never causes a DSN.
+                outcome = Outcome(DEFERRED, 451, "4.3.0", LOCAL_HOP_REPLY)
+                attempts += [Attempt(i, r, outcome, LOCAL_HOP) for i, r in rcpts]
             else:
                 groups.setdefault(hop.key, (hop, []))[1].extend(rcpts)
         eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
@@ -333,6 +389,10 @@ class DeliveryWorker:
                         result.tls,
                     )
                 )
+        if self.test_fault and any(
+            a.recipient.address.lower() == self.test_fault for a in attempts
+        ):
+            raise RuntimeError(f"test fault injection ({TEST_FAULT_ENV})")
         return attempts
 
     def _pool(self, hop: NextHop) -> DeliveryPool:
@@ -422,10 +482,20 @@ class DeliveryWorker:
                     succeeded.append(_report(updated, "relayed", outcome, attempt, now, until))
             elif kind == FAILED:
                 updated.state = BOUNCED
-                failed.append(_report(updated, "failed", outcome, attempt, now, until))
+                if attempt.hop == LOCAL_HOP:
+                    # No backscatter: the sender of mail for a local domain may be forged.
+                    log.warning(
+                        "%s to <%s>: dropped without a DSN: %s",
+                        envelope.id,
+                        rcpt.address,
+                        outcome.reply,
+                    )
+                else:
+                    failed.append(_report(updated, "failed", outcome, attempt, now, until))
             else:
                 updated.next_attempt = now + self._retry_delay(updated.attempts)
-                delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
+                if attempt.hop != LOCAL_HOP:  # no delay warning for it either
+                    delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
             changes[attempt.index] = updated
             self.attempts += 1
             records.append(
@@ -471,9 +541,41 @@ class DeliveryWorker:
             finished_from=(raw, envelope.due) if finished else None,
         )
         try:
-            await self.committer.submit_operation(operation)
+            await self._commit(envelope.id, operation)
         finally:
             self.log.write(records)
+
+    async def _commit(self, queue_id: str, operation: Operation) -> None:
+        """Commit one attempt's result, retrying on the retry schedule while that fails.
+
+        The message stays in the active window meanwhile, so it is not sent again: a result
+        that cannot be written for want of space costs no duplicate while this worker
+        lives. Raises the last error if the worker stops first, or after ``COMMIT_TRIES``
+        failures of another kind; the message is then still queued and goes again after a
+        retry interval (at least once).
+        """
+        failures = 0
+        while True:
+            try:
+                await self.committer.submit_operation(operation)
+            except Exception as exc:
+                failures += 1
+                if self.stopping or (not isinstance(exc, StorageFull) and failures >= COMMIT_TRIES):
+                    raise
+                delay = self._retry_delay(failures)
+                log.error(
+                    "%s: recording the delivery result failed (%s); retrying in %.1fs "
+                    "without sending the message again",
+                    queue_id,
+                    exc,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.halt.wait(), delay)
+                continue
+            if failures:
+                log.info("%s: delivery result recorded after %d failures", queue_id, failures)
+            return
 
     def _reports(
         self,
