@@ -1,9 +1,13 @@
 """Delivery status notifications: RFC 3464 reports built by the rules of RFC 3461.
 
-``report_recipients`` applies NOTIFY (who gets told about what), ``should_bounce`` the
-null-sender rule, and ``build_report`` writes the report itself: a ``multipart/report``
-(RFC 6522) with a human explanation, a ``message/delivery-status`` part and the returned
-message or its headers, ready to be queued with the null sender ``<>``.
+The one module that builds them, for the delivery worker and for ``tachymail queue
+bounce`` alike. ``notifications`` turns what happened to some recipients into the
+reports to queue (envelope and content, NOTIFY applied); ``operator_bounce`` does it for
+recipients the operator gave up on. Below them, ``report_recipients`` applies NOTIFY (who
+gets told about what), ``should_bounce`` the null-sender rule, and ``build_report`` writes
+the report itself: a ``multipart/report`` (RFC 6522) with a human explanation, a
+``message/delivery-status`` part and the returned message or its headers, ready to be
+queued with the null sender ``<>`` and the MAIL parameters of ``report_mail_params``.
 
 Decisions beyond the RFCs' MUSTs, which a caller may rely on:
 
@@ -32,7 +36,11 @@ Decisions beyond the RFCs' MUSTs, which a caller may rely on:
   The returned message's line ends are made CRLF.
 - **Kind.** One report may mix actions; its subject and text follow the most urgent one:
   any "failed" makes it a failure report, else any "delayed" a delay report, else a success
-  report.
+  report. ``notifications`` makes one report per kind.
+- **Diagnostic-Code** (RFC 3464 §2.3.6) is ``smtp; `` and the reply for what a server
+  said or what the delivery worker says in its place; a recipient the operator bounced
+  gets ``X-Tachymail; bounced by the operator ...`` (an ``X-`` type, as RFC 3464 allows
+  for types not registered), with the last attempt's reply when there was one.
 """
 
 from __future__ import annotations
@@ -44,13 +52,18 @@ from dataclasses import dataclass
 from email.utils import formatdate
 
 from tachymail.delivery.eightbit import qp_encode
-from tachymail.queue.envelope import Envelope, Recipient
+from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
 
 __all__ = [
     "ACTIONS",
+    "OPERATOR_BOUNCE_STATUS",
+    "OPERATOR_BOUNCE_TEXT",
     "RETURN_FULL_LIMIT",
+    "Notification",
     "RecipientReport",
     "build_report",
+    "notifications",
+    "operator_bounce",
     "report_mail_params",
     "report_recipients",
     "should_bounce",
@@ -79,6 +92,19 @@ _SUBJECTS = {
     "delayed": "Delayed Mail (still being retried)",
     "delivered": "Successful Mail Delivery Report",
 }
+#: what `tachymail queue bounce` gives as the reason: RFC 3463 X.0.0, "other or undefined"
+OPERATOR_BOUNCE_STATUS = "5.0.0"
+OPERATOR_BOUNCE_TEXT = "bounced by the operator (tachymail queue bounce)"
+#: the Diagnostic-Code type of reasons no server gave (RFC 3464 §2.3.6: X- for unregistered)
+_LOCAL_DIAGNOSTIC_TYPE = "X-Tachymail"
+# The kind of report (its subject and NOTIFY keyword) each action goes into.
+_REPORT_KIND = {
+    "failed": "failed",
+    "delayed": "delayed",
+    "delivered": "delivered",
+    "relayed": "delivered",
+    "expanded": "delivered",
+}
 _STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 status-code
 _FALLBACK_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}
 _SPACES = re.compile(r"\s+")
@@ -95,6 +121,19 @@ class RecipientReport:
     remote_mta: str = ""  # remote host name ("" when none was reached)
     last_attempt: float = 0.0  # unix time (0: not written)
     will_retry_until: float = 0.0  # for "delayed": the give-up time (0: not written)
+    diagnostic_type: str = "smtp"  # RFC 3464 §2.3.6 diagnostic-type of *diagnostic*
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One report ready to queue: its envelope (null sender, to the original sender, the
+    MAIL parameters its content needs) and content, its kind ("failed", "delayed" or
+    "delivered") and how many recipients it reports on."""
+
+    envelope: Envelope
+    content: bytes
+    kind: str
+    recipients: int
 
 
 def should_bounce(envelope: Envelope) -> bool:
@@ -117,16 +156,99 @@ def report_recipients(envelope: Envelope, outcome: str) -> list[Recipient]:
         raise ValueError(f"unknown outcome {outcome!r}: expected one of {', '.join(ACTIONS)}")
     if not should_bounce(envelope):
         return []
-    chosen = []
-    for recipient in envelope.recipients:
-        notify = recipient.params.get("NOTIFY")
-        if notify is None:
-            wanted = keyword in ("FAILURE", "DELAY")
-        else:
-            wanted = keyword in notify.upper().split(",")  # NEVER names no keyword
-        if wanted:
-            chosen.append(recipient)
-    return chosen
+    return [recipient for recipient in envelope.recipients if _wants(recipient, keyword)]
+
+
+def _wants(recipient: Recipient, keyword: str) -> bool:
+    """Whether *recipient*'s NOTIFY asks for a report of *keyword* (see report_recipients)."""
+    notify = recipient.params.get("NOTIFY")
+    if notify is None:
+        return keyword in ("FAILURE", "DELAY")
+    return keyword in notify.upper().split(",")  # NEVER names no keyword
+
+
+def notifications(
+    envelope: Envelope,
+    content: bytes,
+    reports: list[RecipientReport],
+    *,
+    reporting_mta: str,
+    now: float,
+) -> list[Notification]:
+    """The reports to queue about *reports* on the message (*envelope*, *content*).
+
+    One report per kind of outcome (failures, successes, delays: see ``_REPORT_KIND``),
+    each about the recipients whose NOTIFY asks for it (``report_recipients``), in that
+    order; none to the null sender, none for a kind nobody asked about. Each comes with
+    the envelope to queue it under: a new queue id, the null sender, the original sender
+    as its one recipient, ``report_mail_params`` of its content, listener "dsn". Whether a
+    delay is worth a report at all (the delay warning) is the caller's choice: it passes
+    only the reports it wants sent. Raises ValueError as ``build_report`` does.
+    """
+    for report in reports:
+        if report.action not in ACTIONS:
+            raise ValueError(f"unknown action {report.action!r} for {report.recipient.address}")
+    if not should_bounce(envelope):
+        return []  # never report on a report (RFC 5321 §4.5.5, RFC 3461 §6.2)
+    out: list[Notification] = []
+    for kind in ("failed", "delivered", "delayed"):
+        of_kind = [r for r in reports if _REPORT_KIND.get(r.action) == kind]
+        if not of_kind:
+            continue
+        chosen = [r for r in of_kind if _wants(r.recipient, _NOTIFY_KEYWORD[kind])]
+        if not chosen:
+            continue
+        queue_id = new_queue_id()
+        body = build_report(
+            envelope, content, chosen, reporting_mta=reporting_mta, now=now, queue_id=queue_id
+        )
+        dsn = Envelope(
+            id=queue_id,
+            sender="",
+            recipients=[Recipient(envelope.sender)],
+            mail_params=report_mail_params(body),
+            arrival=now,
+            size=len(body),
+            helo=reporting_mta,
+            listener="dsn",
+        )
+        out.append(Notification(dsn, body, kind, len(chosen)))
+    return out
+
+
+def operator_bounce(
+    envelope: Envelope,
+    content: bytes,
+    recipients: list[Recipient],
+    now: float,
+    *,
+    reporting_mta: str,
+) -> list[tuple[Envelope, bytes]]:
+    """The failure report (at most one) about *recipients*, which the operator bounced.
+
+    *recipients* are as the queue last had them: each is reported ``failed`` with Status
+    ``5.0.0`` and ``Diagnostic-Code: X-Tachymail; bounced by the operator (tachymail
+    queue bounce)``, followed by ``; last attempt: <reply>`` when an attempt was made
+    (whose time is then the Last-Attempt-Date). NOTIFY, ENVID, ORCPT and RET apply as to
+    every report (see ``notifications``). Returns (envelope, content) pairs to queue.
+    """
+    reports = []
+    for rcpt in recipients:
+        diagnostic = OPERATOR_BOUNCE_TEXT
+        if rcpt.attempts and rcpt.last_reply:
+            diagnostic += f"; last attempt: {rcpt.last_reply}"
+        reports.append(
+            RecipientReport(
+                recipient=rcpt,
+                action="failed",
+                status=OPERATOR_BOUNCE_STATUS,
+                diagnostic=diagnostic,
+                last_attempt=rcpt.last_attempt if rcpt.attempts else 0.0,
+                diagnostic_type=_LOCAL_DIAGNOSTIC_TYPE,
+            )
+        )
+    found = notifications(envelope, content, reports, reporting_mta=reporting_mta, now=now)
+    return [(n.envelope, n.content) for n in found]
 
 
 def report_mail_params(report: bytes) -> dict[str, str]:
@@ -288,7 +410,8 @@ def _status_part(envelope: Envelope, reports: list[RecipientReport], reporting_m
             fields.append(_field("Remote-MTA", f"dns; {_ascii(report.remote_mta)}"))
         diagnostic = _ascii(report.diagnostic)
         if diagnostic:
-            fields.append(_field("Diagnostic-Code", f"smtp; {diagnostic}"))
+            kind = _ascii(report.diagnostic_type) or "smtp"
+            fields.append(_field("Diagnostic-Code", f"{kind}; {diagnostic}"))
         if report.last_attempt:
             fields.append(_field("Last-Attempt-Date", formatdate(report.last_attempt)))
         if report.action == "delayed" and report.will_retry_until:

@@ -3,9 +3,14 @@
 Each connection is a runner task that takes transactions from the pool's queue
 until the queue stays empty for ``idle_timeout``. The pool opens connections up
 to its current concurrency, which starts at ``initial_connections`` and grows by
-one per successful transaction up to ``max_connections`` (slow start); a 421 or
-a run of temporary failures halves it and paces the pool with a back-off, as
-Postfix's scheduler does. Connection failures move on to the next MX host.
+one per successful transaction up to ``max_connections`` (slow start). Trouble with
+the destination halves it and paces the pool with a back-off, as Postfix's
+scheduler does: connection-level trouble at once (no connection, a 4xx greeting, a
+TLS failure, a 421 to any command, a 4xx to MAIL, a connection lost mid-transaction),
+and temporary failures only when they run across ``RECIPIENT_RUN`` distinct
+recipients with no message accepted between. One mailbox's 4xx (a full mailbox,
+greylisting of one sender) defers that recipient only. Connection failures move on
+to the next MX host.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ log = logging.getLogger(__name__)
 
 DELIVERED, DEFERRED, FAILED = "delivered", "deferred", "failed"
 TROUBLE_RUN = 3  # temporary failures in a row that count as trouble
+#: distinct recipients deferred in a row (no message accepted between) that count as
+#: trouble with the destination; one mailbox deferred again and again never does
+RECIPIENT_RUN = 5
+_RUN_MEMORY = 1000  # distinct addresses remembered per run: enough to know it is long
 MAX_PACE = 10.0  # seconds between transactions at worst
 
 
@@ -63,6 +72,8 @@ class Job:
     content: bytes
     eight_bit: bool
     future: asyncio.Future[JobResult]
+    #: made due by `tachymail queue flush`: the first such job skips the pace (see _wait_turn)
+    flushed: bool = False
 
 
 @dataclass(slots=True)
@@ -73,6 +84,12 @@ class JobResult:
     tls: str = ""
     #: no connection could be made: always trouble for the pool
     connect_failed: bool = False
+    #: trouble with the session rather than with the recipients (a 4xx to MAIL, the
+    #: connection lost): slows the pool like a failed connection
+    session_failed: bool = False
+    #: the next hop advertised DSN, so NOTIFY, ORCPT, RET and ENVID went with the message
+    #: and its success is the next hop's to report (RFC 3461 §5.2.1)
+    dsn: bool = False
 
 
 class NextHopDnsError(SmtpClientError):
@@ -115,8 +132,12 @@ class DeliveryPool:
     idle: deque[asyncio.Future[None]] = field(default_factory=deque)
     concurrency: int = 1
     trouble: int = 0
+    #: distinct recipients deferred since a message was last accepted (lower-cased)
+    deferred_run: set[str] = field(default_factory=set)
     pace: float = 0.0
     next_send: float = 0.0
+    #: when a flushed job last went without waiting for the pace (see _wait_turn)
+    flush_pass: float = 0.0
     tokens: float = 0.0
     last_refill: float = 0.0
     #: counters for metrics and tests
@@ -152,8 +173,8 @@ class DeliveryPool:
         while not self.jobs:
             # Another runner may take the job we were woken for: then wait on, not close.
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
+            if remaining <= 0 or self.runners > self.concurrency:
+                return None  # idle too long, or one too many since the pool shrank
             waiter: asyncio.Future[None] = self.loop.create_future()
             self.idle.append(waiter)
             try:
@@ -162,11 +183,19 @@ class DeliveryPool:
                 return None
         return self.jobs.popleft()
 
-    async def _wait_turn(self) -> None:
-        """Rate limit (token bucket) and the back-off pace after trouble."""
+    async def _wait_turn(self, job: Job) -> None:
+        """Rate limit (token bucket) and the back-off pace after trouble.
+
+        The first job `queue flush` made due goes without waiting for the pace (the
+        operator asks for an attempt now, as Postfix's flush does for a throttled
+        destination); later ones within one pace interval wait their turn.
+        """
         now = time.monotonic()
         if self.pace and self.next_send > now:
-            await asyncio.sleep(self.next_send - now)
+            if job.flushed and now - self.flush_pass >= self.pace:
+                self.flush_pass = now
+            else:
+                await asyncio.sleep(self.next_send - now)
         self.next_send = time.monotonic() + self.pace
         rate = self.limits.rate
         if rate > 0:
@@ -217,7 +246,7 @@ class DeliveryPool:
                     self._complete(inflight[0], await self._finish(conn, *inflight))
                     inflight = None
                 if waits:
-                    await self._wait_turn()
+                    await self._wait_turn(job)
                 if renew:
                     if conn is not None:
                         self.loop.create_task(conn.quit())
@@ -272,12 +301,26 @@ class DeliveryPool:
         """Hand *job* its result and let the outcome steer the pool's concurrency."""
         if not job.future.done():
             job.future.set_result(result)
-        kinds = {o.kind for o in result.outcomes}
-        said_421 = any(o.code == 421 for o in result.outcomes)
-        if result.connect_failed:
+        if (
+            result.connect_failed
+            or result.session_failed
+            or any(o.code == 421 for o in result.outcomes)
+        ):
             self._feedback(False, trouble=True)
-        else:
-            self._feedback(DEFERRED not in kinds, trouble=said_421 or kinds == {DEFERRED})
+            return
+        deferred = [
+            rcpt.address.lower()
+            for rcpt, outcome in zip(job.recipients, result.outcomes, strict=False)
+            if outcome.kind == DEFERRED
+        ]
+        if len(deferred) < len(result.outcomes):
+            self.deferred_run.clear()  # the destination accepts (or refuses) mail: no run
+        if not deferred:
+            self._feedback(True, trouble=False)
+            return
+        for address in deferred[: _RUN_MEMORY - len(self.deferred_run)]:
+            self.deferred_run.add(address)
+        self._feedback(False, trouble=len(self.deferred_run) >= RECIPIENT_RUN)
 
     def _feedback(self, success: bool, trouble: bool) -> None:
         if success:
@@ -299,6 +342,14 @@ class DeliveryPool:
                     )
                 self.concurrency = halved
                 self.pace = min(max(self.pace * 2, 0.1), MAX_PACE)
+                # Idle runners beyond the new concurrency close their connections now (a
+                # woken runner finding no job and no room ends; see _take).
+                excess = self.runners - self.concurrency
+                while excess > 0 and self.idle:
+                    waiter = self.idle.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+                        excess -= 1
 
     async def _addresses(self, host: str) -> list[str]:
         # A bare IP (a route or smarthost "127.0.0.1:25") needs no DNS; the resolver handles
@@ -408,7 +459,7 @@ class DeliveryPool:
             started = await conn.start(job.sender, mail, rcpts, content)
         except SmtpClientError as exc:
             conn.abort()
-            return all_outcomes(job, Outcome(DEFERRED, 451, "4.4.2", str(exc)), conn)
+            return self._lost(job, exc, conn)
         if isinstance(started, PendingData):
             return started
         return self._outcomes(job, started, conn)
@@ -418,17 +469,27 @@ class DeliveryPool:
             result = await conn.finish(pending)
         except SmtpClientError as exc:
             conn.abort()
-            return all_outcomes(job, Outcome(DEFERRED, 451, "4.4.2", str(exc)), conn)
+            return self._lost(job, exc, conn)
         return self._outcomes(job, result, conn)
+
+    @staticmethod
+    def _lost(job: Job, exc: SmtpClientError, conn: SmtpConnection) -> JobResult:
+        """The connection broke or timed out mid-transaction: every recipient is deferred
+        with ``451 4.4.2`` and the destination counts as in trouble."""
+        result = all_outcomes(job, Outcome(DEFERRED, 451, "4.4.2", str(exc)), conn)
+        result.session_failed = True
+        return result
 
     @staticmethod
     def _outcomes(job: Job, result: TransactionResult, conn: SmtpConnection) -> JobResult:
         out = JobResult([], conn.host, conn.address, conn.tls_version)
+        out.dsn = "DSN" in conn.extensions
         if result.mail.code // 100 != 2:
             outcome = classify(
                 result.mail.code, result.mail.text, "4.0.0" if result.mail.code < 500 else "5.0.0"
             )
             out.outcomes = [outcome] * len(job.recipients)
+            out.session_failed = outcome.kind == DEFERRED  # the server, not a mailbox, is busy
             return out
         for reply in result.rcpts:
             if reply.code // 100 != 2:

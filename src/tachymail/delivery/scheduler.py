@@ -33,12 +33,7 @@ import lmdb
 import orjson
 
 from tachymail.config import Config, PoolConfig
-from tachymail.delivery.bounce import (
-    RecipientReport,
-    build_report,
-    report_mail_params,
-    report_recipients,
-)
+from tachymail.delivery.bounce import RecipientReport, notifications
 from tachymail.delivery.eightbit import needs_8bit
 from tachymail.delivery.pool import (
     DEFERRED,
@@ -53,13 +48,7 @@ from tachymail.delivery.routing import NextHop, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver
 from tachymail.metrics import m
 from tachymail.queue.commit import GroupCommitter
-from tachymail.queue.envelope import (
-    BOUNCED,
-    QUEUED,
-    Envelope,
-    Recipient,
-    new_queue_id,
-)
+from tachymail.queue.envelope import BOUNCED, QUEUED, Envelope, Recipient
 from tachymail.queue.envelope import (
     DELIVERED as RCPT_DELIVERED,
 )
@@ -97,6 +86,8 @@ class Attempt:
     hop: str
     remote_ip: str = ""
     tls: str = ""
+    #: the next hop took the DSN parameters: a success is its to report, not ours
+    dsn_passed: bool = False
 
 
 class DeliveryLog:
@@ -373,6 +364,7 @@ class DeliveryWorker:
                     content,
                     eight_bit,
                     future,
+                    flushed=any(flushed_by_operator(r) for _, r in chunk),
                 )
                 pool.submit(job)
                 waits.append((hop, chunk, future))
@@ -387,6 +379,7 @@ class DeliveryWorker:
                         result.remote_host or hop.key,
                         result.remote_ip,
                         result.tls,
+                        result.dsn,
                     )
                 )
         if self.test_fault and any(
@@ -477,8 +470,10 @@ class DeliveryWorker:
                 updated.state = RCPT_DELIVERED
                 self.delivered += 1
                 m.delivery_latency.observe(latency)
-                # A success notice only for NOTIFY=SUCCESS: no report object otherwise.
-                if "SUCCESS" in rcpt.params.get("NOTIFY", "").upper():
+                # A success notice only for NOTIFY=SUCCESS, and only when the next hop
+                # could not take the request on (RFC 3461 §5.2.2): one with DSN reports
+                # delivery itself, and a second, "relayed" report would be wrong.
+                if not attempt.dsn_passed and "SUCCESS" in rcpt.params.get("NOTIFY", "").upper():
                     succeeded.append(_report(updated, "relayed", outcome, attempt, now, until))
             elif kind == FAILED:
                 updated.state = BOUNCED
@@ -586,42 +581,33 @@ class DeliveryWorker:
         succeeded: list[RecipientReport],
         now: float,
     ) -> list[tuple[Envelope, bytes, str]]:
-        """DSN messages to queue: failures, success notices, one delay warning."""
+        """DSN messages to queue: failures, success notices, one delay warning (built by
+        :func:`tachymail.delivery.bounce.notifications`, which applies NOTIFY)."""
         if not envelope.sender:
             if failed:
                 log.warning("dropping undeliverable DSN %s: %s", envelope.id, failed[0].diagnostic)
             return []  # never report on a report (RFC 5321 §4.5.5, RFC 3461 §6.2)
-        out: list[tuple[Envelope, bytes, str]] = []
         warn_after = self.config.delivery.delay_warning
         wanted_delay = (
             delayed and warn_after and not envelope.warned and now - envelope.arrival >= warn_after
         )
-        for kind, reports in (("failed", failed), ("delivered", succeeded), ("delayed", delayed)):
-            if not reports or (kind == "delayed" and not wanted_delay):
-                continue
-            wanted = {r.address for r in report_recipients(envelope, kind)}  # per NOTIFY
-            chosen = [r for r in reports if r.recipient.address in wanted]
-            if not chosen:
-                continue
-            queue_id = new_queue_id()
-            body = build_report(
-                envelope, content, chosen, reporting_mta=self.hostname, now=now, queue_id=queue_id
-            )
-            report = Envelope(
-                id=queue_id,
-                sender="",
-                recipients=[Recipient(envelope.sender)],
-                mail_params=report_mail_params(body),
-                arrival=now,
-                size=len(body),
-                helo=self.hostname,
-                listener="dsn",
-            )
-            if kind == "failed":
-                self.bounced += len(chosen)
-            m.bounces[kind].inc()
-            out.append((report, body, kind))
+        reports = failed + succeeded + (delayed if wanted_delay else [])
+        out: list[tuple[Envelope, bytes, str]] = []
+        for notice in notifications(
+            envelope, content, reports, reporting_mta=self.hostname, now=now
+        ):
+            if notice.kind == "failed":
+                self.bounced += notice.recipients
+            m.bounces[notice.kind].inc()
+            out.append((notice.envelope, notice.content, notice.kind))
         return out
+
+
+def flushed_by_operator(recipient: Recipient) -> bool:
+    """Whether `tachymail queue flush` made *recipient* due: it was tried before, and
+    its next attempt is "as soon as possible" (0), which only a flush writes after an
+    attempt (the retry schedule always writes a time)."""
+    return recipient.attempts > 0 and recipient.next_attempt == 0.0
 
 
 def _report(

@@ -4,12 +4,17 @@ Each runs as one write transaction on the live queue, beside a running server
 (LMDB serialises writers across processes); `delete --all` takes one per 500 messages,
 so that it also works on a full disk. A delivery under way when a message
 is deleted or bounced finishes, and its result is then ignored.
+
+`bounce` queues its reports in the same transaction, built by the *reporter* the caller
+passes: the queue knows nothing of delivery or of report formats, so the command line
+(the top layer) hands in :func:`tachymail.delivery.bounce.operator_bounce`.
 """
 
 from __future__ import annotations
 
-import socket
+import dataclasses
 import time
+from collections.abc import Callable
 
 import lmdb
 
@@ -20,9 +25,16 @@ from tachymail.queue.envelope import (
     HELD,
     Envelope,
     Recipient,
-    new_queue_id,
 )
 from tachymail.queue.store import Operation, QueueStore
+
+#: Builds the reports to queue when the operator bounces recipients: called with the
+#: message's envelope, its content (b"" if missing), the recipients as they were before
+#: (their last reply and attempt), and the time; returns (envelope, content) pairs.
+Reporter = Callable[[Envelope, bytes, list[Recipient], float], list[tuple[Envelope, bytes]]]
+
+#: the reason recorded in the queue for a recipient the operator bounced
+BOUNCE_REASON = "5.0.0 bounced by the operator (tachymail queue bounce)"
 
 
 def _ids(store: QueueStore, txn: lmdb.Transaction, target: str | None) -> list[str]:
@@ -31,12 +43,22 @@ def _ids(store: QueueStore, txn: lmdb.Transaction, target: str | None) -> list[s
     return [bytes(k).decode() for k in txn.cursor(db=store.envelopes).iternext(values=False)]
 
 
-def run(store: QueueStore, config: Config, action: str, target: str | None) -> int:
+def run(
+    store: QueueStore,
+    config: Config,
+    action: str,
+    target: str | None,
+    reporter: Reporter | None = None,
+) -> int:
     """Apply *action* to message *target* (None: every message); returns how many changed.
+
+    `bounce` queues what *reporter* builds; it raises ValueError without one.
 
     Raises StorageFull when the disk has no room for the change; a delete first spends
     the store's reserve file (see QueueStore.ensure_reserve), so it commits on a full disk.
     """
+    if action == "bounce" and reporter is None:
+        raise ValueError("queue bounce needs a reporter to build the sender's report")
     if action == "delete" and target is None:
         return _delete_all(store)
     changed = 0
@@ -67,7 +89,7 @@ def run(store: QueueStore, config: Config, action: str, target: str | None) -> i
                     continue
                 envelope.state = ACTIVE
             elif action == "bounce":
-                _bounce(store, txn, envelope, config, now)
+                _bounce(store, txn, envelope, reporter, now)
             changed += 1
             store.save(txn, envelope)
 
@@ -109,43 +131,21 @@ def _remover(queue_ids: list[str], counted: list[int]) -> Operation:
 
 
 def _bounce(
-    store: QueueStore, txn: lmdb.Transaction, envelope: Envelope, config: Config, now: float
+    store: QueueStore,
+    txn: lmdb.Transaction,
+    envelope: Envelope,
+    reporter: Reporter | None,
+    now: float,
 ) -> None:
-    """Fail every pending recipient now, queueing a DSN to the sender (unless it is one)."""
-    from tachymail.delivery.bounce import (
-        RecipientReport,
-        build_report,
-        report_recipients,
-    )
-
+    """Fail every pending recipient now (``BOUNCE_REASON``), queueing in the same
+    transaction the reports *reporter* builds about them."""
     pending = envelope.pending()
-    reason = "5.0.0 bounced by the postmaster (tachymail queue bounce)"
-    reports = []
+    before = [dataclasses.replace(rcpt) for rcpt in pending]  # with their last attempt
     for rcpt in pending:
         rcpt.state = BOUNCED
-        rcpt.status, rcpt.last_reply, rcpt.last_attempt = "5.0.0", reason, now
-        reports.append(
-            RecipientReport(
-                recipient=rcpt, action="failed", status="5.0.0", diagnostic="", last_attempt=now
-            )
-        )
-    wanted = {r.address for r in report_recipients(envelope, "failed")}
-    chosen = [r for r in reports if r.recipient.address in wanted]
-    content = store.content_in(txn, envelope.id)
-    if not envelope.sender or not chosen or content is None:
+        rcpt.status, rcpt.last_reply, rcpt.last_attempt = "5.0.0", BOUNCE_REASON, now
+    if reporter is None or not before:
         return
-    hostname = config.server.hostname or socket.getfqdn()
-    queue_id = new_queue_id()
-    body = build_report(
-        envelope, content, chosen, reporting_mta=hostname, now=now, queue_id=queue_id
-    )
-    dsn = Envelope(
-        id=queue_id,
-        sender="",
-        recipients=[Recipient(envelope.sender)],
-        arrival=now,
-        size=len(body),
-        helo=hostname,
-        listener="dsn",
-    )
-    store.insert(txn, dsn, body)
+    content = store.content_in(txn, envelope.id) or b""
+    for report, body in reporter(envelope, content, before, now):
+        store.insert(txn, report, body)
