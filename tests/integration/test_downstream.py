@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import smtplib
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import peers
-from server import running_server, wait_until
+from server import free_port, running_server, wait_until
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def smarthost(port: int) -> str:
@@ -80,3 +86,61 @@ def test_relay_to_a_real_postfix(tmp_path: Path) -> None:
         assert b"by mx.test.example (Tachymail)" in contents
     finally:
         postfix.stop()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_private_postfix_ignores_the_machines_master_cf(tmp_path: Path) -> None:
+    """Defect 7: the private Postfix used to copy /etc/postfix/master.cf and rewrite its
+    "smtp inet" line; on a machine whose file says something else it listened where that
+    file said (here a decoy port), never on its own port, and was left running."""
+    why = peers.postfix_available()
+    if why:
+        pytest.skip(why)
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is needed to show Postfix another master.cf")
+    decoy = free_port()
+    machines = tmp_path / "machines-master.cf"
+    machines.write_text(f"127.0.0.1:{decoy}\tinet\tn\t-\tn\t-\t-\tsmtpd\n")
+    starter = (
+        f"import dataclasses, json, sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import peers\n"
+        f"peer = peers.start_postfix(__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "print(json.dumps(dataclasses.asdict(peer), default=str))\n"
+    )
+    # A mount namespace of its own shows this process tree (Postfix included) the decoy file
+    # in place of /etc/postfix/master.cf, and nobody else.
+    started = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount --bind "$0" /etc/postfix/master.cf && exec "$1" -c "$2"',
+            str(machines),
+            sys.executable,
+            starter,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    fields = json.loads(started.stdout.strip().splitlines()[-1])
+    postfix = peers.Peer(
+        "postfix",
+        fields["port"],
+        fields["pid"],
+        home=Path(fields["home"]),
+    )
+    try:
+        assert listening(postfix.port)
+        assert not listening(decoy)
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+            assert client.ehlo()[0] == 250
+    finally:
+        postfix.stop()
+    assert not Path(f"/proc/{postfix.pid}").exists()
+    assert not listening(postfix.port)
