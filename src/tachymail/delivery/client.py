@@ -400,6 +400,31 @@ class SmtpConnection:
         self.transport.write(dot_stuff(content) + b".\r\n")
         return TransactionResult(mail, rcpts, await self._reply())
 
+    async def verify(
+        self, sender: str, recipient: str, mail_params: str = ""
+    ) -> tuple[Reply, Reply | None]:
+        """An address-verification probe: MAIL FROM, RCPT TO, then RSET; never DATA.
+
+        Returns the replies to MAIL and to RCPT (None when MAIL was refused). With
+        PIPELINING the three commands go out in one write. Raises SmtpClientError when the
+        connection fails or a reply does not come within the command timeout.
+        """
+        self.flush()
+        mail_line = f"MAIL FROM:<{sender}>{mail_params}\r\n".encode()
+        rcpt_line = f"RCPT TO:<{recipient}>\r\n".encode()
+        if "PIPELINING" in self.extensions:
+            self.transport.write(mail_line + rcpt_line + b"RSET\r\n")
+            mail, rcpt, _ = await self._replies(3)
+            return mail, rcpt if mail.code // 100 == 2 else None
+        self.transport.write(mail_line)
+        mail = await self._reply()
+        if mail.code // 100 != 2:
+            return mail, None
+        self.transport.write(rcpt_line)
+        rcpt = await self._reply()
+        await self._command("RSET")
+        return mail, rcpt
+
     def flush(self) -> None:
         """Write the content still waiting for the next transaction's commands."""
         if self.unsent:
