@@ -23,10 +23,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tachymail.metrics import endpoint
-from tachymail.queue.envelope import HELD, Envelope, Recipient, new_queue_id
-from tachymail.queue.store import QueueStore, put_message
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server import Server, free_port, running_server
@@ -264,37 +260,3 @@ def test_restarts_counted_dead_gauges_dropped_draining_not_ready(tmp_path: Path)
         assert srv.stop() == 0
         assert not directory.exists()
         assert re.search(r"^time=\S+ level=info .*event=smtp_session", srv.log(), re.MULTILINE)
-
-
-def _envelope(arrival: float, next_attempt: float = 0.0, state: str = "active") -> Envelope:
-    return Envelope(
-        id=new_queue_id(),
-        sender="a@sender.example",
-        recipients=[Recipient("b@dest.example", next_attempt=next_attempt)],
-        arrival=arrival,
-        size=10,
-        state=state,
-    )
-
-
-@pytest.mark.parametrize("scan_limit", [20_000, 3])
-def test_queue_stats_by_state_and_oldest_age(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan_limit: int
-) -> None:
-    monkeypatch.setattr(endpoint, "SCAN_LIMIT", scan_limit)
-    now = time.time()
-    store = QueueStore(tmp_path / "queue")
-    try:
-        ops = [put_message(_envelope(now - 600 + i), b"x") for i in range(8)]  # due now
-        ops += [put_message(_envelope(now, now + 3600 + i), b"x") for i in range(5)]  # later
-        ops += [put_message(_envelope(now, state=HELD), b"x") for _ in range(2)]
-        store.apply(ops)
-        stats = endpoint.queue_stats(store, now)
-    finally:
-        store.close()
-    assert (stats.active + stats.deferred, stats.held) == (13, 2)
-    assert stats.oldest_age == pytest.approx(600, abs=1)
-    if scan_limit > 13:
-        assert (stats.active, stats.deferred, stats.exact) == (8, 5, True)
-    else:  # walks of 3 from each end: the middle 7 are estimated, not counted
-        assert not stats.exact and 3 <= stats.active <= 10

@@ -6,12 +6,15 @@ share one connection pool.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 
-from tachymail.config import Config, RouteConfig, split_hostport
+from tachymail.config import Config, RouteConfig
 from tachymail.delivery.client import ClientSettings
 from tachymail.dns.resolver import Resolver
+from tachymail.net import split_hostport
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +117,93 @@ class Router:
         return RoutingFailure(
             False, 451, "4.4.3", f"{domain}: DNS lookup failed ({resolution.detail})"
         )
+
+
+def _canonical(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """One spelling per address: an IPv4-mapped IPv6 address as the IPv4 address."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _listener_addresses(host: str) -> list[str]:
+    """The addresses a listener's host stands for (a name is resolved once, at start)."""
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+class OwnEndpoints:
+    """Where we ourselves accept mail: a next hop there is a mail loop (RFC 5321 §5.1).
+
+    "Ourselves" is exactly the host:port of one of our listeners: another server on the
+    same machine (another port, another address) is not us. A listener on a wildcard
+    address (0.0.0.0, ::) owns its port on every local address (one the kernel lets us
+    bind). A next-hop name equal to ``server.hostname`` on a port we listen on is us too,
+    whatever DNS says. Postfix finds "mail for DOMAIN loops back to myself" the same way
+    from its own interface addresses; it also compares the peer's greeting name with its
+    own, which we do not: servers sharing a name (tests, a cluster behind one name) are
+    not loops.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.hostname = config.server.hostname.lower().rstrip(".")
+        self.ports = {listener.port for listener in config.listeners}
+        self.exact: set[tuple[str, int]] = set()
+        self.wildcard_v4: set[int] = set()  # ports of 0.0.0.0 listeners
+        self.wildcard_v6: set[int] = set()  # ports of :: listeners (dual stack: IPv4 too)
+        for listener in config.listeners:
+            for address in _listener_addresses(listener.host):
+                ip = ipaddress.ip_address(address.partition("%")[0])
+                if not ip.is_unspecified:
+                    self.exact.add((_canonical(ip), listener.port))
+                elif ip.version == 4:
+                    self.wildcard_v4.add(listener.port)
+                else:
+                    self.wildcard_v6.add(listener.port)
+        self._local: dict[str, bool] = {}
+
+    def is_own_name(self, host: str, port: int) -> bool:
+        """Whether the next-hop name *host* on *port* is ourselves by name."""
+        return host.lower().rstrip(".") == self.hostname and port in self.ports
+
+    def is_own(self, address: str, port: int) -> bool:
+        """Whether connecting to *address* (an IP literal) on *port* reaches a listener of
+        ours; False for anything that is not an address."""
+        try:
+            ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
+        except ValueError:
+            return False
+        key = _canonical(ip)
+        if (key, port) in self.exact:
+            return True
+        v4 = "." in key
+        if port in self.wildcard_v6 or (v4 and port in self.wildcard_v4):
+            return self._is_local(key)
+        return False
+
+    def _is_local(self, address: str) -> bool:
+        known = self._local.get(address)
+        if known is None:
+            ip = ipaddress.ip_address(address)
+            known = ip.is_loopback or _bindable(address, ip.version)
+            self._local[address] = known
+        return known
+
+
+def _bindable(address: str, version: int) -> bool:
+    """Whether *address* is one of this machine's (the kernel lets us bind to it)."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True

@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
-from tachymail.config import split_hostport
 from tachymail.loadtest.messages import MessageSet, build_message_set
 from tachymail.loadtest.stats import BenchStats
+from tachymail.net import split_hostport
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,12 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from tachymail.config import split_hostport
 from tachymail.loadtest.options import parse_reply_mix
+from tachymail.net import reuseport_socket, split_hostport
 from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
 from tachymail.protocol.data import BdatReader, DataReader
 from tachymail.protocol.errors import SmtpSyntaxError
-from tachymail.smtp.worker import reuseport_socket
 
 if TYPE_CHECKING:
     from tachymail.queue.commit import GroupCommitter

@@ -4,9 +4,9 @@ The supervisor has no event loop, so a threaded ``http.server`` runs in a daemon
 of its own, one short-lived thread per client, bounded in number and in time (see
 :class:`_Server`): no idle or slow client can keep a probe from its answer. ``/metrics``
 adds up every worker's multiprocess files and appends what only the supervisor knows,
-computed at scrape time: queue depth by state and the oldest message's age (from one
-LMDB read transaction, see :func:`queue_stats`), workers alive, and each process's CPU
-time and memory read from ``/proc``.
+computed at scrape time: queue depth by state and the oldest message's age (the queue
+package's own :func:`~tachymail.queue.stats.queue_stats`, one LMDB read transaction),
+workers alive, and each process's CPU time and memory read from ``/proc``.
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from tachymail import __version__
-from tachymail.config import Config, split_hostport
-from tachymail.queue.envelope import Envelope
-from tachymail.queue.store import _DUE, QueueStore
+from tachymail.config import Config
+from tachymail.net import split_hostport
+from tachymail.queue.stats import queue_stats
+from tachymail.queue.store import QueueStore
 
 log = logging.getLogger(__name__)
 
-#: schedule entries counted one by one from each end of the index per scrape
-SCAN_LIMIT = 20_000
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # LMDB forbids opening one environment twice at once in a process (closing either drops
@@ -60,89 +59,6 @@ class SupervisorView(Protocol):
 
     @property
     def slots(self) -> Sequence[WorkerSlot]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStats:
-    """Queue depth by state and the age of the oldest message, at one instant."""
-
-    active: int  # scheduled and due now
-    deferred: int  # scheduled for a later attempt
-    held: int  # in the queue but not scheduled (tachymail queue hold)
-    oldest_age: float  # seconds since the oldest message arrived; 0 for an empty queue
-    exact: bool  # False when active/deferred were estimated (see queue_stats)
-
-
-def queue_stats(store: QueueStore, now: float | None = None) -> QueueStats:
-    """Counts from database statistics plus a bounded walk of the schedule index.
-
-    Totals come from LMDB's entry counts, so they cost nothing: held = messages minus
-    schedule entries. Splitting the schedule into due-now (active) and later (deferred)
-    walks keys from the front (earliest due) and from the back, at most SCAN_LIMIT each.
-    When both walks stop short of the boundary (over 2 x SCAN_LIMIT scheduled messages),
-    the unwalked middle is split by interpolating its due times linearly, and ``exact``
-    is False.
-    """
-    now = time.time() if now is None else now
-    horizon = _DUE.pack(int(now * 1000) + 1)
-    with store.env.begin(buffers=False) as txn:
-        total: int = txn.stat(store.envelopes)["entries"]
-        scheduled: int = txn.stat(store.schedule)["entries"]
-        oldest_age = 0.0
-        cursor = txn.cursor(db=store.envelopes)
-        if cursor.first():
-            oldest_age = max(0.0, now - Envelope.from_record(cursor.value()).arrival)
-        active, deferred, fraction = _split_schedule(txn.cursor(db=store.schedule), horizon, now)
-    if fraction is not None:
-        active += round((scheduled - active - deferred) * fraction)
-        deferred = scheduled - active
-    return QueueStats(active, deferred, max(0, total - scheduled), oldest_age, fraction is None)
-
-
-def _split_schedule(cursor: object, horizon: bytes, now: float) -> tuple[int, int, float | None]:
-    """(due now, due later, None) from walks at both ends of the schedule index; when the
-    walks do not meet, the third item is the share of the unwalked middle that is due."""
-    cur = cursor  # an lmdb.Cursor; typed loosely since lmdb ships no stubs for it
-    active = 0
-    front_key = b""
-    if cur.first():  # type: ignore[attr-defined]
-        for raw in cur.iternext(values=False):  # type: ignore[attr-defined]
-            key = bytes(raw)
-            if key >= horizon:
-                return active, _count_back(cur, horizon), None
-            active += 1
-            front_key = key
-            if active >= SCAN_LIMIT:
-                break
-        else:
-            return active, 0, None
-    else:
-        return 0, 0, None
-    deferred = 0
-    back_key = b""
-    if cur.last():  # type: ignore[attr-defined]
-        for raw in cur.iterprev(values=False):  # type: ignore[attr-defined]
-            key = bytes(raw)
-            if key < horizon or key <= front_key:
-                return active, deferred, None
-            deferred += 1
-            back_key = key
-            if deferred >= SCAN_LIMIT:
-                break
-    first_due = _DUE.unpack(front_key[: _DUE.size])[0]
-    last_due = _DUE.unpack(back_key[: _DUE.size])[0]
-    span = max(1, last_due - first_due)
-    return active, deferred, min(1.0, max(0.0, (now * 1000 - first_due) / span))
-
-
-def _count_back(cur: object, horizon: bytes) -> int:
-    count = 0
-    if cur.last():  # type: ignore[attr-defined]
-        for raw in cur.iterprev(values=False):  # type: ignore[attr-defined]
-            if bytes(raw) < horizon:
-                break
-            count += 1
-    return count
 
 
 def process_usage(pid: int) -> tuple[float, int] | None:
