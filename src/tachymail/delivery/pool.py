@@ -32,7 +32,7 @@ from tachymail.delivery.client import (
     TransactionResult,
 )
 from tachymail.delivery.eightbit import downgrade
-from tachymail.delivery.routing import NextHop
+from tachymail.delivery.routing import NextHop, OwnEndpoints
 from tachymail.dns.resolver import Resolver, TemporaryDnsError
 from tachymail.metrics import m
 from tachymail.queue.envelope import Recipient
@@ -97,6 +97,12 @@ class NextHopDnsError(SmtpClientError):
     recipients are deferred with 451 4.4.3 (RFC 3463: directory server failure)."""
 
 
+class RoutingLoop(SmtpClientError):
+    """The next hop (before any better one answered) is ourselves: the recipients bounce
+    with ``554 5.4.6 mail for DOMAIN loops back to myself``, as Postfix says, instead of
+    the message going round until its hop count runs out."""
+
+
 def all_outcomes(job: Job, outcome: Outcome, conn: SmtpConnection | None = None) -> JobResult:
     result = JobResult([outcome] * len(job.recipients))
     if conn is not None:
@@ -143,6 +149,8 @@ class DeliveryPool:
     #: counters for metrics and tests
     connections_opened: int = 0
     transactions: int = 0
+    #: our own listeners: a next hop among them is a mail loop (None: not checked)
+    own: OwnEndpoints | None = None
     loop: asyncio.AbstractEventLoop = field(init=False)
 
     def __post_init__(self) -> None:
@@ -255,7 +263,8 @@ class DeliveryPool:
                     try:
                         conn = await self._connect()
                     except SmtpClientError as exc:
-                        m.outbound_connection_failures.inc()
+                        if not isinstance(exc, RoutingLoop):  # no connection was tried
+                            m.outbound_connection_failures.inc()
                         self._complete(job, self._connect_failure(job, exc))
                         if self.runners > self.concurrency:
                             break
@@ -366,7 +375,12 @@ class DeliveryPool:
         errors: list[str] = []
         last: SmtpClientError | None = None
         dns_trouble = False
+        own, port = self.own, self.hop.port
+        looped = ""
         for host in self.hop.hosts:
+            if own is not None and own.is_own_name(host, port):
+                looped = host
+                break
             try:
                 addresses = await self._addresses(host)
             except TemporaryDnsError as exc:
@@ -376,6 +390,9 @@ class DeliveryPool:
             if not addresses:
                 errors.append(f"{host}: no address")
                 continue
+            if own is not None and any(own.is_own(a, port) for a in addresses):
+                looped = host
+                break
             for address in addresses:
                 try:
                     conn = await SmtpConnection.open(
@@ -388,6 +405,12 @@ class DeliveryPool:
                 self.connections_opened += 1
                 m.outbound_connections.inc()
                 return conn
+        if looped:
+            # Ourselves and any less preferred host are never tried (as Postfix drops the
+            # MX records from its own on): a loop unless a better host failed first.
+            log.warning("next hop %s:%d of %s is this server", looped, port, self.hop.key)
+            if not errors:
+                raise RoutingLoop(f"{looped}:{port} is this server")
         if isinstance(last, ReplyError) and len(self.hop.hosts) == 1:
             raise last
         if dns_trouble and last is None:
@@ -395,6 +418,10 @@ class DeliveryPool:
         raise SmtpClientError("; ".join(errors) or "no host to connect to")
 
     def _connect_failure(self, job: Job, exc: SmtpClientError) -> JobResult:
+        if isinstance(exc, RoutingLoop):
+            domain = job.recipients[0].address.rpartition("@")[2] if job.recipients else ""
+            text = f"5.4.6 mail for {domain} loops back to myself ({exc})"
+            return all_outcomes(job, Outcome(FAILED, 554, "5.4.6", text))
         if isinstance(exc, TlsPolicyError):
             outcome = Outcome(DEFERRED, exc.reply.code, exc.reply.status, exc.reply.text)
         elif isinstance(exc, NextHopDnsError):

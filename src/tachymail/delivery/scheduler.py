@@ -44,7 +44,7 @@ from tachymail.delivery.pool import (
     JobResult,
     Outcome,
 )
-from tachymail.delivery.routing import NextHop, Router, RoutingFailure
+from tachymail.delivery.routing import NextHop, OwnEndpoints, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver
 from tachymail.metrics import m
 from tachymail.queue.commit import GroupCommitter
@@ -142,6 +142,8 @@ class DeliveryWorker:
         delivery = config.delivery
         self.resolver = Resolver(delivery.resolver or None, timeout=delivery.dns_timeout)
         self.router = Router(config, self.resolver)
+        #: our listeners, so that a next hop pointing back at us bounces (5.4.6)
+        self.own = OwnEndpoints(config)
         self.pools: dict[str, DeliveryPool] = {}
         self.active: set[str] = set()
         self.skipped: set[bytes] = set()
@@ -391,7 +393,7 @@ class DeliveryWorker:
     def _pool(self, hop: NextHop) -> DeliveryPool:
         pool = self.pools.get(hop.key)
         if pool is None:
-            pool = DeliveryPool(hop, self._limits(hop), self.resolver)
+            pool = DeliveryPool(hop, self._limits(hop), self.resolver, own=self.own)
             self.pools[hop.key] = pool
         return pool
 
