@@ -27,7 +27,8 @@ Tolerances are about three times the spread measured on unchanged code (docs/loa
 has the numbers). The baseline (benchmarks/perf-baseline.json) records the figures, the
 spread seen when it was made, the machine and the date. Under TACHYMAIL_PURE, or without
 valgrind, the check is skipped with a message (exit 0); figures that need Postfix are
-skipped when it is missing.
+skipped when it is missing. With TACHYMAIL_REQUIRE_ALL=1 (CI) a missing valgrind or
+Postfix fails the check (exit 1) instead.
 
 The package measured is the one `import tachymail` finds for this interpreter -- the
 installed one under `./dev test` -- and every child process is checked to use the same.
@@ -736,8 +737,7 @@ def main() -> int:
         print("perfcheck: skipped: TACHYMAIL_PURE is set (it measures the compiled kernels)")
         return 0
     if shutil.which("valgrind") is None:
-        print("perfcheck: skipped: valgrind is not installed (Debian package valgrind)")
-        return 0
+        return missing("valgrind is not installed (Debian package valgrind)")
     import tachymail
     from tachymail.cli.main import kernel_report
 
@@ -769,7 +769,8 @@ def main() -> int:
         print(f"perfcheck: FAILED: could not measure: {exc}", file=sys.stderr)
         return 1
     for note in sorted(set(skipped)):
-        print(f"perfcheck: skipped {note}")
+        if missing(note):
+            return 1
     if baseline.get("machine", {}).get("cpu") != machine()["cpu"]:
         print("perfcheck: note: the baseline comes from another CPU; counts may differ a little")
     code = verdict(figures, baseline)
@@ -777,6 +778,16 @@ def main() -> int:
     if code == 0:
         print(f"perfcheck: ok, {len(figures)} figures within tolerance ({took:.0f} s)")
     return code
+
+
+def missing(what: str) -> int:
+    """Report a check that cannot run for a missing tool: a skip (0), or with
+    TACHYMAIL_REQUIRE_ALL=1 (CI) a failure (1)."""
+    if os.environ.get("TACHYMAIL_REQUIRE_ALL") == "1":
+        print(f"perfcheck: FAILED: TACHYMAIL_REQUIRE_ALL=1 and {what}", file=sys.stderr)
+        return 1
+    print(f"perfcheck: skipped: {what}")
+    return 0
 
 
 if __name__ == "__main__":
