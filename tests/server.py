@@ -120,6 +120,10 @@ def write_config(
         # Tests talk to nothing but loopback: a lookup a test did not arrange for goes to a
         # loopback port where no DNS server listens, and fails, instead of leaving the host.
         extra += '\n[delivery]\nresolver = "127.0.0.1:9"\n'
+    if "[metrics]" not in extra:
+        # A taken metrics port stops the start: tests that do not ask for the endpoint run
+        # without one, so that parallel servers do not compete for the default 9525.
+        extra += '\n[metrics]\naddress = ""\n'
     listeners = "".join(
         f'[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "{role}"\n\n'
         for role, port in ports.items()
@@ -139,13 +143,17 @@ def running_server(
     roles: tuple[str, ...] = ("mx", "submission", "smtps"),
     data_dir: Path | None = None,
     hold: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """Start `tachymail serve` with *extra* TOML appended; stop it (by PID) afterwards."""
+    """Start `tachymail serve` with *extra* TOML appended; stop it (by PID) afterwards.
+
+    *env*: extra environment variables for the server (e.g. LD_PRELOAD, PYTHONPATH).
+    """
     data_dir = data_dir or tmp_path / "data"
     ports = {role: free_port() for role in roles}
     config_path = tmp_path / "tachymail.toml"
     write_config(config_path, data_dir, ports, extra, hold)
-    server = start(config_path, data_dir, ports, workers, tmp_path / "server.log")
+    server = start(config_path, data_dir, ports, workers, tmp_path / "server.log", env)
     try:
         yield server
     finally:
@@ -153,7 +161,12 @@ def running_server(
 
 
 def start(
-    config_path: Path, data_dir: Path, ports: dict[str, int], workers: int, log_path: Path
+    config_path: Path,
+    data_dir: Path,
+    ports: dict[str, int],
+    workers: int,
+    log_path: Path,
+    env: dict[str, str] | None = None,
 ) -> Server:
     log = open(log_path, "ab")  # noqa: SIM115 - the server writes to it until stopped
     proc = subprocess.Popen(
@@ -161,6 +174,7 @@ def start(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=None if env is None else {**os.environ, **env},
     )
     log.close()
     server = Server(proc, data_dir, config_path, ports, log_path)

@@ -11,13 +11,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from logging.handlers import SysLogHandler
 from pathlib import Path
 from typing import Any
+
+from tachymail.net import split_hostport
 
 ROLES = ("mx", "submission", "smtps")
 
@@ -51,10 +55,31 @@ class ListenerConfig:
         return split_hostport(self.address)[1]
 
 
+def _qualified(name: str) -> bool:
+    return "." in name and name.split(".")[0].lower() != "localhost"
+
+
+def default_hostname() -> str:
+    """The machine's fully qualified name, for ``server.hostname``.
+
+    ``socket.getfqdn()`` when it gives a dotted name other than localhost, else the
+    kernel's host name when that is dotted, else that name plus ``.localdomain`` (what
+    Postfix's ``myhostname`` defaults to on a host without a domain).
+    """
+    fqdn = socket.getfqdn()
+    if _qualified(fqdn):
+        return fqdn
+    short = socket.gethostname()
+    if _qualified(short):
+        return short
+    return f"{short.split('.')[0] or 'localhost'}.localdomain"
+
+
 @dataclass(slots=True)
 class ServerConfig:
-    #: name in the greeting, EHLO reply and Received headers
-    hostname: str = field(default_factory=socket.getfqdn)
+    #: name in the greeting, EHLO reply and Received headers; default: the machine's fully
+    #: qualified name (see default_hostname: "<host>.localdomain" when it has no domain)
+    hostname: str = field(default_factory=default_hostname)
     #: where the queue, TLS material and users file live
     data_dir: str = "./tachymail-data"
     #: SMTP worker processes; 0: one per CPU core, less the delivery workers (at least one)
@@ -97,31 +122,115 @@ class LimitsConfig:
     command_timeout: float = 300.0
     #: seconds a client may stay silent inside DATA/BDAT (§4.5.3.2.5: 3 min per block)
     data_timeout: float = 180.0
+    #: seconds one command line may take from its first octet to its CRLF, however steadily
+    #: it trickles in (slowloris); 421 4.4.2 beyond (0: off)
+    command_deadline: float = 60.0
+    #: seconds a whole DATA body or BDAT transfer may take; 421 4.4.2 beyond (0: off)
+    data_deadline: float = 600.0
+    #: octets per second a DATA/BDAT transfer must average once data_rate_grace seconds have
+    #: passed; 421 4.4.2 below (0: off). 500 as Postfix's smtpd_min_data_rate: any real link
+    #: is far faster, while a drip of a few octets a second is cut after the grace period
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
+    #: connections of max_connections held back from untrusted clients on mx listeners, so
+    #: trusted networks and the submission/smtps listeners are still served in a flood;
+    #: -1: a tenth of max_connections
+    reserved_connections: int = -1
+    #: seconds of silence allowed between commands while a worker has 80% of its share of
+    #: max_connections open (stress mode, as Postfix's), instead of command_timeout (0: off)
+    stress_command_timeout: float = 10.0
+
+    @property
+    def reserved(self) -> int:
+        """Connections reserved for trusted clients and submission (see reserved_connections)."""
+        if self.reserved_connections < 0:
+            return self.max_connections // 10
+        return self.reserved_connections
 
 
 @dataclass(slots=True)
 class PolicyConfig:
-    #: domains we accept mail for from anyone (delivered here)
-    local_domains: list[str] = field(default_factory=lambda: ["localhost"])
+    #: domains we accept mail for from anyone (delivered here); none by default, as there is
+    #: no local delivery yet (their recipients are refused at RCPT with 550 5.1.1)
+    local_domains: list[str] = field(default_factory=list)
     #: domains we accept mail for from anyone and relay onwards
     relay_domains: list[str] = field(default_factory=list)
     #: clients that may relay anywhere without AUTH
     trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     #: bare CR or LF inside DATA: "reject" (550 5.6.0, nothing queued) or "normalize" (to CRLF)
     bare_newline: str = "reject"
+    #: Received and Delivered-To fields a message may arrive with (a mail loop beyond:
+    #: 554 5.4.6 Too many hops, after DATA); 50 as Postfix's hopcount_limit; 0: no limit
+    max_hops: int = 50
+    #: octets of each text part that [[body_check]] rules read (Postfix's
+    #: body_checks_size_limit); the rest of the part is not inspected
+    body_check_size_limit: int = 51200
+    #: probe the next hop at RCPT for recipients in relay_domains from untrusted,
+    #: unauthenticated clients (as Postfix's reject_unverified_recipient): 550 5.1.1 when it
+    #: refuses the address, 450 4.1.1 when it cannot say; results cached in data_dir/verify
+    verify_recipients: bool = False
+    #: seconds a client waits for a probe; then 450 4.1.1 (or verify_tempfail), while the
+    #: probe goes on for up to twice as long again and caches its result for the retry
+    verify_timeout: float = 10.0
+    #: the probe's MAIL FROM; empty: the null sender <>
+    verify_sender: str = ""
+    #: a probe that ends in a 4xx, a timeout or no connection: "defer" (450 4.1.1) or
+    #: "accept" (250, as if verification were off)
+    verify_tempfail: str = "defer"
+    #: seconds a result is cached: deliverable, refused (5xx), and could not tell
+    verify_positive_ttl: float = 86400.0
+    verify_negative_ttl: float = 3600.0
+    verify_tempfail_ttl: float = 120.0
 
     def trusted(self) -> list[IPNetwork]:
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+
+CHECK_ACTIONS = ("reject", "hold", "discard", "strip", "add")
+BODY_CHECK_ACTIONS = ("reject", "hold", "discard")
+
+
+@dataclass(slots=True)
+class ContentCheckConfig:
+    """One [[header_check]] or [[body_check]] rule (see tachymail.smtp.checks)."""
+
+    #: regular expression (Python syntax, case-insensitive) over one unfolded header field
+    #: ("Subject: hello") or one body line
+    pattern: str = ""
+    #: "reject" (550 5.7.1 text), "hold" (queued on hold), "discard" (250, not queued),
+    #: and for headers only "strip" (remove the field) and "add" (prepend text as a field)
+    action: str = ""
+    #: the reject reply's text, or the whole "Name: value" field that "add" prepends
+    text: str = ""
 
 
 @dataclass(slots=True)
 class AuthConfig:
     #: users file (one "name:scrypt-hash" per line); empty: data_dir/users
     users_file: str = ""
-    #: seconds added before answering a failed AUTH
+    #: seconds added before answering a failed AUTH, times the failures counted for its
+    #: client address or user (a tarpit), at most max_failure_delay
     failure_delay: float = 1.0
+    max_failure_delay: float = 15.0
     #: failed AUTH attempts in one session before 421 4.7.0 and close
     max_failures: int = 3
+    #: failed AUTH attempts counted across every session and worker, per client address (an
+    #: IPv6 /64) and per user name, before AUTH from that address or for that user gets
+    #: 454 4.7.0 for `lockout` seconds without a password check; 0: no such limit
+    max_failures_per_ip: int = 20
+    max_failures_per_user: int = 10
+    lockout: float = 900.0
+    #: each failure counts 1 and its weight halves every failure_half_life seconds
+    failure_half_life: float = 900.0
+    #: listener roles on which an authenticated user may use only a MAIL FROM it owns
+    #: (553 5.7.1 otherwise); [] turns the sender-login policy off
+    sender_login: list[str] = field(default_factory=lambda: ["submission", "smtps"])
+    #: user -> the addresses ("bob@example.com") and domains ("@example.org") it may send
+    #: as; a login that is an address always owns that address
+    senders: dict[str, list[str]] = field(default_factory=dict)
+    #: whether an authenticated user under sender_login may send with MAIL FROM:<>
+    #: (read receipts, RFC 8098, use it)
+    null_sender: bool = True
 
 
 @dataclass(slots=True)
@@ -137,6 +246,10 @@ class QueueConfig:
     commit: str = "inline"
     #: inline commits wait this long for more messages to join a batch, in milliseconds
     commit_linger_ms: float = 1.0
+    #: disk space kept in data_dir/queue/reserve, in MiB, given up on a full disk so that
+    #: `tachymail queue delete` can still commit (LMDB needs free pages even to delete);
+    #: 0: none
+    reserve_mb: int = 4
 
 
 TLS_POLICIES = ("none", "opportunistic", "required")
@@ -149,11 +262,18 @@ class DeliveryConfig:
     #: "HOST:PORT" to send everything through (routes still win); empty: DNS MX
     smarthost: str = ""
     smarthost_tls: str = "opportunistic"
-    smarthost_tls_verify: bool = False
-    #: "user:password" for AUTH PLAIN at the smarthost (after TLS)
+    #: verify the smarthost's certificate; unset: only when smarthost_auth is set (credentials
+    #: go only to a verified peer, so false together with smarthost_auth is refused)
+    smarthost_tls_verify: bool | None = None
+    #: PEM file of the CAs (or the self-signed certificate) to verify the smarthost against;
+    #: empty: the system's CAs
+    smarthost_tls_ca: str = ""
+    #: "user:password" for AUTH PLAIN at the smarthost, sent only under verified TLS
     smarthost_auth: str = ""
     #: DNS server "HOST:PORT" for MX lookups; empty: the system's resolvers
     resolver: str = ""
+    #: seconds one DNS lookup may take, retries included; then the message is deferred (4.4.3)
+    dns_timeout: float = 10.0
     #: remote SMTP port for MX delivery
     port: int = 25
     #: STARTTLS towards MX hosts: "opportunistic", "required" or "none"
@@ -213,8 +333,11 @@ class RouteConfig:
     #: "HOST:PORT", or "local" for local delivery (not supported yet: such mail waits)
     host: str = ""
     tls: str = "opportunistic"
-    tls_verify: bool = False
-    #: "user:password" for AUTH PLAIN (after TLS)
+    #: verify the host's certificate; unset: only when auth is set (false with auth is refused)
+    tls_verify: bool | None = None
+    #: PEM file of the CAs (or the self-signed certificate) to verify the host against
+    tls_ca: str = ""
+    #: "user:password" for AUTH PLAIN, sent only under verified TLS
     auth: str = ""
 
 
@@ -227,22 +350,40 @@ class DkimConfig:
 
 @dataclass(slots=True)
 class MetricsConfig:
-    #: "HOST:PORT" of the supervisor's /metrics, /healthz and /readyz; empty: no endpoint
+    #: "HOST:PORT" of the supervisor's /metrics, /healthz and /readyz; empty: no endpoint.
+    #: A taken port stops the start, as a taken SMTP port does
     address: str = "127.0.0.1:9525"
     #: next hops with their own destination label per delivery worker; the rest are "other"
     destinations: int = 20
     #: prometheus-client's multiprocess directory, emptied at start and removed at exit;
     #: empty: one in /dev/shm (shared memory), or data_dir/metrics where there is none
     directory: str = ""
+    #: seconds an endpoint client may take from connecting to the end of its answer (and
+    #: the longest silence); then it is disconnected
+    client_timeout: float = 10.0
+    #: endpoint clients served at once; a new one beyond it displaces the oldest client that
+    #: has not finished sending its request, or gets 503 when none has
+    max_clients: int = 64
 
 
 LOG_FORMATS = ("text", "json", "logfmt")
+LOG_TARGETS = ("stderr", "file", "syslog")
 
 
 @dataclass(slots=True)
 class LogConfig:
     #: "text" for people, "json" (one object per line) or "logfmt" for log pipelines
     format: str = "text"
+    #: where log lines go: "stderr", "file" (``path``) or "syslog" (``syslog_socket``, which
+    #: journald also serves); `tachymail serve` prints where at start
+    target: str = "stderr"
+    #: the log file of target "file", reopened when logrotate moves it away (no copytruncate
+    #: needed); its directory is made if missing; empty: data_dir/tachymail.log
+    path: str = ""
+    #: syslog facility of target "syslog" ("mail", "daemon", "local0" ... "local7", ...)
+    syslog_facility: str = "mail"
+    #: syslog socket of target "syslog": a Unix socket path, or "HOST:PORT" for UDP
+    syslog_socket: str = "/dev/log"
 
 
 def default_listeners() -> list[ListenerConfig]:
@@ -266,6 +407,8 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     pool_overrides: list[PoolOverride] = field(default_factory=list)
     routes: list[RouteConfig] = field(default_factory=list)
+    header_checks: list[ContentCheckConfig] = field(default_factory=list)
+    body_checks: list[ContentCheckConfig] = field(default_factory=list)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -295,16 +438,19 @@ class Config:
     def users_path(self) -> Path:
         return Path(self.auth.users_file) if self.auth.users_file else self.data_path / "users"
 
+    @property
+    def log_path(self) -> Path:
+        """The log file of ``[log] target = "file"`` (``tachymail log`` reads it too)."""
+        return Path(self.log.path).resolve() if self.log.path else self.data_path / "tachymail.log"
 
-def split_hostport(address: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" → (host, port); raises ValueError with a readable message."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    host = host.strip("[]")
-    if not host:
-        raise ValueError(f"{address!r} has no host")
-    return host, int(port)
+    @property
+    def local_delivery_domains(self) -> frozenset[str]:
+        """Lower-cased domains whose mail goes to the local hop, as delivery routes them:
+        every ``[[route]]`` with ``host = "local"``, and each of ``policy.local_domains``
+        that no ``[[route]]`` sends elsewhere (a route wins)."""
+        routed = {r.domain.lower(): r.host == "local" for r in self.routes}
+        local = {d.lower() for d in self.policy.local_domains if routed.get(d.lower(), True)}
+        return frozenset(local | {d for d, is_local in routed.items() if is_local})
 
 
 # TOML table → dataclass, checking names and types so that every mistake is reported.
@@ -327,6 +473,8 @@ _ARRAYS: dict[str, tuple[str, type[Any]]] = {
     "listener": ("listeners", ListenerConfig),
     "route": ("routes", RouteConfig),
     "pool_override": ("pool_overrides", PoolOverride),
+    "header_check": ("header_checks", ContentCheckConfig),
+    "body_check": ("body_checks", ContentCheckConfig),
 }
 
 
@@ -369,6 +517,8 @@ def _build(cls: type[Any], table: Any, where: str, problems: list[str]) -> Any:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if isinstance(hint, types.UnionType):  # "bool | None": None only means "not set"
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         hint, str(hint)
     )
@@ -433,11 +583,28 @@ def validate(config: Config) -> list[str]:
     for name in ("max_connections", "max_connections_per_ip", "max_errors"):
         if getattr(limits, name) < 1:
             problems.append(f"limits.{name}: must be at least 1")
-    for name in ("greeting_delay", "command_timeout", "data_timeout"):
+    for name in (
+        "greeting_delay",
+        "command_timeout",
+        "data_timeout",
+        "command_deadline",
+        "data_deadline",
+        "min_data_rate",
+        "data_rate_grace",
+        "stress_command_timeout",
+    ):
         if getattr(limits, name) < 0:
             problems.append(f"limits.{name}: must not be negative")
+    if not -1 <= limits.reserved_connections < max(limits.max_connections, 1):
+        problems.append(
+            "limits.reserved_connections: -1 (a tenth of max_connections) or 0 up to "
+            "max_connections - 1"
+        )
+    problems.extend(_validate_auth(config))
     if config.policy.bare_newline not in ("reject", "normalize"):
         problems.append('policy.bare_newline: must be "reject" or "normalize"')
+    problems.extend(_validate_content_checks(config))
+    problems.extend(_validate_verify(config.policy))
     for i, network in enumerate(config.policy.trusted_networks):
         try:
             ipaddress.ip_network(network, strict=False)
@@ -459,6 +626,8 @@ def validate(config: Config) -> list[str]:
         problems.append(f"queue.commit: {config.queue.commit!r} is not inline or thread")
     if not 0 <= config.queue.commit_linger_ms <= 100:
         problems.append("queue.commit_linger_ms: must be between 0 and 100")
+    if not 0 <= config.queue.reserve_mb <= 1024:
+        problems.append("queue.reserve_mb: must be between 0 and 1024")
     if config.metrics.address:
         try:
             split_hostport(config.metrics.address)
@@ -466,9 +635,106 @@ def validate(config: Config) -> list[str]:
             problems.append(f"metrics.address: {exc}")
     if config.metrics.destinations < 0:
         problems.append("metrics.destinations: must not be negative")
-    if config.log.format not in LOG_FORMATS:
-        problems.append(f"log.format: must be one of {', '.join(LOG_FORMATS)}")
+    if not 0 < config.metrics.client_timeout <= 3600:
+        problems.append("metrics.client_timeout: must be more than 0 and at most 3600 seconds")
+    if config.metrics.max_clients < 1:
+        problems.append("metrics.max_clients: must be at least 1")
+    problems.extend(_validate_log(config.log))
     problems.extend(_validate_delivery(config))
+    return problems
+
+
+def _validate_verify(policy: PolicyConfig) -> list[str]:
+    problems: list[str] = []
+    if not 0 < policy.verify_timeout <= 300:
+        problems.append("policy.verify_timeout: must be more than 0 and at most 300 seconds")
+    if policy.verify_tempfail not in ("defer", "accept"):
+        problems.append('policy.verify_tempfail: must be "defer" or "accept"')
+    sender = policy.verify_sender
+    if sender and (sender.count("@") != 1 or any(c.isspace() or c in "<>" for c in sender)):
+        problems.append('policy.verify_sender: an address such as "verify@example.com", or ""')
+    for name in ("verify_positive_ttl", "verify_negative_ttl", "verify_tempfail_ttl"):
+        if getattr(policy, name) < 0:
+            problems.append(f"policy.{name}: must not be negative (0: not cached)")
+    return problems
+
+
+# A field that "add" prepends: a name of printable ASCII without ":", a colon, a value.
+_ADDED_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")
+
+
+def _validate_content_checks(config: Config) -> list[str]:
+    problems: list[str] = []
+    policy = config.policy
+    if policy.max_hops < 0:
+        problems.append("policy.max_hops: must be 0 (no limit) or more")
+    if policy.body_check_size_limit < 0:
+        problems.append("policy.body_check_size_limit: must not be negative")
+    for name, rules, actions in (
+        ("header_check", config.header_checks, CHECK_ACTIONS),
+        ("body_check", config.body_checks, BODY_CHECK_ACTIONS),
+    ):
+        for i, rule in enumerate(rules):
+            where = f"{name}[{i}]"
+            if not rule.pattern:
+                problems.append(f"{where}.pattern: required")
+            else:
+                try:
+                    re.compile(rule.pattern.encode("utf-8"), re.IGNORECASE | re.MULTILINE)
+                except re.error as exc:
+                    problems.append(f"{where}.pattern: not a valid regular expression: {exc}")
+            if rule.action not in actions:
+                problems.append(f"{where}.action: must be one of {', '.join(actions)}")
+            if rule.action == "add" and not _ADDED_FIELD.fullmatch(rule.text):
+                problems.append(f'{where}.text: "add" needs a whole header field, "Name: value"')
+            elif rule.text and not rule.text.isprintable():  # CR and LF are not printable
+                problems.append(f"{where}.text: must be one line of printable text")
+    return problems
+
+
+def _validate_log(settings: LogConfig) -> list[str]:
+    problems: list[str] = []
+    if settings.format not in LOG_FORMATS:
+        problems.append(f"log.format: must be one of {', '.join(LOG_FORMATS)}")
+    if settings.target not in LOG_TARGETS:
+        problems.append(f"log.target: must be one of {', '.join(LOG_TARGETS)}")
+    if settings.syslog_facility not in SysLogHandler.facility_names:
+        known = ", ".join(sorted(SysLogHandler.facility_names))
+        problems.append(f"log.syslog_facility: must be one of {known}")
+    where = settings.syslog_socket
+    if not where:
+        problems.append('log.syslog_socket: a socket path (such as "/dev/log") or HOST:PORT')
+    elif not where.startswith("/"):
+        try:
+            split_hostport(where)
+        except ValueError as exc:
+            problems.append(f"log.syslog_socket: {exc} (nor an absolute socket path)")
+    return problems
+
+
+def _validate_auth(config: Config) -> list[str]:
+    problems: list[str] = []
+    auth = config.auth
+    for name in ("failure_delay", "max_failure_delay", "lockout"):
+        if getattr(auth, name) < 0:
+            problems.append(f"auth.{name}: must not be negative")
+    if auth.max_failure_delay < auth.failure_delay:
+        problems.append("auth.max_failure_delay: must not be less than auth.failure_delay")
+    if auth.failure_half_life <= 0:
+        problems.append("auth.failure_half_life: must be more than 0 seconds")
+    for name in ("max_failures", "max_failures_per_ip", "max_failures_per_user"):
+        if getattr(auth, name) < (1 if name == "max_failures" else 0):
+            problems.append(f"auth.{name}: must be at least {1 if name == 'max_failures' else 0}")
+    for i, role in enumerate(auth.sender_login):
+        if role not in ROLES:
+            problems.append(f"auth.sender_login[{i}]: must be one of {', '.join(ROLES)}")
+    for user, owned in auth.senders.items():
+        for item in owned:
+            _, at, domain = item.rpartition("@")
+            if not at or not domain or any(c.isspace() for c in item):
+                problems.append(
+                    f"auth.senders.{user}: {item!r} is neither an address nor an @domain"
+                )
     return problems
 
 
@@ -490,15 +756,39 @@ def _validate_delivery(config: Config) -> list[str]:
     ):
         if value not in TLS_POLICIES:
             problems.append(f"{where}: must be one of {', '.join(TLS_POLICIES)}")
+    if not 0 < delivery.dns_timeout <= 300:
+        problems.append("delivery.dns_timeout: must be more than 0 and at most 300 seconds")
     if not delivery.retry_schedule or any(t < 1 for t in delivery.retry_schedule):
         problems.append("delivery.retry_schedule: a non-empty list of positive seconds")
     if delivery.max_lifetime < 60 or delivery.bounce_lifetime < 60:
         problems.append("delivery: max_lifetime and bounce_lifetime must be at least 60 seconds")
     if delivery.smarthost_auth and ":" not in delivery.smarthost_auth:
         problems.append('delivery.smarthost_auth: must be "user:password"')
+    problems.extend(
+        _credential_problems(
+            "delivery.smarthost_",
+            delivery.smarthost_auth,
+            delivery.smarthost_tls,
+            delivery.smarthost_tls_verify,
+            delivery.smarthost_tls_ca,
+        )
+    )
+    if delivery.max_active < 1:
+        problems.append("delivery.max_active: must be at least 1 (0 would stop all delivery)")
+    for name in ("connect_timeout", "command_timeout"):
+        if getattr(delivery, name) <= 0:
+            problems.append(f"delivery.{name}: must be more than 0 seconds")
+    if delivery.delay_warning < 0:
+        problems.append("delivery.delay_warning: 0 (never) or more seconds")
     pool = config.pool
     if pool.max_connections < 1 or pool.max_messages_per_connection < 1 or pool.max_recipients < 1:
         problems.append("pool: max_connections, max_messages_per_connection, max_recipients >= 1")
+    if not 1 <= pool.initial_connections <= pool.max_connections:
+        problems.append("pool.initial_connections: must be between 1 and pool.max_connections")
+    if pool.rate < 0:
+        problems.append("pool.rate: 0 (no limit) or more messages per second")
+    if pool.idle_timeout <= 0:
+        problems.append("pool.idle_timeout: must be more than 0 seconds")
     for i, route in enumerate(config.routes):
         where = f"route[{i}]"
         if not route.domain:
@@ -512,9 +802,41 @@ def _validate_delivery(config: Config) -> list[str]:
             problems.append(f"{where}.tls: must be one of {', '.join(TLS_POLICIES)}")
         if route.auth and ":" not in route.auth:
             problems.append(f'{where}.auth: must be "user:password"')
+        problems.extend(
+            _credential_problems(f"{where}.", route.auth, route.tls, route.tls_verify, route.tls_ca)
+        )
     for i, override in enumerate(config.pool_overrides):
         if not override.match:
             problems.append(f"pool_override[{i}].match: required (a domain or host)")
+        # 0 (and -1 for rate) mean "as [pool]": the limits that apply are the merged ones.
+        most = override.max_connections or pool.max_connections
+        first = override.initial_connections or pool.initial_connections
+        if override.max_connections < 0 or override.initial_connections < 0:
+            problems.append(f"pool_override[{i}]: connection counts must not be negative")
+        elif first > most:
+            problems.append(
+                f"pool_override[{i}].initial_connections: {first} is more than "
+                f"max_connections {most}"
+            )
+    return problems
+
+
+def _credential_problems(
+    prefix: str, auth: str, tls: str, verify: bool | None, ca: str
+) -> list[str]:
+    """Credentials are sent only under TLS with a verified certificate (see routing.py)."""
+    problems: list[str] = []
+    if ca and not Path(ca).is_file():
+        problems.append(f"{prefix}tls_ca: {ca} does not exist")
+    if not auth:
+        return problems
+    if tls == "none":
+        problems.append(f'{prefix}tls: "none" would never send the configured credentials')
+    if verify is False:
+        problems.append(
+            f"{prefix}tls_verify: credentials go only to a verified peer; for a private CA or"
+            f" a self-signed certificate set {prefix}tls_ca to its PEM file instead"
+        )
     return problems
 
 
@@ -553,7 +875,11 @@ def defaults_toml() -> str:
     for name in _SECTIONS:
         out.append(f"[{name}]")
         for item in dataclasses.fields(getattr(config, name)):
-            out.append(f"{item.name} = {_toml_value(getattr(getattr(config, name), item.name))}")
+            value = getattr(getattr(config, name), item.name)
+            if value is None:  # TOML has no null: an unset setting is left out
+                out.append(f"# {item.name} = (unset)")
+                continue
+            out.append(f"{item.name} = {_toml_value(value)}")
         out.append("")
     for listener in config.listeners:
         out += ["[[listener]]", f"address = {_toml_value(listener.address)}"]
@@ -567,5 +893,44 @@ def defaults_toml() -> str:
         '# match = "gmail.com"',
         "# max_connections = 10",
         "",
+        "# Header and body checks (reject, hold, discard; strip and add for headers):",
+        "# [[header_check]]",
+        "# pattern = '^Subject: .*viagra'",
+        '# action = "reject"',
+        '# text = "Spam is not welcome here"',
+        "",
     ]
+    return "\n".join(out)
+
+
+def _changed(item: Any, default: Any) -> list[str]:
+    """``name = value`` lines for the fields of *item* that differ from *default*'s."""
+    lines = []
+    for spec in dataclasses.fields(item):
+        value = getattr(item, spec.name)
+        if value is not None and value != getattr(default, spec.name):
+            lines.append(f"{spec.name} = {_toml_value(value)}")
+    return lines
+
+
+def changed_toml(config: Config) -> str:
+    """The settings of *config* that differ from the defaults, as TOML (`config diff`).
+
+    Read back, the text gives the same configuration. A ``[[listener]]`` list that differs
+    from the default listeners is shown whole (it replaces them); ``[[route]]`` and
+    ``[[pool_override]]`` entries show each entry's non-default fields. Empty when nothing
+    differs.
+    """
+    defaults = Config()
+    out: list[str] = []
+    for name in _SECTIONS:
+        lines = _changed(getattr(config, name), getattr(defaults, name))
+        if lines:
+            out += [f"[{name}]", *lines, ""]
+    for name, (attribute, element) in _ARRAYS.items():
+        items = getattr(config, attribute)
+        if items == getattr(defaults, attribute):
+            continue
+        for item in items:
+            out += [f"[[{name}]]", *_changed(item, element()), ""]
     return "\n".join(out)

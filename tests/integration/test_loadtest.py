@@ -354,7 +354,9 @@ def test_bench_against_smtp_sink() -> None:
 
 
 def test_bench_against_tachymail_serve_plain_and_with_starttls_auth(tmp_path: Path) -> None:
-    with running_server(tmp_path, workers=1, roles=("mx", "submission")) as srv:
+    # bench sends as bench@example.com: alice must own it (the sender-login policy).
+    extra = '[auth]\nsenders = { alice = ["@example.com"] }\n'
+    with running_server(tmp_path, extra, workers=1, roles=("mx", "submission")) as srv:
         plain = bench(
             f"127.0.0.1:{srv.port}", "--messages", "600", "--concurrency", "10", "--rcpts", "2"
         )

@@ -142,6 +142,6 @@ def test_prometheus_scrapes_the_accepted_messages_counter(tmp_path: Path) -> Non
         wait_for_value(prom, "sum(tachymail_messages_accepted_total)", 0.0)
         with smtplib.SMTP("127.0.0.1", srv.port) as client:
             for n in range(3):
-                client.sendmail("a@sender.example", ["b@localhost"], f"Subject: {n}\r\n\r\nhi\r\n")
+                client.sendmail("a@sender.example", ["b@example.net"], f"Subject: {n}\r\n\r\nhi")
         wait_for_value(prom, "sum(tachymail_messages_accepted_total)", 3.0)
         wait_for_value(prom, 'tachymail_queue_messages{state="active"}', 3.0)

@@ -17,8 +17,10 @@ from server import Server, running_server
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    """A tachymail with one worker, mx/submission/smtps listeners, holding delivery."""
-    with running_server(tmp_path, extra="[auth]\nfailure_delay = 0.2\n") as srv:
+    """A tachymail with one worker, mx/submission/smtps listeners, holding delivery; the
+    user alice (when a test adds her) may send as any address in example.com."""
+    extra = '[auth]\nfailure_delay = 0.2\nsenders = { alice = ["@example.com"] }\n'
+    with running_server(tmp_path, extra=extra) as srv:
         yield srv
 
 

@@ -283,14 +283,15 @@ def test_connection_limit_per_ip(tmp_path: Path) -> None:
 
 
 def test_relay_denied_for_untrusted_clients(tmp_path: Path) -> None:
-    extra = '[policy]\ntrusted_networks = []\nlocal_domains = ["local.example"]\n'
+    extra = '[policy]\ntrusted_networks = []\nrelay_domains = ["relay.example"]\n'
     with running_server(tmp_path, extra, roles=("mx",)) as srv:
         client = RawClient(srv.port)
         client.cmd(b"EHLO x")
         client.cmd(b"MAIL FROM:<a@example.com>")
         assert client.cmd(b"RCPT TO:<b@elsewhere.example>").startswith(b"554 5.7.1")
-        assert client.cmd(b"RCPT TO:<b@LOCAL.example>") == b"250 2.1.5 Ok"
-        assert client.cmd(b"RCPT TO:<postmaster>") == b"250 2.1.5 Ok"
+        assert client.cmd(b"RCPT TO:<b@RELAY.example>") == b"250 2.1.5 Ok"
+        # No local mailboxes yet, postmaster included: refused, never bounced later.
+        assert client.cmd(b"RCPT TO:<postmaster>").startswith(b"550 5.1.1")
         client.close()
 
 

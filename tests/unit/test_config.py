@@ -94,3 +94,27 @@ def test_smtp_workers_default_to_the_cores_delivery_leaves(monkeypatch: pytest.M
     assert from_dict({"server": {"workers": 4}}).worker_count == 4, "as configured"
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert from_dict({"delivery": {"workers": 2}}).worker_count == 1, "never fewer than one"
+
+
+@pytest.mark.parametrize(
+    ("table", "setting"),
+    [
+        ({"delivery": {"max_active": 0}}, "delivery.max_active"),
+        ({"delivery": {"connect_timeout": 0}}, "delivery.connect_timeout"),
+        ({"pool": {"initial_connections": 30, "max_connections": 20}}, "pool.initial_connections"),
+        ({"pool": {"initial_connections": 0}}, "pool.initial_connections"),
+        ({"pool": {"rate": -1}}, "pool.rate"),
+        ({"pool": {"idle_timeout": 0}}, "pool.idle_timeout"),
+        (
+            {"pool_override": [{"match": "example.com", "max_connections": 2}]},
+            "pool_override[0].initial_connections",
+        ),
+    ],
+)
+def test_settings_that_would_stall_delivery_are_refused(
+    table: dict[str, object], setting: str
+) -> None:
+    """max_active = 0 used to stop delivery silently; initial above max was accepted."""
+    with pytest.raises(ConfigError) as caught:
+        from_dict(table)
+    assert any(problem.startswith(setting) for problem in caught.value.problems), caught.value

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from tachymail.config import Config, ConfigError, load
 
 if TYPE_CHECKING:
+    from tachymail.queue.admin import Reporter
+    from tachymail.queue.select import MessageFilter
     from tachymail.queue.store import QueueStore
 
 
@@ -59,9 +61,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = apply_overrides(load(args.config), overrides)
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
-    from tachymail.metrics.logs import use_format
+    from tachymail.metrics.logs import configure
 
-    use_format(config.log.format)
+    try:
+        where = configure(config.log, config.log_path)
+    except OSError as exc:
+        return _fail(str(exc))
+    if where != "stderr":  # said where the operator started it: the lines go elsewhere now
+        print(f"tachymail: logging to {where}", file=sys.stderr, flush=True)
     return Supervisor(config, overrides).run()
 
 
@@ -84,17 +91,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    import lmdb
-
-    from tachymail.queue.store import QueueStore
-
     if args.queue_command in ("flush", "delete", "hold", "release", "bounce"):
         return _queue_admin(args)
     try:
         config = _config(args)
-        store = QueueStore(config.data_path / "queue", readonly=True)
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
+    return queue_read_with(args, config)
+
+
+def queue_read_with(args: argparse.Namespace, config: Config) -> int:
+    """count, list, show, summary, mailq on the queue of *config*: exit status 2 with one
+    line on stderr when the queue is missing or unreadable."""
+    import lmdb
+
+    from tachymail.queue.store import QueueStore
+
+    try:
+        store = QueueStore(config.data_path / "queue", readonly=True)
     except FileNotFoundError as exc:
         return _fail(str(exc))
     except (lmdb.Error, OSError) as exc:
@@ -108,29 +122,85 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _queue_read(args: argparse.Namespace, store: QueueStore) -> int:
-    """count, list, show: from one read-only store (nothing is written, even on a full disk)."""
-    if args.queue_command == "count":
-        print(store.count())
-    elif args.queue_command == "list":
+    """count, list, show, summary, mailq: from one read-only store (nothing is written,
+    even on a full disk); states are decided once, at one instant."""
+    import time
+
+    from tachymail.cli import queueview
+    from tachymail.queue.stats import STATES, message_state, queue_shape
+
+    now = time.time()
+    command = args.queue_command
+    if command == "count":
+        if not args.json:
+            print(store.count())
+            return 0
+        counts = dict.fromkeys(STATES, 0)
         for envelope in store.iter_envelopes():
-            if args.json:
-                print(json.dumps(envelope.summary()))
-            else:
-                rcpts = ", ".join(r.address for r in envelope.recipients)
-                print(
-                    f"{envelope.id}  {envelope.size:>9}  {envelope.state:<7} "
-                    f"<{envelope.sender}> -> {rcpts}"
-                )
-    elif args.queue_command == "show":
+            counts[message_state(envelope, now)] += 1
+        print(json.dumps({"total": sum(counts.values()), **counts}))
+    elif command == "list":
+        try:
+            chosen = _message_filter(args)
+        except ValueError as exc:
+            return _fail(f"queue list: {exc}")
+        total = store.count()
+        listed = (e for e in store.iter_envelopes() if chosen.matches(e, now))
+        queueview.print_list(listed, now, sys.stdout, as_json=args.json, total=total)
+    elif command == "summary":
+        try:
+            chosen = _message_filter(args)
+        except ValueError as exc:
+            return _fail(f"queue summary: {exc}")
+        shape = queue_shape((e for e in store.iter_envelopes() if chosen.matches(e, now)), now)
+        if args.json:
+            print(json.dumps(shape.as_dict()))
+        else:
+            queueview.print_summary(shape, sys.stdout)
+    elif command == "mailq":
+        queueview.print_mailq(store.iter_envelopes(), now, sys.stdout)
+    elif command == "show":
         found = store.envelope(args.id)
         if found is None:
             return _fail(f"no message {args.id} in the queue")
-        print(json.dumps(found.summary(), indent=2))
         content = store.content(args.id) or b""
-        end = content.find(b"\r\n\r\n")
-        shown = content if args.body or end < 0 else content[: end + 2]
-        sys.stdout.write("\n" + shown.decode("utf-8", "replace"))
+        shown = queueview.show_data(found, content, now, body=args.body)
+        if args.json:
+            print(json.dumps(shown))
+            return 0
+        text = shown.pop("content", None) or shown.pop("headers")
+        shown.pop("headers", None)
+        print(json.dumps(shown, indent=2))
+        sys.stdout.write("\n" + text)
     return 0
+
+
+def _message_filter(args: argparse.Namespace) -> MessageFilter:
+    """The filters of `queue list` / `queue summary`; raises ValueError for a bad age or
+    regular expression."""
+    from tachymail.queue.select import MessageFilter, compile_reason, parse_age
+
+    try:
+        older_than = None if args.older_than is None else parse_age(args.older_than)
+    except ValueError as exc:
+        raise ValueError(f"--older-than: {exc}") from None
+    try:
+        reason = None if args.reason is None else compile_reason(args.reason)
+    except ValueError as exc:
+        raise ValueError(f"--reason: {exc}") from None
+    return MessageFilter(
+        state=args.state,
+        domain=args.domain,
+        sender=args.sender,
+        older_than=older_than,
+        reason=reason,
+    )
+
+
+def cmd_mailq(args: argparse.Namespace) -> int:
+    """`tachymail mailq` (and a `mailq` symlink): the queue as postqueue -p prints it."""
+    args.queue_command = "mailq"
+    return cmd_queue(args)
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -149,12 +219,17 @@ def cmd_user(args: argparse.Namespace) -> int:
         if not users.delete(args.name):
             return _fail(f"no user {args.name!r}")
         return 0
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
+    if args.password_stdin or not sys.stdin.isatty():
+        # Piped in (echo pw | tachymail user add alice): one line, no prompt, no echo games.
+        password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass(f"password for {args.name}: ")
-        if password != getpass.getpass("again: "):
-            return _fail("the passwords differ")
+        try:
+            password = getpass.getpass(f"password for {args.name}: ")
+            if password != getpass.getpass("again: "):
+                return _fail("the passwords differ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return _fail("no password given; nothing changed")
     if not password:
         return _fail("empty password")
     try:
@@ -163,6 +238,19 @@ def cmd_user(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"user {args.name} saved in {users.path}")
     return 0
+
+
+def _bounce_reporter(config: Config) -> Reporter:
+    """The report builder `queue bounce` queues with: the delivery package's, the one
+    the delivery worker uses (the CLI composes queue and delivery; neither imports the
+    other's way)."""
+    import functools
+    import socket
+
+    from tachymail.delivery.bounce import operator_bounce
+
+    hostname = config.server.hostname or socket.getfqdn()
+    return functools.partial(operator_bounce, reporting_mta=hostname)
 
 
 def _queue_admin(args: argparse.Namespace) -> int:
@@ -190,13 +278,17 @@ def _queue_admin(args: argparse.Namespace) -> int:
         return _fail(f"invalid configuration:\n{exc}")
     except (lmdb.Error, OSError) as exc:
         return _fail(f"queue {action}: cannot open the queue: {exc}")
+    unchanged = None
     try:
-        changed = admin.run(store, config, action, target)
+        changed = admin.run(store, config, action, target, _bounce_reporter(config))
+        if target is not None and not changed:
+            unchanged = store.envelope(target)  # there but already so, or gone?
         if store.reserve_spent:
             print(
                 f"{action}: the disk was full; the queue's reserve file "
                 f"({store.reserve_spent / MiB:.1f} MiB) was deleted to make room for this "
-                "commit (it is made again at the next start or queue command with room)"
+                "commit (it is made again at the next start or queue command with room)",
+                file=sys.stderr if args.json else sys.stdout,
             )
         store.ensure_reserve()
     except StorageFull as exc:
@@ -206,9 +298,21 @@ def _queue_admin(args: argparse.Namespace) -> int:
         return _fail(f"queue {action}: storage error: {exc}")
     finally:
         store.close()
-    if target is not None and not changed:
+    if target is not None and not changed and unchanged is None:
         return _fail(f"no message {target} in the queue")
-    print(f"{action}: {changed} message(s)")
+    note = ""
+    if unchanged is not None:
+        # The message is there, already as asked: say so, and it is no failure.
+        note = {"hold": "is already held", "release": "is not held"}.get(action, "is unchanged")
+    if args.json:
+        done: dict[str, Any] = {"action": action, "changed": changed}
+        if note:
+            done.update(id=target, note=note)
+        print(json.dumps(done))
+    elif note:
+        print(f"{action}: {target} {note}")
+    else:
+        print(f"{action}: {changed} message(s)")
     return 0
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tachymail import __version__
-from tachymail.cli import commands
+from tachymail.cli import commands, config_cmd, logs
 
 KERNELS = ("commands", "data", "mime")
 
@@ -31,6 +32,38 @@ def kernel_report() -> str:
 def _config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
     parser.add_argument("--data-dir", metavar="DIR", help="data directory (queue, TLS pair, users)")
+
+
+def _json_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--json", action="store_true", help=text)
+
+
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state", choices=["active", "deferred", "held"], help="only messages in this state"
+    )
+    parser.add_argument(
+        "--domain", metavar="DOMAIN", help="only messages with a pending recipient at DOMAIN"
+    )
+    parser.add_argument(
+        "--sender",
+        metavar="ADDRESS",
+        help="only messages from this address, or from any address at this domain; "
+        "'<>' for bounces (the null sender)",
+    )
+    parser.add_argument(
+        "--older-than",
+        "--age",
+        dest="older_than",
+        metavar="AGE",
+        help="only messages at least this old: 90s, 30m, 2h, 1d (a bare number: minutes)",
+    )
+    parser.add_argument(
+        "--reason",
+        metavar="REGEX",
+        help="only messages whose last reply (for a pending recipient) matches this "
+        "regular expression (case-insensitive; a plain word matches as a substring)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,20 +137,48 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a configuration file")
     check.add_argument("file", nargs="?", help="the TOML file (default: the embedded defaults)")
     config_sub.add_parser("defaults", help="print the embedded default configuration as TOML")
+    config_cmd.add_diff_parser(config_sub)
 
-    queue = sub.add_parser("queue", help="inspect and manage the queue (safe while serving)")
+    logs.add_log_parser(sub)
+
+    queue = sub.add_parser(
+        "queue",
+        help="inspect and manage the queue (safe while serving)",
+        description="Inspect and manage the queue, live beside a running server. A message "
+        "is active (due now or being delivered), deferred (waiting for its next attempt) "
+        "or held (queue hold). Every action takes --json.",
+    )
     queue_sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
-    listing = queue_sub.add_parser("list", help="list queued messages")
+    listing = queue_sub.add_parser(
+        "list",
+        help="list queued messages (state, next attempt, last reason); filters",
+        description="One line per message: id, size, state, arrival, next attempt, sender "
+        "-> pending recipients, and the last reason in parentheses. Filters combine (AND).",
+    )
     _config_options(listing)
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _json_option(listing, "one JSON object per message and line")
+    _filter_options(listing)
+    summary = queue_sub.add_parser(
+        "summary",
+        help="pending recipients per destination domain by age and by state (like qshape)",
+        description="Per recipient domain, the pending recipients: in total (T), by age in "
+        "minutes (columns 5, 10, 20 ... 1280: up to that age; 1280+: older), and by their "
+        "message's state; TOTAL first, then domains by size. Takes the filters of list.",
+    )
+    _config_options(summary)
+    _json_option(summary, "the summary as one JSON object")
+    _filter_options(summary)
     show = queue_sub.add_parser("show", help="show one message's envelope and headers")
     _config_options(show)
     show.add_argument("id", help="queue id")
     show.add_argument("--body", action="store_true", help="print the whole content too")
+    _json_option(show, "one JSON object: envelope, state, headers (and content with --body)")
     count = queue_sub.add_parser("count", help="print the number of queued messages")
     _config_options(count)
+    _json_option(count, "the total and the count by state, as one JSON object")
     flush = queue_sub.add_parser("flush", help="retry every deferred message now")
     _config_options(flush)
+    _json_option(flush, "the outcome as one JSON object")
     for action, text in (
         ("delete", "delete a message without notice"),
         ("hold", "keep a message from delivery until released"),
@@ -128,16 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
         _config_options(one)
         one.add_argument("id", nargs="?", help="queue id")
         one.add_argument("--all", action="store_true", help="every message in the queue")
+        _json_option(one, "the outcome as one JSON object")
+
+    mailq = sub.add_parser(
+        "mailq",
+        help="print the queue as mailq / postqueue -p do",
+        description="The queue in the layout of Postfix's postqueue -p: queue id (then * "
+        "active, ! held), size, arrival time, sender, and each pending recipient under its "
+        "deferral reason in parentheses; the footer '-- N Kbytes in M Requests.'. Also run "
+        "as 'mailq' through a symlink to the tachymail script.",
+    )
+    _config_options(mailq)
+
+    sub.add_parser(
+        "sendmail",
+        add_help=False,
+        help="sendmail-compatible submission (tachymail sendmail --help for its options)",
+    )
 
     user = sub.add_parser("user", help="manage SMTP AUTH users")
     user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
-    add = user_sub.add_parser("add", help="add a user or change a password")
+    add = user_sub.add_parser(
+        "add",
+        help="add a user or change a password",
+        description="Add a user or change a password. The password is asked for twice on "
+        "the terminal; when standard input is not a terminal (echo pw | tachymail user add "
+        "NAME), or with --password-stdin, its first line is the password.",
+    )
     _config_options(add)
     add.add_argument("name")
     add.add_argument(
         "--password-stdin",
         action="store_true",
-        help="read the password from standard input instead of asking",
+        help="read the password from the first line of standard input instead of asking "
+        "(the default when standard input is not a terminal)",
     )
     delete = user_sub.add_parser("del", help="delete a user")
     _config_options(delete)
@@ -184,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line *argv* (default: this process's arguments); the exit status.
+
+    Called through a symlink named ``sendmail`` or ``mailq`` (``/usr/sbin/sendmail`` ->
+    the tachymail script), the arguments are sendmail's or mailq's.
+    """
+    from tachymail.cli import sendmail
+
+    if argv is None:
+        called = Path(sys.argv[0]).name
+        argv = sys.argv[1:]
+        if called == "sendmail":
+            return sendmail.main(argv, prog="sendmail")
+        if called == "mailq":
+            return sendmail.mailq_main(argv)
+    if argv and argv[0] == "sendmail":
+        # sendmail's own option syntax (-oi, -bs, -f addr, recipients anywhere), exit
+        # statuses from sysexits.h: not an argparse subcommand
+        return sendmail.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -194,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = getattr(commands, f"cmd_{args.command}")
+    # Subcommands in modules of their own name their handler; the rest are in commands.
+    handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command}")
     result: int = handler(args)
     return result
 

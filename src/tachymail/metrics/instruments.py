@@ -27,14 +27,30 @@ DESTINATIONS = 20
 
 LISTENER_ROLES = ("mx", "submission", "smtps")
 REFUSE_REASONS = ("max_connections", "max_per_ip", "early_talker")
+#: why the server cut a session off (a timeout of some kind, or a client that never reads)
+CUT_REASONS = (
+    "command_timeout",
+    "data_timeout",
+    "stress_timeout",
+    "command_deadline",
+    "data_deadline",
+    "min_data_rate",
+    "write_stalled",
+)
 REJECT_REASONS = (
     "too_big",
     "line_too_long",
     "bare_newline",
     "queue_full",
     "queue_error",
+    "loop",
+    "content",
 )
-RCPT_REJECT_REASONS = ("relay_denied", "too_many", "syntax")
+RCPT_REJECT_REASONS = ("relay_denied", "too_many", "syntax", "unknown_user", "unverified")
+#: outcomes of an address-verification probe (policy.verify_recipients)
+PROBE_RESULTS = ("deliverable", "undeliverable", "unverified")
+MAIL_REJECT_REASONS = ("not_owned",)
+LOCKOUT_SCOPES = ("ip", "user")
 RESULTS = ("delivered", "deferred", "bounced")
 DSN_KINDS = ("failed", "delayed", "delivered")
 DNS_TYPES = ("MX", "A", "AAAA")
@@ -126,6 +142,8 @@ _TALLIES: list[CounterTally | HistogramTally] = []
 smtp_connections_open: dict[str, Gauge]
 smtp_connections: dict[str, Counter]
 smtp_connections_refused: dict[str, Counter]
+smtp_sessions_cut: dict[str, Counter]
+smtp_stress: Gauge
 smtp_commands: dict[int, Counter]
 smtp_replies: dict[int, Counter]
 messages_accepted: dict[str, CounterTally]
@@ -137,6 +155,10 @@ tls_handshakes: dict[str, Counter]
 tls_failures: dict[str, Counter]
 auth_successes: Counter
 auth_failures: Counter
+auth_lockouts: dict[str, Counter]
+auth_locked_attempts: Counter
+senders_rejected: dict[str, Counter]
+address_probes: dict[str, Counter]
 commit_batch_size: HistogramTally
 commit_duration: HistogramTally
 commit_failures: Counter
@@ -160,9 +182,11 @@ _attempts: dict[tuple[str, str], CounterTally] = {}
 def build() -> None:
     """(Re)create every metric with prometheus-client's current value class."""
     global smtp_connections_open, smtp_connections, smtp_connections_refused
+    global smtp_sessions_cut, smtp_stress
     global smtp_commands, smtp_replies, messages_accepted, messages_rejected, recipients_rejected
     global received_bytes, message_size, tls_handshakes, tls_failures, auth_successes
-    global auth_failures, commit_batch_size, commit_duration, commit_failures
+    global auth_failures, auth_lockouts, auth_locked_attempts, senders_rejected, address_probes
+    global commit_batch_size, commit_duration, commit_failures
     global delivery_attempts, delivery_latency, outbound_connections_open, outbound_connections
     global outbound_connections_reused, outbound_connection_failures, bounces
     global dns_queries, dns_failures, dns_duration, dns_cache_hits, worker_restarts
@@ -202,6 +226,20 @@ def build() -> None:
             ("reason",),
         ),
         REFUSE_REASONS,
+    )
+    smtp_sessions_cut = by(
+        counter(
+            "tachymail_smtp_sessions_cut_total",
+            "Inbound SMTP sessions the server ended with 421 4.4.2 (or aborted), by limit.",
+            ("reason",),
+        ),
+        CUT_REASONS,
+    )
+    smtp_stress = Gauge(
+        "tachymail_smtp_workers_in_stress",
+        "SMTP workers in stress mode now (near their connection limit, short idle timeouts).",
+        registry=None,
+        multiprocess_mode="livesum",
     )
     commands = counter("tachymail_smtp_commands_total", "SMTP commands received.", ("verb",))
     smtp_commands = {n: commands.labels(v) for n, v in VERBS.items()}
@@ -270,6 +308,34 @@ def build() -> None:
     )
     auth_successes = counter("tachymail_auth_successes_total", "Successful SMTP AUTH.")
     auth_failures = counter("tachymail_auth_failures_total", "Failed SMTP AUTH attempts.")
+    auth_lockouts = by(
+        counter(
+            "tachymail_auth_lockouts_total",
+            "AUTH lockouts begun after too many failures, by scope (client ip or user).",
+            ("scope",),
+        ),
+        LOCKOUT_SCOPES,
+    )
+    auth_locked_attempts = counter(
+        "tachymail_auth_locked_attempts_total",
+        "AUTH attempts refused with 454 4.7.0 during a lockout, without checking a password.",
+    )
+    senders_rejected = by(
+        counter(
+            "tachymail_senders_rejected_total",
+            "MAIL FROM commands refused, by reason.",
+            ("reason",),
+        ),
+        MAIL_REJECT_REASONS,
+    )
+    address_probes = by(
+        counter(
+            "tachymail_address_probes_total",
+            "Recipient-verification probes to a relay domain's next hop, by result.",
+            ("result",),
+        ),
+        PROBE_RESULTS,
+    )
     commit_batch_size = HistogramTally(
         Histogram(
             "tachymail_queue_commit_batch_size",

@@ -24,7 +24,8 @@ from logging.handlers import SysLogHandler, WatchedFileHandler
 from pathlib import Path
 from typing import Any
 
-from tachymail.config import LogConfig, split_hostport
+from tachymail.config import LogConfig
+from tachymail.net import split_hostport
 
 FORMATS = ("text", "json", "logfmt")
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"

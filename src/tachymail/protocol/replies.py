@@ -50,3 +50,39 @@ ENCRYPTION_REQUIRED = reply(
 AUTH_OK = reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = reply(535, "5.7.8", "Error: authentication credentials invalid")
 VRFY_REPLY = reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+# AUTH brute-force lockout (issue 16): temporary, so a locked-out user retries later.
+AUTH_LOCKED = reply(454, "4.7.0", "Temporary authentication failure: too many failures, try later")
+# RFC 4954 §4: an AUTH exchange line over the limit ends the exchange.
+AUTH_LINE_TOO_LONG = reply(500, "5.5.6", "Authentication Exchange line is too long")
+
+
+def unknown_local_user(address: str) -> bytes:
+    """550 5.1.1 for a recipient in a local domain that has no mailbox (as Postfix words it)."""
+    return reply(
+        550,
+        "5.1.1",
+        f"<{address}>: Recipient address rejected: User unknown in local recipient table",
+    )
+
+
+def sender_not_owned(address: str, user: str) -> bytes:
+    """553 5.7.1 for a MAIL FROM the authenticated *user* does not own (sender-login policy)."""
+    return reply(553, "5.7.1", f"<{address}>: Sender address rejected: not owned by user {user}")
+
+
+#: longest reply text: code, status and CRLF fit the 512-octet reply line (RFC 5321 §4.5.3.1.5)
+REPLY_TEXT_LIMIT = 490
+
+
+def undeliverable_recipient(address: str, status: str, detail: str) -> bytes:
+    """550 for a relay-domain recipient its next hop refused when probed (Postfix's words);
+    *status* is 5.1.1 for a refused RCPT, or the routing failure's (5.1.2, 5.1.10)."""
+    text = f"<{address}>: Recipient address rejected: undeliverable address: {detail}"
+    return reply(550, status, text[:REPLY_TEXT_LIMIT])
+
+
+def unverified_recipient(address: str, detail: str) -> bytes:
+    """450 4.1.1 for a relay-domain recipient whose probe could not tell (a 4xx, a timeout,
+    no connection): Postfix's unverified_recipient_defer_code."""
+    text = f"<{address}>: Recipient address rejected: unverified address: {detail}"
+    return reply(450, "4.1.1", text[:REPLY_TEXT_LIMIT])

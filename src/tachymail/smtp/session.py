@@ -22,16 +22,19 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, cast
 
+from tachymail.delivery.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeResult
 from tachymail.metrics import m
 from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
 from tachymail.protocol.data import BdatReader, DataReader
 from tachymail.protocol.errors import SmtpSyntaxError
 from tachymail.protocol.mime import header_value
-from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
+from tachymail.queue.envelope import ACTIVE, HELD, Envelope, Recipient, new_queue_id
 from tachymail.queue.store import StorageFull
+from tachymail.smtp.checks import DISCARD, HOLD, REJECT, checks_for
 
 if TYPE_CHECKING:
+    from tachymail.auth.throttle import Verdict
     from tachymail.smtp.worker import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,15 @@ class State(IntEnum):
 
 #: queue ids named in a session's log line; a longer session logs the count only beyond it
 LOGGED_IDS = 100
+#: replies gathered before a long pipelined batch is flushed mid-way, so that a client
+#: reading none of them meets the transport's high-water mark (pause_writing) early
+FLUSH_REPLIES = 256
+#: longest AUTH command (with an initial response) or AUTH exchange line, CRLF included
+#: (RFC 4954 §4); 500 5.5.6 beyond, for an exchange line
+AUTH_LINE_LIMIT = 12288
+#: a RCPT's answer when its probe outlasts policy.verify_timeout (the probe goes on)
+IN_PROGRESS = ProbeResult(UNVERIFIED, "", "address verification in progress")
+PROBE_CANCELLED = ProbeResult(UNVERIFIED, "", "address verification interrupted")
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _BDAT_ARGS = re.compile(rb"(\d{1,18})(?: +(LAST))? *", re.IGNORECASE)
 _HELP = R.multiline(
@@ -69,7 +81,7 @@ class SmtpSession(asyncio.Protocol):
         self.role = role
         self.implicit_tls = implicit_tls
         limits = ctx.config.limits
-        self.lines = C.LineReader(limits.max_command_line)
+        self.lines = C.LineReader(limits.max_command_line, AUTH_LINE_LIMIT)
         self.state = State.GREETING
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
@@ -87,28 +99,15 @@ class SmtpSession(asyncio.Protocol):
         self.queue_ids: list[str] = []  # for the session's log line (the first LOGGED_IDS)
         self.opened = False  # counted in the open-connections gauge
         self.outcome = "disconnect"  # how the session ended, for its log line
+        # Monotonic stamps the timer checks; input only stamps them (0.0: not running).
         self.last_activity = time.monotonic()
+        self.line_started = 0.0  # the first octet of the partial command line buffered
+        self.write_paused = 0.0  # the transport's buffer went over its high-water mark
         self.timer: asyncio.TimerHandle | None = None
         self._reset_transaction()
         self._auth_step: Callable[[bytes], None] | None = None
         self._auth_login_user = ""
-        self.handlers: dict[int, Callable[[bytes], None]] = {
-            C.VERB_HELO: self.cmd_helo,
-            C.VERB_EHLO: self.cmd_ehlo,
-            C.VERB_MAIL: self.cmd_mail,
-            C.VERB_RCPT: self.cmd_rcpt,
-            C.VERB_DATA: self.cmd_data,
-            C.VERB_BDAT: self.cmd_bdat,
-            C.VERB_RSET: self.cmd_rset,
-            C.VERB_NOOP: self.cmd_noop,
-            C.VERB_QUIT: self.cmd_quit,
-            C.VERB_VRFY: self.cmd_vrfy,
-            C.VERB_EXPN: self.cmd_expn,
-            C.VERB_HELP: self.cmd_help,
-            C.VERB_STARTTLS: self.cmd_starttls,
-            C.VERB_AUTH: self.cmd_auth,
-            C.VERB_UNKNOWN: self.cmd_unknown,
-        }
+        self._probing: asyncio.Future[ProbeResult] | None = None  # a RCPT awaiting its probe
 
     def _reset_transaction(self) -> None:
         self.mail_from: str | None = None
@@ -118,6 +117,7 @@ class SmtpSession(asyncio.Protocol):
         self.body: DataReader | None = None
         self.bdat: BdatReader | None = None
         self.bdat_refused = False  # BDAT chunks of a refused transaction: read, then discarded
+        self.data_started = 0.0  # the DATA command or first BDAT of the transfer under way
 
     # --- connection life cycle -------------------------------------------------------------
 
@@ -128,7 +128,6 @@ class SmtpSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer_ip, self.peer_port = peer[0], peer[1]
         ctx = self.ctx
-        ctx.sessions.add(self)
         m.smtp_connections[self.role].inc()
         if self.implicit_tls:
             self.tls = tls_description(transport)
@@ -138,15 +137,16 @@ class SmtpSession(asyncio.Protocol):
             self.trusted = any(address in net for net in ctx.trusted)
         except ValueError:
             self.trusted = False
-        refused = ctx.admit(self.peer_ip, self.trusted)
-        if refused:
-            log.warning("refused connection from %s: %s", self.peer_ip, refused)
+        refused = ctx.admit(self)
+        if refused is not None:
+            why = "too many connections"
+            if refused == "max_per_ip":
+                why += f" from {self.peer_ip}"
+            log.warning("refused connection from %s: %s", self.peer_ip, why)
             self.outcome = "refused"
-            m.smtp_connections_refused[
-                "max_per_ip" if " from " in refused else "max_connections"
-            ].inc()
+            m.smtp_connections_refused[refused].inc()
             m.REPLIES[4] += 1
-            transport.write(R.reply(421, "4.7.0", f"Error: {refused}, try again later"))
+            transport.write(R.reply(421, "4.7.0", f"Error: {why}, try again later"))
             self.state = State.CLOSED
             transport.close()
             return
@@ -157,7 +157,7 @@ class SmtpSession(asyncio.Protocol):
             self.ctx.loop.call_later(delay, self._greet)
         else:
             self._greet()
-        self._arm_timer()
+        self.rearm_timer()  # admit() may already have armed it (stress mode began)
 
     def _greet(self) -> None:
         if self.state != State.GREETING or self.transport is None:
@@ -187,8 +187,7 @@ class SmtpSession(asyncio.Protocol):
         self.transport = None
         if self.timer is not None:
             self.timer.cancel()
-        self.ctx.sessions.discard(self)
-        self.ctx.release(self.peer_ip)
+        self.ctx.release(self)  # nothing for a refused connection: it was never counted
 
     def _log_fields(self, exc: Exception | None) -> dict[str, object]:
         return {
@@ -206,35 +205,123 @@ class SmtpSession(asyncio.Protocol):
         }
 
     def _arm_timer(self) -> None:
-        # One timer per session, re-armed lazily: activity only stamps a time.
+        # One timer per session, re-armed lazily: input only stamps times, and the timer,
+        # when it fires, works out the next limit due (often later than first thought).
+        now = time.monotonic()
+        due, _ = self._next_limit(now)
+        delay = min(due - now, self.ctx.recheck)
+        self.timer = self.ctx.loop.call_later(max(delay, 0.05), self._check_timeout)
+
+    def rearm_timer(self) -> None:
+        """Work out the next limit due again (stress mode began: idle limits shrank)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None and self.state != State.CLOSED:
+            self._arm_timer()
+
+    def _next_limit(self, now: float) -> tuple[float, str]:
+        """When the session's next limit runs out, and its name ("" for none: check again).
+
+        Silence: ``command_timeout`` (``stress_command_timeout`` in stress mode while idle)
+        or ``data_timeout``; ``command_deadline`` for one command line; ``data_deadline``
+        and ``min_data_rate`` for a DATA/BDAT transfer; and, while the client reads none
+        of our output, ``command_timeout`` from when it stopped ("write_stalled").
+        """
         limits = self.ctx.config.limits
-        timeout = (
-            limits.data_timeout
-            if self.state in (State.DATA, State.BDAT)
-            else limits.command_timeout
-        )
-        remaining = self.last_activity + timeout - time.monotonic()
-        self.timer = self.ctx.loop.call_later(max(remaining, 0.05), self._check_timeout)
+        if self.write_paused:
+            return self.write_paused + limits.command_timeout, "write_stalled"
+        state = self.state
+        if state == State.WAIT:  # our turn (a commit, AUTH check, TLS): the client owes nothing
+            return max(self.last_activity + limits.command_timeout, now + 1.0), ""
+        if state == State.DATA or state == State.BDAT:
+            due, limit = self.last_activity + limits.data_timeout, "data_timeout"
+        else:
+            due, limit = self.last_activity + limits.command_timeout, "command_timeout"
+            stress = self.ctx.stress_timeout
+            if self.ctx.stress and stress < limits.command_timeout:
+                due, limit = self.last_activity + stress, "stress_timeout"
+            if self.line_started and limits.command_deadline and state != State.GREETING:
+                line_due = self.line_started + limits.command_deadline
+                if line_due < due:
+                    due, limit = line_due, "command_deadline"
+        reader = self.body if self.body is not None else self.bdat
+        if reader is not None and self.data_started:
+            if limits.data_deadline:
+                data_due = self.data_started + limits.data_deadline
+                if data_due < due:
+                    due, limit = data_due, "data_deadline"
+            if limits.min_data_rate:
+                # The moment the average rate so far would fall below the minimum.
+                rate_due = self.data_started + max(
+                    limits.data_rate_grace, reader.size / limits.min_data_rate
+                )
+                if rate_due < due:
+                    due, limit = rate_due, "min_data_rate"
+        return due, limit
 
     def _check_timeout(self) -> None:
-        if self.transport is None:
+        self.timer = None
+        transport = self.transport
+        if transport is None:
             return
-        limits = self.ctx.config.limits
-        timeout = (
-            limits.data_timeout
-            if self.state in (State.DATA, State.BDAT)
-            else limits.command_timeout
-        )
-        if self.state != State.WAIT and time.monotonic() - self.last_activity >= timeout:
-            log.info(
-                "session %s:%s timed out in state %s", self.peer_ip, self.peer_port, self.state.name
-            )
-            self.out.append(R.TIMEOUT)
-            self.outcome = "timeout"
-            self.close_after_flush = True
-            self._flush()
+        now = time.monotonic()
+        if self.state == State.CLOSED:
+            # Closing, but close() waits for our last words, which the client does not read.
+            give_up = self.last_activity + self.ctx.config.limits.command_timeout
+            if now >= give_up:
+                transport.abort()
+            else:
+                self.timer = self.ctx.loop.call_later(give_up - now, self._check_timeout)
+            return
+        due, limit = self._next_limit(now)
+        if limit and now >= due:
+            self._cut(limit)
             return
         self._arm_timer()
+
+    def _cut(self, limit: str) -> None:
+        """End the session for exceeding *limit*: 421 4.4.2, or an abort when the client
+        reads nothing (a reply could never reach it, and close() would wait for it)."""
+        log.info(
+            "session %s:%s cut off in state %s: %s exceeded",
+            self.peer_ip,
+            self.peer_port,
+            self.state.name,
+            limit,
+        )
+        m.smtp_sessions_cut[limit].inc()
+        if limit == "write_stalled":
+            self.outcome = limit
+            self.state = State.CLOSED
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        self.outcome = "timeout" if limit in ("command_timeout", "data_timeout") else limit
+        self.out.append(R.TIMEOUT)
+        self.close_after_flush = True
+        self._flush()
+
+    # --- write-side back-pressure ----------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The client is not reading our replies: read none of its commands until it does."""
+        self.write_paused = time.monotonic()
+        if self.transport is not None and self.state != State.WAIT:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """Our output drained: read again (unless WAIT still holds reading), and run the
+        commands left buffered when output stalled."""
+        self.write_paused = 0.0
+        transport = self.transport
+        state = self.state
+        if transport is None or state == State.WAIT or state == State.CLOSED:
+            return
+        transport.resume_reading()
+        if state == State.COMMAND or state == State.AUTH:
+            self._run()
+            self._flush()
 
     def shut_down(self, reply: bytes) -> None:
         """Send *reply* (a 421) and close: the server is going away."""
@@ -297,15 +384,26 @@ class SmtpSession(asyncio.Protocol):
     def _run(self) -> None:
         """Handle every complete command line buffered, while in a command state."""
         lines = self.lines
-        handlers = self.handlers
-        while self.state == State.COMMAND or self.state == State.AUTH:
+        handlers = _COMMANDS
+        out = self.out
+        got_line = False
+        # A client that reads no replies stops the loop (pause_writing); the rest waits.
+        while (self.state == State.COMMAND or self.state == State.AUTH) and not self.write_paused:
+            if len(out) >= FLUSH_REPLIES:
+                self._flush()  # a long pipeline: let the transport see the output grow
+                continue
             item = lines.readline()
             if item is None:
-                return
+                break
+            got_line = True
             line, flags = item
             if flags:
                 if flags & C.LINE_TOO_LONG:
-                    self._error(R.LINE_TOO_LONG, "line too long")
+                    if self.state == State.AUTH:
+                        self._leave_auth_exchange()  # RFC 4954 §4: the exchange fails
+                        self._error(R.AUTH_LINE_TOO_LONG, "AUTH line too long")
+                    else:
+                        self._error(R.LINE_TOO_LONG, "line too long")
                     continue
                 if self.ctx.config.policy.bare_newline == "reject":
                     self._error(R.BARE_NEWLINE_COMMAND, "bare CR/LF in command")
@@ -318,7 +416,12 @@ class SmtpSession(asyncio.Protocol):
                 continue
             verb, args = C.parse_command(line)
             m.COMMANDS[verb] += 1
-            handlers[verb](args)
+            handlers[verb](self, args)
+        # command_deadline runs from the first octet of a partial line (no per-byte work).
+        if not lines.pending:
+            self.line_started = 0.0
+        elif got_line or not self.line_started:
+            self.line_started = self.last_activity
 
     def _error(self, reply: bytes, why: str) -> None:
         """A 5xx for a bad command; past the budget the session ends with 421."""
@@ -378,8 +481,34 @@ class SmtpSession(asyncio.Protocol):
             if refused:
                 self._error(refused, "MAIL parameter refused")
                 return
+        user = self._sender_login_user()
+        if user is not None and not self.ctx.sender_ownership.owns(user, sender):
+            # Sender-login policy: no sending (and DKIM signing) as someone else's address.
+            m.senders_rejected["not_owned"].inc()
+            why = f"MAIL FROM <{sender}> not owned by {user}"
+            self._error(R.sender_not_owned(sender, user), why)
+            return
         self.mail_from, self.mail_params = sender, params
         self.out.append(R.reply(250, "2.1.0", "Ok"))
+
+    def _sender_login_user(self) -> str | None:
+        """The authenticated user when the sender-login policy covers this listener."""
+        user = self.auth_user
+        if user is None or self.role not in self.ctx.config.auth.sender_login:
+            return None
+        return user
+
+    def _unowned_author(self, content: bytes) -> str | None:
+        """Under the sender-login policy, the first From: address of *content* that the
+        user does not own (such a message is queued but not DKIM-signed), else None."""
+        user = self._sender_login_user()
+        raw = header_value(content, b"From") if user is not None else None
+        if user is None or raw is None:
+            return None
+        for _, address in email.utils.getaddresses([raw.decode("utf-8", "replace")]):
+            if address and not self.ctx.sender_ownership.owns(user, address):
+                return address
+        return None
 
     def _check_mail_params(self, params: dict[str, str]) -> bytes | None:
         if not self.esmtp:
@@ -415,6 +544,13 @@ class SmtpSession(asyncio.Protocol):
             m.recipients_rejected["too_many"].inc()
             self.out.append(R.TOO_MANY_RECIPIENTS)
             return
+        if self._local_recipient(address):
+            # No mailboxes yet: accepting would end in a bounce to a likely forged sender.
+            self.rcpt_refused += 1
+            m.recipients_rejected["unknown_user"].inc()
+            log.info("session %s: unknown local recipient <%s>", self.peer_ip, address)
+            self.out.append(R.unknown_local_user(address))
+            return
         if self.role == "mx" and not (self.trusted or self.auth_user):
             domain = address.rpartition("@")[2].lower()
             if "@" in address and domain not in self.ctx.accepted_domains:
@@ -423,8 +559,85 @@ class SmtpSession(asyncio.Protocol):
                 log.info("session %s: relay denied to %s", self.peer_ip, address)
                 self.out.append(R.RELAY_DENIED)
                 return
+            if self.ctx.verifier is not None and domain in self.ctx.relay_domains:
+                self._verify_recipient(Recipient(address, params))
+                return
         self.rcpts.append(Recipient(address, params))
         self.out.append(R.reply(250, "2.1.5", "Ok"))
+
+    def _verify_recipient(self, rcpt: Recipient) -> None:
+        """Accept *rcpt*, a relay-domain recipient from an untrusted client, only if its next
+        hop would (``policy.verify_recipients``): from the cache at once, else after a probe
+        (reading paused meanwhile, so pipelined commands are answered in order).
+
+        Replies: 250 2.1.5; 550 5.1.1 (or the routing failure's 5.1.x) when the next hop
+        refuses it; 450 4.1.1 when the probe could not tell or took over ``verify_timeout``
+        seconds (250 instead with ``verify_tempfail = "accept"``).
+        """
+        verifier = self.ctx.verifier
+        assert verifier is not None and self.transport is not None
+        known = verifier.cached(rcpt.address)
+        if known is not None:
+            self.out.append(self._verified(rcpt, known))
+            return
+        self.state = State.WAIT
+        self.transport.pause_reading()
+        probe = verifier.probe(rcpt.address)
+        self._probing = probe
+        timeout = self.ctx.config.policy.verify_timeout
+        timer = self.ctx.loop.call_later(timeout, self._probe_answered, rcpt, probe, IN_PROGRESS)
+
+        def done(_: object) -> None:
+            timer.cancel()
+            self._probe_answered(rcpt, probe, None)
+
+        probe.add_done_callback(done)
+
+    def _probe_answered(
+        self, rcpt: Recipient, probe: asyncio.Future[ProbeResult], result: ProbeResult | None
+    ) -> None:
+        if self._probing is not probe or self.transport is None:
+            return  # answered already (it took too long) or the client left: it is cached
+        self._probing = None
+        if result is None:
+            # The probe never fails (AddressVerifier.probe); it is cancelled only at shutdown.
+            result = PROBE_CANCELLED if probe.cancelled() else probe.result()
+        self._resume(self._verified(rcpt, result))
+
+    def _verified(self, rcpt: Recipient, result: ProbeResult) -> bytes:
+        """The reply to RCPT *rcpt* given its probe's *result*; adds it when accepted."""
+        accept_unverified = self.ctx.config.policy.verify_tempfail == "accept"
+        if result.kind == DELIVERABLE or (result.kind == UNVERIFIED and accept_unverified):
+            if result.kind == UNVERIFIED:
+                log.info(
+                    "session %s: <%s> accepted unverified: %s",
+                    self.peer_ip,
+                    rcpt.address,
+                    result.detail,
+                )
+            self.rcpts.append(rcpt)
+            return R.reply(250, "2.1.5", "Ok")
+        self.rcpt_refused += 1
+        m.recipients_rejected["unverified"].inc()
+        log.info(
+            "session %s: recipient <%s> refused: %s address: %s",
+            self.peer_ip,
+            rcpt.address,
+            result.kind,
+            result.detail,
+        )
+        if result.kind == UNDELIVERABLE:
+            return R.undeliverable_recipient(rcpt.address, result.status or "5.1.1", result.detail)
+        return R.unverified_recipient(rcpt.address, result.detail)
+
+    def _local_recipient(self, address: str) -> bool:
+        """Whether *address* would be delivered here: a local domain (see
+        ``Config.local_delivery_domains``) or a domain-less ``<postmaster>`` (this host).
+        Until local delivery exists every such recipient is refused with 550 5.1.1."""
+        _, at, domain = address.rpartition("@")
+        if not at:
+            return True  # parse_rcpt only lets a domain-less <postmaster> through
+        return domain.lower() in self.ctx.local_domains
 
     def cmd_data(self, args: bytes) -> None:
         if self.mail_from is None:
@@ -444,6 +657,7 @@ class SmtpSession(asyncio.Protocol):
             return
         self.out.append(R.DATA_GO_AHEAD)
         self.body = DataReader(self.ctx.config.limits.max_message_size)
+        self.data_started = self.last_activity
         self.state = State.DATA
         rest = self.lines.drain()
         if rest:
@@ -478,6 +692,7 @@ class SmtpSession(asyncio.Protocol):
                 self.bdat = BdatReader(store=False)
             else:
                 self.bdat = BdatReader(self.ctx.config.limits.max_message_size)
+            self.data_started = self.last_activity
         self.bdat.start_chunk(count, last)
         self.state = State.BDAT
         rest = self.lines.drain()
@@ -604,23 +819,31 @@ class SmtpSession(asyncio.Protocol):
             if initial:
                 self._auth_plain(initial)
             else:
-                self._auth_step = self._auth_plain
-                self.state = State.AUTH
-                self.out.append(b"334 \r\n")
+                self._expect_auth_line(self._auth_plain, b"334 \r\n")
         elif mechanism == b"LOGIN":
             if initial:
                 self._auth_login_username(initial)
             else:
-                self._auth_step = self._auth_login_username
-                self.state = State.AUTH
-                self.out.append(b"334 VXNlcm5hbWU6\r\n")
+                self._expect_auth_line(self._auth_login_username, b"334 VXNlcm5hbWU6\r\n")
         else:
             self._error(
                 R.reply(504, "5.5.4", "Error: unrecognized authentication type"), "AUTH mech"
             )
 
-    def _auth_decode(self, line: bytes) -> bytes | None:
+    def _expect_auth_line(self, step: Callable[[bytes], None], challenge: bytes) -> None:
+        """Send *challenge* (a 334) and hand the next line, up to AUTH_LINE_LIMIT, to *step*."""
+        self._auth_step = step
+        self.state = State.AUTH
+        self.lines.auth_exchange = True
+        self.out.append(challenge)
+
+    def _leave_auth_exchange(self) -> None:
+        self._auth_step = None
         self.state = State.COMMAND
+        self.lines.auth_exchange = False
+
+    def _auth_decode(self, line: bytes) -> bytes | None:
+        self._leave_auth_exchange()
         if line.strip() == b"*":
             self._error(R.reply(501, "5.7.0", "Authentication aborted"), "AUTH aborted")
             return None
@@ -645,9 +868,7 @@ class SmtpSession(asyncio.Protocol):
         if decoded is None:
             return
         self._auth_login_user = decoded.decode("utf-8", "replace")
-        self._auth_step = self._auth_login_password
-        self.state = State.AUTH
-        self.out.append(b"334 UGFzc3dvcmQ6\r\n")
+        self._expect_auth_line(self._auth_login_password, b"334 UGFzc3dvcmQ6\r\n")
 
     def _auth_login_password(self, line: bytes) -> None:
         decoded = self._auth_decode(line)
@@ -655,49 +876,89 @@ class SmtpSession(asyncio.Protocol):
             self._auth_check(self._auth_login_user.encode(), decoded)
 
     def _auth_check(self, user: bytes, password: bytes) -> None:
+        """Check the credentials off the event loop, unless a lockout refuses them unchecked.
+
+        Replies: 235 2.7.0; 535 5.7.8 for wrong credentials, after a delay that grows with
+        the failures counted for this address or user (a tarpit); 454 4.7.0 during a
+        lockout (see :mod:`tachymail.auth.throttle`); after ``auth.max_failures`` of
+        either in one session, 421 4.7.0 and close.
+        """
         name = user.decode("utf-8", "replace")
         secret = password.decode("utf-8", "replace")
         self.state = State.WAIT
         assert self.transport is not None
         self.transport.pause_reading()
-        work = self.ctx.loop.run_in_executor(None, self.ctx.users.check, name, secret)
+        users, ip = self.ctx.users, self.peer_ip
+        work = self.ctx.loop.run_in_executor(
+            None, self.ctx.auth_throttle.attempt, ip, name, lambda: users.check(name, secret)
+        )
         work.add_done_callback(lambda done: self._auth_done(name, done))
 
-    def _auth_done(self, name: str, done: asyncio.Future[bool]) -> None:
+    def _auth_done(self, name: str, done: asyncio.Future[Verdict]) -> None:
         if self.transport is None:
             return
-        ok = not done.cancelled() and done.exception() is None and done.result()
-        if ok:
+        if done.cancelled() or done.exception() is not None:
+            log.error("session %s: AUTH check failed: %s", self.peer_ip, done.exception())
+            verdict = None
+        else:
+            verdict = done.result()
+        if verdict is not None and verdict.ok:
             self.ctx.auth_successes += 1
             m.auth_successes.inc()
             self.auth_user = name
             log.info("session %s: authenticated as %s", self.peer_ip, name)
             self._resume(R.AUTH_OK)
             return
+        auth = self.ctx.config.auth
+        self.auth_failures += 1
+        shown = name[:100]  # the name came from the client: it may be 12 KB of anything
+        if verdict is not None and verdict.lockout is not None:
+            lockout = verdict.lockout
+            m.auth_locked_attempts.inc()
+            log.warning(
+                "session %s: AUTH for %r refused: %s locked out for %.0f more seconds",
+                self.peer_ip,
+                shown,
+                "client address" if lockout.scope == "ip" else "user",
+                max(lockout.until - time.time(), 0.0),
+            )
+            self.ctx.loop.call_later(auth.failure_delay, self._auth_failed, R.AUTH_LOCKED)
+            return
         self.ctx.auth_failures += 1
         m.auth_failures.inc()
-        self.auth_failures += 1
-        log.warning("session %s: AUTH failed for %r", self.peer_ip, name)
-        # Slow down password guessing: the failure reply waits.
-        self.ctx.loop.call_later(self.ctx.config.auth.failure_delay, self._auth_failed)
+        log.warning("session %s: AUTH failed for %r", self.peer_ip, shown)
+        count = 1.0
+        if verdict is not None and verdict.failure is not None:
+            count = max(verdict.failure.count, 1.0)
+            for scope in verdict.failure.began:
+                m.auth_lockouts[scope].inc()
+                log.warning(
+                    "AUTH lockout for %.0f seconds: %s after too many failures",
+                    auth.lockout,
+                    f"client {self.peer_ip}" if scope == "ip" else f"user {shown!r}",
+                )
+        # Slow down password guessing: the failure reply waits longer as failures add up.
+        delay = min(auth.failure_delay * count, auth.max_failure_delay)
+        self.ctx.loop.call_later(delay, self._auth_failed, R.AUTH_FAILED)
 
-    def _auth_failed(self) -> None:
+    def _auth_failed(self, reply: bytes) -> None:
         if self.transport is None:
             return
         if self.auth_failures >= self.ctx.config.auth.max_failures:
-            self.out.append(R.AUTH_FAILED)
+            self.out.append(reply)
             self.out.append(R.reply(421, "4.7.0", "Error: too many failed authentications"))
             self.close_after_flush = True
             self._flush()
             return
-        self._resume(R.AUTH_FAILED)
+        self._resume(reply)
 
     def _resume(self, reply: bytes) -> None:
         """Leave WAIT: send *reply*, read again and handle what was pipelined meanwhile."""
         self.out.append(reply)
         self.state = State.COMMAND
         assert self.transport is not None
-        self.transport.resume_reading()
+        if not self.write_paused:  # else resume_writing resumes reading
+            self.transport.resume_reading()
         self.last_activity = time.monotonic()
         self._run()
         self._flush()
@@ -737,7 +998,26 @@ class SmtpSession(asyncio.Protocol):
                 self._reset_transaction()
                 return
             content = _BARE_NEWLINE.sub(b"\r\n", content)
+        # Hop count (mail loops) and the operator's header/body rules: see smtp/checks.py.
+        verdict = checks_for(self.ctx.config).check(content)
         queue_id = new_queue_id()
+        if verdict.action == REJECT:
+            log.warning("session %s: message refused: %s", self.peer_ip, verdict.reason)
+            m.messages_rejected[verdict.metric].inc()
+            self.out.append(verdict.reply)
+            self._reset_transaction()
+            return
+        if verdict.action == DISCARD:
+            # The usual reply, as Postfix's DISCARD gives: the id is only in the log.
+            log.info(
+                "%s discarded, not queued: from <%s>; %s", queue_id, self.mail_from, verdict.reason
+            )
+            self.out.append(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+            self._reset_transaction()
+            return
+        if verdict.applied:
+            log.info("%s content checks: %s", queue_id, "; ".join(verdict.applied))
+        content = verdict.content
         now = time.time()
         headers = [self._received_header(queue_id, now)]
         if self.role != "mx":
@@ -757,6 +1037,7 @@ class SmtpSession(asyncio.Protocol):
             listener=self.role,
             tls=self.tls,
             auth=self.auth_user,
+            state=HELD if verdict.action == HOLD else ACTIVE,
         )
         self._reset_transaction()
         self.state = State.WAIT
@@ -767,6 +1048,16 @@ class SmtpSession(asyncio.Protocol):
         if signer is not None and (self.auth_user or self.trusted):
             # Only mail we originate is signed: never an inbound message claiming our domain.
             domain = signer.signing_domain(envelope.sender, content)
+            author = self._unowned_author(content) if domain is not None else None
+            if author is not None:
+                # A signature would vouch for a From: the user may not use: queue it unsigned.
+                log.warning(
+                    "%s not DKIM-signed: From: <%s> is not owned by %s",
+                    queue_id,
+                    author,
+                    self.auth_user,
+                )
+                domain = None
         if domain is None:
             self._commit(envelope, content)
             return
@@ -786,12 +1077,21 @@ class SmtpSession(asyncio.Protocol):
 
     def _commit(self, envelope: Envelope, content: bytes) -> None:
         future = self.ctx.committer.submit(envelope, content)
-        future.add_done_callback(lambda done: self._committed(envelope, done))
+        # The intake line maps the Message-ID to the queue id (`tachymail log`).
+        message_id = None
+        if log.isEnabledFor(logging.INFO):
+            found = header_value(content, b"Message-ID")
+            message_id = found.decode("utf-8", "replace") if found else ""
+        future.add_done_callback(lambda done: self._committed(envelope, done, message_id))
 
-    def _committed(self, envelope: Envelope, done: asyncio.Future[None]) -> None:
+    def _committed(
+        self, envelope: Envelope, done: asyncio.Future[None], message_id: str | None = None
+    ) -> None:
         error = done.exception() if not done.cancelled() else None
         queue_id, size = envelope.id, envelope.size
         if error is None:
+            if message_id is not None:
+                _log_intake(envelope, message_id)
             notifier = self.ctx.notifier
             if notifier is not None:
                 notifier.queued(queue_id, envelope.recipients)
@@ -843,6 +1143,53 @@ class SmtpSession(asyncio.Protocol):
             added.append(f"Message-ID: <{queue_id}@{self.ctx.hostname}>\r\n".encode())
         return added
 
+
+def _log_intake(envelope: Envelope, message_id: str) -> None:
+    """One line per accepted message (event ``message_accepted``; read by `tachymail log`)."""
+    rcpts = [r.address for r in envelope.recipients]
+    client = f"{envelope.client_ip}:{envelope.client_port}"
+    log.info(
+        "%s queued: from <%s> to %s; %d octets; client %s; message-id %s",
+        envelope.id,
+        envelope.sender,
+        ", ".join(f"<{r}>" for r in rcpts),
+        envelope.size,
+        client,
+        message_id or "(none)",
+        extra={
+            "fields": {
+                "event": "message_accepted",
+                "queue_id": envelope.id,
+                "message_id": message_id or None,
+                "sender": envelope.sender,
+                "recipients": rcpts,
+                "size": envelope.size,
+                "client": client,
+                "listener": envelope.listener,
+            }
+        },
+    )
+
+
+# Verb number -> handler, once for the class (a dict of bound methods per session would
+# cost about 1.6 KB of every idle connection).
+_COMMANDS: dict[int, Callable[[SmtpSession, bytes], None]] = {
+    C.VERB_HELO: SmtpSession.cmd_helo,
+    C.VERB_EHLO: SmtpSession.cmd_ehlo,
+    C.VERB_MAIL: SmtpSession.cmd_mail,
+    C.VERB_RCPT: SmtpSession.cmd_rcpt,
+    C.VERB_DATA: SmtpSession.cmd_data,
+    C.VERB_BDAT: SmtpSession.cmd_bdat,
+    C.VERB_RSET: SmtpSession.cmd_rset,
+    C.VERB_NOOP: SmtpSession.cmd_noop,
+    C.VERB_QUIT: SmtpSession.cmd_quit,
+    C.VERB_VRFY: SmtpSession.cmd_vrfy,
+    C.VERB_EXPN: SmtpSession.cmd_expn,
+    C.VERB_HELP: SmtpSession.cmd_help,
+    C.VERB_STARTTLS: SmtpSession.cmd_starttls,
+    C.VERB_AUTH: SmtpSession.cmd_auth,
+    C.VERB_UNKNOWN: SmtpSession.cmd_unknown,
+}
 
 _date_cache: tuple[int, str] = (0, "")
 

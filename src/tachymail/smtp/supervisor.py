@@ -3,8 +3,10 @@
 It runs no event loop: a plain loop on ``sigtimedwait`` handles SIGCHLD,
 SIGTERM/SIGINT and SIGHUP one at a time, which keeps the process model easy to
 follow. SIGHUP re-reads the configuration and replaces the workers one
-generation at a time: new workers bind beside the old ones (SO_REUSEPORT),
-then the old ones stop accepting and finish their sessions.
+generation at a time without refusing a connection: the supervisor binds each
+SMTP worker position's listening sockets (SO_REUSEPORT) once and hands them to
+every generation, and the old workers stop accepting only after every new one
+has reported that it is listening (see :meth:`Supervisor.reload`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 from tachymail import metrics
 from tachymail.config import Config, ConfigError, load
 from tachymail.metrics import endpoint as metrics_endpoint
+from tachymail.net import reuseport_socket, split_hostport
 from tachymail.queue.store import MiB, QueueStore
 from tachymail.smtp.tls import server_context
 
@@ -33,6 +37,8 @@ HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 #: a worker that dies sooner than this after starting counts as a crash loop
 STABLE_AFTER = 10.0
 MAX_BACKOFF = 30.0
+#: seconds a reload waits for every new SMTP worker to report that it is listening
+READY_TIMEOUT = 15.0
 
 
 @dataclass
@@ -54,34 +60,64 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.retiring: dict[int, float] = {}  # pid of an old-generation worker → kill deadline
         self.stopping = False
+        # (listener address, SMTP slot index) → the listening socket every generation of
+        # that slot's worker accepts on (see _slot_sockets)
+        self.sockets: dict[tuple[str, int], socket.socket] = {}
 
     def check_ports(self) -> None:
         """Refuse to start on an address another server already holds.
 
         SO_REUSEPORT would otherwise let a second instance silently share the port;
-        a plain bind (without it) fails if anyone is listening there.
+        a plain bind (without it) fails if anyone is listening there. The metrics address
+        counts too: an instance without health checks would look dead to its monitoring.
         """
-        for listener in self.config.listeners:
-            info = socket.getaddrinfo(listener.host, listener.port, type=socket.SOCK_STREAM)[0]
+        endpoint = self.config.metrics.address
+        wanted = [(lst.host, lst.port, lst.address) for lst in self.config.listeners]
+        if endpoint:
+            wanted.append((*split_hostport(endpoint), f"{endpoint} (metrics)"))
+        for host, port, name in wanted:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
             with socket.socket(info[0], socket.SOCK_STREAM) as probe:
                 # SO_REUSEADDR so that TIME_WAIT leftovers of our own last run do not count.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind(info[4])
                 except OSError as exc:
-                    raise OSError(f"cannot listen on {listener.address}: {exc.strerror}") from exc
+                    raise OSError(f"cannot listen on {name}: {exc.strerror}") from exc
 
     def prepare(self) -> None:
         """Everything the workers would otherwise race for: directories, TLS pair, queue."""
         self.config.data_path.mkdir(parents=True, exist_ok=True)
         server_context(self.config)  # makes the self-signed pair once, before the fork
-        QueueStore(
+        store = QueueStore(
             self.config.data_path / "queue",
             map_size=self.config.queue.map_size_mb * MiB,
             max_map_size=self.config.queue.max_map_size_mb * MiB,
-        ).close()
+            reserve=self.config.queue.reserve_mb * MiB,
+        )
+        store.ensure_reserve()  # the room `tachymail queue delete` needs on a full disk
+        store.close()
 
-    def spawn(self, slot: Slot) -> None:
+    def spawn(self, slot: Slot, report: bool = False) -> int | None:
+        """Fork the worker of *slot*. With *report* (SMTP workers only), return the read
+        end of a pipe on which the worker writes ``listening`` once it accepts on every
+        listener (EOF if it dies first); else None. A listening socket that cannot be
+        bound leaves the slot empty, to be tried again after its back-off."""
+        sockets: list[socket.socket] = []
+        if slot.kind == "smtp":
+            try:
+                sockets = self._slot_sockets(slot.index)
+            except OSError as exc:
+                slot.backoff = min(max(slot.backoff * 2, 1.0), MAX_BACKOFF)
+                slot.restart_at = time.monotonic() + slot.backoff
+                log.error(
+                    "smtp worker %d not started: %s; trying again in %.0fs",
+                    slot.index,
+                    exc,
+                    slot.backoff,
+                )
+                return None
+        ready_r, ready_w = os.pipe() if report and slot.kind == "smtp" else (-1, -1)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -89,6 +125,13 @@ class Supervisor:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
+                # Only the supervisor and the slot's own workers may hold a listening
+                # socket: a copy elsewhere would keep a closed position's queue alive.
+                for sock in self.sockets.values():
+                    if sock not in sockets:
+                        sock.close()
+                if ready_r >= 0:
+                    os.close(ready_r)
                 if slot.kind == "delivery":
                     from tachymail.delivery.worker import run_delivery_worker
 
@@ -96,15 +139,38 @@ class Supervisor:
                 else:
                     from tachymail.smtp.worker import run_worker
 
-                    code = run_worker(self.config, slot.index)
+                    code = run_worker(
+                        self.config, slot.index, sockets, ready_w if ready_w >= 0 else None
+                    )
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
                 metrics.flush()
                 logging.shutdown()
                 os._exit(code)
+        if ready_w >= 0:
+            os.close(ready_w)  # the worker holds the only write end: EOF means it died
         slot.pid, slot.started = pid, time.monotonic()
         log.info("started %s worker %d as pid %d", slot.kind, slot.index, pid)
+        return ready_r if ready_r >= 0 else None
+
+    def _slot_sockets(self, index: int) -> list[socket.socket]:
+        """The listening sockets of SMTP slot *index*, one per listener in configuration
+        order: bound on first use, then kept, so every generation of the slot's worker
+        (after a reload or a restart) accepts on the same sockets and no connection
+        waiting in a socket's accept queue is reset. Raises OSError if one cannot be bound.
+        """
+        for listener in self.config.listeners:
+            key = (listener.address, index)
+            if key not in self.sockets:
+                self.sockets[key] = reuseport_socket(listener.host, listener.port)
+        return [self.sockets[(lst.address, index)] for lst in self.config.listeners]
+
+    def _close_sockets(self, keep: set[tuple[str, int]] | None = None) -> None:
+        """Close the supervisor's copy of every listening socket not in *keep* (all when
+        None); a worker still holding one accepts on it until it retires."""
+        for key in [k for k in self.sockets if keep is None or k not in keep]:
+            self.sockets.pop(key).close()
 
     @property
     def delivery_workers(self) -> int:
@@ -130,6 +196,7 @@ class Supervisor:
         try:
             return self._supervise()
         finally:
+            self._close_sockets()
             if endpoint is not None:
                 endpoint.close()
             metrics.disable()
@@ -146,7 +213,13 @@ class Supervisor:
         metrics.enable(directory)
         if not settings.address:
             return None
-        return metrics_endpoint.start_endpoint(self, settings.address, directory)
+        return metrics_endpoint.start_endpoint(
+            self,
+            settings.address,
+            directory,
+            client_timeout=settings.client_timeout,
+            max_clients=settings.max_clients,
+        )
 
     def _supervise(self) -> int:
         self.slots = self.new_slots()
@@ -166,6 +239,9 @@ class Supervisor:
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                     self.stopping = True
+                    # New connections are refused from now on (the next MX is tried at
+                    # once) instead of waiting in a queue that no worker will accept from.
+                    self._close_sockets()
                     deadline = time.monotonic() + self.config.server.drain_timeout + 5
                     log.info(
                         "stopping: draining workers (up to %.0fs)", self.config.server.drain_timeout
@@ -223,6 +299,11 @@ class Supervisor:
         # Back off only when the worker keeps dying young, so a crash loop does not spin.
         slot.backoff = 0.0 if lived > STABLE_AFTER else min(max(slot.backoff * 2, 0.1), MAX_BACKOFF)
         slot.restart_at = time.monotonic() + slot.backoff
+        if slot.kind == "smtp" and slot.backoff:
+            # A crash loop: its share of new connections goes to the live workers meanwhile
+            # (bound again at the restart). A stable worker's successor starts at once and
+            # serves what is waiting in its sockets' queues.
+            self._close_sockets({k for k in self.sockets if k[1] != slot.index})
         metrics.m.worker_restarts[slot.kind].inc()
         log.error(
             "%s worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
@@ -235,7 +316,15 @@ class Supervisor:
         )
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configuration; on success replace the workers gracefully."""
+        """SIGHUP: re-read the configuration; on success replace the workers gracefully.
+
+        No connection is refused or reset: the new SMTP workers accept on the sockets the
+        old ones use (see :meth:`_slot_sockets`), and the old ones get SIGUSR1 (stop
+        accepting, finish their sessions) only once every new one has reported that it is
+        listening (or READY_TIMEOUT has passed: they are retired anyway). If a new SMTP
+        worker dies before it listens, the reload is undone: the new workers are retired,
+        and the old ones and the previous configuration stay. Signals wait meanwhile.
+        """
         if not self.config.source:
             log.info("SIGHUP: no configuration file to re-read; restarting workers")
             new = self.config
@@ -245,6 +334,7 @@ class Supervisor:
             except ConfigError as exc:
                 log.error("SIGHUP: configuration not reloaded:\n%s", exc)
                 return
+        previous, previous_slots = self.config, self.slots
         self.config = new
         try:
             self.prepare()
@@ -253,10 +343,39 @@ class Supervisor:
             return
         old = [s.pid for s in self.slots if s.pid]
         self.slots = self.new_slots()
+        # Sockets of listeners or worker positions the new configuration dropped; the old
+        # workers hold their own copies and accept on them until they retire.
+        smtp = [s.index for s in self.slots if s.kind == "smtp"]
+        self._close_sockets({(lst.address, i) for i in smtp for lst in new.listeners})
+        reports: dict[int, Slot] = {}
         for slot in self.slots:
-            self.spawn(slot)
-        # Give the new workers a moment to bind before the old ones stop accepting.
-        time.sleep(0.2)
+            fd = self.spawn(slot, report=True)
+            if fd is not None:
+                reports[fd] = slot
+        died, late = _await_listening(reports, READY_TIMEOUT)
+        if died:
+            # The new configuration kills its workers (a missing DKIM key, say): the old
+            # generation goes on serving rather than leave the ports to a crash loop.
+            log.error(
+                "SIGHUP: new smtp workers %s died before listening; configuration not "
+                "reloaded, the old workers keep serving",
+                ", ".join(str(s.index) for s in died),
+            )
+            for slot in self.slots:
+                if slot.pid:
+                    _kill(slot.pid, signal.SIGUSR1)
+                    self.retiring[slot.pid] = time.monotonic() + new.server.drain_timeout + 5
+            self.config, self.slots = previous, previous_slots
+            smtp = [s.index for s in self.slots if s.kind == "smtp"]
+            self._close_sockets({(lst.address, i) for i in smtp for lst in previous.listeners})
+            return
+        if late:
+            log.warning(
+                "SIGHUP: new smtp workers %s did not report listening within %.0fs; "
+                "retiring the old workers anyway",
+                ", ".join(str(s.index) for s in late),
+                READY_TIMEOUT,
+            )
         for pid in old:
             _kill(pid, signal.SIGUSR1)  # retire: stop accepting, let sessions end
             self.retiring[pid] = time.monotonic() + new.server.drain_timeout + 5
@@ -295,6 +414,32 @@ def apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _await_listening(reports: dict[int, Slot], timeout: float) -> tuple[list[Slot], list[Slot]]:
+    """Wait until each pipe in *reports* (read end → slot) says ``listening``, at most
+    *timeout* seconds; close every pipe and return the slots whose worker died before it
+    listened, and those still starting at the timeout."""
+    poller = select.poll()
+    for fd in reports:
+        poller.register(fd, select.POLLIN)
+    waiting = dict(reports)
+    failed: list[Slot] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd, _event in poller.poll(left * 1000):
+                poller.unregister(fd)
+                slot = waiting.pop(fd)
+                if not os.read(fd, 64):  # EOF: the worker died before it listened
+                    failed.append(slot)
+    finally:
+        for fd in reports:
+            os.close(fd)
+    return failed, list(waiting.values())
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -1,9 +1,12 @@
 """One SMTP worker process: a uvloop event loop serving every listener via SO_REUSEPORT.
 
 The supervisor forks the workers; each opens its own queue environment after
-the fork, binds its own socket per listener (the kernel spreads connections
-across the workers' sockets) and runs until SIGTERM, when it stops accepting
-and lets open transactions finish within the drain timeout.
+the fork, accepts on its position's own socket per listener (bound by the
+supervisor with SO_REUSEPORT and kept across reloads; the kernel spreads
+connections across the positions' sockets), tells the supervisor once it is
+listening, and runs until SIGTERM, when it stops accepting and lets open
+transactions finish within the drain timeout (SIGUSR1, after a reload: its
+sessions may run to their natural end).
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import ssl
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import uvloop
 
 from tachymail import metrics
-from tachymail.auth.users import UsersFile
-from tachymail.config import Config, ListenerConfig
+from tachymail.auth.throttle import AuthThrottle
+from tachymail.auth.users import SenderOwnership, UsersFile
+from tachymail.config import Config
 from tachymail.delivery.dkim import DkimSigner
+from tachymail.delivery.verify import AddressVerifier
+from tachymail.net import reuseport_socket
 from tachymail.protocol import replies as R
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.notify import Notifier
@@ -33,6 +41,14 @@ from tachymail.smtp.session import SmtpSession
 from tachymail.smtp.tls import server_context
 
 log = logging.getLogger(__name__)
+
+#: a worker enters stress mode with this share of its connection slots open, and leaves it
+#: below STRESS_OFF (the gap keeps it from flapping at the threshold)
+STRESS_ON = 0.8
+STRESS_OFF = 0.7
+
+#: what a new worker writes to the supervisor's pipe once it accepts on every listener
+LISTENING = b"listening\n"
 
 
 class WorkerContext:
@@ -53,7 +69,22 @@ class WorkerContext:
         self.trusted = config.policy.trusted()
         policy = config.policy
         self.accepted_domains = {d.lower() for d in [*policy.local_domains, *policy.relay_domains]}
+        # Refused at RCPT until local delivery exists (no backscatter, issue 16 finding 4).
+        self.local_domains = config.local_delivery_domains
+        # Relay-domain recipients from untrusted clients are probed at RCPT when asked to.
+        self.relay_domains = frozenset(d.lower() for d in policy.relay_domains)
+        self.verifier = AddressVerifier(config) if policy.verify_recipients else None
         self.users = UsersFile(config.users_path)
+        auth = config.auth
+        # AUTH failures are counted across every worker: one LMDB environment per node.
+        self.auth_throttle = AuthThrottle(
+            config.data_path / "auth-failures",
+            max_per_ip=auth.max_failures_per_ip,
+            max_per_user=auth.max_failures_per_user,
+            lockout=auth.lockout,
+            half_life=auth.failure_half_life,
+        )
+        self.sender_ownership = SenderOwnership(auth.senders, null_sender=auth.null_sender)
         # Keys load once per worker; a missing key stops the worker with the keygen command.
         self.dkim = (
             DkimSigner(config.data_path, config.dkim.domains) if config.dkim.domains else None
@@ -70,6 +101,28 @@ class WorkerContext:
         limits = config.limits
         self.max_connections = math.ceil(limits.max_connections / workers)
         self.max_per_ip = math.ceil(limits.max_connections_per_ip / workers)
+        # Slots only trusted clients and submission/smtps may take; untrusted mx keeps one.
+        self.reserved = min(math.ceil(limits.reserved / workers), self.max_connections - 1)
+        self.stress_timeout = limits.stress_command_timeout
+        # A session's timer wakes at least this often: a limit that starts after it was
+        # armed (a partial line, DATA) is then caught on time without re-arming per input.
+        self.recheck = min(
+            (
+                t
+                for t in (
+                    limits.command_timeout,
+                    limits.data_timeout,
+                    limits.command_deadline,
+                    limits.data_deadline,
+                    limits.data_rate_grace if limits.min_data_rate else 0.0,
+                )
+                if t > 0
+            ),
+            default=60.0,
+        )
+        self.stress = False
+        self._stress_on = max(1, math.ceil(self.max_connections * STRESS_ON))
+        self._stress_off = max(1, math.floor(self.max_connections * STRESS_OFF))
         self.accepted = 0
         self.tls_failures = 0
         self.auth_successes = 0
@@ -95,46 +148,105 @@ class WorkerContext:
     def ehlo_reply(self, peer_ip: str, tls: bool) -> bytes:
         return R.multiline(250, [f"{self.hostname} greets [{peer_ip}]", *self._ehlo[tls]])
 
-    def admit(self, ip: str, trusted: bool) -> str | None:
-        """Count a new connection; the reason to refuse it, or None.
+    def admit(self, session: SmtpSession) -> str | None:
+        """Count *session* in (``sessions``, per-IP counts) or say why not: None when
+        admitted, else the metric reason ("max_connections" or "max_per_ip"), which the
+        session turns into 421 4.7.0.
 
-        Trusted networks are exempt from the per-IP limit (as Postfix exempts
-        $mynetworks), so a local load generator or relay is never throttled.
+        Untrusted clients on mx listeners may not take the last ``reserved`` slots, so
+        trusted networks and submission/smtps are still served in a flood. Trusted
+        networks are exempt from the per-IP limit (as Postfix exempts $mynetworks), so a
+        local load generator or relay is never throttled.
         """
-        if len(self.sessions) > self.max_connections:
-            return "too many connections"
-        if self.per_ip[ip] >= self.max_per_ip and not trusted:
-            return f"too many connections from {ip}"
+        privileged = session.trusted or session.role != "mx"
+        limit = self.max_connections if privileged else self.max_connections - self.reserved
+        if len(self.sessions) >= limit:
+            return "max_connections"
+        ip = session.peer_ip
+        if not session.trusted and self.per_ip[ip] >= self.max_per_ip:
+            return "max_per_ip"
         self.per_ip[ip] += 1
+        self.sessions.add(session)
+        self._check_stress()
         return None
 
-    def release(self, ip: str) -> None:
-        if self.per_ip[ip] > 0:
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+    def release(self, session: SmtpSession) -> None:
+        """Count *session* out; nothing for a session that was never admitted."""
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        ip = session.peer_ip
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+        self._check_stress()
+
+    def _check_stress(self) -> None:
+        # Near the limit idle sessions get stress_timeout (Postfix's stress mode).
+        open_now = len(self.sessions)
+        if not self.stress and self.stress_timeout and open_now >= self._stress_on:
+            self.stress = True
+            metrics.m.smtp_stress.inc()
+            log.warning(
+                "stress mode started: %d of %d connections open; idle timeout now %gs",
+                open_now,
+                self.max_connections,
+                self.stress_timeout,
+            )
+            for session in self.sessions:  # their timers may be set far ahead
+                session.rearm_timer()
+        elif self.stress and open_now < self._stress_off:
+            self.stress = False
+            metrics.m.smtp_stress.dec()
+            log.warning(
+                "stress mode ended: %d of %d connections open", open_now, self.max_connections
+            )
 
 
-def listening_socket(listener: ListenerConfig) -> socket.socket:
-    """The listener's socket, bound with SO_REUSEPORT (see :func:`reuseport_socket`)."""
-    return reuseport_socket(listener.host, listener.port)
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (every connection is a descriptor);
+    returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # an unlimited hard limit still stops at the kernel's nr_open
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                target = int(nr_open.read())
+        except (OSError, ValueError):
+            return soft, soft
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A listening socket bound with SO_REUSEPORT, so several processes (every worker, or
-    every `tachymail sink` process) can bind the same address."""
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(info[4])
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+async def serve_worker(
+    config: Config,
+    index: int,
+    sockets: Sequence[socket.socket] | None = None,
+    ready_fd: int | None = None,
+) -> int:
+    """Serve every listener until SIGTERM (drain) or SIGUSR1 (retire); returns the exit code.
 
-
-async def serve_worker(config: Config, index: int) -> int:
+    *sockets*: one listening socket per configured listener, in order, which the
+    supervisor binds once and hands to each generation of workers (so a reload never
+    leaves a port without a listener); None binds fresh SO_REUSEPORT sockets (a worker
+    run on its own, as the perf check does). *ready_fd*: a pipe to which ``listening`` is
+    written once every listener accepts, then closed.
+    """
     loop = asyncio.get_running_loop()
+    before, files = raise_open_files_limit()
+    log.info("worker %d: open files limit %d (was %d)", index, files, before)
+    if files < math.ceil(config.limits.max_connections / config.worker_count) + 100:
+        log.warning(
+            "worker %d: open files limit %d is below its share of limits.max_connections; "
+            "raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+            index,
+            files,
+        )
     store = QueueStore(
         config.data_path / "queue",
         map_size=config.queue.map_size_mb * MiB,
@@ -153,7 +265,7 @@ async def serve_worker(config: Config, index: int) -> int:
     # per message for company that never comes).
     committer.more_may_join = lambda pending: len(ctx.sessions) > pending
     servers = []
-    for listener in config.listeners:
+    for position, listener in enumerate(config.listeners):
         implicit = listener.role == "smtps"
         role = listener.role
 
@@ -163,7 +275,11 @@ async def serve_worker(config: Config, index: int) -> int:
         servers.append(
             await loop.create_server(
                 factory,
-                sock=listening_socket(listener),
+                sock=(
+                    sockets[position]
+                    if sockets is not None
+                    else reuseport_socket(listener.host, listener.port)
+                ),
                 ssl=tls if implicit else None,
                 ssl_handshake_timeout=30 if implicit else None,
             )
@@ -174,6 +290,8 @@ async def serve_worker(config: Config, index: int) -> int:
         os.getpid(),
         ", ".join(f"{lst.address} ({lst.role})" for lst in config.listeners),
     )
+    if ready_fd is not None:
+        report_listening(ready_fd)
     stop = asyncio.Event()
     retire = False
 
@@ -200,6 +318,8 @@ async def serve_worker(config: Config, index: int) -> int:
     committer.close()
     if ctx.notifier is not None:
         ctx.notifier.close()
+    if ctx.verifier is not None:
+        ctx.verifier.close()
     store.close()
     log.info(
         "worker %d (pid %d) stopped after accepting %d messages", index, os.getpid(), ctx.accepted
@@ -231,9 +351,28 @@ async def drain(
         await asyncio.sleep(0.01)
 
 
-def run_worker(config: Config, index: int) -> int:
-    """Entry point in the forked child."""
+def report_listening(fd: int) -> None:
+    """Write ``listening`` to the supervisor's pipe *fd* and close it; a supervisor that
+    stopped waiting (closed its end) is not an error."""
+    try:
+        os.write(fd, LISTENING)
+    except OSError as exc:
+        log.debug("could not report listening: %s", exc)
+    finally:
+        os.close(fd)
+
+
+def run_worker(
+    config: Config,
+    index: int,
+    sockets: Sequence[socket.socket] | None = None,
+    ready_fd: int | None = None,
+) -> int:
+    """Entry point in the forked child (see :func:`serve_worker` for the arguments)."""
     # The commit thread sleeps in fsync and then needs the GIL back at once: with the
     # default 5 ms switch interval a busy event loop would make every commit wait that long.
     sys.setswitchinterval(0.0002)
-    return uvloop.run(serve_worker(config, index))
+    if sockets is None and ready_fd is None:
+        # The two-argument call, which the perf check's wrapper of serve_worker expects.
+        return uvloop.run(serve_worker(config, index))
+    return uvloop.run(serve_worker(config, index, sockets, ready_fd))
