@@ -1,0 +1,91 @@
+"""Fuzz the MIME structure scanner: scan, header_value and content_type_params on arbitrary
+bytes, compiled kernel against its pure twin.
+
+Invariants: nothing raises; every part's offsets are ordered and inside its parent's range,
+depths grow by one and stay within ``max_depth``; some part has ``has_8bit`` exactly when the
+message holds an octet >= 0x80; compiled == twin (the whole tree).  A loop would show as a
+libFuzzer timeout (``-timeout``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from _common import agree, load_twins, main, option
+
+COMPILED, PURE = load_twins("mime")
+DEPTHS = [32, 0, 1, 2, 3]
+NAMES = [b"Content-Type", b"content-transfer-encoding", b"Date", b"Message-ID", b"From", b"X"]
+
+
+def flatten(root: Any, message: bytes, max_depth: int) -> list[tuple[Any, ...]]:
+    """The tree as a list of tuples, checking the structural invariants on the way."""
+    nodes = []
+    stack = [(root, None)]
+    while stack:
+        part, parent = stack.pop()
+        assert 0 <= part.start <= part.body_start <= part.end <= len(message), part
+        assert part.depth <= max_depth, (part.depth, max_depth)
+        if parent is None:
+            assert part.depth == 0 and part.start == 0, part
+        else:
+            assert part.depth == parent.depth + 1, (part, parent)
+            assert parent.start <= part.start and part.end <= parent.end, (part, parent)
+        assert part.header_bytes(message) == message[part.start : part.body_start]
+        assert part.body_bytes(message) == message[part.body_start : part.end]
+        nodes.append(
+            (
+                part.start,
+                part.body_start,
+                part.end,
+                part.content_type,
+                part.charset,
+                part.boundary,
+                part.transfer_encoding,
+                part.has_8bit,
+                part.depth,
+                len(part.children),
+                list(part.defects),
+            )
+        )
+        stack.extend((child, part) for child in reversed(part.children))
+    return nodes
+
+
+def test_one_input(data: bytes) -> None:
+    # Input: 2 option bytes (max_depth, header name), then the message.
+    max_depth = DEPTHS[option(data, 0) % len(DEPTHS)]
+    name = NAMES[option(data, 1) % len(NAMES)]
+    message = data[2:]
+    got = flatten(COMPILED.scan(message, max_depth), message, max_depth)
+    agree("scan", got, flatten(PURE.scan(message, max_depth), message, max_depth), data)
+    view = memoryview(b"<" + message + b">")[1:-1]
+    agree(
+        "scan(memoryview)",
+        flatten(COMPILED.scan(view, max_depth), message, max_depth),
+        got,
+        data,
+    )
+    agree(
+        "scan(bytearray)",
+        flatten(COMPILED.scan(bytearray(message), max_depth), message, max_depth),
+        got,
+        data,
+    )
+    eight_bit = any(byte >= 0x80 for byte in message)
+    assert any(node[7] for node in got) == eight_bit, ("has_8bit", got, data)
+    value = COMPILED.header_value(message, name)
+    agree("header_value", value, PURE.header_value(message, name), data)
+    for text in (message, value or b""):
+        agree(
+            "content_type_params",
+            COMPILED.content_type_params(text),
+            PURE.content_type_params(text),
+            data,
+        )
+
+
+if __name__ == "__main__":
+    main(test_one_input)
+    sys.exit(0)
