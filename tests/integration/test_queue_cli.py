@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server import run_cli, tachymail_cmd
 
+# Ages are taken when the fixture writes the queue, not at import: a long suite runs this
+# module minutes after collecting it, and the age buckets would move.
 NOW = time.time()
 
 
@@ -37,7 +39,7 @@ def _message(
         id=new_queue_id(),
         sender=sender,
         recipients=recipients,
-        arrival=NOW - age,
+        arrival=time.time() - age,
         size=size,
         state=state,
     )
@@ -47,8 +49,8 @@ def _deferred(address: str, reason: str, in_seconds: float = 3600.0) -> Recipien
     return Recipient(
         address,
         attempts=2,
-        next_attempt=NOW + in_seconds,
-        last_attempt=NOW - 60,
+        next_attempt=time.time() + in_seconds,
+        last_attempt=time.time() - 60,
         last_reply=reason,
         status=reason.split()[1] if " " in reason else "",
     )
@@ -107,7 +109,7 @@ def test_queue_list_shows_the_real_state_next_attempt_and_reason(
     assert " held " in by_id[queue["held"].id]
     assert "451 4.7.1 greylisted" in "\n".join(lines)
     # the next attempt, as a time of day, is on the deferred message's line
-    nxt = time.strftime("%H:%M", time.localtime(NOW + 3600))
+    nxt = time.strftime("%H:%M", time.localtime(queue["deferred"].recipients[0].next_attempt))
     assert nxt in by_id[queue["deferred"].id]
     # the same states as the metrics: one function decides (queue.stats.message_state)
     states = {e["id"]: e["state"] for e in _listed(tmp_path)}

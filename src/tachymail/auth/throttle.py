@@ -35,10 +35,11 @@ from typing import TypeVar
 
 import lmdb
 
+from tachymail.lmdbenv import open_side_store
+
 log = logging.getLogger(__name__)
 
 #: the environment's map (sparse on disk): about half a million counts
-MAP_SIZE = 64 * 1024 * 1024
 #: writes between sweeps of counts that have decayed to nothing
 SWEEP_EVERY = 4096
 #: a count below this, with no lockout running, is as good as none and is removed
@@ -46,6 +47,10 @@ FORGOTTEN = 0.05
 # score, time of the score, end of the lockout (0: none)
 _RECORD = struct.Struct("<ddd")
 T = TypeVar("T")
+
+
+#: the failure counts' environment, in data_dir
+AUTH_FAILURES_DIR = "auth-failures"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +115,7 @@ class AuthThrottle:
         half_life: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(
-            str(path),
-            map_size=MAP_SIZE,
-            sync=False,  # counts need no durability; a lost one is harmless
-            metasync=False,
-            max_readers=512,
-            readahead=False,
-        )
+        self.env = open_side_store(path)
         self.max_per_ip = max_per_ip
         self.max_per_user = max_per_user
         self.lockout = lockout

@@ -40,6 +40,7 @@ from tachymail.config import Config
 from tachymail.delivery.client import SmtpClientError, SmtpConnection
 from tachymail.delivery.routing import NextHop, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver, TemporaryDnsError
+from tachymail.lmdbenv import open_side_store
 from tachymail.metrics import m
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ _KINDS = (DELIVERABLE, UNDELIVERABLE, UNVERIFIED)
 PROBE_TIME_FACTOR = 3
 #: the environment's map (sparse on disk): some hundred thousand cached results
 MAP_SIZE = 128 * 1024 * 1024
+#: the cache's environment, in data_dir
+VERIFY_DIR = "verify"
 #: cache writes between sweeps of expired results (run off the loop)
 SWEEP_EVERY = 4096
 #: longest next-hop text kept (our reply line must stay within 512 octets with it)
@@ -95,15 +98,7 @@ class VerifyCache:
         ttls: dict[str, float],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(
-            str(path),
-            map_size=MAP_SIZE,
-            sync=False,  # a result lost in a power cut only costs one more probe
-            metasync=False,
-            max_readers=512,
-            readahead=False,
-        )
+        self.env = open_side_store(path, MAP_SIZE)
         self.ttls = ttls
         self.clock = clock
         self._writes = 0
@@ -179,7 +174,7 @@ class AddressVerifier:
         self.sender = policy.verify_sender
         self.timeout = policy.verify_timeout
         self.cache = cache or VerifyCache(
-            config.data_path / "verify",
+            config.data_path / VERIFY_DIR,
             {
                 DELIVERABLE: policy.verify_positive_ttl,
                 UNDELIVERABLE: policy.verify_negative_ttl,

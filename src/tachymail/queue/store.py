@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lmdb
 
+from tachymail.lmdbenv import allocate_lock_file
 from tachymail.queue.envelope import Envelope
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class QueueStore:
             readahead=False,  # random access to envelopes; let the kernel not prefetch
         )
         if not readonly:
+            allocate_lock_file(self.directory)
             with self.env.begin(write=True) as txn:
                 self._open_dbs(txn)
         else:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tachymail import metrics
 from tachymail.config import Config, ConfigError, load
+from tachymail.lmdbenv import open_side_store
 from tachymail.metrics import endpoint as metrics_endpoint
 from tachymail.net import reuseport_socket, split_hostport
 from tachymail.queue.store import MiB, QueueStore
@@ -97,6 +98,15 @@ class Supervisor:
         )
         store.ensure_reserve()  # the room `tachymail queue delete` needs on a full disk
         store.close()
+        # The workers' side stores, with their lock files allocated (see tachymail.lmdbenv):
+        # a worker (re)started on a full disk must not die of SIGBUS.
+        side = (
+            ["auth-failures", "verify"]
+            if self.config.policy.verify_recipients
+            else ["auth-failures"]
+        )
+        for name in side:
+            open_side_store(self.config.data_path / name).close()
 
     def spawn(self, slot: Slot, report: bool = False) -> int | None:
         """Fork the worker of *slot*. With *report* (SMTP workers only), return the read

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import uvloop
 
 from tachymail import metrics
-from tachymail.auth.throttle import AuthThrottle
+from tachymail.auth.throttle import AUTH_FAILURES_DIR, AuthThrottle
 from tachymail.auth.users import SenderOwnership, UsersFile
 from tachymail.config import Config
 from tachymail.delivery.dkim import DkimSigner
@@ -78,7 +78,7 @@ class WorkerContext:
         auth = config.auth
         # AUTH failures are counted across every worker: one LMDB environment per node.
         self.auth_throttle = AuthThrottle(
-            config.data_path / "auth-failures",
+            config.data_path / AUTH_FAILURES_DIR,
             max_per_ip=auth.max_failures_per_ip,
             max_per_user=auth.max_failures_per_user,
             lockout=auth.lockout,

@@ -1,0 +1,56 @@
+"""LMDB environments beside the queue: opening them so that a full disk cannot kill a worker.
+
+LMDB maps its lock file (the reader table) into memory. The file is sparse, so the first
+write to a page of it allocates a block; on a full filesystem that write is a SIGBUS that
+kills the process, not an error. Allocating the lock file's blocks when the environment is
+opened (the supervisor opens every environment before it starts a worker) moves that
+failure to start-up, where it is an ``OSError``, and a worker that opens it later on a full
+disk finds its blocks already there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lmdb
+
+log = logging.getLogger(__name__)
+
+#: map of the small, unsynced side stores (AUTH failure counts, address-probe results)
+SIDE_MAP_SIZE = 64 * 1024 * 1024
+
+
+def allocate_lock_file(directory: Path) -> None:
+    """Give ``directory/lock.mdb`` real blocks for its whole length (see the module doc).
+
+    A full disk is logged, not raised: the environment works until a new reader slot is
+    touched, which is the most that can be had then."""
+    lock = directory / "lock.mdb"
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return  # opened with lock=False, or read-only: nothing is mapped for writing
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        log.warning("could not allocate %s (%s): a full disk may stop this process", lock, exc)
+    finally:
+        os.close(fd)
+
+
+def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Environment:
+    """An unsynced environment for state that may be lost in a power cut (counts, caches),
+    shared by every process of the node; created if missing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(
+        str(directory),
+        map_size=map_size,
+        sync=False,  # losing the last writes costs one more probe or one forgotten failure
+        metasync=False,
+        max_readers=512,
+        readahead=False,
+    )
+    allocate_lock_file(directory)
+    return env
