@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server import run_cli, tachymail_cmd
 
-# Ages are taken when the fixture writes the queue, not at import: a long suite runs this
-# module minutes after collecting it, and the age buckets would move.
+# The fixture sets it when it writes the queue, not at import: a long suite runs this module
+# minutes after collecting it, and the ages would move to other qshape columns.
 NOW = time.time()
 
 
@@ -39,7 +39,7 @@ def _message(
         id=new_queue_id(),
         sender=sender,
         recipients=recipients,
-        arrival=time.time() - age,
+        arrival=NOW - age,
         size=size,
         state=state,
     )
@@ -49,8 +49,8 @@ def _deferred(address: str, reason: str, in_seconds: float = 3600.0) -> Recipien
     return Recipient(
         address,
         attempts=2,
-        next_attempt=time.time() + in_seconds,
-        last_attempt=time.time() - 60,
+        next_attempt=NOW + in_seconds,
+        last_attempt=NOW - 60,
         last_reply=reason,
         status=reason.split()[1] if " " in reason else "",
     )
@@ -59,6 +59,8 @@ def _deferred(address: str, reason: str, in_seconds: float = 3600.0) -> Recipien
 @pytest.fixture
 def queue(tmp_path: Path) -> dict[str, Envelope]:
     """A queue of four messages: due now, deferred (two domains), held, old and deferred."""
+    global NOW
+    NOW = time.time()
     messages = {
         "due": _message("alice@example.org", [Recipient("bob@due.example")], age=30),
         "deferred": _message(
