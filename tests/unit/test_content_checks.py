@@ -230,3 +230,30 @@ def test_never_raises_on_any_content(data: bytes) -> None:
 def test_header_block_ends_where_the_scanner_ends_it(mime: ModuleType, pieces: list[bytes]) -> None:
     data = b"".join(pieces)
     assert checks.header_block_end(data) == mime.scan(data).body_start
+
+
+_HOP_LINES = st.sampled_from(
+    [
+        b"Received: by x\r\n",
+        b"received:y\n",
+        b"DELIVERED-TO: a@b\r\n",
+        b"\tfolded\r\n",
+        b"Subject: s\r\n",
+        b"not a field\r\n",
+        b"\r\n",
+        b"\n",
+        b"Received: late\r\n",
+    ]
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_HOP_LINES, max_size=80), st.integers(min_value=1, max_value=20))
+def test_the_cheap_hop_bound_never_undercounts(lines: list[bytes], limit: int) -> None:
+    """check() counts exactly only when the bound (fields before the first blank line) is
+    over the limit; the bound must therefore never be below the exact count."""
+    message = b"".join(lines)
+    exact = checks.count_hops(message)
+    assert checks._hop_bound(message) >= exact
+    refused = ContentChecks(max_hops=limit).check(message).action == checks.REJECT
+    assert refused == (exact > limit)

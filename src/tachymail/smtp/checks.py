@@ -115,6 +115,17 @@ def count_hops(message: bytes) -> int:
     return sum(1 for _ in _HOP_FIELD.finditer(block))
 
 
+def _hop_bound(message: bytes) -> int:
+    """An upper bound of :func:`count_hops` without the MIME scan: the hop fields before the
+    first blank line. The scanner ends the header block there or earlier, so the exact count
+    is needed only when this bound is over the limit (almost never: it costs a scan per
+    message otherwise)."""
+    crlf = message.find(b"\n\r\n")
+    lf = message.find(b"\n\n", 0, len(message) if crlf < 0 else crlf)
+    end = crlf if lf < 0 else lf
+    return len(_HOP_FIELD.findall(message if end < 0 else memoryview(message)[: end + 1]))
+
+
 def header_fields(message: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(start, end) of each header field in message[start:end], its continuation lines and
     line break included; stops at the blank line."""
@@ -225,7 +236,7 @@ class ContentChecks:
     def check(self, message: bytes) -> Verdict:
         """The verdict on *message* (CRLF or LF line ends; see the module docstring)."""
         verdict = Verdict(message)
-        if self.max_hops:
+        if self.max_hops and _hop_bound(message) > self.max_hops:
             hops = count_hops(message)
             if hops > self.max_hops:
                 verdict.action, verdict.reply, verdict.metric = REJECT, TOO_MANY_HOPS, "loop"
