@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -54,3 +55,19 @@ def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Envi
     )
     allocate_lock_file(directory)
     return env
+
+
+def delete_where(env: lmdb.Environment, doomed: Callable[[bytes], bool]) -> int:
+    """Delete, in one write transaction, every record whose value *doomed* picks; how many
+    went (the side stores' sweeps of expired entries)."""
+    removed = 0
+    with env.begin(write=True) as txn:
+        cursor = txn.cursor()
+        more = cursor.first()
+        while more and cursor.key():  # after deleting the last record the key is b""
+            if doomed(cursor.value()):
+                more = cursor.delete()
+                removed += 1
+            else:
+                more = cursor.next()
+    return removed

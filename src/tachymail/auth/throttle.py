@@ -35,7 +35,7 @@ from typing import TypeVar
 
 import lmdb
 
-from tachymail.lmdbenv import open_side_store
+from tachymail.lmdbenv import delete_where, open_side_store
 
 log = logging.getLogger(__name__)
 
@@ -226,15 +226,9 @@ class AuthThrottle:
     def sweep(self, threshold: float = FORGOTTEN) -> int:
         """Remove counts decayed below *threshold* whose lockout is over; how many went."""
         now = self.clock()
-        removed = 0
-        with self.env.begin(write=True) as txn:
-            cursor = txn.cursor()
-            more = cursor.first()
-            while more and cursor.key():  # after deleting the last record the key is b""
-                score, until = self._decayed(cursor.value(), now)
-                if until <= now and score < threshold:
-                    more = cursor.delete()
-                    removed += 1
-                else:
-                    more = cursor.next()
-        return removed
+
+        def forgotten(value: bytes) -> bool:
+            score, until = self._decayed(value, now)
+            return until <= now and score < threshold
+
+        return delete_where(self.env, forgotten)

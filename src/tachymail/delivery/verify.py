@@ -40,7 +40,7 @@ from tachymail.config import Config
 from tachymail.delivery.client import SmtpClientError, SmtpConnection
 from tachymail.delivery.routing import NextHop, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver, TemporaryDnsError
-from tachymail.lmdbenv import open_side_store
+from tachymail.lmdbenv import delete_where, open_side_store
 from tachymail.metrics import m
 
 log = logging.getLogger(__name__)
@@ -142,17 +142,7 @@ class VerifyCache:
     def sweep(self) -> int:
         """Remove the expired results; how many went. Blocking: run it off the loop."""
         now = self.clock()
-        removed = 0
-        with self.env.begin(write=True) as txn:
-            cursor = txn.cursor()
-            more = cursor.first()
-            while more and cursor.key():  # after deleting the last record the key is b""
-                if _RECORD.unpack_from(cursor.value())[0] <= now:
-                    more = cursor.delete()
-                    removed += 1
-                else:
-                    more = cursor.next()
-        return removed
+        return delete_where(self.env, lambda value: _RECORD.unpack_from(value)[0] <= now)
 
 
 class AddressVerifier:
