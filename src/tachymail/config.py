@@ -25,6 +25,10 @@ from tachymail.net import split_hostport
 
 ROLES = ("mx", "submission", "smtps")
 
+#: seconds a reload waits for the new SMTP workers to listen before it retires the old
+#: workers anyway (a new delivery worker waits that long more for its predecessor)
+RELOAD_READY_TIMEOUT = 15.0
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -909,15 +913,25 @@ def _changed(item: Any, default: Any) -> list[str]:
     for spec in dataclasses.fields(item):
         value = getattr(item, spec.name)
         if value is not None and value != getattr(default, spec.name):
+            if spec.name in _CREDENTIALS and value:
+                # Output that is pasted into tickets must not carry the relay's password.
+                value = value.partition(":")[0] + ":" + REDACTED
             lines.append(f"{spec.name} = {_toml_value(value)}")
     return lines
+
+
+#: "user:password" settings whose password `config diff` hides
+_CREDENTIALS = frozenset({"smarthost_auth", "auth"})
+REDACTED = "<redacted>"
 
 
 def changed_toml(config: Config) -> str:
     """The settings of *config* that differ from the defaults, as TOML (`config diff`).
 
-    Read back, the text gives the same configuration. A ``[[listener]]`` list that differs
-    from the default listeners is shown whole (it replaces them); ``[[route]]`` and
+    Read back, the text gives the same configuration, but for the passwords of credentials
+    (``delivery.smarthost_auth``, a route's ``auth``), shown as ``user:<redacted>``. A
+    ``[[listener]]`` list that differs from the default listeners is shown whole (it
+    replaces them); ``[[route]]`` and
     ``[[pool_override]]`` entries show each entry's non-default fields. Empty when nothing
     differs.
     """

@@ -153,7 +153,30 @@ def test_a_reload_whose_workers_die_keeps_the_old_ones_serving(tmp_path: Path) -
             before = prober.outcomes["served"]
             wait_until(lambda: prober.outcomes["served"] >= before + 20)
         assert set(prober.outcomes) == {"served"}, (dict(prober.outcomes), prober.errors[:5])
-        assert "new smtp workers 0 died before listening" in srv.log()
+        assert "new smtp workers 0 could not listen" in srv.log()
         assert "configuration reloaded" not in srv.log()
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             assert _read_line(sock).startswith(b"220 mx.test.example")  # the old settings
+
+
+def test_a_reload_with_a_listener_that_cannot_be_bound_keeps_the_old_ones_serving(
+    tmp_path: Path,
+) -> None:
+    """A new listener on a port another program holds: the new workers cannot listen, so
+    the old worker (and its unchanged ports) must go on serving, not be retired."""
+    with socket.socket() as taken, running_server(tmp_path, workers=1, roles=("mx",)) as srv:
+        taken.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: our bind on this port must fail
+        taken.listen(1)
+        wait_until(lambda: "listening on" in srv.log())
+        [old] = srv.worker_pids()
+        port = taken.getsockname()[1]
+        text = srv.config_path.read_text() + f'\n[[listener]]\naddress = "127.0.0.1:{port}"\n'
+        srv.config_path.write_text(text)
+        with Prober(srv.port) as prober:
+            wait_until(lambda: prober.outcomes["served"] >= 20)
+            srv.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "configuration not reloaded" in srv.log(), timeout=30)
+            before = prober.outcomes["served"]
+            wait_until(lambda: prober.outcomes["served"] >= before + 20)
+            assert srv.worker_pids() == [old]
+        assert set(prober.outcomes) == {"served"}, (dict(prober.outcomes), prober.errors[:5])

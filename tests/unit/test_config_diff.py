@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tachymail.config import Config, ServerConfig, default_hostname, load
+from tachymail.config import (
+    Config,
+    ServerConfig,
+    changed_toml,
+    default_hostname,
+    from_dict,
+    load,
+)
 
 
 def config_diff(*args: str) -> subprocess.CompletedProcess[str]:
@@ -112,3 +119,16 @@ def test_diff_of_a_bad_file_names_the_problem(tmp_path: Path) -> None:
     out = config_diff("-c", str(bad))
     assert out.returncode == 1
     assert "limits.max_recipients" in out.stderr
+
+
+def test_config_diff_hides_the_passwords_of_credentials() -> None:
+    """Output that operators paste into tickets must not publish the relay's password."""
+    config = from_dict(
+        {
+            "delivery": {"smarthost": "relay.example:587", "smarthost_auth": "bob:s3cret"},
+            "route": [{"domain": "a.example", "host": "mx.a.example:25", "auth": "al:pw2"}],
+        }
+    )
+    text = changed_toml(config)
+    assert "s3cret" not in text and "pw2" not in text
+    assert 'smarthost_auth = "bob:<redacted>"' in text and 'auth = "al:<redacted>"' in text

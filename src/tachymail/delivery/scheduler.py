@@ -32,7 +32,7 @@ from pathlib import Path
 import lmdb
 import orjson
 
-from tachymail.config import Config, PoolConfig
+from tachymail.config import RELOAD_READY_TIMEOUT, Config, PoolConfig
 from tachymail.delivery.bounce import RecipientReport, notifications
 from tachymail.delivery.eightbit import needs_8bit
 from tachymail.delivery.pool import (
@@ -185,7 +185,9 @@ class DeliveryWorker:
         # takes nothing, or both would deliver the messages the old one still holds. A
         # worker that died let go of it with its last breath; should the channel stay taken
         # anyway, the queue scan takes over after the old worker's drain time.
-        patience = time.monotonic() + self.config.server.drain_timeout + 5
+        # The old worker is retired only once the new SMTP workers listen (or time out).
+        drain = self.config.server.drain_timeout + RELOAD_READY_TIMEOUT
+        patience = time.monotonic() + drain + 5
         waiting_logged = False
         try:
             while not stop.is_set():
@@ -273,6 +275,8 @@ class DeliveryWorker:
         if snapshot is None or queue_id in self.active:
             return False
         if self.held and self.held.get(queue_id, 0.0) > now:
+            if key is not None:
+                self.skipped.add(key)  # not read again by every rescan until the hold ends
             return False
         self.held.pop(queue_id, None)
         envelope, content, raw = snapshot

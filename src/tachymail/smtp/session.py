@@ -301,6 +301,13 @@ class SmtpSession(asyncio.Protocol):
         self.out.append(R.TIMEOUT)
         self.close_after_flush = True
         self._flush()
+        if self.transport is not None:
+            # close() waits for the 421 to drain; a client that reads nothing would hold its
+            # slot and descriptor for ever: the CLOSED branch of _check_timeout aborts it.
+            self.last_activity = time.monotonic()
+            self.timer = self.ctx.loop.call_later(
+                self.ctx.config.limits.command_timeout, self._check_timeout
+            )
 
     # --- write-side back-pressure ----------------------------------------------------------
 

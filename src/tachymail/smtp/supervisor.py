@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tachymail import metrics
-from tachymail.config import Config, ConfigError, load
+from tachymail.config import RELOAD_READY_TIMEOUT, Config, ConfigError, load
 from tachymail.lmdbenv import open_side_store
 from tachymail.metrics import endpoint as metrics_endpoint
 from tachymail.net import reuseport_socket, split_hostport
@@ -38,8 +38,7 @@ HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 #: a worker that dies sooner than this after starting counts as a crash loop
 STABLE_AFTER = 10.0
 MAX_BACKOFF = 30.0
-#: seconds a reload waits for every new SMTP worker to report that it is listening
-READY_TIMEOUT = 15.0
+READY_TIMEOUT = RELOAD_READY_TIMEOUT  # see tachymail.config
 
 
 @dataclass
@@ -350,6 +349,7 @@ class Supervisor:
             self.prepare()
         except Exception as exc:
             log.error("SIGHUP: cannot use the new configuration: %s", exc)
+            self.config = previous  # a worker restarted later must get what is running
             return
         old = [s.pid for s in self.slots if s.pid]
         self.slots = self.new_slots()
@@ -358,16 +358,20 @@ class Supervisor:
         smtp = [s.index for s in self.slots if s.kind == "smtp"]
         self._close_sockets({(lst.address, i) for i in smtp for lst in new.listeners})
         reports: dict[int, Slot] = {}
+        unbound: list[Slot] = []
         for slot in self.slots:
             fd = self.spawn(slot, report=True)
             if fd is not None:
                 reports[fd] = slot
+            elif slot.kind == "smtp":
+                unbound.append(slot)  # a new listener could not be bound (address, port)
         died, late = _await_listening(reports, READY_TIMEOUT)
+        died += unbound
         if died:
             # The new configuration kills its workers (a missing DKIM key, say): the old
             # generation goes on serving rather than leave the ports to a crash loop.
             log.error(
-                "SIGHUP: new smtp workers %s died before listening; configuration not "
+                "SIGHUP: new smtp workers %s could not listen; configuration not "
                 "reloaded, the old workers keep serving",
                 ", ".join(str(s.index) for s in died),
             )
