@@ -57,17 +57,25 @@ def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Envi
     return env
 
 
-def delete_where(env: lmdb.Environment, doomed: Callable[[bytes], bool]) -> int:
-    """Delete, in one write transaction, every record whose value *doomed* picks; how many
-    went (the side stores' sweeps of expired entries)."""
+def delete_where(env: lmdb.Environment, doomed: Callable[[bytes], bool], batch: int = 1000) -> int:
+    """Delete every record whose value *doomed* picks; how many went (the side stores'
+    sweeps of expired entries). At most *batch* records are visited per write transaction:
+    LMDB has one writer per environment for the whole node, and another worker's event loop
+    may be waiting for it."""
     removed = 0
-    with env.begin(write=True) as txn:
-        cursor = txn.cursor()
-        more = cursor.first()
-        while more and cursor.key():  # after deleting the last record the key is b""
-            if doomed(cursor.value()):
-                more = cursor.delete()
-                removed += 1
-            else:
-                more = cursor.next()
-    return removed
+    after = b""
+    while True:
+        with env.begin(write=True) as txn:
+            cursor = txn.cursor()
+            more = cursor.set_range(after) if after else cursor.first()
+            seen = 0
+            while more and cursor.key() and seen < batch:
+                seen += 1
+                if doomed(cursor.value()):
+                    more = cursor.delete()  # moves to the next record
+                    removed += 1
+                else:
+                    more = cursor.next()
+            if not (more and cursor.key()):
+                return removed
+            after = bytes(cursor.key())
