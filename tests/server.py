@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -185,3 +186,19 @@ def start(
         server.stop(signal.SIGKILL)
         raise AssertionError(f"tachymail did not start:\n{server.log()}") from None
     return server
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of *name*'s samples whose labels include *labels*, on the /metrics of the
+    endpoint at 127.0.0.1:*port*."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted <= set(sample.labels.items())
+    )

@@ -11,16 +11,14 @@ import base64
 import smtplib
 import socket
 import ssl
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from server import Server, free_port, run_cli, running_server, wait_until
+from server import Server, free_port, metric, run_cli, running_server, wait_until
 
 # Long enough that a busy machine still finds the lockout on, short enough to wait out.
 LOCKOUT = 5.0
@@ -248,19 +246,6 @@ def test_locked_out_smtplib_login_gets_454(tmp_path: Path, tls_context: ssl.SSLC
             c.login("alice", "right")
         assert failed.value.smtp_code == 454
         assert failed.value.smtp_error.startswith(b"4.7.0")
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    """The sum of *name*'s samples with *labels* on the supervisor's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    wanted = set(labels.items())
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and wanted <= set(s.labels.items())
-    )
 
 
 def test_refusals_are_counted_in_metrics(tmp_path: Path, tls_context: ssl.SSLContext) -> None:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import smtplib
 import sys
-import urllib.request
 from pathlib import Path
-
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import RawClient
-from server import Server, free_port, running_server, wait_until
+from server import Server, free_port, metric, running_server, wait_until
 
 
 def looped(hops: int, delivered_to: int = 0) -> bytes:
@@ -67,19 +64,6 @@ def test_bdat_and_a_folded_received_field_count_once(server: Server) -> None:
     assert client.reply().startswith(b"250 2.0.0")
 
 
-def rejected(metrics_port: int, reason: str) -> float:
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "tachymail_messages_rejected_total"
-        and sample.labels.get("reason") == reason
-    )
-
-
 def test_hop_limit_is_configurable_and_refusals_are_counted(tmp_path: Path) -> None:
     metrics = free_port()
     extra = f'[policy]\nmax_hops = 3\n[metrics]\naddress = "127.0.0.1:{metrics}"\n'
@@ -87,4 +71,4 @@ def test_hop_limit_is_configurable_and_refusals_are_counted(tmp_path: Path) -> N
         assert send(srv.port, looped(4))[0] == 554
         assert send(srv.port, looped(5))[0] == 554
         assert send(srv.port, looped(3))[0] == 250
-        wait_until(lambda: rejected(metrics, "loop") == 2)
+        wait_until(lambda: metric(metrics, "tachymail_messages_rejected_total", reason="loop") == 2)

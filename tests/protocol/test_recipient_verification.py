@@ -11,16 +11,14 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RawClient
 from dnsserver import DnsRecords, running_dnsmasq
-from server import Server, free_port, running_server, wait_until
+from server import Server, free_port, metric, running_server, wait_until
 from smtp_peer import Script, SmtpPeer
 
 GOOD = "alice@relay.example"
@@ -253,19 +251,6 @@ def test_probes_and_refusals_are_counted_in_metrics(tmp_path: Path, peer: SmtpPe
 
 
 RESULTS = ("deliverable", "undeliverable", "unverified")
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    """The sum of *name*'s samples with *labels* on the supervisor's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    wanted = set(labels.items())
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and wanted <= set(s.labels.items())
-    )
 
 
 def sessions_on_two_workers(server: Server) -> tuple[RawClient, RawClient]:
