@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 
 from tachymail.config import ConfigError, load
 
@@ -61,18 +64,30 @@ def cmd_log(args: argparse.Namespace) -> int:
     if isinstance(sources, str):
         print(f"tachymail: {sources}", file=sys.stderr)
         return 2
-    lines: list[str] = []
     for name in sources:
-        try:
-            if name == "-":
-                lines += sys.stdin.read().splitlines()
-            else:
-                with open(name, encoding="utf-8", errors="replace") as handle:
-                    lines += handle.read().splitlines()
-        except OSError as exc:
-            print(f"tachymail: cannot read {name}: {exc.strerror}", file=sys.stderr)
-            return 2
-    found = story(lines, args.id.strip())
+        if name != "-":
+            try:
+                with open(name, encoding="utf-8", errors="replace"):
+                    pass
+            except OSError as exc:
+                print(f"tachymail: cannot read {name}: {exc.strerror}", file=sys.stderr)
+                return 2
+    # Files are streamed, twice for a Message-ID; standard input, readable once only, is
+    # spooled to a temporary file for the second pass.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as spool:
+        if "-" in sources:
+            shutil.copyfileobj(sys.stdin, spool)
+
+        def lines() -> Iterator[str]:
+            for name in sources:
+                if name == "-":
+                    spool.seek(0)
+                    yield from (line.rstrip("\r\n") for line in spool)
+                else:
+                    with open(name, encoding="utf-8", errors="replace") as handle:
+                        yield from (line.rstrip("\r\n") for line in handle)
+
+        found = story(lines, args.id.strip())
     if not found:
         print(f"tachymail: no log line mentions {args.id} in {', '.join(sources)}", file=sys.stderr)
         return 1

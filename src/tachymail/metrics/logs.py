@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging.handlers import SysLogHandler, WatchedFileHandler
 from pathlib import Path
@@ -268,16 +268,21 @@ class Story:
         return out
 
 
-def story(lines: Iterable[str], wanted: str) -> list[Story]:
+def story(lines: Iterable[str] | Callable[[], Iterable[str]], wanted: str) -> list[Story]:
     """The stories of *wanted*: a queue id, or a Message-ID (with or without <>) that the
     intake lines map to queue ids (one story per queue id, in log order). Empty when no
-    line mentions it."""
-    lines = lines if isinstance(lines, list) else list(lines)  # read twice
+    line mentions it. *lines* may be a function returning a fresh iterator each call, so
+    that large log files are streamed (a Message-ID needs two passes) instead of held."""
+    if callable(lines):
+        read = lines
+    else:
+        kept = lines if isinstance(lines, list) else list(lines)
+        read = lambda: kept  # noqa: E731
     if QUEUE_ID.fullmatch(wanted):
         ids = [wanted]
     else:
         ids = []
-        for line in lines:
+        for line in read():
             if "message-id" not in line and "message_id" not in line:
                 continue  # cheap skip: only intake lines carry it
             fields = parse_line(line)
@@ -286,7 +291,7 @@ def story(lines: Iterable[str], wanted: str) -> list[Story]:
             ) == _bare(wanted):
                 ids.append(str(fields["queue_id"]))
     stories = {queue_id: Story(queue_id) for queue_id in dict.fromkeys(ids)}
-    for line in lines:
+    for line in read():
         if not any(queue_id in line for queue_id in stories):
             continue
         fields = parse_line(line)
