@@ -10,6 +10,7 @@ disk finds its blocks already there.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -26,19 +27,27 @@ SIDE_MAP_SIZE = 64 * 1024 * 1024
 def allocate_lock_file(directory: Path) -> None:
     """Give ``directory/lock.mdb`` real blocks for its whole length (see the module doc).
 
-    A full disk is logged, not raised: the environment works until a new reader slot is
-    touched, which is the most that can be had then."""
-    lock = directory / "lock.mdb"
+    Call it after opening the environment in this process. It works on LMDB's own
+    descriptor of the file, found in /proc/self/fd: opening and closing a second descriptor
+    would drop this process's fcntl locks on the file (POSIX releases them on any close),
+    and the next process to open the environment would then take itself for the first one
+    and reset the lock file under the live writers. A full disk is logged, not raised."""
+    lock = os.path.realpath(directory / "lock.mdb")
     try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        return  # opened with lock=False, or read-only: nothing is mapped for writing
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        log.warning("could not allocate %s (%s): a full disk may stop this process", lock, exc)
-    finally:
-        os.close(fd)
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return  # no /proc: the lock file stays sparse
+    for name in descriptors:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != lock:
+                continue
+            fd = int(name)
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EBADF):
+                continue  # a descriptor that closed while we looked
+            log.warning("could not allocate %s (%s): a full disk may stop this process", lock, exc)
+        return
 
 
 def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Environment:

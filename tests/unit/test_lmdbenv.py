@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,29 @@ def test_a_batched_sweep_deletes_exactly_what_it_picks(tmp_path: Path, batch: in
     assert delete_where(env, lambda value: True, batch=batch) == 1666
     assert env.stat()["entries"] == 0
     env.close()
+
+
+def test_allocating_keeps_this_processs_locks_on_the_lock_file(tmp_path: Path) -> None:
+    """POSIX drops a process's fcntl locks on any close of the file: an allocation through a
+    second descriptor let the next process take itself for the first opener and reset the
+    lock file (reader table and writer mutex) under the live processes; acknowledged
+    messages were lost in the kill -9 test that way."""
+    env = open_side_store(tmp_path / "side")
+    reading = env.begin()  # a reader slot of this process, in the lock file
+    try:
+        probe = (
+            "import lmdb, sys\n"
+            "env = lmdb.open(sys.argv[1], max_readers=512)\n"
+            "print(env.readers())\n"
+        )
+        seen = subprocess.run(
+            [sys.executable, "-c", probe, str(tmp_path / "side")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert f"{os.getpid()}" in seen, f"the lock file was reset: readers {seen!r}"
+    finally:
+        reading.abort()
+        env.close()
