@@ -23,7 +23,11 @@ from typing import Any
 
 from tachymail.net import split_hostport
 
-ROLES = ("mx", "submission", "smtps")
+#: SMTP listener roles (the ones sender_login may name)
+SMTP_ROLES = ("mx", "submission", "smtps")
+#: every listener role: SMTP, LMTP (RFC 2033: another MTA hands us mail for local mailboxes)
+#: and POP3 (plain with STLS, or implicit TLS on pop3s)
+ROLES = (*SMTP_ROLES, "lmtp", "pop3", "pop3s")
 
 #: seconds a reload waits for the new SMTP workers to listen before it retires the old
 #: workers anyway (a new delivery worker waits that long more for its predecessor)
@@ -238,6 +242,41 @@ class AuthConfig:
 
 
 @dataclass(slots=True)
+class MailboxConfig:
+    """The mailbox store of local users (tachymail.mailbox) and local delivery into it."""
+
+    #: aliases file ("source: target, target" per line; "@domain" is a catch-all), managed
+    #: by `tachymail alias`; empty: data_dir/aliases
+    aliases_file: str = ""
+    #: quota of a user added without --quota, in MiB; 0: unlimited
+    default_quota_mb: int = 0
+    #: separator of sub-addresses: alice+tag@ is delivered to alice@ ("" turns it off)
+    recipient_delimiter: str = "+"
+    #: initial and maximum size of the mailbox store's LMDB map, in MiB; it doubles on demand
+    map_size_mb: int = 256
+    max_map_size_mb: int = 64 * 1024
+    #: local deliveries in flight at once per delivery worker
+    local_concurrency: int = 64
+    #: most deliveries in one group commit of the store, and how long (ms) a commit waits for
+    #: more deliveries to join it
+    max_batch: int = 256
+    commit_linger_ms: float = 1.0
+
+
+@dataclass(slots=True)
+class Pop3Config:
+    """The POP3 front end (listener roles pop3 and pop3s)."""
+
+    #: whether clients outside policy.trusted_networks may log in before TLS (USER/PASS or
+    #: AUTH on a plain pop3 listener without STLS); false as for submission
+    plaintext_auth: bool = False
+    #: retrieving a message (RETR, not TOP) marks it \Seen for IMAP
+    mark_seen: bool = True
+    #: seconds of client silence before the session is closed (RFC 1939 §3: at least 600)
+    idle_timeout: float = 600.0
+
+
+@dataclass(slots=True)
 class QueueConfig:
     #: initial and maximum size of the LMDB map, in MiB; it doubles on demand
     map_size_mb: int = 256
@@ -407,6 +446,8 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
+    pop3: Pop3Config = field(default_factory=Pop3Config)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     pool_overrides: list[PoolOverride] = field(default_factory=list)
@@ -443,6 +484,19 @@ class Config:
         return Path(self.auth.users_file) if self.auth.users_file else self.data_path / "users"
 
     @property
+    def aliases_path(self) -> Path:
+        return (
+            Path(self.mailbox.aliases_file)
+            if self.mailbox.aliases_file
+            else self.data_path / "aliases"
+        )
+
+    @property
+    def mailbox_path(self) -> Path:
+        """The mailbox store's LMDB environment (beside the queue)."""
+        return self.data_path / "mailbox"
+
+    @property
     def log_path(self) -> Path:
         """The log file of ``[log] target = "file"`` (``tachymail log`` reads it too)."""
         return Path(self.log.path).resolve() if self.log.path else self.data_path / "tachymail.log"
@@ -466,6 +520,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "policy": PolicyConfig,
     "auth": AuthConfig,
     "queue": QueueConfig,
+    "mailbox": MailboxConfig,
+    "pop3": Pop3Config,
     "delivery": DeliveryConfig,
     "pool": PoolConfig,
     "dkim": DkimConfig,
@@ -605,6 +661,7 @@ def validate(config: Config) -> list[str]:
             "max_connections - 1"
         )
     problems.extend(_validate_auth(config))
+    problems.extend(_validate_mailbox(config))
     if config.policy.bare_newline not in ("reject", "normalize"):
         problems.append('policy.bare_newline: must be "reject" or "normalize"')
     problems.extend(_validate_content_checks(config))
@@ -645,6 +702,32 @@ def validate(config: Config) -> list[str]:
         problems.append("metrics.max_clients: must be at least 1")
     problems.extend(_validate_log(config.log))
     problems.extend(_validate_delivery(config))
+    return problems
+
+
+def _validate_mailbox(config: Config) -> list[str]:
+    problems: list[str] = []
+    mailbox, pop3 = config.mailbox, config.pop3
+    for name in ("default_quota_mb", "map_size_mb", "max_map_size_mb"):
+        if getattr(mailbox, name) < 0:
+            problems.append(f"mailbox.{name}: must not be negative")
+    if mailbox.map_size_mb < 1:
+        problems.append("mailbox.map_size_mb: must be at least 1")
+    if mailbox.max_map_size_mb < mailbox.map_size_mb:
+        problems.append("mailbox.max_map_size_mb: must not be less than mailbox.map_size_mb")
+    for name in ("local_concurrency", "max_batch"):
+        if getattr(mailbox, name) < 1:
+            problems.append(f"mailbox.{name}: must be at least 1")
+    if mailbox.commit_linger_ms < 0:
+        problems.append("mailbox.commit_linger_ms: must not be negative")
+    delimiter = mailbox.recipient_delimiter
+    if delimiter and (len(delimiter) > 1 or delimiter in '@"\\ '):
+        problems.append(
+            "mailbox.recipient_delimiter: one character other than @, quote, backslash "
+            'or space, or "" for none'
+        )
+    if pop3.idle_timeout < 600:
+        problems.append("pop3.idle_timeout: RFC 1939 §3 requires at least 600 seconds")
     return problems
 
 
@@ -730,8 +813,8 @@ def _validate_auth(config: Config) -> list[str]:
         if getattr(auth, name) < (1 if name == "max_failures" else 0):
             problems.append(f"auth.{name}: must be at least {1 if name == 'max_failures' else 0}")
     for i, role in enumerate(auth.sender_login):
-        if role not in ROLES:
-            problems.append(f"auth.sender_login[{i}]: must be one of {', '.join(ROLES)}")
+        if role not in SMTP_ROLES:
+            problems.append(f"auth.sender_login[{i}]: must be one of {', '.join(SMTP_ROLES)}")
     for user, owned in auth.senders.items():
         for item in owned:
             _, at, domain = item.rpartition("@")
