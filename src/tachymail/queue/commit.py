@@ -28,12 +28,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from tachymail.metrics import m
 from tachymail.queue.envelope import Envelope
-from tachymail.queue.store import Operation, QueueStore, put_message
+from tachymail.queue.store import QueueStore, put_message
 
 log = logging.getLogger(__name__)
+
+#: an operation of any store: called with the store and the write transaction
+AnyOperation = Callable[[Any, Any], Any]
 
 
 class GroupCommitter:
@@ -45,18 +49,24 @@ class GroupCommitter:
     error (451 4.3.0), or, for that message alone, ``QueueIdTaken`` (its id is in use:
     451 4.3.0; the rest of the batch is stored).
 
+    Generic over the store: anything with ``apply(operations) -> outcomes`` (the queue, the
+    mailbox store). An operation's outcome that is an exception fails its future alone;
+    any other outcome is the future's result. *observe* feeds the queue's commit metrics.
+
     Must be created inside the running event loop it serves.
     """
 
     def __init__(
         self,
-        store: QueueStore,
+        store: Any,
         *,
         max_batch: int = 512,
         linger: float = 0.0,
         inline: bool = False,
+        observe: bool = True,
     ) -> None:
-        self.store = store
+        self.store: QueueStore = store
+        self.observe = observe
         self.max_batch = max_batch
         self.linger = linger
         self.inline = inline
@@ -66,7 +76,7 @@ class GroupCommitter:
         self._lingering = False
         # Kept, not asked for: asyncio.get_running_loop() makes a getpid system call.
         self._loop = asyncio.get_running_loop()
-        self._pending: list[tuple[Operation, asyncio.Future[None]]] = []
+        self._pending: list[tuple[AnyOperation, asyncio.Future[Any]]] = []
         self._busy = False
         self._started = 0.0
         self._in_flight = 0
@@ -78,7 +88,7 @@ class GroupCommitter:
         # environment at a time anyway, and py-lmdb releases the GIL while it syncs, so the
         # event loop keeps running. A ThreadPoolExecutor's futures, conditions and callback
         # chain cost several more GIL hand-offs per commit, each a futex call on both sides.
-        self._requests: queue.SimpleQueue[list[Operation] | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[list[AnyOperation] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if not inline:
             self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
@@ -88,9 +98,10 @@ class GroupCommitter:
         """Queue a new message for the next commit; the future resolves once it is synced."""
         return self.submit_operation(put_message(envelope, content))
 
-    def submit_operation(self, operation: Operation) -> asyncio.Future[None]:
-        """Run *operation* in the next commit; the future resolves once it is synced."""
-        future: asyncio.Future[None] = self._loop.create_future()
+    def submit_operation(self, operation: AnyOperation) -> asyncio.Future[Any]:
+        """Run *operation* in the next commit; the future resolves once it is synced, with
+        the operation's outcome (None for the queue's operations)."""
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._pending.append((operation, future))
         self._schedule()
         return future
@@ -124,7 +135,7 @@ class GroupCommitter:
         self._in_flight = len(operations)
         if self.inline:
             error: BaseException | None = None
-            outcomes: list[Exception | None] = []
+            outcomes: list[Any] = []
             try:
                 outcomes = self.store.apply(operations)
             except Exception as exc:
@@ -140,7 +151,7 @@ class GroupCommitter:
             if operations is None:
                 return
             error: BaseException | None = None
-            outcomes: list[Exception | None] = []
+            outcomes: list[Any] = []
             try:
                 outcomes = self.store.apply(operations)
             except Exception as exc:  # handed to every waiting client as its reply
@@ -150,9 +161,9 @@ class GroupCommitter:
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
-    def _finish(self, error: BaseException | None, outcomes: list[Exception | None]) -> None:
+    def _finish(self, error: BaseException | None, outcomes: list[Any]) -> None:
         """Resolve the batch's futures: *error* fails them all, else each gets its outcome
-        (None: stored; an exception: that operation alone refused)."""
+        (an exception: that operation alone refused; anything else: its result)."""
         batch = self._pending[: self._in_flight]
         del self._pending[: self._in_flight]
         self._busy = False
@@ -160,21 +171,23 @@ class GroupCommitter:
         if error is None:
             self.commits += 1
             self.messages += len(batch)
-            m.commit_batch_size.observe(len(batch))
-            m.commit_duration.observe(self.last_commit[1])
+            if self.observe:
+                m.commit_batch_size.observe(len(batch))
+                m.commit_duration.observe(self.last_commit[1])
         else:
-            m.commit_failures.inc()
-            log.error("queue commit of %d messages failed: %s", len(batch), error)
+            if self.observe:
+                m.commit_failures.inc()
+            log.error("commit of %d operations failed: %s", len(batch), error)
         for index, (_operation, future) in enumerate(batch):
             if future.cancelled():
                 continue
-            refused = outcomes[index] if error is None and index < len(outcomes) else None
+            outcome = outcomes[index] if error is None and index < len(outcomes) else None
             if error is not None:
                 future.set_exception(error)
-            elif refused is not None:
-                future.set_exception(refused)
+            elif isinstance(outcome, Exception):
+                future.set_exception(outcome)
             else:
-                future.set_result(None)
+                future.set_result(outcome)
         self._schedule()
 
     @property
