@@ -20,6 +20,10 @@ import lmdb
 
 log = logging.getLogger(__name__)
 
+# errno values that mean "no room": LMDB reports a short write as EIO.
+_EXHAUSTED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+_EXHAUSTED_TEXT = tuple(os.strerror(code) for code in _EXHAUSTED)
+
 #: map of the small, unsynced side stores (AUTH failure counts, address-probe results)
 SIDE_MAP_SIZE = 64 * 1024 * 1024
 
@@ -48,6 +52,21 @@ def allocate_lock_file(directory: Path) -> None:
                 continue  # a descriptor that closed while we looked
             log.warning("could not allocate %s (%s): a full disk may stop this process", lock, exc)
         return
+
+
+def is_storage_exhausted(exc: BaseException) -> bool:
+    """Whether *exc* says the storage has no room: a full map, disk or quota, a file over
+    its size limit, or a short write (which LMDB reports as EIO)."""
+    if isinstance(exc, lmdb.MapFullError | lmdb.DiskError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _EXHAUSTED
+    if isinstance(exc, lmdb.Error):
+        if getattr(exc, "code", None) in _EXHAUSTED:
+            return True
+        text = str(exc)  # older py-lmdb builds keep the errno only in the message
+        return "ENOSPC" in text or any(reason in text for reason in _EXHAUSTED_TEXT)
+    return False
 
 
 def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Environment:

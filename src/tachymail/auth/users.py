@@ -1,4 +1,4 @@
-"""The users file for SMTP AUTH: one ``name:hash`` line per user, scrypt hashes.
+"""The users file for SMTP AUTH, POP3 and IMAP: ``name:hash[:quota]`` lines, scrypt hashes.
 
 The hash format is ``$scrypt$n=16384,r=8,p=1$<salt b64>$<key b64>``; checking
 one costs tens of milliseconds on purpose, so the server runs it off the event
@@ -9,11 +9,18 @@ loop. The file is re-read when its modification time changes, so
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 N, R, P = 16384, 8, 1
 KEY_LEN = 32
@@ -48,34 +55,81 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(got, key)
 
 
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """One line of the users file: the password hash and the mailbox quota (0: none)."""
+
+    hash: str
+    #: bytes the user's mailboxes may hold in all; 0: unlimited
+    quota: int = 0
+
+
 class UsersFile:
-    """The users file at *path*; reading it again only when it changed on disk."""
+    """The users file at *path*; reading it again only when it changed on disk.
+
+    One ``name:hash`` line per user, with an optional third field, the mailbox quota in
+    bytes (``alice@example.test:$scrypt$...:524288000``); ``#`` starts a comment line.
+    The same names log in over SMTP AUTH, POP3 and IMAP; the local-domain ones (lower-cased
+    addresses) own mailboxes. Changes are written atomically (a temporary file renamed
+    over the old one) under an advisory lock, so concurrent `tachymail user` commands do
+    not lose each other's change and a running server never reads half a file.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._entries: dict[str, UserEntry] = {}
         self._users: dict[str, str] = {}
 
-    def users(self) -> dict[str, str]:
+    def entries(self) -> dict[str, UserEntry]:
+        """Every user by name (as written in the file); the same dict until the file changes."""
         try:
-            mtime = self.path.stat().st_mtime
+            info = self.path.stat()
         except FileNotFoundError:
-            self._users, self._mtime = {}, None
-            return self._users
-        if mtime != self._mtime:
-            self._users = self._parse(self.path.read_text())
-            self._mtime = mtime
+            if self._stamp is not None or self._entries:
+                self._entries, self._users, self._stamp = {}, {}, None
+            return self._entries
+        # Inode and size too: two atomic rewrites within one mtime tick still differ.
+        stamp = (info.st_mtime_ns, info.st_ino, info.st_size)
+        if stamp != self._stamp:
+            self._entries = self._parse(self.path.read_text(), self.path)
+            self._users = {name: entry.hash for name, entry in self._entries.items()}
+            self._stamp = stamp
+        return self._entries
+
+    def users(self) -> dict[str, str]:
+        """Every user's password hash by name."""
+        self.entries()
         return self._users
 
+    def quota(self, name: str) -> int:
+        """*name*'s mailbox quota in bytes; 0 for none or an unknown user."""
+        entry = self.entries().get(name)
+        return entry.quota if entry is not None else 0
+
     @staticmethod
-    def _parse(text: str) -> dict[str, str]:
-        users: dict[str, str] = {}
-        for line in text.splitlines():
+    def _parse(text: str, path: Path) -> dict[str, UserEntry]:
+        entries: dict[str, UserEntry] = {}
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
-            if line and not line.startswith("#") and ":" in line:
-                name, _, encoded = line.partition(":")
-                users[name] = encoded
-        return users
+            if not line or line.startswith("#") or ":" not in line:
+                continue
+            name, _, rest = line.partition(":")
+            encoded, _, quota_text = rest.partition(":")
+            quota = 0
+            if quota_text.strip():
+                try:
+                    quota = int(quota_text)
+                except ValueError:
+                    quota = -1
+                if quota < 0:
+                    # A typo must not lock a user out: the quota is dropped, the login kept.
+                    log.warning(
+                        "%s:%d: bad quota %r ignored for %s", path, number, quota_text, name
+                    )
+                    quota = 0
+            entries[name] = UserEntry(encoded, quota)
+        return entries
 
     def check(self, name: str, password: str) -> bool:
         """Whether *name* exists and *password* is right (slow: call it off the event loop)."""
@@ -86,28 +140,82 @@ class UsersFile:
             return False
         return verify_password(password, encoded)
 
-    def _write(self, users: dict[str, str]) -> None:
+    @contextmanager
+    def _changing(self) -> Iterator[dict[str, UserEntry]]:
+        """The entries to change, read under the lock and written back when the block ends."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write("# tachymail users: name:scrypt-hash (managed by `tachymail user`)\n")
-            for name in sorted(users):
-                handle.write(f"{name}:{users[name]}\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)  # atomic: a running server never reads half a file
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            self._stamp = None  # read afresh: another command may have just written it
+            entries = dict(self.entries())
+            before = dict(entries)
+            yield entries
+            if entries != before:
+                self._write(entries)
 
-    def add(self, name: str, password: str) -> None:
+    def _write(self, entries: dict[str, UserEntry]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(
+                    "# tachymail users: name:scrypt-hash[:quota-bytes] "
+                    "(managed by `tachymail user`)\n"
+                )
+                for name in sorted(entries):
+                    entry = entries[name]
+                    quota = f":{entry.quota}" if entry.quota else ""
+                    handle.write(f"{name}:{entry.hash}{quota}\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)  # atomic: a running server never reads half a file
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._stamp = None
+
+    def add(self, name: str, password: str, *, quota: int | None = None) -> None:
+        """Add *name*, or change its password; *quota* in bytes (0: unlimited; None: keep
+        an existing user's quota, none for a new one). Raises ValueError for a name with
+        ``:``, white space or nothing in it, or a negative quota."""
         if not name or ":" in name or any(c.isspace() for c in name):
             raise ValueError("a user name must be non-empty, without ':' or spaces")
-        users = dict(self.users())
-        users[name] = hash_password(password)
-        self._write(users)
+        if quota is not None and quota < 0:
+            raise ValueError("a quota must not be negative")
+        encoded = hash_password(password)
+        with self._changing() as entries:
+            old = entries.get(name)
+            kept = old.quota if old is not None else 0
+            entries[name] = UserEntry(encoded, kept if quota is None else quota)
+
+    def passwd(self, name: str, password: str) -> bool:
+        """Change *name*'s password, keeping its quota; False when there is no such user."""
+        encoded = hash_password(password)
+        with self._changing() as entries:
+            old = entries.get(name)
+            if old is None:
+                return False
+            entries[name] = UserEntry(encoded, old.quota)
+        return True
+
+    def set_quota(self, name: str, quota: int) -> bool:
+        """Set *name*'s quota in bytes (0: unlimited); False when there is no such user."""
+        if quota < 0:
+            raise ValueError("a quota must not be negative")
+        with self._changing() as entries:
+            old = entries.get(name)
+            if old is None:
+                return False
+            entries[name] = UserEntry(old.hash, quota)
+        return True
 
     def delete(self, name: str) -> bool:
-        users = dict(self.users())
-        if users.pop(name, None) is None:
-            return False
-        self._write(users)
+        """Remove *name*; False when there is no such user."""
+        with self._changing() as entries:
+            if entries.pop(name, None) is None:
+                return False
         return True
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import sys
@@ -201,43 +200,6 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     """`tachymail mailq` (and a `mailq` symlink): the queue as postqueue -p prints it."""
     args.queue_command = "mailq"
     return cmd_queue(args)
-
-
-def cmd_user(args: argparse.Namespace) -> int:
-    from tachymail.auth.users import UsersFile
-
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        return _fail(f"invalid configuration:\n{exc}")
-    users = UsersFile(config.users_path)
-    if args.user_command == "list":
-        for name in sorted(users.users()):
-            print(name)
-        return 0
-    if args.user_command == "del":
-        if not users.delete(args.name):
-            return _fail(f"no user {args.name!r}")
-        return 0
-    if args.password_stdin or not sys.stdin.isatty():
-        # Piped in (echo pw | tachymail user add alice): one line, no prompt, no echo games.
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        try:
-            password = getpass.getpass(f"password for {args.name}: ")
-            if password != getpass.getpass("again: "):
-                return _fail("the passwords differ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return _fail("no password given; nothing changed")
-    if not password:
-        return _fail("empty password")
-    try:
-        users.add(args.name, password)
-    except ValueError as exc:
-        return _fail(str(exc))
-    print(f"user {args.name} saved in {users.path}")
-    return 0
 
 
 def _bounce_reporter(config: Config) -> Reporter:

@@ -1,7 +1,7 @@
 """Entry point of the ``tachymail`` command: builds the parser and dispatches.
 
 Each subcommand's work lives in the subpackage that owns it (``smtp`` for
-``serve``, ``queue`` for ``queue …``, ``auth`` for ``user …``); the
+``serve``, ``queue`` for ``queue …``, ``auth`` and ``mailbox`` for ``user …``); the
 ``cli.commands`` module holds the thin functions that bridge the two.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tachymail import __version__
-from tachymail.cli import commands, config_cmd, logs
+from tachymail.cli import commands, config_cmd, directory_cmd, logs, mailbox_cmd
 
 KERNELS = ("commands", "data", "mime")
 
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the MTA (supervisor and SMTP workers)",
         description="Run the MTA. With no configuration it listens on 127.0.0.1:2525 (mx), "
-        "127.0.0.1:2587 (submission) and 127.0.0.1:2465 (smtps), data in ./tachymail-data.",
+        "127.0.0.1:2587 (submission), 127.0.0.1:2465 (smtps), 127.0.0.1:2110 (pop3) and "
+        "127.0.0.1:2995 (pop3s), data in ./tachymail-data.",
     )
     _config_options(serve)
     serve.add_argument(
@@ -207,28 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sendmail-compatible submission (tachymail sendmail --help for its options)",
     )
 
-    user = sub.add_parser("user", help="manage SMTP AUTH users")
-    user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
-    add = user_sub.add_parser(
-        "add",
-        help="add a user or change a password",
-        description="Add a user or change a password. The password is asked for twice on "
-        "the terminal; when standard input is not a terminal (echo pw | tachymail user add "
-        "NAME), or with --password-stdin, its first line is the password.",
-    )
-    _config_options(add)
-    add.add_argument("name")
-    add.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from the first line of standard input instead of asking "
-        "(the default when standard input is not a terminal)",
-    )
-    delete = user_sub.add_parser("del", help="delete a user")
-    _config_options(delete)
-    delete.add_argument("name")
-    users = user_sub.add_parser("list", help="list user names")
-    _config_options(users)
+    directory_cmd.add_user_parser(sub)
+    directory_cmd.add_alias_parser(sub)
+    mailbox_cmd.add_mailbox_parser(sub)
 
     dkim = sub.add_parser("dkim", help="manage DKIM signing keys")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)

@@ -65,6 +65,12 @@ def unknown_local_user(address: str) -> bytes:
     )
 
 
+def mailbox_full(address: str) -> bytes:
+    """452 4.2.2 for a local recipient whose mailbox holds its quota already (temporary:
+    the sender retries while the user makes room)."""
+    return reply(452, "4.2.2", f"<{address}>: Recipient address rejected: Mailbox full")
+
+
 def sender_not_owned(address: str, user: str) -> bytes:
     """553 5.7.1 for a MAIL FROM the authenticated *user* does not own (sender-login policy)."""
     return reply(553, "5.7.1", f"<{address}>: Sender address rejected: not owned by user {user}")

@@ -19,6 +19,9 @@ from pathlib import Path
 import lmdb
 
 from tachymail.lmdbenv import allocate_lock_file
+
+# moved to lmdbenv (the mailbox store shares it); still exported from here
+from tachymail.lmdbenv import is_storage_exhausted as is_storage_exhausted
 from tachymail.queue.envelope import Envelope
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,6 @@ _DUE = struct.Struct(">Q")
 #: the file of spare disk space kept beside data.mdb (see QueueStore.ensure_reserve)
 RESERVE_FILE = "reserve"
 
-# errno values that mean "no room": LMDB reports a short write as EIO.
-_EXHAUSTED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
-_EXHAUSTED_TEXT = tuple(os.strerror(code) for code in _EXHAUSTED)
-
 
 class StorageFull(Exception):
     """The queue cannot take the message: map at its maximum or disk full (452 4.3.1)."""
@@ -43,21 +42,6 @@ class StorageFull(Exception):
 
 class QueueIdTaken(Exception):
     """A message with this queue id is already stored; nothing was written (451 4.3.0)."""
-
-
-def is_storage_exhausted(exc: BaseException) -> bool:
-    """Whether *exc* says the storage has no room: a full map, disk or quota, a file over
-    its size limit, or a short write (which LMDB reports as EIO)."""
-    if isinstance(exc, lmdb.MapFullError | lmdb.DiskError):
-        return True
-    if isinstance(exc, OSError):
-        return exc.errno in _EXHAUSTED
-    if isinstance(exc, lmdb.Error):
-        if getattr(exc, "code", None) in _EXHAUSTED:
-            return True
-        text = str(exc)  # older py-lmdb builds keep the errno only in the message
-        return "ENOSPC" in text or any(reason in text for reason in _EXHAUSTED_TEXT)
-    return False
 
 
 class QueueStore:

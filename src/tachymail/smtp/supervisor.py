@@ -25,6 +25,7 @@ from pathlib import Path
 from tachymail import metrics
 from tachymail.config import RELOAD_READY_TIMEOUT, Config, ConfigError, load
 from tachymail.lmdbenv import open_side_store
+from tachymail.mailbox import MailboxStore
 from tachymail.metrics import endpoint as metrics_endpoint
 from tachymail.net import reuseport_socket, split_hostport
 from tachymail.queue.store import MiB, QueueStore
@@ -97,6 +98,12 @@ class Supervisor:
         )
         store.ensure_reserve()  # the room `tachymail queue delete` needs on a full disk
         store.close()
+        # The mailbox store likewise: made, and its lock file allocated, before any fork.
+        MailboxStore(
+            self.config.mailbox_path,
+            map_size=self.config.mailbox.map_size_mb * MiB,
+            max_map_size=self.config.mailbox.max_map_size_mb * MiB,
+        ).close()
         # The workers' side stores, with their lock files allocated (see tachymail.lmdbenv):
         # a worker (re)started on a full disk must not die of SIGBUS.
         side = (
