@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from tachymail.delivery.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeResult
 from tachymail.metrics import m
@@ -75,6 +75,15 @@ _HELP = R.multiline(
 
 class SmtpSession(asyncio.Protocol):
     """The server side of one SMTP connection on one listener."""
+
+    #: verb number -> handler of this class (set below the class; a subclass that
+    #: overrides a ``cmd_*`` method gets its own table, see __init_subclass__)
+    commands: ClassVar[dict[int, Callable[[Any, bytes], None]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The same verbs, each dispatched to the subclass's override when it has one.
+        cls.commands = {verb: getattr(cls, fn.__name__) for verb, fn in _COMMANDS.items()}
 
     def __init__(self, ctx: WorkerContext, role: str, implicit_tls: bool = False) -> None:
         self.ctx = ctx
@@ -391,7 +400,7 @@ class SmtpSession(asyncio.Protocol):
     def _run(self) -> None:
         """Handle every complete command line buffered, while in a command state."""
         lines = self.lines
-        handlers = _COMMANDS
+        handlers = self.commands
         out = self.out
         got_line = False
         # A client that reads no replies stops the loop (pause_writing); the rest waits.
@@ -552,11 +561,14 @@ class SmtpSession(asyncio.Protocol):
             self.out.append(R.TOO_MANY_RECIPIENTS)
             return
         if self._local_recipient(address):
-            # No mailboxes yet: accepting would end in a bounce to a likely forged sender.
-            self.rcpt_refused += 1
-            m.recipients_rejected["unknown_user"].inc()
-            log.info("session %s: unknown local recipient <%s>", self.peer_ip, address)
-            self.out.append(R.unknown_local_user(address))
+            # From any client: a local recipient is known here, or refused now (no backscatter).
+            expanded = self._expand_local(address, params)
+            if isinstance(expanded, bytes):
+                self.rcpt_refused += 1
+                self.out.append(expanded)
+                return
+            self.rcpts.extend(expanded)
+            self.out.append(R.reply(250, "2.1.5", "Ok"))
             return
         if self.role == "mx" and not (self.trusted or self.auth_user):
             domain = address.rpartition("@")[2].lower()
@@ -639,12 +651,73 @@ class SmtpSession(asyncio.Protocol):
 
     def _local_recipient(self, address: str) -> bool:
         """Whether *address* would be delivered here: a local domain (see
-        ``Config.local_delivery_domains``) or a domain-less ``<postmaster>`` (this host).
-        Until local delivery exists every such recipient is refused with 550 5.1.1."""
+        ``Config.local_delivery_domains``) or a domain-less ``<postmaster>`` (this host)."""
         _, at, domain = address.rpartition("@")
         if not at:
             return True  # parse_rcpt only lets a domain-less <postmaster> through
         return domain.lower() in self.ctx.local_domains
+
+    def _expand_local(self, address: str, params: dict[str, str]) -> list[Recipient] | bytes:
+        """The final recipients that local *address* stands for (aliases expanded, as
+        Postfix's virtual_alias_maps do at intake), not yet in this transaction; or the
+        refusal, counted and logged: 550 5.1.1 for no such user or alias, 452 4.2.2 when
+        every local mailbox it reaches is at its quota (and nothing is relayed), 452 4.5.3
+        when the expansion would pass limits.max_recipients.
+
+        Each target keeps the RCPT's parameters; one that differs from *address* gets
+        ORCPT=rfc822;<address> when the client gave no ORCPT, so a DSN names the address
+        the sender used.
+        """
+        directory = self.ctx.directory
+        found = directory.resolve(address)
+        if found is None:
+            m.recipients_rejected["unknown_user"].inc()
+            log.info("session %s: unknown local recipient <%s>", self.peer_ip, address)
+            return R.unknown_local_user(address)
+        if found.local and not found.remote and all(map(self._mailbox_full, found.local)):
+            m.recipients_rejected["over_quota"].inc()
+            log.info("session %s: recipient <%s> refused: mailbox full", self.peer_ip, address)
+            return R.mailbox_full(address)
+        taken = {rcpt.address.lower() for rcpt in self.rcpts}
+        targets = [t for t in (*found.local, *found.remote) if t.lower() not in taken]
+        if len(self.rcpts) + len(targets) > self.ctx.config.limits.max_recipients:
+            m.recipients_rejected["too_many"].inc()
+            log.info(
+                "session %s: <%s> expands to %d recipients: too many",
+                self.peer_ip,
+                address,
+                len(targets),
+            )
+            return R.TOO_MANY_RECIPIENTS
+        expanded = []
+        for target in targets:
+            target_params = dict(params)
+            # ORCPT is xtext, ASCII only: a UTF-8 original is left out rather than mangled.
+            if "ORCPT" not in params and target.lower() != address.lower() and address.isascii():
+                target_params["ORCPT"] = f"rfc822;{address}"
+            expanded.append(Recipient(target, target_params))
+        if [t.lower() for t in targets] != [address.lower()]:
+            log.info(
+                "session %s: <%s> expands to %s",
+                self.peer_ip,
+                address,
+                ", ".join(f"<{t}>" for t in targets) or "recipients already given",
+            )
+        return expanded
+
+    def _mailbox_full(self, recipient: str) -> bool:
+        """Whether the mailbox of final local *recipient* holds its quota or more. A store
+        that cannot be read counts as not full: delivery checks the quota again."""
+        directory = self.ctx.directory
+        user = directory.user_of(recipient)
+        if user is None or not directory.quota(user):
+            return False
+        try:
+            used = self.ctx.mailbox.usage(user)[0]
+        except Exception:  # the store's own errors (lmdb) are not ours to name here
+            log.exception("session %s: quota of %s not readable", self.peer_ip, user)
+            return False
+        return directory.over_quota(user, used)
 
     def cmd_data(self, args: bytes) -> None:
         if self.mail_from is None:
@@ -979,18 +1052,16 @@ class SmtpSession(asyncio.Protocol):
             log.info(
                 "session %s: message of %d octets refused (too big)", self.peer_ip, reader.size
             )
-            self.out.append(R.MESSAGE_TOO_BIG)
             m.messages_rejected["too_big"].inc()
-            self._reset_transaction()
+            self._end_reply(R.MESSAGE_TOO_BIG)
             return
         longest = self.ctx.config.limits.max_text_line
         if longest and reader.max_line > longest:
             log.info("session %s: message refused: a %d-octet line", self.peer_ip, reader.max_line)
-            self.out.append(
+            m.messages_rejected["line_too_long"].inc()
+            self._end_reply(
                 R.reply(550, "5.6.0", f"Error: message has a line over {longest} octets")
             )
-            m.messages_rejected["line_too_long"].inc()
-            self._reset_transaction()
             return
         content = reader.content()
         if reader.bare_cr or reader.bare_lf:
@@ -1000,9 +1071,8 @@ class SmtpSession(asyncio.Protocol):
                     self.peer_ip,
                     "CR" if reader.bare_cr else "LF",
                 )
-                self.out.append(R.BARE_NEWLINE_DATA)
                 m.messages_rejected["bare_newline"].inc()
-                self._reset_transaction()
+                self._end_reply(R.BARE_NEWLINE_DATA)
                 return
             content = _BARE_NEWLINE.sub(b"\r\n", content)
         # Hop count (mail loops) and the operator's header/body rules: see smtp/checks.py.
@@ -1011,20 +1081,29 @@ class SmtpSession(asyncio.Protocol):
         if verdict.action == REJECT:
             log.warning("session %s: message refused: %s", self.peer_ip, verdict.reason)
             m.messages_rejected[verdict.metric].inc()
-            self.out.append(verdict.reply)
-            self._reset_transaction()
+            self._end_reply(verdict.reply)
             return
         if verdict.action == DISCARD:
             # The usual reply, as Postfix's DISCARD gives: the id is only in the log.
             log.info(
                 "%s discarded, not queued: from <%s>; %s", queue_id, self.mail_from, verdict.reason
             )
-            self.out.append(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
-            self._reset_transaction()
+            self._end_reply(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
             return
         if verdict.applied:
             log.info("%s content checks: %s", queue_id, "; ".join(verdict.applied))
-        content = verdict.content
+        self._accept_message(queue_id, verdict.content, verdict.action == HOLD)
+
+    def _end_reply(self, reply: bytes) -> None:
+        """Answer the end of the message with *reply* and end the transaction (a subclass
+        may answer otherwise: LMTP gives one reply per accepted recipient)."""
+        self.out.append(reply)
+        self._reset_transaction()
+
+    def _accept_message(self, queue_id: str, content: bytes, hold: bool) -> None:
+        """Queue the checked message as *queue_id* (held when *hold*): one envelope, one
+        group commit, and the 250 only once it is synced (a subclass may deliver it
+        otherwise: LMTP puts it into the mailboxes)."""
         now = time.time()
         headers = [self._received_header(queue_id, now)]
         if self.role != "mx":
@@ -1044,7 +1123,7 @@ class SmtpSession(asyncio.Protocol):
             listener=self.role,
             tls=self.tls,
             auth=self.auth_user,
-            state=HELD if verdict.action == HOLD else ACTIVE,
+            state=HELD if hold else ACTIVE,
         )
         self._reset_transaction()
         self.state = State.WAIT
@@ -1122,8 +1201,12 @@ class SmtpSession(asyncio.Protocol):
             return  # the client left; a committed message is delivered all the same
         self._resume(reply)
 
+    def _protocol_name(self) -> str:
+        """The Received header's protocol type before its S/A suffixes (RFC 3848)."""
+        return "ESMTP" if self.esmtp else "SMTP"
+
     def _received_header(self, queue_id: str, now: float) -> bytes:
-        protocol = "ESMTP" if self.esmtp else "SMTP"
+        protocol = self._protocol_name()
         if self.tls:
             protocol += "S"
         if self.auth_user:
@@ -1197,6 +1280,7 @@ _COMMANDS: dict[int, Callable[[SmtpSession, bytes], None]] = {
     C.VERB_AUTH: SmtpSession.cmd_auth,
     C.VERB_UNKNOWN: SmtpSession.cmd_unknown,
 }
+SmtpSession.commands = _COMMANDS
 
 _date_cache: tuple[int, str] = (0, "")
 

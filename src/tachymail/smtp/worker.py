@@ -21,6 +21,7 @@ import socket
 import ssl
 import sys
 import time
+import typing
 from collections import Counter
 from collections.abc import Sequence
 
@@ -32,7 +33,10 @@ from tachymail.auth.users import SenderOwnership, UsersFile
 from tachymail.config import Config
 from tachymail.delivery.dkim import DkimSigner
 from tachymail.delivery.verify import AddressVerifier
+from tachymail.lmtp.session import LmtpSession
+from tachymail.mailbox import Directory, MailboxStore
 from tachymail.net import reuseport_socket
+from tachymail.pop3.session import Pop3Session
 from tachymail.protocol import replies as R
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.notify import Notifier
@@ -49,10 +53,35 @@ STRESS_OFF = 0.7
 
 #: what a new worker writes to the supervisor's pipe once it accepts on every listener
 LISTENING = b"listening\n"
+#: listener roles served with implicit TLS (RFC 8314)
+IMPLICIT_TLS_ROLES = ("smtps", "pop3s")
+
+
+class ServedSession(typing.Protocol):
+    """What the worker's connection accounting and drain need of any front end's session
+    (SMTP, LMTP, POP3)."""
+
+    trusted: bool
+    role: str
+    peer_ip: str
+
+    @property
+    def idle(self) -> bool: ...
+
+    def shut_down(self, reply: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def rearm_timer(self) -> None: ...
 
 
 class WorkerContext:
     """What every session of one worker shares: configuration, queue, TLS, users, counters."""
+
+    #: the mailbox store (LMTP, POP3, quota checks at RCPT) and its group committer, set by
+    #: serve_worker once the event loop runs
+    mailbox: MailboxStore
+    mailbox_committer: GroupCommitter
 
     def __init__(
         self,
@@ -69,8 +98,9 @@ class WorkerContext:
         self.trusted = config.policy.trusted()
         policy = config.policy
         self.accepted_domains = {d.lower() for d in [*policy.local_domains, *policy.relay_domains]}
-        # Refused at RCPT until local delivery exists (no backscatter, issue 16 finding 4).
+        # Recipients delivered here: resolved at RCPT (unknown ones refused: no backscatter).
         self.local_domains = config.local_delivery_domains
+        self.directory = Directory(config)
         # Relay-domain recipients from untrusted clients are probed at RCPT when asked to.
         self.relay_domains = frozenset(d.lower() for d in policy.relay_domains)
         self.verifier = AddressVerifier(config) if policy.verify_recipients else None
@@ -93,7 +123,7 @@ class WorkerContext:
         self.notifier = (
             None if config.server.hold else Notifier(config.data_path, config.delivery.workers)
         )
-        self.sessions: set[SmtpSession] = set()
+        self.sessions: set[ServedSession] = set()
         self.per_ip: Counter[str] = Counter()
         # Connection limits are for the whole server; each worker takes its share, since
         # SO_REUSEPORT spreads connections evenly across the workers' sockets.
@@ -148,7 +178,7 @@ class WorkerContext:
     def ehlo_reply(self, peer_ip: str, tls: bool) -> bytes:
         return R.multiline(250, [f"{self.hostname} greets [{peer_ip}]", *self._ehlo[tls]])
 
-    def admit(self, session: SmtpSession) -> str | None:
+    def admit(self, session: ServedSession) -> str | None:
         """Count *session* in (``sessions``, per-IP counts) or say why not: None when
         admitted, else the metric reason ("max_connections" or "max_per_ip"), which the
         session turns into 421 4.7.0.
@@ -170,7 +200,7 @@ class WorkerContext:
         self._check_stress()
         return None
 
-    def release(self, session: SmtpSession) -> None:
+    def release(self, session: ServedSession) -> None:
         """Count *session* out; nothing for a session that was never admitted."""
         if session not in self.sessions:
             return
@@ -264,12 +294,31 @@ async def serve_worker(
     # so it starts at once instead of lingering (one session would otherwise wait 1 ms
     # per message for company that never comes).
     committer.more_may_join = lambda pending: len(ctx.sessions) > pending
+    # One mailbox environment per process (never across a fork), committed inline like
+    # intake: an LMTP 250 or a POP3 deletion waits for its synced batch.
+    mailbox = MailboxStore(
+        config.mailbox_path,
+        map_size=config.mailbox.map_size_mb * MiB,
+        max_map_size=config.mailbox.max_map_size_mb * MiB,
+    )
+    ctx.mailbox = mailbox
+    ctx.mailbox_committer = GroupCommitter(
+        mailbox,
+        max_batch=config.mailbox.max_batch,
+        linger=config.mailbox.commit_linger_ms / 1000,
+        inline=True,
+        observe=False,
+    )
     servers = []
     for position, listener in enumerate(config.listeners):
-        implicit = listener.role == "smtps"
+        implicit = listener.role in IMPLICIT_TLS_ROLES
         role = listener.role
 
-        def factory(role: str = role, implicit: bool = implicit) -> SmtpSession:
+        def factory(role: str = role, implicit: bool = implicit) -> asyncio.Protocol:
+            if role in ("pop3", "pop3s"):
+                return Pop3Session(ctx, role, implicit)
+            if role == "lmtp":
+                return LmtpSession(ctx, role)
             return SmtpSession(ctx, role, implicit)
 
         servers.append(
@@ -315,6 +364,10 @@ async def serve_worker(
                 log.warning("worker %d: supervisor died, shutting down", index)
                 break
     await drain(ctx, servers, config.server.drain_timeout, keep_idle=retire)
+    while not ctx.mailbox_committer.idle:  # an LMTP batch still lingering: let it commit
+        await asyncio.sleep(0.01)
+    ctx.mailbox_committer.close()
+    mailbox.close()
     committer.close()
     if ctx.notifier is not None:
         ctx.notifier.close()
