@@ -10,7 +10,8 @@ rescan now and then for entries that sorted behind it (a message committed a
 moment after a later one). Results are written through the group committer, so
 many messages' updates share one synced transaction. A crash between the remote
 250 and that write makes the message go again: delivery is at least once, never
-lost.
+lost. Recipients of local domains go to the mailbox store instead of a pool
+(:mod:`tachymail.delivery.local`), exactly once, under the same retry and DSN rules.
 
 With several delivery workers, worker *k* of *n* delivers the recipients whose
 domain hashes to *k*, so each destination's connections live in one process.
@@ -35,6 +36,7 @@ import orjson
 from tachymail.config import RELOAD_READY_TIMEOUT, Config, PoolConfig
 from tachymail.delivery.bounce import RecipientReport, notifications
 from tachymail.delivery.eightbit import needs_8bit
+from tachymail.delivery.local import LocalDelivery, LocalOutcome
 from tachymail.delivery.pool import (
     DEFERRED,
     DELIVERED,
@@ -71,9 +73,8 @@ TEST_FAULT_ENV = "TACHYMAIL_TEST_DELIVERY_FAULT"
 COMMIT_TRIES = 3
 #: the outcome of an attempt that raised: a temporary failure like any other (RFC 3463 X.3.0)
 INTERNAL_ERROR = Outcome(DEFERRED, 451, "4.3.0", "4.3.0 internal error during delivery")
-#: the hop of recipients in local domains, and its deferral reply: no mailboxes exist yet
+#: the hop of recipients in local domains: the mailbox store (tachymail.delivery.local)
 LOCAL_HOP = "local"
-LOCAL_HOP_REPLY = "4.3.0 local delivery is not available; held without DSN until routed elsewhere"
 
 
 @dataclass(slots=True)
@@ -88,6 +89,8 @@ class Attempt:
     tls: str = ""
     #: the next hop took the DSN parameters: a success is its to report, not ours
     dsn_passed: bool = False
+    #: local delivery found the message already in the mailbox (an earlier attempt's)
+    duplicate: bool = False
 
 
 class DeliveryLog:
@@ -133,6 +136,7 @@ class DeliveryWorker:
         count: int,
         store: QueueStore,
         committer: GroupCommitter,
+        local: LocalDelivery | None = None,
     ) -> None:
         self.config = config
         self.index = index
@@ -145,6 +149,8 @@ class DeliveryWorker:
         #: our listeners, so that a next hop pointing back at us bounces (5.4.6)
         self.own = OwnEndpoints(config)
         self.pools: dict[str, DeliveryPool] = {}
+        #: the local hop; made on first use when the caller gave none
+        self.local = local
         self.active: set[str] = set()
         self.skipped: set[bytes] = set()
         self.cursor = b""
@@ -341,6 +347,7 @@ class DeliveryWorker:
             by_domain[rcpt.address.rpartition("@")[2].lower()].append((index, rcpt))
         attempts: list[Attempt] = []
         groups: dict[str, tuple[NextHop, list[tuple[int, Recipient]]]] = {}
+        local_rcpts: list[tuple[int, Recipient]] = []
         for domain, rcpts in by_domain.items():
             hop = await self.router.route(domain)
             if isinstance(hop, RoutingFailure):
@@ -348,10 +355,7 @@ class DeliveryWorker:
                 outcome = Outcome(kind, hop.code, hop.status, f"{hop.status} {hop.text}")
                 attempts += [Attempt(i, r, outcome, "dns") for i, r in rcpts]
             elif hop.local:
-                # Only mail queued before its domain became local gets here (RCPT refuses
-                # the rest): it waits for a route elsewhere, and never causes a DSN.
-                outcome = Outcome(DEFERRED, 451, "4.3.0", LOCAL_HOP_REPLY)
-                attempts += [Attempt(i, r, outcome, LOCAL_HOP) for i, r in rcpts]
+                local_rcpts.extend(rcpts)
             else:
                 groups.setdefault(hop.key, (hop, []))[1].extend(rcpts)
         eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
@@ -374,6 +378,14 @@ class DeliveryWorker:
                 )
                 pool.submit(job)
                 waits.append((hop, chunk, future))
+        if local_rcpts:
+            # Into the mailboxes while the remote transactions are under way.
+            if self.local is None:
+                self.local = LocalDelivery(self.config)
+            outcomes = await self.local.deliver(envelope, content, [r for _, r in local_rcpts])
+            for (i, rcpt), outcome in zip(local_rcpts, outcomes, strict=True):
+                duplicate = isinstance(outcome, LocalOutcome) and outcome.duplicate
+                attempts.append(Attempt(i, rcpt, outcome, LOCAL_HOP, duplicate=duplicate))
         for hop, chunk, future in waits:
             result = await future
             for (i, rcpt), outcome in zip(chunk, result.outcomes, strict=True):
@@ -478,25 +490,17 @@ class DeliveryWorker:
                 m.delivery_latency.observe(latency)
                 # A success notice only for NOTIFY=SUCCESS, and only when the next hop
                 # could not take the request on (RFC 3461 §5.2.2): one with DSN reports
-                # delivery itself, and a second, "relayed" report would be wrong.
+                # delivery itself, and a second, "relayed" report would be wrong. Into a
+                # mailbox here is final delivery: "delivered" (RFC 3464 §2.3.3).
                 if not attempt.dsn_passed and "SUCCESS" in rcpt.params.get("NOTIFY", "").upper():
-                    succeeded.append(_report(updated, "relayed", outcome, attempt, now, until))
+                    action = "delivered" if attempt.hop == LOCAL_HOP else "relayed"
+                    succeeded.append(_report(updated, action, outcome, attempt, now, until))
             elif kind == FAILED:
                 updated.state = BOUNCED
-                if attempt.hop == LOCAL_HOP:
-                    # No backscatter: the sender of mail for a local domain may be forged.
-                    log.warning(
-                        "%s to <%s>: dropped without a DSN: %s",
-                        envelope.id,
-                        rcpt.address,
-                        outcome.reply,
-                    )
-                else:
-                    failed.append(_report(updated, "failed", outcome, attempt, now, until))
+                failed.append(_report(updated, "failed", outcome, attempt, now, until))
             else:
                 updated.next_attempt = now + self._retry_delay(updated.attempts)
-                if attempt.hop != LOCAL_HOP:  # no delay warning for it either
-                    delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
+                delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
             changes[attempt.index] = updated
             self.attempts += 1
             records.append(
@@ -518,6 +522,9 @@ class DeliveryWorker:
             )
             record = records[-1]
             m.delivery_attempt(str(record["result"]), attempt.hop)
+            if attempt.hop == LOCAL_HOP:
+                local_result = "duplicate" if attempt.duplicate else str(record["result"])
+                m.local_deliveries[local_result].inc()
             if verbose:
                 log.info(
                     "%s to <%s> via %s: %s: %s",

@@ -12,6 +12,7 @@ import uvloop
 
 from tachymail import metrics
 from tachymail.config import Config
+from tachymail.delivery.local import LocalDelivery
 from tachymail.delivery.scheduler import DeliveryWorker
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.store import MiB, QueueStore
@@ -30,7 +31,14 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
     )
     # Results wait up to 10 ms for company, and commit in the loop: see tachymail.queue.commit.
     committer = GroupCommitter(store, max_batch=config.queue.max_batch, linger=0.01, inline=True)
-    worker = DeliveryWorker(config, index, count, store, committer)
+    # The mailbox store opens now when some domain is local, else when one appears (made
+    # by LMTP or the CLI) or on the first local hop; its gauges read 0 until then.
+    local = LocalDelivery(config)
+    if config.local_delivery_domains:
+        local.open()
+    else:
+        local.update_gauges(force=True)
+    worker = DeliveryWorker(config, index, count, store, committer, local)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         loop.add_signal_handler(sig, stop.set)
@@ -42,6 +50,7 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
+            local.update_gauges()
             metrics.flush()  # the hot-path tallies reach /metrics within about a second
             if os.getppid() != parent:
                 log.warning("delivery worker %d: supervisor died, shutting down", index)
@@ -54,9 +63,10 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
             index,
             len(worker.active),
         )
-    while not committer.idle:
+    while not (committer.idle and local.idle):
         await asyncio.sleep(0.01)
     committer.close()
+    local.close()
     worker.log.close()
     store.close()
     log.info(
