@@ -51,7 +51,8 @@ class ListenerConfig:
     address: str = "127.0.0.1:2525"
     #: mx: mail from anyone for our domains, relaying only for trusted or authenticated
     #: clients; submission: AUTH (after STARTTLS) required; smtps: submission with
-    #: implicit TLS (RFC 8314)
+    #: implicit TLS (RFC 8314); lmtp: LMTP (RFC 2033) into the local mailboxes, for
+    #: clients in policy.trusted_networks only
     role: str = "mx"
 
     @property
@@ -158,8 +159,10 @@ class LimitsConfig:
 
 @dataclass(slots=True)
 class PolicyConfig:
-    #: domains we accept mail for from anyone (delivered here); none by default, as there is
-    #: no local delivery yet (their recipients are refused at RCPT with 550 5.1.1)
+    #: domains whose mail is delivered here, into the mailboxes of the users file's users
+    #: (and through the aliases file); from any client, a recipient that is neither a user
+    #: nor an alias is refused at RCPT with 550 5.1.1, a full mailbox with 452 4.2.2; none
+    #: by default
     local_domains: list[str] = field(default_factory=list)
     #: domains we accept mail for from anyone and relay onwards
     relay_domains: list[str] = field(default_factory=list)
@@ -274,6 +277,9 @@ class Pop3Config:
     mark_seen: bool = True
     #: seconds of client silence before the session is closed (RFC 1939 §3: at least 600)
     idle_timeout: float = 600.0
+    #: longest command line, CRLF included (RFC 2449 §4: 255); "-ERR Line too long" beyond,
+    #: and the line is discarded. SASL continuation lines may be up to 12,288 octets
+    max_command_line: int = 255
 
 
 @dataclass(slots=True)
@@ -434,6 +440,8 @@ def default_listeners() -> list[ListenerConfig]:
         ListenerConfig("127.0.0.1:2525", "mx"),
         ListenerConfig("127.0.0.1:2587", "submission"),
         ListenerConfig("127.0.0.1:2465", "smtps"),
+        ListenerConfig("127.0.0.1:2110", "pop3"),
+        ListenerConfig("127.0.0.1:2995", "pop3s"),
     ]
 
 
@@ -728,6 +736,8 @@ def _validate_mailbox(config: Config) -> list[str]:
         )
     if pop3.idle_timeout < 600:
         problems.append("pop3.idle_timeout: RFC 1939 §3 requires at least 600 seconds")
+    if not 255 <= pop3.max_command_line <= 8192:
+        problems.append("pop3.max_command_line: between 255 (RFC 2449 §4) and 8192")
     return problems
 
 

@@ -21,12 +21,14 @@ from tachymail.config import (
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
-def test_defaults_give_the_three_loopback_listeners() -> None:
+def test_defaults_give_the_loopback_listeners() -> None:
     config = load(None)
     assert [(x.address, x.role) for x in config.listeners] == [
         ("127.0.0.1:2525", "mx"),
         ("127.0.0.1:2587", "submission"),
         ("127.0.0.1:2465", "smtps"),
+        ("127.0.0.1:2110", "pop3"),
+        ("127.0.0.1:2995", "pop3s"),
     ]
     assert config.server.data_dir == "./tachymail-data"
     assert config.limits.max_command_line == 512

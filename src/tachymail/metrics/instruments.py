@@ -25,7 +25,7 @@ from tachymail.protocol import commands as C
 #: own destination labels per process; later destinations share "other"
 DESTINATIONS = 20
 
-LISTENER_ROLES = ("mx", "submission", "smtps")
+LISTENER_ROLES = ("mx", "submission", "smtps", "lmtp")
 REFUSE_REASONS = ("max_connections", "max_per_ip", "early_talker")
 #: why the server cut a session off (a timeout of some kind, or a client that never reads)
 CUT_REASONS = (
@@ -46,15 +46,29 @@ REJECT_REASONS = (
     "loop",
     "content",
 )
-RCPT_REJECT_REASONS = ("relay_denied", "too_many", "syntax", "unknown_user", "unverified")
+RCPT_REJECT_REASONS = (
+    "relay_denied",
+    "too_many",
+    "syntax",
+    "unknown_user",
+    "unverified",
+    "over_quota",
+)
+#: what became of one LMTP recipient's message (its reply after DATA)
+LMTP_RESULTS = ("delivered", "over_quota", "storage_full", "error", "loop")
 #: outcomes of an address-verification probe (policy.verify_recipients)
 PROBE_RESULTS = ("deliverable", "undeliverable", "unverified")
 MAIL_REJECT_REASONS = ("not_owned",)
 LOCKOUT_SCOPES = ("ip", "user")
 RESULTS = ("delivered", "deferred", "bounced")
+#: results of local deliveries: "duplicate" = already in the mailbox, nothing written
+LOCAL_RESULTS = ("delivered", "deferred", "bounced", "duplicate")
 DSN_KINDS = ("failed", "delayed", "delivered")
 DNS_TYPES = ("MX", "A", "AAAA")
 WORKER_KINDS = ("smtp", "delivery")
+#: POP3 listener roles, and how a POP3 login ended (in_use: the maildrop was locked)
+POP3_ROLES = ("pop3", "pop3s")
+POP3_LOGIN_RESULTS = ("success", "failure", "locked_out", "in_use")
 
 VERBS: dict[int, str] = {
     C.VERB_HELO: "HELO",
@@ -169,11 +183,22 @@ outbound_connections: Counter
 outbound_connections_reused: CounterTally
 outbound_connection_failures: Counter
 bounces: dict[str, Counter]
+local_deliveries: dict[str, CounterTally]
+local_delivery_seconds: HistogramTally
+mailbox_bytes: Gauge
+mailbox_messages: Gauge
 dns_queries: dict[str, Counter]
 dns_failures: dict[str, Counter]
 dns_duration: Histogram
 dns_cache_hits: Counter
 worker_restarts: dict[str, Counter]
+pop3_sessions: dict[str, Counter]
+pop3_sessions_open: dict[str, Gauge]
+pop3_logins: dict[str, Counter]
+pop3_retrieved_messages: CounterTally
+pop3_retrieved_bytes: CounterTally
+pop3_deleted_messages: Counter
+lmtp_deliveries: dict[str, CounterTally]
 
 _destinations: dict[str, str] = {}
 _attempts: dict[tuple[str, str], CounterTally] = {}
@@ -189,7 +214,11 @@ def build() -> None:
     global commit_batch_size, commit_duration, commit_failures
     global delivery_attempts, delivery_latency, outbound_connections_open, outbound_connections
     global outbound_connections_reused, outbound_connection_failures, bounces
+    global local_deliveries, local_delivery_seconds, mailbox_bytes, mailbox_messages
     global dns_queries, dns_failures, dns_duration, dns_cache_hits, worker_restarts
+    global pop3_sessions, pop3_sessions_open, pop3_logins, pop3_retrieved_messages
+    global pop3_retrieved_bytes, pop3_deleted_messages
+    global lmtp_deliveries
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, labels, registry=None)
@@ -396,6 +425,40 @@ def build() -> None:
         ),
         DSN_KINDS,
     )
+    local_deliveries = tallied(
+        by(
+            counter(
+                "tachymail_local_deliveries_total",
+                "Recipient deliveries into local mailboxes, by result (duplicate: already "
+                "stored by an earlier attempt, not stored again).",
+                ("result",),
+            ),
+            LOCAL_RESULTS,
+        )
+    )
+    local_delivery_seconds = HistogramTally(
+        Histogram(
+            "tachymail_local_delivery_seconds",
+            "Time from submitting a local delivery to the mailbox store's group commit to its "
+            "sync.",
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        ),
+        _LATENCY_BUCKETS,
+    )
+    # Every delivery worker reads the same node totals: the latest reading is the value.
+    mailbox_bytes = Gauge(
+        "tachymail_mailbox_bytes",
+        "Octets of the messages in the node's mailbox store (all users).",
+        registry=None,
+        multiprocess_mode="livemostrecent",
+    )
+    mailbox_messages = Gauge(
+        "tachymail_mailbox_messages",
+        "Messages in the node's mailbox store (all users).",
+        registry=None,
+        multiprocess_mode="livemostrecent",
+    )
     queries = counter("tachymail_dns_queries_total", "DNS queries sent, by type.", ("type",))
     dns_queries = by(queries, DNS_TYPES)
     dns_failures = by(
@@ -420,6 +483,54 @@ def build() -> None:
             ("kind",),
         ),
         WORKER_KINDS,
+    )
+    lmtp_deliveries = tallied(
+        by(
+            counter(
+                "tachymail_lmtp_deliveries_total",
+                "LMTP recipients answered after DATA, by result (250 only when synced).",
+                ("result",),
+            ),
+            LMTP_RESULTS,
+        )
+    )
+    pop3_sessions = by(
+        counter(
+            "tachymail_pop3_sessions_total",
+            "POP3 connections accepted, by listener role (pop3, pop3s).",
+            ("listener",),
+        ),
+        POP3_ROLES,
+    )
+    pop3_open = Gauge(
+        "tachymail_pop3_sessions_open",
+        "POP3 sessions open now, by listener role.",
+        ["listener"],
+        registry=None,
+        multiprocess_mode="livesum",
+    )
+    pop3_sessions_open = {r: pop3_open.labels(r) for r in POP3_ROLES}
+    pop3_logins = by(
+        counter(
+            "tachymail_pop3_logins_total",
+            "POP3 logins (USER/PASS and AUTH), by result; failures are also counted by the "
+            "shared AUTH lockout metrics.",
+            ("result",),
+        ),
+        POP3_LOGIN_RESULTS,
+    )
+    pop3_retrieved_messages = CounterTally(
+        counter("tachymail_pop3_retrieved_messages_total", "Messages sent whole by POP3 RETR.")
+    )
+    pop3_retrieved_bytes = CounterTally(
+        counter(
+            "tachymail_pop3_retrieved_bytes_total",
+            "Octets of messages sent by POP3 RETR and TOP (dot-stuffed wire form).",
+        )
+    )
+    pop3_deleted_messages = counter(
+        "tachymail_pop3_deleted_messages_total",
+        "Messages expunged by POP3 DELE at the end of a session (UPDATE state).",
     )
     _destinations.clear()
     _attempts.clear()
