@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,18 @@ postlog    unix-dgram n - n -    1 postlogd
 """
 
 
+#: the system user that owns the virtual(8) Maildirs (as Dovecot's in tests/dovecot.py)
+VIRTUAL_MAIL_USER = "mail"
+
+
 def write_postfix_config(
-    home: Path, port: int, process_limit: int = 200, relay_to: int = 0
+    home: Path,
+    port: int,
+    process_limit: int = 200,
+    relay_to: int = 0,
+    virtual_users: Sequence[str] = (),
+    lmtp_to: int = 0,
+    lmtp_domains: Sequence[str] = (),
 ) -> Path:
     """Write a complete private Postfix configuration under *home*; returns its etc directory.
 
@@ -198,8 +209,24 @@ def write_postfix_config(
     whole, the queue and data directories live in *home*, and the only listener is smtpd
     on 127.0.0.1:*port*. Without *relay_to* the instance accepts and defers all delivery
     (the twin of tachymail --hold); with it, it relays everything to 127.0.0.1:relay_to.
+    With *virtual_users* (addresses), their domains are virtual mailbox domains: virtual(8)
+    delivers each user's mail into the Maildir :func:`postfix_maildir` names (owned by
+    VIRTUAL_MAIL_USER), other recipients there get 550 5.1.1 at RCPT, and nothing is relayed.
+    With *lmtp_to*, mail for *lmtp_domains* (any address: the LMTP server decides) is handed
+    to 127.0.0.1:lmtp_to over LMTP (virtual_transport), and nothing is relayed.
     """
-    if relay_to:
+    if lmtp_to:
+        delivery = (
+            "relayhost =\n"
+            "# every address of these domains goes to the LMTP server, which refuses unknowns\n"
+            f"virtual_mailbox_domains = {', '.join(lmtp_domains)}\n"
+            "virtual_mailbox_maps =\n"
+            f"virtual_transport = lmtp:inet:127.0.0.1:{lmtp_to}\n"
+            "defer_transports = smtp, relay, local, error\n"
+        )
+    elif virtual_users:
+        delivery = _write_virtual_maps(home, virtual_users)
+    elif relay_to:
         delivery = (
             f"# relay everything to the sink, over cached connections\n"
             f"relayhost = [127.0.0.1]:{relay_to}\n"
@@ -246,6 +273,42 @@ smtpd_banner = $myhostname ESMTP
     return etc
 
 
+def _write_virtual_maps(home: Path, users: Sequence[str]) -> str:
+    """The virtual(8) part of main.cf; writes the mailbox map and makes the Maildir base."""
+    import pwd
+
+    entry = pwd.getpwnam(VIRTUAL_MAIL_USER)
+    base = home / "vmail"
+    base.mkdir(parents=True, exist_ok=True)
+    os.chown(base, entry.pw_uid, entry.pw_gid)
+    (home / "etc").mkdir(parents=True, exist_ok=True)
+    vmailbox = home / "etc" / "vmailbox"
+    # "domain/local/": the trailing slash makes virtual(8) write a Maildir
+    vmailbox.write_text(
+        "".join(f"{user} {user.rpartition('@')[2]}/{user.rpartition('@')[0]}/\n" for user in users)
+    )
+    domains = sorted({user.rpartition("@")[2] for user in users})
+    return (
+        "relayhost =\n"
+        "# deliver the virtual domains' mail into Maildirs, relay nothing\n"
+        f"virtual_mailbox_domains = {', '.join(domains)}\n"
+        f"virtual_mailbox_maps = texthash:{vmailbox}\n"
+        f"virtual_mailbox_base = {base}\n"
+        f"virtual_uid_maps = static:{entry.pw_uid}\n"
+        f"virtual_gid_maps = static:{entry.pw_gid}\n"
+        f"virtual_minimum_uid = {entry.pw_uid}\n"
+        "defer_transports = smtp, relay, local, error, lmtp\n"
+    )
+
+
+def postfix_maildir(peer: Peer, address: str) -> Path:
+    """The Maildir virtual(8) delivers *address*'s mail to, in a peer started with
+    ``start_postfix(..., virtual_users=...)`` (new messages land in its new/)."""
+    assert peer.home is not None
+    local, _, domain = address.rpartition("@")
+    return peer.home / "vmail" / domain / local
+
+
 def _stop_by_pid(pid: int, timeout: float = 30.0) -> None:
     """SIGTERM *pid* (Postfix's master stops its daemons on it) and wait until it is gone."""
     try:
@@ -260,7 +323,14 @@ def _stop_by_pid(pid: int, timeout: float = 30.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def start_postfix(workdir: Path, process_limit: int = 200, relay_to: int = 0) -> Peer:
+def start_postfix(
+    workdir: Path,
+    process_limit: int = 200,
+    relay_to: int = 0,
+    virtual_users: Sequence[str] = (),
+    lmtp_to: int = 0,
+    lmtp_domains: Sequence[str] = (),
+) -> Peer:
     """A private Postfix on a free loopback port, configured by :func:`write_postfix_config`.
 
     Needs root (Postfix drops privileges to its own user, as in production). If it does not
@@ -273,7 +343,9 @@ def start_postfix(workdir: Path, process_limit: int = 200, relay_to: int = 0) ->
     # "mail system startup failed"), removed when the peer stops or fails to start.
     home = Path(tempfile.mkdtemp(prefix="tachymail-postfix-"))
     home.chmod(0o755)
-    etc = write_postfix_config(home, port, process_limit, relay_to)
+    etc = write_postfix_config(
+        home, port, process_limit, relay_to, virtual_users, lmtp_to, lmtp_domains
+    )
     env = {**os.environ, "MAIL_CONFIG": str(etc)}
     pid_file = home / "spool" / "pid" / "master.pid"
     try:
