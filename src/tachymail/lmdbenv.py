@@ -6,6 +6,10 @@ kills the process, not an error. Allocating the lock file's blocks when the envi
 opened (the supervisor opens every environment before it starts a worker) moves that
 failure to start-up, where it is an ``OSError``, and a worker that opens it later on a full
 disk finds its blocks already there.
+
+The queue and the mailbox store open their environments with :func:`open_store` and
+write through :class:`GrowingMap`, which grows the map on demand and turns every way
+LMDB says "no room" into the store's own StorageFull.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
@@ -26,6 +32,9 @@ _EXHAUSTED_TEXT = tuple(os.strerror(code) for code in _EXHAUSTED)
 
 #: map of the small, unsynced side stores (AUTH failure counts, address-probe results)
 SIDE_MAP_SIZE = 64 * 1024 * 1024
+_MiB = 1024 * 1024
+
+_T = TypeVar("_T")
 
 
 def allocate_lock_file(directory: Path) -> None:
@@ -67,6 +76,109 @@ def is_storage_exhausted(exc: BaseException) -> bool:
         text = str(exc)  # older py-lmdb builds keep the errno only in the message
         return "ENOSPC" in text or any(reason in text for reason in _EXHAUSTED_TEXT)
     return False
+
+
+def open_store(
+    directory: Path,
+    *,
+    what: str,
+    map_size: int,
+    max_dbs: int,
+    readonly: bool = False,
+    metasync: bool = True,
+) -> lmdb.Environment:
+    """Open (creating it unless *readonly*) a synced store's environment: the queue's, the
+    mailbox store's. Random access (no readahead), 512 readers for every process of the
+    node, and the lock file's blocks allocated (see the module doc). Raises
+    FileNotFoundError "no <what> at <directory>" when *readonly* finds none."""
+    if not readonly:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not (directory / "data.mdb").exists():
+        raise FileNotFoundError(f"no {what} at {directory} (wrong --data-dir?)")
+    env = lmdb.open(
+        str(directory),
+        map_size=map_size,
+        max_dbs=max_dbs,
+        readonly=readonly,
+        sync=True,
+        metasync=metasync,
+        max_readers=512,
+        readahead=False,  # random access to records; let the kernel not prefetch
+    )
+    if not readonly:
+        allocate_lock_file(directory)
+    return env
+
+
+class GrowingMap:
+    """Write transactions on an environment whose memory map doubles on demand up to
+    *max_map_size*, shared by the queue and the mailbox store.
+
+    *name* names the store in log lines and errors ("queue map is at its maximum size");
+    *full* is the store's own exception for "no room", raised with *no_room* and the
+    cause: a map at its maximum, or a disk, quota or file size limit reached however
+    LMDB reports it.
+    """
+
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        max_map_size: int,
+        *,
+        name: str,
+        full: type[Exception],
+        no_room: str,
+    ) -> None:
+        self.env = env
+        self.max_map_size = max_map_size
+        self.name = name
+        self.full = full
+        self.no_room = no_room
+        # Growing the map must not race a write transaction of this process.
+        self._lock = threading.Lock()
+
+    def write(
+        self, work: Callable[[lmdb.Transaction], _T], make_room: Callable[[], bool] | None = None
+    ) -> _T:
+        """*work*'s result, run in one write transaction committed (synced, when the
+        environment is) before it returns; run again from the start after the map grew or
+        another process's growth was adopted, so *work* must only write through its txn.
+
+        Raises *full* when there is no room: nothing of *work* is stored, the transaction
+        is aborted and the environment stays usable. *make_room*, when given, is tried
+        first on a full disk; True: it freed some, try once more.
+        """
+        with self._lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return work(txn)
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)  # another process grew the map: adopt its size
+                except (lmdb.Error, OSError) as exc:
+                    if not is_storage_exhausted(exc):
+                        raise
+                    if make_room is not None and make_room():
+                        continue
+                    raise self.full(f"{self.no_room}: {exc}") from exc
+
+    def _grow(self) -> None:
+        """Double the map (up to the maximum); raises *full* when it cannot grow."""
+        current = self.env.info()["map_size"]
+        if current >= self.max_map_size:
+            raise self.full(f"{self.name} map is at its maximum size ({current // _MiB} MiB)")
+        new = min(current * 2, self.max_map_size)
+        log.info(
+            "growing the %s map from %d MiB to %d MiB", self.name, current // _MiB, new // _MiB
+        )
+        try:
+            self.env.set_mapsize(new)
+        except (lmdb.Error, OSError) as exc:
+            if is_storage_exhausted(exc):
+                raise self.full(f"{self.name} map cannot grow: {exc}") from exc
+            raise
 
 
 def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Environment:

@@ -114,7 +114,11 @@ def test_postfix_delivers_through_lmtp(tmp_path: Path) -> None:
             wait_until(
                 lambda: any(b"4.2.2" in f for f in spool_files(postfix, "defer")), timeout=60
             )
-            assert any(b"Subject: big" in f for f in spool_files(postfix, "deferred"))
+            # Postfix logs the deferral before it moves the queue file: wait for the move.
+            wait_until(
+                lambda: any(b"Subject: big" in f for f in spool_files(postfix, "deferred")),
+                timeout=60,
+            )
         finally:
             postfix.stop()
     # Nothing stored for the unknown user, nothing beyond his quota for bob.

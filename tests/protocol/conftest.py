@@ -24,8 +24,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield srv
 
 
-@pytest.fixture
-def client_tls() -> ssl.SSLContext:
+def unverified_tls() -> ssl.SSLContext:
     """A client context that accepts the server's self-signed certificate."""
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -33,19 +32,25 @@ def client_tls() -> ssl.SSLContext:
     return context
 
 
-class RawClient:
-    """A line-level SMTP client over a plain socket, for bytes smtplib will not send."""
+@pytest.fixture
+def client_tls() -> ssl.SSLContext:
+    return unverified_tls()
 
-    def __init__(self, port: int, greet: bool = True) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+class LineClient:
+    """A line-level client over a socket to 127.0.0.1 (TLS from the start when *tls* is
+    given), for bytes a protocol library will not send. Subclasses read the greeting."""
+
+    def __init__(self, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock: socket.socket = tls.wrap_socket(sock) if tls is not None else sock
         self.buffer = b""
-        if greet:
-            assert self.reply().startswith(b"220 ")
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def line(self) -> bytes:
+        """The next line, without its CRLF."""
         while b"\r\n" not in self.buffer:
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -53,6 +58,30 @@ class RawClient:
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\r\n")
         return line
+
+    def closed(self, timeout: float = 10.0) -> bool:
+        """True when the server closes the connection (after any pending bytes)."""
+        self.sock.settimeout(timeout)
+        try:
+            while chunk := self.sock.recv(65536):
+                self.buffer += chunk
+        except TimeoutError:
+            return False
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawClient(LineClient):
+    """A line-level SMTP client over a plain socket, for bytes smtplib will not send."""
+
+    def __init__(self, port: int, greet: bool = True) -> None:
+        super().__init__(port)
+        if greet:
+            assert self.reply().startswith(b"220 ")
 
     def reply(self) -> bytes:
         """One whole (possibly multi-line) reply, lines joined by CRLF."""
@@ -67,23 +96,6 @@ class RawClient:
     def cmd(self, line: bytes) -> bytes:
         self.send(line + b"\r\n")
         return self.reply()
-
-    def closed(self, timeout: float = 5.0) -> bool:
-        """True when the server closes the connection (after any pending bytes)."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return True
-                self.buffer += chunk
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import poplib
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LineClient, unverified_tls
 from server import Server, free_port, metric, running_server, start, wait_until
 from tachymail.auth.users import UsersFile
 from tachymail.mailbox import SEEN, MailboxStore, delete_user, deliver, prepare_delivery
@@ -74,17 +74,10 @@ def message(n: int, body: bytes = b"") -> bytes:
     ).encode() + (body or f"Body of message {n}.\r\n".encode())
 
 
-def unverified() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def login(server: Server, user: str) -> poplib.POP3:
     """poplib over STLS on the pop3 listener, logged in as *user*."""
     client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
-    client.stls(unverified())
+    client.stls(unverified_tls())
     client.user(user)
     client.pass_(PASSWORD)
     return client
@@ -96,26 +89,12 @@ def retrieved(client: poplib.POP3, n: int) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
-class RawPop3:
+class RawPop3(LineClient):
     """A line-level POP3 client (plain, or TLS from the start on pop3s)."""
 
     def __init__(self, port: int, tls: bool = False) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock: socket.socket = unverified().wrap_socket(sock) if tls else sock
-        self.buffer = b""
+        super().__init__(port, timeout=30, tls=unverified_tls() if tls else None)
         assert self.line().startswith(b"+OK")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; buffered {self.buffer!r}")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\r\n")
-        return line
 
     def multiline(self) -> list[bytes]:
         """The lines of a multi-line body up to the "." line, dot-stuffing undone."""
@@ -127,20 +106,6 @@ class RawPop3:
     def cmd(self, line: bytes) -> bytes:
         self.send(line + b"\r\n")
         return self.line()
-
-    def closed(self, timeout: float = 10.0) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            while chunk := self.sock.recv(65536):
-                self.buffer += chunk
-        except TimeoutError:
-            return False
-        except (ConnectionResetError, ssl.SSLError):
-            return True
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +141,7 @@ def test_no_password_before_stls_from_an_untrusted_client(pop3: Server) -> None:
     finally:
         client.close()
     with closing(poplib.POP3("127.0.0.1", pop3.ports["pop3"], timeout=30)) as stls:
-        stls.stls(unverified())
+        stls.stls(unverified_tls())
         capabilities = stls.capa()
         assert "USER" in capabilities and capabilities["SASL"] == ["PLAIN"]
         assert "STLS" not in capabilities
@@ -210,7 +175,9 @@ def test_retrieve_delete_and_seen_over_stls(pop3: Server) -> None:
 def test_pop3s_and_auth_plain(pop3: Server, raw: RawPop3) -> None:
     user = add_user(pop3, "implicit")
     fill(pop3, user, message(1))
-    with closing(poplib.POP3_SSL("127.0.0.1", pop3.ports["pop3s"], context=unverified())) as client:
+    with closing(
+        poplib.POP3_SSL("127.0.0.1", pop3.ports["pop3s"], context=unverified_tls())
+    ) as client:
         client.user(user)
         client.pass_(PASSWORD)
         assert client.stat()[0] == 1
@@ -293,7 +260,9 @@ def test_second_session_gets_in_use(pop3: Server) -> None:
     user = add_user(pop3, "inuse")
     fill(pop3, user, message(1))
     first = login(pop3, user)
-    with closing(poplib.POP3_SSL("127.0.0.1", pop3.ports["pop3s"], context=unverified())) as second:
+    with closing(
+        poplib.POP3_SSL("127.0.0.1", pop3.ports["pop3s"], context=unverified_tls())
+    ) as second:
         second.user(user)
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             second.pass_(PASSWORD)

@@ -64,6 +64,24 @@ class UserEntry:
     quota: int = 0
 
 
+def replace_file(path: Path, lines: list[str], mode: int) -> None:
+    """Replace the text file *path* with *lines* (each ended by a newline) and permission
+    *mode*, atomically: synced under a temporary name in the same folder, then renamed
+    over it, so a running server never reads half a file (the users and aliases files)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(f"{line}\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 class UsersFile:
     """The users file at *path*; reading it again only when it changed on disk.
 
@@ -155,25 +173,12 @@ class UsersFile:
                 self._write(entries)
 
     def _write(self, entries: dict[str, UserEntry]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(
-                    "# tachymail users: name:scrypt-hash[:quota-bytes] "
-                    "(managed by `tachymail user`)\n"
-                )
-                for name in sorted(entries):
-                    entry = entries[name]
-                    quota = f":{entry.quota}" if entry.quota else ""
-                    handle.write(f"{name}:{entry.hash}{quota}\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)  # atomic: a running server never reads half a file
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        lines = ["# tachymail users: name:scrypt-hash[:quota-bytes] (managed by `tachymail user`)"]
+        for name in sorted(entries):
+            entry = entries[name]
+            quota = f":{entry.quota}" if entry.quota else ""
+            lines.append(f"{name}:{entry.hash}{quota}")
+        replace_file(self.path, lines, 0o600)
         self._stamp = None
 
     def add(self, name: str, password: str, *, quota: int | None = None) -> None:

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
-from tachymail.config import Config, ConfigError, load
+from tachymail.cli.commands import _config, _fail  # one way to read -c/--data-dir, to fail
+from tachymail.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from tachymail.auth.users import UsersFile
@@ -164,20 +165,8 @@ def add_alias_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     alias.set_defaults(handler=cmd_alias)
 
 
-def _fail(message: str) -> int:
-    print(f"tachymail: {message}", file=sys.stderr)
-    return 2
-
-
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _config(args: argparse.Namespace) -> Config:
-    config = load(getattr(args, "config", None))
-    if getattr(args, "data_dir", None):
-        config.server.data_dir = args.data_dir
-    return config
 
 
 def _read_password(args: argparse.Namespace) -> str | None:

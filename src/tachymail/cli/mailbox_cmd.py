@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tachymail.config import Config, ConfigError, load
+from tachymail.cli.commands import _config, _fail
+from tachymail.cli.directory_cmd import _config_options
+from tachymail.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from tachymail.mailbox import MailboxStore
-
-
-def _config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument("--data-dir", metavar="DIR", help="data directory (users, aliases, mail)")
 
 
 def add_mailbox_parser(sub: Any) -> None:
@@ -86,18 +82,6 @@ def add_mailbox_parser(sub: Any) -> None:
     _config_options(importing)
     importing.add_argument("user", help="the user (must exist: tachymail user add)")
     importing.add_argument("directory", metavar="DIR", help="the Maildir to read")
-
-
-def _fail(message: str) -> int:
-    print(f"tachymail: {message}", file=sys.stderr)
-    return 2
-
-
-def _config(args: argparse.Namespace) -> Config:
-    config = load(getattr(args, "config", None))
-    if getattr(args, "data_dir", None):
-        config.server.data_dir = args.data_dir
-    return config
 
 
 def _size(size: int) -> str:

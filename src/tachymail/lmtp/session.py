@@ -49,13 +49,11 @@ from tachymail.mailbox import (
 )
 from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.metrics import m
-from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
-from tachymail.protocol.errors import SmtpSyntaxError
 from tachymail.protocol.mime import header_value
-from tachymail.queue.envelope import ACTIVE, HELD, Envelope, Recipient
+from tachymail.queue.envelope import Envelope, Recipient
 from tachymail.queue.store import StorageFull as QueueFull
-from tachymail.smtp.session import LOGGED_IDS, SmtpSession, State
+from tachymail.smtp.session import SmtpSession, State
 
 if TYPE_CHECKING:
     from tachymail.smtp.worker import WorkerContext
@@ -124,12 +122,8 @@ class LmtpSession(SmtpSession):
 
     def cmd_lhlo(self, args: bytes) -> None:
         """LHLO (RFC 2033 §4.1): EHLO's reply with LMTP's extensions."""
-        name = args.strip().decode("utf-8", "replace")
-        if not name:
-            self._error(R.reply(501, "5.5.4", "Syntax: LHLO hostname"), "LHLO without name")
+        if not self._hello(args, "LHLO", True):
             return
-        self._reset_transaction()
-        self.helo, self.esmtp = name, True
         extensions = [
             "PIPELINING",
             f"SIZE {self.ctx.config.limits.max_message_size}",
@@ -163,41 +157,16 @@ class LmtpSession(SmtpSession):
         if self.mail_from is not None:
             self._error(R.NESTED_MAIL, "nested MAIL")
             return
-        try:
-            sender, params = C.parse_mail(args, True)
-        except SmtpSyntaxError as exc:
-            self._syntax(exc)
-            return
-        if params:
-            refused = self._check_mail_params(params)
-            if refused:
-                self._error(refused, "MAIL parameter refused")
-                return
-        self.mail_from, self.mail_params = sender, params
-        self.out.append(R.reply(250, "2.1.0", "Ok"))
+        self._mail(args)  # LHLO set esmtp; no AUTH, and sender_login covers no LMTP role
 
-    def cmd_rcpt(self, args: bytes) -> None:
+    def _recipient(self, address: str, params: dict[str, str]) -> None:
         """Accept a recipient that resolves to local users (or to remote alias targets).
 
         Replies: 250 2.1.5; 550 5.1.1 for an address outside the local domains or one
         that is no user or alias; 452 4.2.2 when a target user's mailboxes are full (or
-        would be, by the SIZE given to MAIL); 452 4.5.3 past ``limits.max_recipients``.
+        would be, by the SIZE given to MAIL); 452 4.5.3 past ``limits.max_recipients``
+        (checked, with the syntax, by ``SmtpSession.cmd_rcpt``).
         """
-        if self.mail_from is None:
-            self._error(R.BAD_SEQUENCE_MAIL, "RCPT before MAIL")
-            return
-        try:
-            address, params = C.parse_rcpt(args, "SMTPUTF8" in self.mail_params)
-        except SmtpSyntaxError as exc:
-            self.rcpt_refused += 1
-            m.recipients_rejected["syntax"].inc()
-            self._syntax(exc)
-            return
-        if len(self.rcpts) >= self.ctx.config.limits.max_recipients:
-            self.rcpt_refused += 1
-            m.recipients_rejected["too_many"].inc()
-            self.out.append(R.TOO_MANY_RECIPIENTS)
-            return
         directory = self.ctx.directory
         _, at, domain = address.rpartition("@")
         if at and not directory.is_local_domain(domain):
@@ -285,19 +254,8 @@ class LmtpSession(SmtpSession):
             outcome.waits.append((len(futures), QUEUE))
         envelope = None
         if queued:
-            envelope = Envelope(
-                id=queue_id,
-                sender=sender,
-                recipients=list(queued.values()),
-                mail_params=mail_params,
-                arrival=now,
-                size=len(content),
-                client_ip=self.peer_ip,
-                client_port=self.peer_port,
-                helo=self.helo or "",
-                listener=self.role,
-                tls=self.tls,
-                state=HELD if hold else ACTIVE,
+            envelope = self._envelope(
+                queue_id, sender, list(queued.values()), mail_params, now, len(content), hold
             )
             queued_envelope = envelope
             futures.append(
@@ -390,13 +348,7 @@ class LmtpSession(SmtpSession):
                 delivered += 1
             replies.append(reply)
         if delivered:
-            self.messages += 1
-            self.ctx.accepted += 1
-            if len(self.queue_ids) < LOGGED_IDS:
-                self.queue_ids.append(queue_id)
-            m.messages_accepted[self.role].inc()
-            m.received_bytes[self.role].inc(size)
-            m.message_size.observe(size)
+            self._count_accepted(queue_id, size)
         if self.transport is None:
             return  # the client left; what was synced stays delivered
         self.out.extend(replies[:-1])

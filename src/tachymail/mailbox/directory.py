@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tachymail.auth.users import UserEntry, UsersFile
+from tachymail.auth.users import UserEntry, UsersFile, replace_file
 from tachymail.config import Config
 
 log = logging.getLogger(__name__)
@@ -117,18 +115,7 @@ class AliasesFile:
                 self._write(lines)
 
     def _write(self, lines: list[str]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".aliases.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write("".join(f"{line}\n" for line in lines))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)  # atomic: a running server never reads half a file
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        replace_file(self.path, lines, 0o644)
         self._stamp = None
 
     def add(self, source: str, targets: list[str]) -> list[str]:

@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from typing import Any
 import lmdb
 import orjson
 
-from tachymail.lmdbenv import allocate_lock_file, is_storage_exhausted
+from tachymail.lmdbenv import GrowingMap, open_store
 from tachymail.mailbox.summary import encode_summary
 
 log = logging.getLogger(__name__)
@@ -237,27 +236,21 @@ class MailboxStore:
     ) -> None:
         self.directory = Path(directory)
         self.max_map_size = max(max_map_size, map_size)
-        if not readonly:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        elif not (self.directory / "data.mdb").exists():
-            raise FileNotFoundError(f"no mailbox store at {self.directory} (wrong --data-dir?)")
-        self.env = lmdb.open(
-            str(self.directory),
-            map_size=map_size,
-            max_dbs=12,
-            readonly=readonly,
-            sync=True,
-            max_readers=512,
-            readahead=False,  # random access to index entries and messages
+        self.env = open_store(
+            self.directory, what="mailbox store", map_size=map_size, max_dbs=12, readonly=readonly
         )
         if not readonly:
-            allocate_lock_file(self.directory)
             with self.env.begin(write=True) as txn:
                 self._open_dbs(txn)
         else:
             self._open_dbs(None, create=False)
-        # Growing the map must not race a write transaction of this process.
-        self._resize_lock = threading.Lock()
+        self._map = GrowingMap(
+            self.env,
+            self.max_map_size,
+            name="mailbox",
+            full=StorageFull,
+            no_room="no room in the mailbox store",
+        )
 
     def _open_dbs(self, txn: lmdb.Transaction | None, create: bool = True) -> None:
         def db(name: bytes) -> Any:
@@ -283,32 +276,7 @@ class MailboxStore:
         grow further or the disk is full: nothing of the batch is stored, and the store
         stays usable.
         """
-        with self._resize_lock:
-            while True:
-                try:
-                    with self.env.begin(write=True) as txn:
-                        return [operation(self, txn) for operation in operations]
-                except lmdb.MapFullError:
-                    self._grow()
-                except lmdb.MapResizedError:
-                    self.env.set_mapsize(0)  # another process grew the map: adopt its size
-                except (lmdb.Error, OSError) as exc:
-                    if not is_storage_exhausted(exc):
-                        raise
-                    raise StorageFull(f"no room in the mailbox store: {exc}") from exc
-
-    def _grow(self) -> None:
-        current = self.env.info()["map_size"]
-        if current >= self.max_map_size:
-            raise StorageFull(f"mailbox map is at its maximum size ({current // MiB} MiB)")
-        new = min(current * 2, self.max_map_size)
-        log.info("growing the mailbox map from %d MiB to %d MiB", current // MiB, new // MiB)
-        try:
-            self.env.set_mapsize(new)
-        except (lmdb.Error, OSError) as exc:
-            if is_storage_exhausted(exc):
-                raise StorageFull(f"mailbox map cannot grow: {exc}") from exc
-            raise
+        return self._map.write(lambda txn: [operation(self, txn) for operation in operations])
 
     # --- helpers inside a write transaction (operations call them) --------------------------
 
@@ -353,6 +321,31 @@ class MailboxStore:
     def _get_mailbox(self, txn: lmdb.Transaction, user: str, name: str) -> list[Any] | None:
         raw = txn.get(_mailbox_key(user, name), db=self.mailbox_db)
         return None if raw is None else _unpack_mailbox(raw)
+
+    def _find_mailbox(
+        self, txn: lmdb.Transaction, user: str, name: str
+    ) -> tuple[str, list[Any]] | Exception:
+        """The stored name and fields of the user's mailbox *name*, or the refusal an
+        operation returns as its outcome (InvalidMailboxName, NoSuchMailbox)."""
+        try:
+            mailbox = normalize_name(name)
+        except InvalidMailboxName as exc:
+            return exc
+        fields = self._get_mailbox(txn, user, mailbox)
+        if fields is None:
+            return NoSuchMailbox(f"{user}: no mailbox {name!r}")
+        return mailbox, fields
+
+    def _entries(
+        self, txn: lmdb.Transaction, mailbox_id: int, uids: Iterable[int]
+    ) -> Iterator[tuple[int, bytes, bytes | memoryview]]:
+        """(uid, index key, index entry) of each of *uids* the mailbox holds, in UID order
+        (absent ones are skipped)."""
+        for uid in sorted(set(uids)):
+            key = _KEY.pack(mailbox_id, uid)
+            raw = txn.get(key, db=self.index)
+            if raw is not None:
+                yield uid, key, raw
 
     def _ensure_user(self, txn: lmdb.Transaction, user: str) -> bool:
         """Create the user's usage record and default mailboxes if missing; whether it did."""
@@ -711,20 +704,13 @@ def set_flags(
     words = set(keywords.decode().split("\0")) if keywords else set()
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
-        try:
-            mailbox = normalize_name(name)
-        except InvalidMailboxName as exc:
-            return exc
-        fields = store._get_mailbox(txn, user, mailbox)
-        if fields is None:
-            return NoSuchMailbox(f"{user}: no mailbox {name!r}")
+        found = store._find_mailbox(txn, user, name)
+        if isinstance(found, Exception):
+            return found
+        mailbox, fields = found
         modseq = fields[3] + 1
         changed: list[MessageInfo] = []
-        for uid in sorted(set(uids)):
-            key = _KEY.pack(fields[0], uid)
-            raw = txn.get(key, db=store.index)
-            if raw is None:
-                continue
+        for uid, key, raw in store._entries(txn, fields[0], uids):
             content_id, date, size, _old_modseq, old_bits = _ENTRY.unpack_from(raw)
             old_words = set(bytes(raw[_ENTRY.size :]).decode().split("\0")) - {""}
             if mode == "add":
@@ -764,21 +750,14 @@ def expunge(user: str, name: str, uids: Sequence[int]) -> Operation:
     order, or NoSuchMailbox."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
-        try:
-            mailbox = normalize_name(name)
-        except InvalidMailboxName as exc:
-            return exc
-        fields = store._get_mailbox(txn, user, mailbox)
-        if fields is None:
-            return NoSuchMailbox(f"{user}: no mailbox {name!r}")
+        found = store._find_mailbox(txn, user, name)
+        if isinstance(found, Exception):
+            return found
+        mailbox, fields = found
         modseq = fields[3] + 1
         removed: list[int] = []
         freed = 0
-        for uid in sorted(set(uids)):
-            key = _KEY.pack(fields[0], uid)
-            raw = txn.get(key, db=store.index)
-            if raw is None:
-                continue
+        for uid, key, raw in store._entries(txn, fields[0], uids):
             content_id, _date, size, _modseq, bits = _ENTRY.unpack_from(raw)
             content_key = _CONTENT.pack(content_id)
             txn.delete(content_key, db=store.contents)
@@ -825,15 +804,12 @@ def delete_mailbox(user: str, name: str) -> Operation:
     InvalidMailboxName."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
-        try:
-            mailbox = normalize_name(name)
-        except InvalidMailboxName as exc:
-            return exc
-        if mailbox == "INBOX":
+        if name.upper() == "INBOX":  # checked first: refused even for an unknown user
             return InvalidMailboxName("INBOX cannot be deleted")
-        fields = store._get_mailbox(txn, user, mailbox)
-        if fields is None:
-            return NoSuchMailbox(f"{user}: no mailbox {name!r}")
+        found = store._find_mailbox(txn, user, name)
+        if isinstance(found, Exception):
+            return found
+        mailbox, fields = found
         size, count = store._drop_messages(txn, fields[0])
         txn.delete(_mailbox_key(user, mailbox), db=store.mailbox_db)
         store._add_usage(txn, user, -size, -count)
@@ -889,13 +865,10 @@ def subscribe(user: str, name: str, subscribed: bool) -> Operation:
     NoSuchMailbox."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
-        try:
-            mailbox = normalize_name(name)
-        except InvalidMailboxName as exc:
-            return exc
-        fields = store._get_mailbox(txn, user, mailbox)
-        if fields is None:
-            return NoSuchMailbox(f"{user}: no mailbox {name!r}")
+        found = store._find_mailbox(txn, user, name)
+        if isinstance(found, Exception):
+            return found
+        mailbox, fields = found
         fields[7] = int(subscribed)
         store._put_mailbox(txn, user, mailbox, fields)
         return None

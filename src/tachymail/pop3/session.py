@@ -20,13 +20,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, cast
 
+from tachymail.frontend import (
+    is_trusted,
+    log_locked_out,
+    refusal_reason,
+    stop_plaintext,
+    tarpit_delay,
+    tls_description,
+    tls_handshake,
+)
 from tachymail.mailbox import SEEN, MaildropLock, MessageInfo, expunge, set_flags
 from tachymail.metrics import m
 from tachymail.pop3.commands import (
@@ -133,17 +141,11 @@ class Pop3Session(asyncio.Protocol):
         self.peer_ip, self.peer_port = peer[0], peer[1]
         m.pop3_sessions[self.role].inc()
         if self.implicit_tls:
-            self.tls = _tls_description(transport)
-        try:
-            address = ipaddress.ip_address(self.peer_ip)
-            self.trusted = any(address in net for net in self.ctx.trusted)
-        except ValueError:
-            self.trusted = False
+            self.tls = tls_description(transport)
+        self.trusted = is_trusted(self.peer_ip, self.ctx.trusted)
         refused = self.ctx.admit(self)
         if refused is not None:
-            why = "too many connections" + (
-                f" from {self.peer_ip}" if refused == "max_per_ip" else ""
-            )
+            why = refusal_reason(refused, self.peer_ip)
             log.warning("refused POP3 connection from %s: %s", self.peer_ip, why)
             self.outcome = "refused"
             m.smtp_connections_refused[refused].inc()
@@ -533,29 +535,12 @@ class Pop3Session(asyncio.Protocol):
         if verdict.lockout is not None:
             m.pop3_logins["locked_out"].inc()
             m.auth_locked_attempts.inc()
-            log.warning(
-                "pop3 session %s: login for %r refused: %s locked out for %.0f more seconds",
-                self.peer_ip,
-                shown,
-                "client address" if verdict.lockout.scope == "ip" else "user",
-                max(verdict.lockout.until - time.time(), 0.0),
-            )
+            log_locked_out(log, f"pop3 session {self.peer_ip}", "login", shown, verdict.lockout)
             self.ctx.loop.call_later(auth.failure_delay, self._login_failed, _LOCKED_OUT)
             return
         m.pop3_logins["failure"].inc()
         log.warning("pop3 session %s: login failed for %r", self.peer_ip, shown)
-        count = 1.0
-        if verdict.failure is not None:
-            count = max(verdict.failure.count, 1.0)
-            for scope in verdict.failure.began:
-                m.auth_lockouts[scope].inc()
-                log.warning(
-                    "AUTH lockout for %.0f seconds: %s after too many failures",
-                    auth.lockout,
-                    f"client {self.peer_ip}" if scope == "ip" else f"user {shown!r}",
-                )
-        # The failure reply waits longer as failures add up (a tarpit for guessing).
-        delay = min(auth.failure_delay * count, auth.max_failure_delay)
+        delay = tarpit_delay(verdict, auth, self.peer_ip, shown, log)
         self.ctx.loop.call_later(delay, self._login_failed, _AUTH_FAILED)
 
     def _login_failed(self, reply: bytes) -> None:
@@ -590,32 +575,20 @@ class Pop3Session(asyncio.Protocol):
             return
         self.out.append(ok("Begin TLS negotiation"))
         self._flush()
-        injected = self.lines.drain()
-        if injected:
-            # Plaintext pipelined after STLS must never run inside TLS (RFC 2595 §4).
-            log.warning(
-                "pop3 session %s: discarded %d bytes sent after STLS", self.peer_ip, len(injected)
-            )
         self.state = State.WAIT
         assert self.transport is not None
-        self.transport.pause_reading()
+        stop_plaintext(self.transport, self.lines, log, f"pop3 session {self.peer_ip}", "STLS")
         self.ctx.loop.create_task(self._upgrade())
 
     async def _upgrade(self) -> None:
         transport = self.transport
         assert transport is not None and self.ctx.tls_context is not None
-        try:
-            new = await self.ctx.loop.start_tls(
-                transport, self, self.ctx.tls_context, server_side=True, ssl_handshake_timeout=30
-            )
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("pop3 session %s: TLS handshake failed: %s", self.peer_ip, exc)
-            transport.abort()
-            return
+        who = f"pop3 session {self.peer_ip}"
+        new = await tls_handshake(self.ctx.loop, transport, self, self.ctx.tls_context, log, who)
         if new is None:
             return
         self.transport = new
-        self.tls = _tls_description(new)
+        self.tls = tls_description(new)
         self.user_name = None  # RFC 2595 §4: nothing learnt before TLS carries over
         self.state = State.AUTHORIZATION
         self._run()
@@ -842,14 +815,6 @@ class Pop3Session(asyncio.Protocol):
 def _log_failure(done: asyncio.Future[Any], what: str) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("pop3: %s failed: %s", what, done.exception())
-
-
-def _tls_description(transport: asyncio.BaseTransport) -> str | None:
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return f"{ssl_object.version()} with cipher {cipher[0] if cipher else 'unknown'}"
 
 
 # Keyword -> handler, once for the class.

@@ -12,13 +12,12 @@ import errno
 import logging
 import os
 import struct
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lmdb
 
-from tachymail.lmdbenv import allocate_lock_file
+from tachymail.lmdbenv import GrowingMap, open_store
 
 # moved to lmdbenv (the mailbox store shares it); still exported from here
 from tachymail.lmdbenv import is_storage_exhausted as is_storage_exhausted
@@ -68,31 +67,29 @@ class QueueStore:
         self.reserve = reserve
         #: bytes of reserve file this store deleted to let a commit through (0: none)
         self.reserve_spent = 0
-        if not readonly:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        elif not (self.directory / "data.mdb").exists():
-            raise FileNotFoundError(f"no queue at {self.directory} (wrong --data-dir?)")
-        self.env = lmdb.open(
-            str(self.directory),
+        self.env = open_store(
+            self.directory,
+            what="queue",
             map_size=map_size,
             max_dbs=4,
             readonly=readonly,
-            sync=True,
             # False only for delivery workers: each commit then syncs once, not twice; a
             # power cut may undo their last commit (never an acknowledged message: intake
             # processes keep both syncs), and the message is simply delivered again.
             metasync=metasync,
-            max_readers=512,
-            readahead=False,  # random access to envelopes; let the kernel not prefetch
         )
         if not readonly:
-            allocate_lock_file(self.directory)
             with self.env.begin(write=True) as txn:
                 self._open_dbs(txn)
         else:
             self._open_dbs(None, create=False)
-        # Growing the map must not race a write transaction of this process.
-        self._resize_lock = threading.Lock()
+        self._map = GrowingMap(
+            self.env,
+            self.max_map_size,
+            name="queue",
+            full=StorageFull,
+            no_room="no room for the queue",
+        )
 
     def _open_dbs(self, txn: lmdb.Transaction | None, create: bool = True) -> None:
         self.envelopes = self.env.open_db(b"envelopes", txn=txn, create=create)
@@ -119,22 +116,10 @@ class QueueStore:
         commit succeeds once there is room. With *frees_space* (deleting messages), a
         commit that finds the disk full deletes the reserve file and tries once more.
         """
-        with self._resize_lock:
-            while True:
-                try:
-                    with self.env.begin(write=True) as txn:
-                        outcomes = [operation(self, txn) for operation in operations]
-                    return outcomes
-                except lmdb.MapFullError:
-                    self._grow()
-                except lmdb.MapResizedError:
-                    self.env.set_mapsize(0)  # another process grew the map: adopt its size
-                except (lmdb.Error, OSError) as exc:
-                    if not is_storage_exhausted(exc):
-                        raise
-                    if frees_space and self._use_reserve():
-                        continue
-                    raise StorageFull(f"no room for the queue: {exc}") from exc
+        return self._map.write(
+            lambda txn: [operation(self, txn) for operation in operations],
+            self._use_reserve if frees_space else None,
+        )
 
     def settle(self) -> None:
         """One tiny commit after a deletion, so the very next commit can reuse its pages.
@@ -301,19 +286,6 @@ class QueueStore:
                 else:
                     out.append((Envelope.from_record(raw), bytes(content), bytes(raw)))
         return out
-
-    def _grow(self) -> None:
-        current = self.env.info()["map_size"]
-        if current >= self.max_map_size:
-            raise StorageFull(f"queue map is at its maximum size ({current // MiB} MiB)")
-        new = min(current * 2, self.max_map_size)
-        log.info("growing the queue map from %d MiB to %d MiB", current // MiB, new // MiB)
-        try:
-            self.env.set_mapsize(new)
-        except (lmdb.Error, OSError) as exc:
-            if is_storage_exhausted(exc):
-                raise StorageFull(f"queue map cannot grow: {exc}") from exc
-            raise
 
     def _read(self) -> lmdb.Transaction:
         try:

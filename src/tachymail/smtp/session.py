@@ -14,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import email.utils
-import ipaddress
 import logging
 import re
 import time
@@ -23,6 +22,15 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from tachymail.delivery.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeResult
+from tachymail.frontend import (
+    is_trusted,
+    log_locked_out,
+    refusal_reason,
+    stop_plaintext,
+    tarpit_delay,
+    tls_description,
+    tls_handshake,
+)
 from tachymail.metrics import m
 from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
@@ -141,16 +149,10 @@ class SmtpSession(asyncio.Protocol):
         if self.implicit_tls:
             self.tls = tls_description(transport)
             m.tls_handshakes[self.role].inc()
-        try:
-            address = ipaddress.ip_address(self.peer_ip)
-            self.trusted = any(address in net for net in ctx.trusted)
-        except ValueError:
-            self.trusted = False
+        self.trusted = is_trusted(self.peer_ip, ctx.trusted)
         refused = ctx.admit(self)
         if refused is not None:
-            why = "too many connections"
-            if refused == "max_per_ip":
-                why += f" from {self.peer_ip}"
+            why = refusal_reason(refused, self.peer_ip)
             log.warning("refused connection from %s: %s", self.peer_ip, why)
             self.outcome = "refused"
             m.smtp_connections_refused[refused].inc()
@@ -458,23 +460,24 @@ class SmtpSession(asyncio.Protocol):
 
     # --- commands --------------------------------------------------------------------------
 
-    def cmd_helo(self, args: bytes) -> None:
+    def _hello(self, args: bytes, verb: str, esmtp: bool) -> bool:
+        """HELO, EHLO or LHLO (*verb*): take the client's name and start a new transaction;
+        False, having sent 501 5.5.4, when there is no name."""
         name = args.strip().decode("utf-8", "replace")
         if not name:
-            self._error(R.reply(501, "5.5.4", "Syntax: HELO hostname"), "HELO without name")
-            return
+            self._error(R.reply(501, "5.5.4", f"Syntax: {verb} hostname"), f"{verb} without name")
+            return False
         self._reset_transaction()
-        self.helo, self.esmtp = name, False
-        self.out.append(R.reply(250, "", f"{self.ctx.hostname}"))
+        self.helo, self.esmtp = name, esmtp
+        return True
+
+    def cmd_helo(self, args: bytes) -> None:
+        if self._hello(args, "HELO", False):
+            self.out.append(R.reply(250, "", f"{self.ctx.hostname}"))
 
     def cmd_ehlo(self, args: bytes) -> None:
-        name = args.strip().decode("utf-8", "replace")
-        if not name:
-            self._error(R.reply(501, "5.5.4", "Syntax: EHLO hostname"), "EHLO without name")
-            return
-        self._reset_transaction()
-        self.helo, self.esmtp = name, True
-        self.out.append(self.ctx.ehlo_reply(self.peer_ip, tls=self.tls is not None))
+        if self._hello(args, "EHLO", True):
+            self.out.append(self.ctx.ehlo_reply(self.peer_ip, tls=self.tls is not None))
 
     def cmd_mail(self, args: bytes) -> None:
         if self.helo is None:
@@ -487,6 +490,11 @@ class SmtpSession(asyncio.Protocol):
             need_tls = self.role == "submission" and self.tls is None
             self._error(R.TLS_REQUIRED if need_tls else R.AUTH_REQUIRED, "MAIL without AUTH")
             return
+        self._mail(args)
+
+    def _mail(self, args: bytes) -> None:
+        """MAIL once the session may start a transaction: parse, check the parameters and
+        the sender-login policy, then open the transaction (LMTP's MAIL shares this)."""
         try:
             sender, params = C.parse_mail(args, self.esmtp)
         except SmtpSyntaxError as exc:
@@ -541,6 +549,8 @@ class SmtpSession(asyncio.Protocol):
         return None
 
     def cmd_rcpt(self, args: bytes) -> None:
+        """RCPT: the checks every recipient passes (a transaction, the syntax, the count:
+        503 5.5.1, 501/555 5.5.x, 452 4.5.3), then :meth:`_recipient` (LMTP's differs)."""
         if self.mail_from is None:
             self._error(R.BAD_SEQUENCE_MAIL, "RCPT before MAIL")
             return
@@ -560,6 +570,11 @@ class SmtpSession(asyncio.Protocol):
             m.recipients_rejected["too_many"].inc()
             self.out.append(R.TOO_MANY_RECIPIENTS)
             return
+        self._recipient(address, params)
+
+    def _recipient(self, address: str, params: dict[str, str]) -> None:
+        """Accept or refuse the well-formed RCPT *address*: a local one is resolved now,
+        a remote one needs a relay right (554 5.7.1) and maybe a probe."""
         if self._local_recipient(address):
             # From any client: a local recipient is known here, or refused now (no backscatter).
             expanded = self._expand_local(address, params)
@@ -842,31 +857,20 @@ class SmtpSession(asyncio.Protocol):
             return
         self.out.append(R.reply(220, "2.0.0", "Ready to start TLS"))
         self._flush()
-        injected = self.lines.drain()
-        if injected:
-            # Plaintext pipelined after STARTTLS must never run inside TLS (CVE-2011-0411).
-            log.warning(
-                "session %s: discarded %d bytes sent after STARTTLS", self.peer_ip, len(injected)
-            )
         self.state = State.WAIT
         assert self.transport is not None
-        self.transport.pause_reading()
+        stop_plaintext(self.transport, self.lines, log, f"session {self.peer_ip}", "STARTTLS")
         self.ctx.loop.create_task(self._upgrade())
 
     async def _upgrade(self) -> None:
         transport = self.transport
         assert transport is not None and self.ctx.tls_context is not None
-        try:
-            new = await self.ctx.loop.start_tls(
-                transport, self, self.ctx.tls_context, server_side=True, ssl_handshake_timeout=30
-            )
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("session %s: TLS handshake failed: %s", self.peer_ip, exc)
+        new = await tls_handshake(
+            self.ctx.loop, transport, self, self.ctx.tls_context, log, f"session {self.peer_ip}"
+        )
+        if new is None:
             self.ctx.tls_failures += 1
             m.tls_failures[self.role].inc()
-            transport.abort()
-            return
-        if new is None:
             return
         self.transport = new
         self.tls = tls_description(new)
@@ -993,32 +997,14 @@ class SmtpSession(asyncio.Protocol):
         self.auth_failures += 1
         shown = name[:100]  # the name came from the client: it may be 12 KB of anything
         if verdict is not None and verdict.lockout is not None:
-            lockout = verdict.lockout
             m.auth_locked_attempts.inc()
-            log.warning(
-                "session %s: AUTH for %r refused: %s locked out for %.0f more seconds",
-                self.peer_ip,
-                shown,
-                "client address" if lockout.scope == "ip" else "user",
-                max(lockout.until - time.time(), 0.0),
-            )
+            log_locked_out(log, f"session {self.peer_ip}", "AUTH", shown, verdict.lockout)
             self.ctx.loop.call_later(auth.failure_delay, self._auth_failed, R.AUTH_LOCKED)
             return
         self.ctx.auth_failures += 1
         m.auth_failures.inc()
         log.warning("session %s: AUTH failed for %r", self.peer_ip, shown)
-        count = 1.0
-        if verdict is not None and verdict.failure is not None:
-            count = max(verdict.failure.count, 1.0)
-            for scope in verdict.failure.began:
-                m.auth_lockouts[scope].inc()
-                log.warning(
-                    "AUTH lockout for %.0f seconds: %s after too many failures",
-                    auth.lockout,
-                    f"client {self.peer_ip}" if scope == "ip" else f"user {shown!r}",
-                )
-        # Slow down password guessing: the failure reply waits longer as failures add up.
-        delay = min(auth.failure_delay * count, auth.max_failure_delay)
+        delay = tarpit_delay(verdict, auth, self.peer_ip, shown, log)
         self.ctx.loop.call_later(delay, self._auth_failed, R.AUTH_FAILED)
 
     def _auth_failed(self, reply: bytes) -> None:
@@ -1110,20 +1096,8 @@ class SmtpSession(asyncio.Protocol):
             headers.extend(self._submission_headers(content, queue_id, now))
         content = b"".join([*headers, content])
         assert self.mail_from is not None
-        envelope = Envelope(
-            id=queue_id,
-            sender=self.mail_from,
-            recipients=self.rcpts,
-            mail_params=self.mail_params,
-            arrival=now,
-            size=len(content),
-            client_ip=self.peer_ip,
-            client_port=self.peer_port,
-            helo=self.helo or "",
-            listener=self.role,
-            tls=self.tls,
-            auth=self.auth_user,
-            state=HELD if hold else ACTIVE,
+        envelope = self._envelope(
+            queue_id, self.mail_from, self.rcpts, self.mail_params, now, len(content), hold
         )
         self._reset_transaction()
         self.state = State.WAIT
@@ -1150,6 +1124,34 @@ class SmtpSession(asyncio.Protocol):
         # Signing hashes the whole message: off the event loop.
         work = self.ctx.loop.run_in_executor(None, signer.sign, content, domain)  # type: ignore[union-attr]
         work.add_done_callback(lambda done: self._signed(envelope, content, done))
+
+    def _envelope(
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: list[Recipient],
+        mail_params: dict[str, str],
+        arrival: float,
+        size: int,
+        hold: bool,
+    ) -> Envelope:
+        """The queue envelope of a message received in this session: the client, HELO,
+        listener, TLS and AUTH of the session; held when *hold*."""
+        return Envelope(
+            id=queue_id,
+            sender=sender,
+            recipients=recipients,
+            mail_params=mail_params,
+            arrival=arrival,
+            size=size,
+            client_ip=self.peer_ip,
+            client_port=self.peer_port,
+            helo=self.helo or "",
+            listener=self.role,
+            tls=self.tls,
+            auth=self.auth_user,
+            state=HELD if hold else ACTIVE,
+        )
 
     def _signed(self, envelope: Envelope, content: bytes, done: asyncio.Future[bytes]) -> None:
         if done.exception() is not None:
@@ -1181,13 +1183,7 @@ class SmtpSession(asyncio.Protocol):
             notifier = self.ctx.notifier
             if notifier is not None:
                 notifier.queued(queue_id, envelope.recipients)
-            self.messages += 1
-            self.ctx.accepted += 1
-            if len(self.queue_ids) < LOGGED_IDS:
-                self.queue_ids.append(queue_id)
-            m.messages_accepted[self.role].inc()
-            m.received_bytes[self.role].inc(size)
-            m.message_size.observe(size)
+            self._count_accepted(queue_id, size)
             reply = R.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         elif isinstance(error, StorageFull):
             log.error("queue full, message refused: %s", error)
@@ -1200,6 +1196,17 @@ class SmtpSession(asyncio.Protocol):
         if self.transport is None:
             return  # the client left; a committed message is delivered all the same
         self._resume(reply)
+
+    def _count_accepted(self, queue_id: str, size: int) -> None:
+        """Count a message of *size* octets accepted as *queue_id*: in the session (and
+        its log line), the worker's statistics and the metrics."""
+        self.messages += 1
+        self.ctx.accepted += 1
+        if len(self.queue_ids) < LOGGED_IDS:
+            self.queue_ids.append(queue_id)
+        m.messages_accepted[self.role].inc()
+        m.received_bytes[self.role].inc(size)
+        m.message_size.observe(size)
 
     def _protocol_name(self) -> str:
         """The Received header's protocol type before its S/A suffixes (RFC 3848)."""
@@ -1296,12 +1303,3 @@ def rfc5322_date(now: float) -> str:
 
 def _header_safe(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:200]
-
-
-def tls_description(transport: asyncio.BaseTransport) -> str | None:
-    """ "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384", or None when the transport is plain."""
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return f"{ssl_object.version()} with cipher {cipher[0] if cipher else 'unknown'}"
