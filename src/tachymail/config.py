@@ -260,9 +260,13 @@ class MailboxConfig:
     max_map_size_mb: int = 64 * 1024
     #: local deliveries in flight at once per delivery worker
     local_concurrency: int = 64
-    #: most deliveries in one group commit of the store, and how long (ms) a commit waits for
-    #: more deliveries to join it
+    #: most deliveries in one group commit of the store
     max_batch: int = 256
+    #: where the store's commits run, in the SMTP workers (LMTP, POP3) and the delivery
+    #: workers (local delivery): "inline" in the event loop (the loop waits for each sync)
+    #: or "thread" (the loop runs on while a thread syncs, so batches grow with load)
+    commit: str = "thread"
+    #: inline commits wait this long (ms) for more deliveries to join a batch
     commit_linger_ms: float = 1.0
 
 
@@ -726,6 +730,8 @@ def _validate_mailbox(config: Config) -> list[str]:
     for name in ("local_concurrency", "max_batch"):
         if getattr(mailbox, name) < 1:
             problems.append(f"mailbox.{name}: must be at least 1")
+    if mailbox.commit not in ("inline", "thread"):
+        problems.append(f"mailbox.commit: {mailbox.commit!r} is not inline or thread")
     if mailbox.commit_linger_ms < 0:
         problems.append("mailbox.commit_linger_ms: must not be negative")
     delimiter = mailbox.recipient_delimiter

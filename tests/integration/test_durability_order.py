@@ -398,7 +398,8 @@ def mutated_package(tmp_path: Path, path: str, old: str, new: str) -> Path:
 @pytest.mark.parametrize("commit", ["inline", "thread"])
 def test_order_check_catches_a_removed_sync(tmp_path: Path, commit: str) -> None:
     """With LMDB opened with sync=False, no ack is preceded by a sync: all are reported."""
-    root = mutated_package(tmp_path, "queue/store.py", "sync=True,", "sync=False,")
+    # lmdbenv.open_store opens the queue's (and the mailbox store's) environment.
+    root = mutated_package(tmp_path, "lmdbenv.py", "sync=True,", "sync=False,")
     violations, _ = send_and_trace(tmp_path, commit, pythonpath=root)
     reported = {v.split(":")[0] for v in violations}
     assert len(reported) == CLIENTS * MESSAGES_PER_CLIENT, "\n".join(violations)
@@ -407,6 +408,8 @@ def test_order_check_catches_a_removed_sync(tmp_path: Path, commit: str) -> None
 #: appended to the copy's queue/store.py: apply() hands the transaction to a thread of its
 #: own and returns at once, so the 250s go out while (or before) their batch syncs
 EARLY_APPLY = """
+
+import threading
 
 _synced_apply = QueueStore.apply
 
@@ -429,7 +432,7 @@ def test_order_check_catches_an_early_ack(tmp_path: Path, commit: str) -> None:
     root = mutated_package(tmp_path, "queue/store.py", anchor, anchor)
     store_py = root / "tachymail" / "queue" / "store.py"
     text = store_py.read_text()
-    assert "import threading\n" in text and "class QueueStore" in text
+    assert "class QueueStore" in text
     store_py.write_text(text + EARLY_APPLY)
     violations, _ = send_and_trace(tmp_path, commit, pythonpath=root)
     assert violations, "the order check missed 250s sent before their batch was synced"

@@ -361,16 +361,17 @@ def delivered_count(data_dir: Path) -> int:
     return path.read_bytes().count(b'"result":"delivered"')
 
 
-def run_kills(tmp_path: Path, count: int, kills: int) -> None:
+def run_kills(tmp_path: Path, count: int, kills: int, commit: str = "thread") -> None:
     """Queue *count* messages to local users (held), then deliver them while the delivery
     worker is killed with SIGKILL *kills* times; every message must end up in exactly one
-    mailbox exactly once, and the queue empty."""
+    mailbox exactly once, and the queue empty. *commit*: ``[mailbox] commit``."""
     users = [f"u{n}@{DOMAIN}" for n in range(4)]
     data_dir = tmp_path / "data"
     for user in users:
         add_user(data_dir, user)
     ids = [f"crash-{n}@test" for n in range(count)]
-    with running_server(tmp_path, local_config(), roles=("mx",), data_dir=data_dir) as srv:
+    config = local_config(extra=f'[mailbox]\ncommit = "{commit}"\n')
+    with running_server(tmp_path, config, roles=("mx",), data_dir=data_dir) as srv:
         with smtplib.SMTP("127.0.0.1", srv.port) as client:
             for n, message_id in enumerate(ids):
                 client.sendmail(
@@ -416,8 +417,11 @@ def run_kills(tmp_path: Path, count: int, kills: int) -> None:
     assert sum(seen.values()) == count
 
 
-def test_killing_the_delivery_worker_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    run_kills(tmp_path, count=500, kills=2)
+@pytest.mark.parametrize("commit", ["thread", "inline"])
+def test_killing_the_delivery_worker_loses_and_duplicates_nothing(
+    tmp_path: Path, commit: str
+) -> None:
+    run_kills(tmp_path, count=500, kills=2, commit=commit)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import smtplib
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -332,3 +333,33 @@ def test_starttls_then_lhlo_again(lmtp: Server, client_tls: ssl.SSLContext) -> N
         assert client.sendmail(SENDER, ["alice@example.test"], message("secret")) == {}
     [stored] = mailbox(lmtp, "alice@example.test")
     assert b"with LMTPS id " in stored and b"(using TLSv1." in stored
+
+
+@pytest.mark.parametrize("commit", ["thread", "inline"])
+def test_concurrent_sessions_get_every_message_stored(tmp_path: Path, commit: str) -> None:
+    """Sessions whose messages finish together share group commits, with the commit in a
+    thread (the default) or in the event loop: each 250 means the message is stored."""
+    extra = f'{EXTRA}[mailbox]\ncommit = "{commit}"\n'
+    with running_server(tmp_path, extra=extra, roles=("mx", "lmtp")) as srv:
+        users = [f"user{n}@example.test" for n in range(4)]
+        for user in users:
+            add_user(srv, user)
+        refused: list[object] = []
+
+        def send(user: str) -> None:
+            with connect(srv) as client:
+                for n in range(10):
+                    refused.append(client.sendmail(SENDER, [user], message(f"{user} {n}")))
+
+        threads = [threading.Thread(target=send, args=(user,)) for user in users]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert refused == [{}] * 40
+        for user in users:
+            stored = mailbox(srv, user)
+            assert [m.count(f"Subject: {user} ".encode()) for m in stored] == [1] * 10
+            assert sorted(m.rsplit(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in stored) == [
+                f"{user} {n}".encode() for n in range(10)
+            ]

@@ -61,6 +61,19 @@ def test_every_mistake_is_reported_with_its_setting() -> None:
     assert "listener[1].address: 127.0.0.1:2525 is listed twice" in text
 
 
+def test_commit_modes_are_checked() -> None:
+    assert Config().mailbox.commit == "thread"  # holds up under load: docs, [mailbox]
+    assert Config().queue.commit == "inline"
+    for section in ("queue", "mailbox"):
+        for mode in ("inline", "thread"):
+            assert getattr(from_dict({section: {"commit": mode}}), section).commit == mode
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"queue": {"commit": "later"}, "mailbox": {"commit": "Thread"}})
+    text = "\n".join(caught.value.problems)
+    assert "queue.commit: 'later' is not inline or thread" in text
+    assert "mailbox.commit: 'Thread' is not inline or thread" in text
+
+
 def test_every_setting_is_documented() -> None:
     docs = DOCS.read_text()
     config = Config()

@@ -105,12 +105,14 @@ class LocalDelivery:
         except Exception:
             log.exception("local delivery: the mailbox store does not open; deliveries wait")
             return False
-        # Deliveries wait a moment for company: many share one synced transaction.
+        # Inline, deliveries wait a moment for company to share one synced transaction; a
+        # commit thread needs no wait: what arrives during one sync joins the next.
+        inline = settings.commit == "inline"
         self.committer = GroupCommitter(
             self.store,
             max_batch=settings.max_batch,
-            linger=settings.commit_linger_ms / 1000,
-            inline=True,
+            linger=settings.commit_linger_ms / 1000 if inline else 0.0,
+            inline=inline,
             observe=False,
         )
         self.update_gauges(force=True)

@@ -89,10 +89,9 @@ class GroupCommitter:
         # event loop keeps running. A ThreadPoolExecutor's futures, conditions and callback
         # chain cost several more GIL hand-offs per commit, each a futex call on both sides.
         self._requests: queue.SimpleQueue[list[AnyOperation] | None] = queue.SimpleQueue()
+        #: started by the first commit: an idle thread still costs every GIL hand-off of
+        #: the process a little (a worker's mailbox committer may never commit at all)
         self._thread: threading.Thread | None = None
-        if not inline:
-            self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
-            self._thread.start()
 
     def submit(self, envelope: Envelope, content: bytes) -> asyncio.Future[None]:
         """Queue a new message for the next commit; the future resolves once it is synced."""
@@ -142,6 +141,9 @@ class GroupCommitter:
                 error = exc
             self._loop.call_soon(self._finish, error, outcomes)
             return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
+            self._thread.start()
         self._requests.put(operations)
 
     def _run(self) -> None:

@@ -294,19 +294,20 @@ async def serve_worker(
     # so it starts at once instead of lingering (one session would otherwise wait 1 ms
     # per message for company that never comes).
     committer.more_may_join = lambda pending: len(ctx.sessions) > pending
-    # One mailbox environment per process (never across a fork), committed inline like
-    # intake: an LMTP 250 or a POP3 deletion waits for its synced batch.
+    # One mailbox environment per process (never across a fork), committed like intake
+    # ([mailbox] commit): an LMTP 250 or a POP3 deletion waits for its synced batch.
     mailbox = MailboxStore(
         config.mailbox_path,
         map_size=config.mailbox.map_size_mb * MiB,
         max_map_size=config.mailbox.max_map_size_mb * MiB,
     )
     ctx.mailbox = mailbox
+    mailbox_inline = config.mailbox.commit == "inline"
     ctx.mailbox_committer = GroupCommitter(
         mailbox,
         max_batch=config.mailbox.max_batch,
-        linger=config.mailbox.commit_linger_ms / 1000,
-        inline=True,
+        linger=config.mailbox.commit_linger_ms / 1000 if mailbox_inline else 0.0,
+        inline=mailbox_inline,
         observe=False,
     )
     servers = []
