@@ -15,6 +15,7 @@ from tachymail.pop3.commands import (
     parse_number,
     split_command,
     uidl,
+    whole_message,
 )
 
 
@@ -91,6 +92,8 @@ def test_replies() -> None:
 def test_retr_matches_reference(message: bytes) -> None:
     for chunk in (2, 3, 7, 64, 64 * 1024):
         assert stream_out(message, chunk=chunk) == reference(message)
+    # The session's shortcut for a message that fits one piece writes the same octets.
+    assert whole_message(message) == reference(message)
 
 
 def test_top_stops_after_the_body_lines() -> None:
@@ -120,6 +123,8 @@ _lines = st.lists(
 def test_any_message_any_cut(lines: list[bytes], ending: bytes, chunk: int, top: int) -> None:
     message = b"\r\n".join(lines) + (ending if lines else b"")
     assert stream_out(message, top, chunk) == reference(message, top)
+    if top < 0:
+        assert whole_message(message) == reference(message)
 
 
 def test_pop3_settings_are_validated() -> None:

@@ -62,6 +62,13 @@ def err(text: str, code: str = "") -> bytes:
     return f"-ERR [{code}] {text}\r\n".encode() if code else f"-ERR {text}\r\n".encode()
 
 
+def whole_message(data: bytes) -> bytes:
+    """The wire form of a whole message that fits one piece (RETR's usual case): dot-stuffed,
+    every line ending in CRLF, then the terminating ``.`` line. The same octets as
+    :class:`MessageStream` writes for it."""
+    return dot_stuff(data) + b".\r\n"
+
+
 def multiline(first: str, lines: list[str]) -> bytes:
     """``+OK first``, then *lines* (dot-stuffed), then the terminating ``.`` line."""
     body = "".join(f".{line}\r\n" if line.startswith(".") else f"{line}\r\n" for line in lines)
