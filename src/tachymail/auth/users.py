@@ -95,6 +95,8 @@ class UsersFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # os.stat on a str: looked up on every RCPT to a local domain, pathlib costs more
+        self._fspath = os.fspath(self.path)
         self._stamp: tuple[int, int, int] | None = None
         self._entries: dict[str, UserEntry] = {}
         self._users: dict[str, str] = {}
@@ -102,7 +104,7 @@ class UsersFile:
     def entries(self) -> dict[str, UserEntry]:
         """Every user by name (as written in the file); the same dict until the file changes."""
         try:
-            info = self.path.stat()
+            info = os.stat(self._fspath)
         except FileNotFoundError:
             if self._stamp is not None or self._entries:
                 self._entries, self._users, self._stamp = {}, {}, None

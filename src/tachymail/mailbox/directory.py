@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ class AliasesFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._fspath = os.fspath(self.path)  # os.stat on a str: checked on every lookup
         self._stamp: tuple[int, int, int] | None = None
         self._aliases: dict[str, tuple[str, ...]] = {}
 
@@ -69,7 +71,7 @@ class AliasesFile:
         """Targets by lower-cased source (``@domain`` for a catch-all); the same dict until
         the file changes. A line that is not ``source: targets`` is skipped with a warning."""
         try:
-            info = self.path.stat()
+            info = os.stat(self._fspath)
         except FileNotFoundError:
             if self._stamp is not None or self._aliases:
                 self._aliases, self._stamp = {}, None

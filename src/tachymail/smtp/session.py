@@ -725,14 +725,17 @@ class SmtpSession(asyncio.Protocol):
         that cannot be read counts as not full: delivery checks the quota again."""
         directory = self.ctx.directory
         user = directory.user_of(recipient)
-        if user is None or not directory.quota(user):
+        if user is None:
+            return False
+        quota = directory.quota(user)
+        if not quota:
             return False
         try:
             used = self.ctx.mailbox.usage(user)[0]
         except Exception:  # the store's own errors (lmdb) are not ours to name here
             log.exception("session %s: quota of %s not readable", self.peer_ip, user)
             return False
-        return directory.over_quota(user, used)
+        return used >= quota
 
     def cmd_data(self, args: bytes) -> None:
         if self.mail_from is None:
