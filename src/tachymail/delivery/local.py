@@ -34,8 +34,6 @@ from tachymail.mailbox import (
     OverQuota,
     deliver,
     delivered_to,
-    delivery_headers,
-    prepare_delivery,
 )
 from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.metrics import m
@@ -143,20 +141,16 @@ class LocalDelivery:
     async def _store(self, envelope: Envelope, content: bytes, address: str) -> Outcome:
         directory, committer = self.directory, self.committer
         assert directory is not None and committer is not None  # opened by deliver()
-        user = directory.user_of(address)
-        if user is None:
+        delivery = directory.delivery(
+            address, envelope.sender, content, f"{envelope.id}\0{address}".encode()
+        )
+        if delivery is None:
             return LocalOutcome(FAILED, 550, "5.1.1", f"5.1.1 <{address}>: no such user")
         if delivered_to(content, address):
             return LocalOutcome(
                 FAILED, 554, "5.4.6", f"5.4.6 mail loop: Delivered-To already holds <{address}>"
             )
-        # The MIME scan and summary are built here, outside the commit.
-        delivery = prepare_delivery(
-            user,
-            delivery_headers(envelope.sender, address) + content,
-            key=f"{envelope.id}\0{address}".encode(),
-            quota=directory.quota(user),
-        )
+        user = delivery.user
         started = time.perf_counter()
         try:
             result = await committer.submit_operation(deliver(delivery))

@@ -44,8 +44,6 @@ from tachymail.mailbox import (
     Resolution,
     deliver,
     delivered_to,
-    delivery_headers,
-    prepare_delivery,
 )
 from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.metrics import m
@@ -304,19 +302,13 @@ class LmtpSession(SmtpSession):
             for target in targets:
                 key = target.lower()
                 if key not in submitted:
-                    user = directory.user_of(target)
 
-                    def submit(
-                        target: str = target, user: str | None = user
-                    ) -> asyncio.Future[Any]:
-                        if user is None:
-                            raise LookupError(f"<{target}> is no local user any more")
-                        delivery = prepare_delivery(
-                            user,
-                            delivery_headers(sender, target) + content,
-                            key=f"{queue_id}\0{target.lower()}".encode(),
-                            quota=directory.quota(user),
+                    def submit(target: str = target) -> asyncio.Future[Any]:
+                        delivery = directory.delivery(
+                            target, sender, content, f"{queue_id}\0{target.lower()}".encode()
                         )
+                        if delivery is None:
+                            raise LookupError(f"<{target}> is no local user any more")
                         return committer.submit_operation(deliver(delivery))
 
                     submitted[key] = len(futures)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tachymail.auth.users import UserEntry, UsersFile, replace_file
 from tachymail.config import Config
+from tachymail.mailbox.headers import delivery_headers
+from tachymail.mailbox.store import Delivery, prepare_delivery
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +326,17 @@ class Directory:
             return key
         base = self._base(key)
         return base if base is not None and base in users else None
+
+    def delivery(self, target: str, sender: str, content: bytes, key: bytes) -> Delivery | None:
+        """The mailbox delivery of *content* from *sender* to local recipient *target*, with
+        its Return-Path and Delivered-To, the user's quota and the idempotency *key*; None
+        when *target* is no user (any more). The MIME scan runs here, not in the commit."""
+        user = self.user_of(target)
+        if user is None:
+            return None
+        return prepare_delivery(
+            user, delivery_headers(sender, target) + content, key=key, quota=self.quota(user)
+        )
 
     def quota(self, user: str) -> int:
         """*user*'s quota in bytes (any case); 0 for unlimited or an unknown user."""
