@@ -226,6 +226,32 @@ def test_pipelined_commands_in_one_write(pop3: Server, raw: RawPop3) -> None:
     assert [content for _, _, content in inbox(pop3, user)] == [messages[1]]
 
 
+def test_pipelined_retrs_in_any_case_and_after_a_dele(pop3: Server, raw: RawPop3) -> None:
+    """A batch of RETRs in one write takes the server's fast path; each still gets its own
+    reply: keywords in any case, a deleted or missing message an -ERR in its place."""
+    user = add_user(pop3, "pipecase")
+    messages = [message(1), message(2, b"..two dots\r\n")]
+    fill(pop3, user, *messages)
+    raw.send(
+        f"USER {user}\r\nPASS {PASSWORD}\r\nretr 1\r\nRetr 2\r\nDELE 1\r\nRETR 1\r\n"
+        "RETR 3\r\nRETR 02\r\nRETR  2\r\nQUIT\r\n".encode()
+    )
+    assert raw.line().startswith(b"+OK")  # USER
+    assert raw.line().startswith(b"+OK")  # PASS
+    for content in messages:
+        assert raw.line() == f"+OK {len(content)} octets".encode()
+        assert b"".join(line + b"\r\n" for line in raw.multiline()) == content
+    assert raw.line() == b"+OK Message 1 deleted"
+    assert raw.line() == b"-ERR Message 1 already deleted"
+    assert raw.line() == b"-ERR No such message"
+    assert raw.line() == f"+OK {len(messages[1])} octets".encode()  # "02" is message 2
+    assert b"".join(line + b"\r\n" for line in raw.multiline()) == messages[1]
+    assert raw.line() == f"+OK {len(messages[1])} octets".encode()  # a stray space is let be
+    assert b"".join(line + b"\r\n" for line in raw.multiline()) == messages[1]
+    assert raw.line().startswith(b"+OK")  # QUIT
+    assert [content for _, _, content in inbox(pop3, user)] == [messages[1]]
+
+
 def test_top_rset_and_a_dropped_connection_deletes_nothing(pop3: Server) -> None:
     user = add_user(pop3, "dropped")
     body = b"".join(f"line {i}\r\n".encode() for i in range(10))

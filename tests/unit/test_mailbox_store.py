@@ -110,6 +110,23 @@ def test_read_returns_slices_and_nothing_past_the_end(store: MailboxStore) -> No
     assert store.read(b"\0" * 8, 0, 10) == b""
 
 
+def test_a_reader_reads_a_batch_in_one_transaction_and_then_closes(store: MailboxStore) -> None:
+    contents = [message(f"batch {i}") for i in range(3)]
+    for content in contents:
+        put(store, content)
+    listing = store.messages(ALICE)
+    reader = store.reader()
+    assert [reader.read(m.content_id, 0, m.size) for m in listing] == contents
+    assert reader.read(listing[0].content_id, 3, 4) == contents[0][3:7]
+    assert reader.read(b"\0" * 8, 0, 10) == b""
+    reader.close()
+    reader.close()  # twice is harmless
+    with pytest.raises(ValueError, match="closed"):
+        reader.read(listing[0].content_id, 0, 10)
+    put(store, message("after"))  # the closed reader held no pages back from a writer
+    assert len(store.messages(ALICE)) == 4
+
+
 def test_flags_internaldate_and_keywords_are_kept(store: MailboxStore) -> None:
     put(store, message("a"), flags=[SEEN, "$Label1"], internaldate=1_600_000_000.5)
     first = store.messages(ALICE)[0]

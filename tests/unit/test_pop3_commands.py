@@ -13,7 +13,6 @@ from tachymail.pop3.commands import (
     multiline,
     ok,
     parse_number,
-    split_command,
     uidl,
     whole_message,
 )
@@ -49,15 +48,6 @@ def reference(message: bytes, body_lines: int = -1) -> bytes:
     return b"".join(
         (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines
     ) + (b".\r\n")
-
-
-def test_commands_split_into_keyword_and_arguments() -> None:
-    assert split_command(b"retr 1") == ("RETR", b"1")
-    assert split_command(b"PASS secret with spaces") == ("PASS", b"secret with spaces")
-    assert split_command(b"CAPA") == ("CAPA", b"")
-    assert split_command(b"RETRIEVE 1")[0] == ""  # keywords are 3-4 characters
-    assert split_command(b"R3TR 1")[0] == ""
-    assert split_command(b"")[0] == ""
 
 
 def test_numbers_are_plain_decimal() -> None:

@@ -175,6 +175,33 @@ class Delivery:
     quota: int
 
 
+class ContentReader:
+    """Reads of message contents in one read transaction: a pipelined batch of POP3 RETRs
+    (or IMAP FETCHes) pays for one transaction, not one each. Close it before the event
+    loop turns: an open read transaction keeps LMDB from reusing the pages it sees."""
+
+    __slots__ = ("_db", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction[memoryview], db: Any) -> None:
+        self._txn: lmdb.Transaction[memoryview] | None = txn
+        self._db = db
+
+    def read(self, content_id: bytes, offset: int, length: int) -> bytes:
+        """As :meth:`MailboxStore.read`."""
+        txn = self._txn
+        if txn is None:
+            raise ValueError("the reader is closed")
+        view = txn.get(content_id, db=self._db)
+        if view is None:
+            return b""
+        return bytes(view[offset : offset + length])
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+
 #: a change inside a write transaction; its return value is its outcome, an exception
 #: instance meaning "refused alone, nothing written" (the rest of the batch commits)
 Operation = Callable[["MailboxStore", lmdb.Transaction], object]
@@ -496,6 +523,10 @@ class MailboxStore:
             if view is None:
                 return b""
             return bytes(view[offset : offset + length])
+
+    def reader(self) -> ContentReader:
+        """A :class:`ContentReader` for a batch of reads in one transaction."""
+        return ContentReader(self._read_in_place(), self.contents)
 
     def summary(self, content_id: bytes) -> dict[str, Any] | None:
         """The message's summary (see ``tachymail.mailbox.summary``), or None."""

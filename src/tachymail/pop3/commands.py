@@ -19,8 +19,6 @@ MAX_COMMAND_LINE: Final = 255
 AUTH_LINE_LIMIT: Final = 12288
 #: octets read from the store per piece of a RETR/TOP (cut back to the last line end)
 CHUNK: Final = 64 * 1024
-#: RFC 1939 §3: keywords are three or four characters; longer ones are not POP3
-_KEYWORD_MAX = 4
 #: RFC 2449 §4: a reply line, CRLF included, is at most 512 octets
 _REPLY_TEXT_MAX = 490
 _LF = 10
@@ -31,15 +29,6 @@ IN_USE: Final = "IN-USE"
 AUTH: Final = "AUTH"
 SYS_TEMP: Final = "SYS/TEMP"
 SYS_PERM: Final = "SYS/PERM"
-
-
-def split_command(line: bytes) -> tuple[str, bytes]:
-    """The upper-cased keyword of *line* and the bytes after the first space (``b""``
-    without one). A keyword that is not 3-4 letters comes back as ``""`` (unknown)."""
-    keyword, _, args = line.partition(b" ")
-    if not 3 <= len(keyword) <= _KEYWORD_MAX or not keyword.isalpha():
-        return "", args
-    return keyword.decode("ascii").upper(), args
 
 
 def parse_number(text: bytes) -> int | None:
