@@ -21,7 +21,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DnsRecords, DnsServer, running_dnsmasq
-from tachymail.dns import MxHost, Resolution, Resolver, TemporaryDnsError
+from tachymail.dns import MxHost, Records, Resolution, Resolver, TemporaryDnsError
 from tachymail.dns.resolver import parse_nameserver
 
 T = TypeVar("T")
@@ -77,6 +77,10 @@ RECORDS = (
     .unanswered("silent.test")
     # a DKIM key
     .txt("sel._domainkey.dkim.test", DKIM_TXT)
+    # record lookups for the inbound checks
+    .txt("spf.test", "v=spf1 ip4:192.0.2.0/24 -all")
+    .txt("spf.test", "unrelated text")
+    .raw("10.2.0.192.in-addr.arpa", "PTR", dns.name.from_text("host.spf.test.").to_wire())
 )
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -482,6 +486,49 @@ def test_nameserver_addresses() -> None:
         with pytest.raises(ValueError):
             parse_nameserver(bad)
     assert Resolver("127.0.0.1:5353").nameserver == "127.0.0.1:5353"
+
+
+# -- record lookups for the inbound checks (tachymail.mailauth) -----------------------------
+
+
+def test_record_lookups_give_values_nodata_and_nxdomain(server: DnsServer) -> None:
+    async def lookups() -> list[Records]:
+        r = resolver(server)
+        return [
+            await r.txt("SPF.test."),
+            await r.txt("sel._domainkey.dkim.test"),
+            await r.a("dual.test"),
+            await r.aaaa("dual.test"),
+            await r.mx_records("mixed.test"),
+            await r.ptr("192.0.2.10"),
+            await r.txt("bare.test"),
+            await r.txt("gone.test"),
+            await r.ptr("not an address"),
+            await r.txt("refused.test"),
+        ]
+
+    spf, dkim, a, aaaa, mx, ptr, nodata, gone, bad, refused = run(lookups(), "uvloop")
+    assert spf.status == "ok"
+    assert sorted(spf.values) == [b"unrelated text", b"v=spf1 ip4:192.0.2.0/24 -all"]
+    assert dkim.values == (DKIM_TXT.encode(),)  # the 255-byte strings joined
+    assert sorted(a.values) == ["192.0.2.1", "192.0.2.2"] and aaaa.values == ("2001:db8::1",)
+    assert sorted(mx.values) == [(0, ""), (10, "real.mixed.test")]  # as published
+    assert ptr.values == ("host.spf.test",)
+    assert nodata.status == "ok" and nodata.values == () and nodata.void
+    assert gone.status == "nxdomain" and gone.void
+    assert bad.status == "nxdomain" and "not an IP address" in bad.detail
+    assert refused.status == "temporary" and not refused.void and "REFUSED" in refused.detail
+
+
+def test_record_lookups_are_cached(server: DnsServer) -> None:
+    async def twice() -> None:
+        r = resolver(server)
+        await r.txt("spf.test")
+        await asyncio.gather(*(r.txt("SPF.TEST") for _ in range(5)))
+
+    before = server.queries("spf.test", "TXT")
+    run(twice())
+    assert server.queries("spf.test", "TXT") == before + 1
 
 
 # -- the helper itself ---------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Next-hop resolution (MX, implicit MX, null MX) with dnspython, cached by TTL.
 
-Arrives with the outbound-delivery issue.
+Arrives with the outbound-delivery issue; the record lookups (:meth:`Resolver.txt`, ``a``,
+``aaaa``, ``mx_records``, ``ptr``, each a :class:`Records`) serve the inbound checks of
+``tachymail.mailauth`` (SPF, DKIM keys, DMARC, DNSBL, iprev) through the same cache and the
+same DNS server.
 
 The delivery engine asks :meth:`Resolver.mx` where a domain's mail goes and
 :meth:`Resolver.addresses` what to connect to. The rules (RFC 5321 §5.1, RFC 7505):
@@ -41,6 +44,6 @@ same name share one query. The looked-up addresses of an implicit MX are cached 
 ``addresses()`` call that follows costs nothing.
 """
 
-from tachymail.dns.resolver import MxHost, Resolution, Resolver, TemporaryDnsError
+from tachymail.dns.resolver import MxHost, Records, Resolution, Resolver, TemporaryDnsError
 
-__all__ = ["MxHost", "Resolution", "Resolver", "TemporaryDnsError"]
+__all__ = ["MxHost", "Records", "Resolution", "Resolver", "TemporaryDnsError"]

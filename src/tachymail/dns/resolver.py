@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
@@ -24,6 +24,7 @@ import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 import dns.rrset
 from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.SOA import SOA
@@ -71,6 +72,29 @@ class Resolution:
     status: str
     hosts: tuple[MxHost, ...] = ()
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """The outcome of one record lookup (:meth:`Resolver.txt`, ``a``, ``aaaa``,
+    ``mx_records``, ``ptr``), for the message-authentication checks.
+
+    ``status`` is ``"ok"`` (``values`` may be empty: the name exists but has no record of the
+    type, NODATA), ``"nxdomain"`` (the name does not exist, or cannot: an invalid name) or
+    ``"temporary"`` (SERVFAIL, REFUSED, timeout, network error; ``detail`` says which).
+    ``values`` by type: TXT, each record's character-strings joined, as ``bytes``; A and
+    AAAA, address text; MX, ``(preference, host)`` with the host lower-case and without
+    the final dot (``""`` for a null MX's root); PTR, host names likewise.
+    """
+
+    status: str
+    values: tuple[Any, ...] = ()
+    detail: str = ""
+
+    @property
+    def void(self) -> bool:
+        """No answer that helps: NXDOMAIN or NODATA (RFC 7208 §4.6.4 "void lookup")."""
+        return self.status == NXDOMAIN or (self.status == OK and not self.values)
 
 
 class TemporaryDnsError(Exception):
@@ -193,6 +217,8 @@ class Resolver:
         self._addr_cache: _TtlCache[_Addresses] = _TtlCache(cache_size)
         self._mx_inflight: dict[str, asyncio.Future[tuple[Resolution, float]]] = {}
         self._addr_inflight: dict[str, asyncio.Future[tuple[_Addresses, float]]] = {}
+        self._records_cache: _TtlCache[Records] = _TtlCache(cache_size)
+        self._records_inflight: dict[str, asyncio.Future[tuple[Records, float]]] = {}
         self.lookups = 0
         self.cache_hits = 0
         self.queries = 0
@@ -253,10 +279,85 @@ class Resolver:
             raise TemporaryDnsError(result.detail)
         return list(result.addresses)
 
+    async def txt(self, name: str) -> Records:
+        """The TXT records of *name* (each record's strings joined, as bytes)."""
+        return await self._records(name, "TXT")
+
+    async def a(self, name: str) -> Records:
+        """The IPv4 addresses of *name*."""
+        return await self._records(name, "A")
+
+    async def aaaa(self, name: str) -> Records:
+        """The IPv6 addresses of *name* (compressed text)."""
+        return await self._records(name, "AAAA")
+
+    async def mx_records(self, name: str) -> Records:
+        """The MX records of *name* as they are, ``(preference, host)``: no implicit MX, no
+        shuffling (what SPF's ``mx`` mechanism reads; delivery uses :meth:`mx`)."""
+        return await self._records(name, "MX")
+
+    async def ptr(self, address: str) -> Records:
+        """The names of *address* (IPv4 or IPv6 text) from its reverse zone; a string
+        that is not an address is ``nxdomain``."""
+        try:
+            reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
+        except (dns.exception.DNSException, ValueError):
+            return Records(NXDOMAIN, detail=f"{address!r} is not an IP address")
+        return await self._records(reverse, "PTR")
+
     def clear_cache(self) -> None:
         """Forget every cached answer (lookups in flight are not affected)."""
         self._mx_cache.clear()
         self._addr_cache.clear()
+        self._records_cache.clear()
+
+    async def _records(self, name: str, kind: str) -> Records:
+        """One record lookup through the cache: names are taken as they come (lower-cased,
+        final dot dropped; SPF macros make names no host has), only those the DNS cannot
+        carry are ``nxdomain`` without a query."""
+        self.lookups += 1
+        text = name.rstrip(".").lower()
+        try:
+            qname = dns.name.from_text(text)
+        except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+            return Records(NXDOMAIN, detail=f"{name!r} is not a valid domain name ({exc})")
+        if not text or qname == dns.name.root:
+            return Records(NXDOMAIN, detail=f"{name!r} is not a valid domain name")
+        records, _expires, cached = await self._shared(
+            self._records_inflight,
+            self._records_cache,
+            f"{kind} {text}",
+            lambda _key: self._resolve_records(qname, text, kind),
+        )
+        if cached:
+            self.cache_hits += 1
+            m.dns_cache_hits.inc()
+        return records
+
+    async def _resolve_records(
+        self, qname: dns.name.Name, text: str, kind: str
+    ) -> tuple[Records, float]:
+        answer = await self._query(text, dns.rdatatype.from_text(kind), qname)
+        if isinstance(answer, _Failure):
+            return Records(TEMPORARY, detail=answer.detail), self.failure_ttl
+        if answer.nxdomain:
+            return Records(NXDOMAIN, detail=f"{text}: no such domain (NXDOMAIN)"), answer.ttl
+        if answer.rrset is None:
+            return Records(OK), answer.ttl
+        values: list[Any] = []
+        for rdata in answer.rrset:
+            if kind == "TXT":
+                values.append(b"".join(rdata.strings))
+            elif kind == "MX":
+                mx = cast(MX, rdata)
+                host = "" if mx.exchange == dns.name.root else mx.exchange.to_text(True).lower()
+                values.append((mx.preference, host))
+            elif kind == "PTR":
+                target = rdata.target
+                values.append(target.to_text(omit_final_dot=True).lower())
+            else:
+                values.append(rdata.to_text())
+        return Records(OK, tuple(values)), answer.ttl
 
     # -- caching and sharing -----------------------------------------------------------------
 
@@ -358,10 +459,13 @@ class Resolver:
             return _Addresses(NXDOMAIN), min(ttls)
         return _Addresses(OK, tuple(addresses)), min(ttls)
 
-    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer | _Failure:
+    async def _query(
+        self, name: str, rdtype: dns.rdatatype.RdataType, qname: dns.name.Name | None = None
+    ) -> _Answer | _Failure:
         """One question to the DNS; only unexpected programming errors escape."""
         self.queries += 1
-        qname = dns.name.from_text(name)
+        if qname is None:
+            qname = dns.name.from_text(name)
         kind = dns.rdatatype.to_text(rdtype)
         counted = kind in m.dns_queries
         if counted:

@@ -64,7 +64,7 @@ RESULTS = ("delivered", "deferred", "bounced")
 #: results of local deliveries: "duplicate" = already in the mailbox, nothing written
 LOCAL_RESULTS = ("delivered", "deferred", "bounced", "duplicate")
 DSN_KINDS = ("failed", "delayed", "delivered")
-DNS_TYPES = ("MX", "A", "AAAA")
+DNS_TYPES = ("MX", "A", "AAAA", "TXT", "PTR")
 WORKER_KINDS = ("smtp", "delivery")
 #: POP3 listener roles, and how a POP3 login ended (in_use: the maildrop was locked)
 POP3_ROLES = ("pop3", "pop3s")
