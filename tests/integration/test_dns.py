@@ -80,7 +80,7 @@ RECORDS = (
     # record lookups for the inbound checks
     .txt("spf.test", "v=spf1 ip4:192.0.2.0/24 -all")
     .txt("spf.test", "unrelated text")
-    .raw("10.2.0.192.in-addr.arpa", "PTR", dns.name.from_text("host.spf.test.").to_wire())
+    .raw("200.2.0.192.in-addr.arpa", "PTR", dns.name.from_text("host.spf.test.").to_wire())
 )
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -500,7 +500,7 @@ def test_record_lookups_give_values_nodata_and_nxdomain(server: DnsServer) -> No
             await r.a("dual.test"),
             await r.aaaa("dual.test"),
             await r.mx_records("mixed.test"),
-            await r.ptr("192.0.2.10"),
+            await r.ptr("192.0.2.200"),
             await r.txt("bare.test"),
             await r.txt("gone.test"),
             await r.ptr("not an address"),
