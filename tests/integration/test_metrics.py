@@ -222,7 +222,7 @@ def test_restarts_counted_dead_gauges_dropped_draining_not_ready(tmp_path: Path)
     port = free_port()
     extra = f'[metrics]\naddress = "127.0.0.1:{port}"\n[log]\nformat = "logfmt"\n'
     with running_server(tmp_path, extra, workers=1, roles=("mx",)) as srv:
-        from tachymail.smtp.supervisor import default_metrics_dir
+        from tachymail.cli.supervisor import default_metrics_dir
 
         directory = default_metrics_dir(srv.data_dir.resolve())
         assert directory.is_dir()

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtp_peer import Script, SmtpPeer
 from tachymail.config import PoolConfig
-from tachymail.delivery.client import ClientSettings
 from tachymail.delivery.pool import DEFERRED, DELIVERED, FAILED, DeliveryPool, Job, JobResult
-from tachymail.delivery.routing import NextHop
 from tachymail.queue.envelope import Recipient
+from tachymail.smtpclient.client import ClientSettings
+from tachymail.smtpclient.routing import NextHop
 
 
 def body(n: int) -> bytes:

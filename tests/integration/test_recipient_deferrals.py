@@ -23,7 +23,6 @@ from test_delivery import delivery_log, relay_config, send
 from server import running_server, wait_until
 from smtp_peer import Script, SmtpPeer
 from tachymail.config import Config, PoolConfig
-from tachymail.delivery.client import ClientSettings
 from tachymail.delivery.pool import (
     DEFERRED,
     DELIVERED,
@@ -33,11 +32,12 @@ from tachymail.delivery.pool import (
     Job,
     JobResult,
 )
-from tachymail.delivery.routing import NextHop
 from tachymail.delivery.scheduler import flushed_by_operator
 from tachymail.queue import admin
 from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
 from tachymail.queue.store import QueueStore
+from tachymail.smtpclient.client import ClientSettings
+from tachymail.smtpclient.routing import NextHop
 
 STUCK = "stuck@dest.test"
 GREYLISTED = "451 4.7.1 greylisted, try again later"

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from tachymail.config import ConfigError, from_dict
-from tachymail.delivery.verify import (
+from tachymail.protocol import replies as R
+from tachymail.smtp.verify import (
     DELIVERABLE,
     UNDELIVERABLE,
     UNVERIFIED,
     ProbeResult,
     VerifyCache,
 )
-from tachymail.protocol import replies as R
 
 TTLS = {DELIVERABLE: 100.0, UNDELIVERABLE: 10.0, UNVERIFIED: 0.0}
 

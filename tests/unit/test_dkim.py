@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server import run_cli, tachymail_cmd
-from tachymail.delivery.dkim import (
+from tachymail.mailauth.dkim import (
     DkimError,
     DkimSigner,
     dns_record,

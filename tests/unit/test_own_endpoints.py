@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tachymail.config import from_dict
-from tachymail.delivery.routing import OwnEndpoints
+from tachymail.smtpclient.routing import OwnEndpoints
 
 
 def own(*listeners: str, hostname: str = "mail.example.org") -> OwnEndpoints:

@@ -38,7 +38,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tachymail.smtp.supervisor import Supervisor, apply_overrides
+    from tachymail.cli.supervisor import Supervisor, apply_overrides
 
     _setup_logging(args.log_level)
     overrides: dict[str, Any] = {}
@@ -279,7 +279,7 @@ def _queue_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_dkim(args: argparse.Namespace) -> int:
-    from tachymail.delivery.dkim import keygen
+    from tachymail.mailauth.dkim import keygen
 
     try:
         config = _config(args)

@@ -23,7 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tachymail.config import PoolConfig
-from tachymail.delivery.client import (
+from tachymail.delivery.eightbit import downgrade
+from tachymail.dns.resolver import Resolver, TemporaryDnsError
+from tachymail.metrics import m
+from tachymail.queue.envelope import Recipient
+from tachymail.smtpclient.client import (
     PendingData,
     ReplyError,
     SmtpClientError,
@@ -31,11 +35,7 @@ from tachymail.delivery.client import (
     TlsPolicyError,
     TransactionResult,
 )
-from tachymail.delivery.eightbit import downgrade
-from tachymail.delivery.routing import NextHop, OwnEndpoints
-from tachymail.dns.resolver import Resolver, TemporaryDnsError
-from tachymail.metrics import m
-from tachymail.queue.envelope import Recipient
+from tachymail.smtpclient.routing import NextHop, OwnEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class DeliveryPool:
                 return
         # A new connection only when the busy ones have a job each waiting already: a
         # connection with a queue pipelines (one write per message, see
-        # tachymail.delivery.client), and a busy one takes its next job within a round trip.
+        # tachymail.smtpclient.client), and a busy one takes its next job within a round trip.
         if self.runners < self.concurrency and len(self.jobs) > self.runners:
             self.runners += 1
             self.loop.create_task(self._runner())
@@ -219,7 +219,7 @@ class DeliveryPool:
     async def _runner(self) -> None:
         conn: SmtpConnection | None = None
         # The job whose content waits in the connection, to go out in one write with the
-        # next job's commands (see tachymail.delivery.client).
+        # next job's commands (see tachymail.smtpclient.client).
         inflight: tuple[Job, PendingData] | None = None
         yielded = False
         try:

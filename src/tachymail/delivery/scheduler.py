@@ -46,7 +46,6 @@ from tachymail.delivery.pool import (
     JobResult,
     Outcome,
 )
-from tachymail.delivery.routing import NextHop, OwnEndpoints, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver
 from tachymail.metrics import m
 from tachymail.queue.commit import GroupCommitter
@@ -56,6 +55,7 @@ from tachymail.queue.envelope import (
 )
 from tachymail.queue.notify import Listener, shard_of
 from tachymail.queue.store import Operation, QueueStore, StorageFull
+from tachymail.smtpclient.routing import NextHop, OwnEndpoints, Router, RoutingFailure
 
 log = logging.getLogger(__name__)
 

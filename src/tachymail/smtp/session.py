@@ -21,7 +21,6 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from tachymail.delivery.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeResult
 from tachymail.frontend import (
     is_trusted,
     log_locked_out,
@@ -40,6 +39,7 @@ from tachymail.protocol.mime import header_value
 from tachymail.queue.envelope import ACTIVE, HELD, Envelope, Recipient, new_queue_id
 from tachymail.queue.store import StorageFull
 from tachymail.smtp.checks import DISCARD, HOLD, REJECT, checks_for
+from tachymail.smtp.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeResult
 
 if TYPE_CHECKING:
     from tachymail.auth.throttle import Verdict

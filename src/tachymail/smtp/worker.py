@@ -31,9 +31,8 @@ from tachymail import metrics
 from tachymail.auth.throttle import AUTH_FAILURES_DIR, AuthThrottle
 from tachymail.auth.users import SenderOwnership, UsersFile
 from tachymail.config import Config
-from tachymail.delivery.dkim import DkimSigner
-from tachymail.delivery.verify import AddressVerifier
 from tachymail.lmtp.session import LmtpSession
+from tachymail.mailauth.dkim import DkimSigner
 from tachymail.mailbox import Directory, MailboxStore
 from tachymail.net import reuseport_socket
 from tachymail.pop3.session import Pop3Session
@@ -43,6 +42,7 @@ from tachymail.queue.notify import Notifier
 from tachymail.queue.store import MiB, QueueStore
 from tachymail.smtp.session import SmtpSession
 from tachymail.smtp.tls import server_context
+from tachymail.smtp.verify import AddressVerifier
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 With ``policy.verify_recipients`` the SMTP front end asks, at RCPT, whether the next hop of
 a relay domain would take the address, as Postfix's ``reject_unverified_recipient`` does.
 A probe connects to the hop delivery would use (a ``[[route]]``, the smarthost or the MX
-hosts, through :class:`~tachymail.delivery.routing.Router`) and says EHLO, ``MAIL FROM:<>``
+hosts, through :class:`~tachymail.smtpclient.routing.Router`) and says EHLO, ``MAIL FROM:<>``
 (or ``policy.verify_sender``), ``RCPT TO:<address>``, RSET and QUIT: never DATA.
 
 Results, each one of :data:`DELIVERABLE` (a 2xx to RCPT), :data:`UNDELIVERABLE` (a 5xx to
@@ -37,11 +37,11 @@ from pathlib import Path
 import lmdb
 
 from tachymail.config import Config
-from tachymail.delivery.client import SmtpClientError, SmtpConnection
-from tachymail.delivery.routing import NextHop, Router, RoutingFailure
 from tachymail.dns.resolver import Resolver, TemporaryDnsError
 from tachymail.lmdbenv import delete_where, open_side_store
 from tachymail.metrics import m
+from tachymail.smtpclient.client import SmtpClientError, SmtpConnection
+from tachymail.smtpclient.routing import NextHop, Router, RoutingFailure
 
 log = logging.getLogger(__name__)
 

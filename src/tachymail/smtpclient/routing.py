@@ -12,9 +12,9 @@ import socket
 from dataclasses import dataclass
 
 from tachymail.config import Config, RouteConfig
-from tachymail.delivery.client import ClientSettings
 from tachymail.dns.resolver import Resolver
 from tachymail.net import split_hostport
+from tachymail.smtpclient.client import ClientSettings
 
 log = logging.getLogger(__name__)
 

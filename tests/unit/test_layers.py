@@ -1,0 +1,57 @@
+"""The package layering of DESIGN.md, checked on the source: intake and delivery meet only in
+the queue, and parsers and message authentication know nothing of the front ends."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "tachymail"
+
+#: package -> packages it must never import (directly, at any depth of the module)
+FORBIDDEN = {
+    # intake: the front ends and what only they use
+    "smtp": {"delivery"},
+    "lmtp": {"delivery"},
+    "pop3": {"delivery"},
+    "frontend": {"delivery"},
+    # lower layers
+    "protocol": {"smtp", "lmtp", "pop3", "delivery", "queue", "mailbox", "mailauth", "cli"},
+    "mailauth": {"smtp", "lmtp", "pop3", "delivery", "cli", "frontend"},
+    "dns": {"smtp", "lmtp", "pop3", "delivery", "mailbox", "mailauth", "cli"},
+    "queue": {"smtp", "lmtp", "pop3", "delivery", "mailauth", "cli"},
+    "mailbox": {"smtp", "lmtp", "pop3", "delivery", "mailauth", "cli"},
+    "smtpclient": {"smtp", "lmtp", "pop3", "delivery", "cli"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The tachymail subpackages (or top-level modules) *path* imports, wherever the import
+    statement is (inside functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "tachymail" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_does_not_import_a_higher_layer(package: str) -> None:
+    target = PACKAGE / package
+    files = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
+    assert files and all(f.exists() for f in files), package
+    offences = {
+        f"{path.relative_to(PACKAGE)} imports tachymail.{name}"
+        for path in files
+        for name in imported_packages(path) & FORBIDDEN[package]
+    }
+    assert not offences, sorted(offences)
