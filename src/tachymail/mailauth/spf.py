@@ -1,0 +1,746 @@
+"""SPF (RFC 7208): may this client IP send mail for this domain? On the async resolver.
+
+:func:`check_spf` checks both identities of an SMTP session (MAIL FROM and HELO);
+:func:`check_host` is the RFC's ``check_host()`` function. Both return a
+:class:`SpfResult` and never raise for anything a sender or a DNS server can do: a bad
+record is ``permerror``, DNS trouble ``temperror``, as the RFC says.
+
+What callers may rely on (RFC 7208 sections in brackets):
+
+- Only TXT records are read (type 99 "SPF" records were dropped by RFC 7208 §3.1).
+  Exactly one record starting ``v=spf1`` (case-insensitive, then a space or the end)
+  must exist, or the result is ``permerror``; none gives ``none`` (§4.5). TXT records
+  that are not SPF records may hold anything; an SPF record with a byte outside
+  printable ASCII is a syntax error (§3.1).
+- The whole record is parsed before anything is evaluated: a syntax error anywhere is
+  ``permerror`` even if an earlier mechanism would have matched (§4.6). Mechanism and
+  modifier names are case-insensitive; unknown modifiers are ignored once their value is
+  a valid macro-string; ``redirect=`` and ``exp=`` may appear once each (§6).
+- Limits (§4.6.4): at most ``max_lookups`` (10) terms that query the DNS (include, a, mx,
+  ptr, exists, redirect) over the whole check including included records, at most
+  ``max_void_lookups`` (2) lookups answering NXDOMAIN or no records; exceeding either is
+  ``permerror``. An ``mx`` whose name has more than 10 MX records is ``permerror``; ``ptr``
+  and ``%{p}`` look at the first 10 PTR names only. ``exp=`` lookups count against
+  nothing. The whole check is abandoned with ``temperror`` after 20 seconds (§4.6.4).
+- The A/AAAA lookups of an ``mx``'s hosts, and of the names a ``ptr`` or ``%{p}``
+  validates, run in parallel; results are still taken in the order the DNS gave them,
+  so the outcome is the one the RFC's sequential description gives.
+- An IPv4-mapped IPv6 client (``::ffff:192.0.2.1``) is an IPv4 client (§5).
+- Names the DNS cannot carry (empty label, label over 63 octets) make a mechanism not
+  match without a query; a macro expansion over 253 characters loses labels on the left
+  until it fits (§7.3). The checked <domain> itself must be a multi-label name with a
+  valid top label, else the result is ``none`` (§4.3).
+- ``explanation`` is set for ``fail`` only, from the ``exp=`` of the record that failed
+  (not from included records; a redirect's target's own exp=), with its macros expanded;
+  a missing, ambiguous or malformed explanation is ignored (§6.2).
+- ``%{i}`` of an IPv6 client is the dot-separated nibbles with upper-case hex digits, the
+  form the openspf test suites expect in explanations (the DNS does not care about case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import dns.exception
+import dns.name
+
+from tachymail.dns import Records
+from tachymail.mailauth.dnsapi import DnsLookups
+
+__all__ = ["RESULTS", "SpfResult", "check_host", "check_spf"]
+
+log = logging.getLogger(__name__)
+
+#: every result check_host can return (RFC 7208 §2.6), as RFC 8601 keywords
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
+
+#: how long one check may take before it gives up with temperror (RFC 7208 §4.6.4: >= 20 s)
+MAX_ELAPSED = 20.0
+
+#: the most MX or PTR names one mechanism looks at (RFC 7208 §4.6.4)
+MAX_NAMES = 10
+
+_QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
+_MECHANISMS = frozenset(("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists"))
+_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.\-]*)=(.*)", re.DOTALL)
+_MECHANISM = re.compile(r"([A-Za-z][A-Za-z0-9]*)(.*)", re.DOTALL)
+_DUAL_CIDR = re.compile(r"(?:/([0-9]+))?(?://([0-9]+))?")
+_DOMAIN_AND_CIDR = re.compile(r"(.*?)(?:/([0-9]+))?(?://([0-9]+))?", re.DOTALL)
+_IP4_NETWORK = re.compile(r"([0-9.]+)(?:/([0-9]+))?")
+_IP6_NETWORK = re.compile(r"([0-9A-Fa-f:.]+)(?:/([0-9]+))?")
+_QNUM = re.compile(r"0|[1-9][0-9]{0,2}")
+_CIDR = re.compile(r"0|[1-9][0-9]*")
+_TOPLABEL = re.compile(r"[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9\-]*[A-Za-z0-9]")
+_MACRO_BODY = re.compile(r"([A-Za-z])([0-9]*)([rR]?)([.\-+,/_=]*)")
+_DOMAIN_LETTERS = frozenset("slodiphv")
+_EXP_LETTERS = _DOMAIN_LETTERS | frozenset("crt")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class SpfResult:
+    """The outcome of one SPF check.
+
+    ``result`` is one of :data:`RESULTS`; ``identity`` ``"mailfrom"`` or ``"helo"``;
+    ``domain`` the domain checked (lower case, no final dot); ``sender`` the identity's
+    address (``postmaster@<helo>`` when MAIL FROM is ``<>``); ``explanation`` the
+    ``exp=`` text for ``fail``; ``mechanism`` the term that matched as written in the
+    record (``"ip4:192.0.2.0/24"``, ``"-all"``), ``""`` when none did; ``detail`` says
+    why in words (for the log and the Authentication-Results comment).
+    """
+
+    result: str
+    identity: str
+    domain: str
+    sender: str
+    explanation: str = ""
+    mechanism: str = ""
+    detail: str = ""
+
+
+# -- errors that end a check -------------------------------------------------------------
+
+
+class _PermError(Exception):
+    """The published records are broken: the check's result is permerror."""
+
+
+class _TempError(Exception):
+    """The DNS could not answer now: the check's result is temperror."""
+
+
+# -- parsed records ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Macro:
+    """One ``%{...}`` macro-expand: letter (as written), digits, reverse, delimiters."""
+
+    letter: str
+    digits: int
+    reverse: bool
+    delimiters: str
+
+
+_Token = str | _Macro
+
+
+@dataclass(frozen=True, slots=True)
+class _Mechanism:
+    text: str  # as written, with its qualifier
+    qualifier: str
+    kind: str
+    domain: tuple[_Token, ...] | None  # the domain-spec, None: the current <domain>
+    cidr4: int
+    cidr6: int
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    mechanisms: tuple[_Mechanism, ...]
+    redirect: tuple[_Token, ...] | None
+    redirect_text: str
+    exp: tuple[_Token, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    result: str
+    domain: str
+    mechanism: str = ""
+    explanation: str = ""
+    detail: str = ""
+
+
+def _is_spf_record(value: bytes) -> bool:
+    """RFC 7208 §4.5: "v=spf1" (any case), then a space or the end."""
+    return value[:6].lower() == b"v=spf1" and (len(value) == 6 or value[6:7] == b" ")
+
+
+def _tokenize(text: str, letters: frozenset[str], *, spaces: bool = False) -> list[_Token]:
+    """A macro-string (RFC 7208 §7.1) as literal strings and macros; ``_PermError`` on a
+    syntax error: a "%" not starting a macro, an unknown or forbidden letter, a zero digit
+    transformer, a character outside printable ASCII (and space, unless ``spaces``)."""
+    return _scan(text, letters, spaces)[0]
+
+
+def _scan(text: str, letters: frozenset[str], spaces: bool) -> tuple[list[_Token], int]:
+    """The tokens, and where the source's last run of literal characters starts."""
+    tokens: list[_Token] = []
+    literal: list[str] = []
+    literal_start = 0
+    i = 0
+    n = len(text)
+    while i < n:
+        char = text[i]
+        if char != "%":
+            if not ("!" <= char <= "~" or (spaces and char == " ")):
+                raise _PermError(f"invalid character {char!r} in {text!r}")
+            literal.append(char)
+            i += 1
+            continue
+        follower = text[i + 1 : i + 2]
+        if follower in ("%", "_", "-"):
+            literal.append({"%": "%", "_": " ", "-": "%20"}[follower])
+            i += 2
+            literal_start = i
+            continue
+        if follower != "{":
+            raise _PermError(f"'%' must start a macro in {text!r}")
+        end = text.find("}", i + 2)
+        match = _MACRO_BODY.fullmatch(text, i + 2, end) if end >= 0 else None
+        if match is None:
+            raise _PermError(f"invalid macro in {text!r}")
+        letter, digits, reverse, delimiters = match.groups()
+        if letter.lower() not in letters:
+            raise _PermError(f"macro letter {letter!r} not allowed here: {text!r}")
+        significant = digits.lstrip("0")
+        if digits and not significant:
+            raise _PermError(f"macro digit transformer 0 in {text!r}")
+        # more parts than any name has means all of them (and int() of 5000 digits fails)
+        count = 0 if not digits else int(significant) if len(significant) < 5 else 9999
+        if literal:
+            tokens.append("".join(literal))
+            literal = []
+        tokens.append(_Macro(letter, count, bool(reverse), delimiters))
+        i = literal_start = end + 1
+    if literal:
+        tokens.append("".join(literal))
+    return tokens, literal_start
+
+
+def _domain_spec(text: str, term: str) -> tuple[_Token, ...]:
+    """A domain-spec: a macro-string ending in a macro-expand or "." toplabel ["."]."""
+    if not text:
+        raise _PermError(f"empty domain in {term!r}")
+    tokens, literal_start = _scan(text, _DOMAIN_LETTERS, False)
+    tail = text[literal_start:]
+    if tail:  # not ending in a macro-expand: the literal end must be "." toplabel ["."]
+        body = tail[:-1] if tail.endswith(".") else tail
+        _head, dot, top = body.rpartition(".")
+        if not dot or not _TOPLABEL.fullmatch(top):
+            raise _PermError(f"invalid domain {text!r} in {term!r}")
+    return tuple(tokens)
+
+
+def _cidr(text: str | None, limit: int, term: str) -> int:
+    if text is None:
+        return limit
+    if not _CIDR.fullmatch(text) or int(text) > limit:
+        raise _PermError(f"invalid CIDR length /{text} in {term!r}")
+    return int(text)
+
+
+def _parse_mechanism(term: str) -> _Mechanism:
+    qualifier = "+"
+    body = term
+    if term[0] in _QUALIFIERS:
+        qualifier, body = term[0], term[1:]
+    match = _MECHANISM.fullmatch(body)
+    if match is None or match[1].lower() not in _MECHANISMS:
+        raise _PermError(f"unknown mechanism {term!r}")
+    kind, rest = match[1].lower(), match[2]
+    domain: tuple[_Token, ...] | None = None
+    cidr4, cidr6 = 32, 128
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    if kind == "all":
+        if rest:
+            raise _PermError(f"'all' takes no argument: {term!r}")
+    elif kind in ("include", "exists"):
+        if not rest.startswith(":"):
+            raise _PermError(f"{kind!r} needs ':domain': {term!r}")
+        domain = _domain_spec(rest[1:], term)
+    elif kind == "ptr":
+        if rest:
+            if not rest.startswith(":"):
+                raise _PermError(f"invalid 'ptr' argument: {term!r}")
+            domain = _domain_spec(rest[1:], term)
+    elif kind in ("a", "mx"):
+        if rest.startswith(":"):
+            split = _DOMAIN_AND_CIDR.fullmatch(rest, 1)
+            assert split is not None  # the pattern matches any text
+            domain = _domain_spec(split[1], term)
+            cidr4, cidr6 = _cidr(split[2], 32, term), _cidr(split[3], 128, term)
+        else:
+            cidrs = _DUAL_CIDR.fullmatch(rest)
+            if cidrs is None:
+                raise _PermError(f"invalid {kind!r} argument: {term!r}")
+            cidr4, cidr6 = _cidr(cidrs[1], 32, term), _cidr(cidrs[2], 128, term)
+    elif kind == "ip4":
+        found = _IP4_NETWORK.fullmatch(rest, 1) if rest.startswith(":") else None
+        quads = found[1].split(".") if found else []
+        if found is None or len(quads) != 4 or not all(_QNUM.fullmatch(q) for q in quads):
+            raise _PermError(f"invalid ip4 network: {term!r}")
+        if any(int(q) > 255 for q in quads):
+            raise _PermError(f"invalid ip4 network: {term!r}")
+        network = ipaddress.IPv4Network(f"{found[1]}/{_cidr(found[2], 32, term)}", strict=False)
+    else:  # ip6
+        found = _IP6_NETWORK.fullmatch(rest, 1) if rest.startswith(":") else None
+        try:
+            address = ipaddress.IPv6Address(found[1]) if found else None
+        except ValueError:
+            address = None
+        if found is None or address is None:
+            raise _PermError(f"invalid ip6 network: {term!r}")
+        network = ipaddress.IPv6Network(f"{address}/{_cidr(found[2], 128, term)}", strict=False)
+    return _Mechanism(term, qualifier, kind, domain, cidr4, cidr6, network)
+
+
+def _parse_record(raw: bytes) -> _Record:
+    """The whole record, or ``_PermError`` for its first syntax error (RFC 7208 §4.6)."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise _PermError("the record has bytes outside ASCII") from None
+    mechanisms: list[_Mechanism] = []
+    redirect: tuple[_Token, ...] | None = None
+    redirect_text = ""
+    exp: tuple[_Token, ...] | None = None
+    for term in text.split(" ")[1:]:
+        if not term:
+            continue  # terms are separated by one or more spaces; trailing spaces are fine
+        modifier = _MODIFIER.fullmatch(term)
+        if modifier is None:
+            mechanisms.append(_parse_mechanism(term))
+            continue
+        name, value = modifier[1].lower(), modifier[2]
+        if name == "redirect":
+            if redirect is not None:
+                raise _PermError("'redirect=' appears twice")
+            redirect, redirect_text = _domain_spec(value, term), term
+        elif name == "exp":
+            if exp is not None:
+                raise _PermError("'exp=' appears twice")
+            exp = _domain_spec(value, term)
+        else:
+            _tokenize(value, _DOMAIN_LETTERS)  # unknown modifiers: ignored, but must parse
+    return _Record(tuple(mechanisms), redirect, redirect_text, exp)
+
+
+# -- names and addresses -----------------------------------------------------------------
+
+
+def _query_name(expanded: str) -> str | None:
+    """The name to look up for a target-name, or None when the DNS cannot carry it: final
+    dot dropped, left labels removed while longer than 253 characters (RFC 7208 §7.3)."""
+    name = expanded[:-1] if expanded.endswith(".") else expanded
+    while len(name) > 253 and "." in name:
+        name = name.partition(".")[2]
+    if not name or len(name) > 253:
+        return None
+    if any(
+        not 0 < len(label.encode("utf-8", "surrogateescape")) <= 63 for label in name.split(".")
+    ):
+        return None
+    return name
+
+
+def _checked_domain(domain: str) -> str | None:
+    """The <domain> check_host() may look up (RFC 7208 §4.3), lower case without the final
+    dot; None when it is malformed, one label, or an address literal."""
+    name = domain.strip()
+    name = name[:-1] if name.endswith(".") else name
+    if not name.isascii():
+        try:  # to A-labels the way the resolver does (IDNA 2008 with the idna package)
+            name = dns.name.from_text(name).to_text(omit_final_dot=True)
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return None
+    name = name.lower()
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(0 < len(lb) <= 63 for lb in labels):
+        return None
+    if any(not ("!" <= ch <= "~") for ch in name) or not _TOPLABEL.fullmatch(labels[-1]):
+        return None
+    return name
+
+
+def _client_address(ip: str) -> Address | None:
+    """The client as IPv4 or IPv6 address; an IPv4-mapped IPv6 address is IPv4 (§5)."""
+    try:
+        address = ipaddress.ip_address(ip.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _addresses(records: Records) -> list[Address]:
+    out: list[Address] = []
+    for value in records.values:
+        try:
+            out.append(ipaddress.ip_address(value))
+        except ValueError:
+            continue  # a resolver never gives these; a test zone might
+    return out
+
+
+# -- the check ---------------------------------------------------------------------------
+
+
+class _Check:
+    """The state of one check_host() run: the client, the macros' values, the counters."""
+
+    def __init__(
+        self,
+        dns: DnsLookups,
+        client: Address,
+        sender: str,
+        helo: str,
+        receiver: str,
+        max_lookups: int,
+        max_void_lookups: int,
+        now: float | None,
+    ) -> None:
+        self.dns = dns
+        self.client = client
+        self.ipv4 = isinstance(client, ipaddress.IPv4Address)
+        local, _, sender_domain = sender.rpartition("@")
+        self.local = local or "postmaster"
+        self.sender_domain = sender_domain
+        self.sender = f"{self.local}@{sender_domain}"
+        self.helo = helo
+        self.receiver = receiver
+        self.max_lookups = max_lookups
+        self.max_void = max_void_lookups
+        self.now = now
+        self.lookups = 0
+        self.voids = 0
+        self._validated: list[str] | None = None
+
+    # limits
+
+    def count_term(self, term: str) -> None:
+        self.lookups += 1
+        if self.lookups > self.max_lookups:
+            raise _PermError(f"more than {self.max_lookups} DNS-querying terms (at {term!r})")
+
+    def check_dns(self, records: Records, name: str, term: str) -> None:
+        """temperror on DNS trouble; counts a void lookup (RFC 7208 §4.6.4)."""
+        if records.status == "temporary":
+            raise _TempError(f"{term}: {records.detail or name + ': DNS failure'}")
+        if records.void:
+            self.voids += 1
+            if self.voids > self.max_void:
+                raise _PermError(
+                    f"more than {self.max_void} void DNS lookups (at {term!r}: {name})"
+                )
+
+    async def address_records(self, name: str) -> Records:
+        return await (self.dns.a(name) if self.ipv4 else self.dns.aaaa(name))
+
+    # macros
+
+    async def expand(self, tokens: Sequence[_Token], domain: str) -> str:
+        parts: list[str] = []
+        for token in tokens:
+            if isinstance(token, str):
+                parts.append(token)
+                continue
+            value = await self.macro_value(token.letter.lower(), domain)
+            if token.delimiters:
+                pieces = re.split("[" + re.escape(token.delimiters) + "]", value)
+            else:
+                pieces = value.split(".")
+            if token.reverse:
+                pieces.reverse()
+            if token.digits:
+                pieces = pieces[-token.digits :]
+            value = ".".join(pieces)
+            if token.letter.isupper():
+                value = urllib.parse.quote(value, safe="")  # RFC 7208 §7.3: URL-escaped
+            parts.append(value)
+        return "".join(parts)
+
+    async def macro_value(self, letter: str, domain: str) -> str:
+        if letter == "s":
+            return self.sender
+        if letter == "l":
+            return self.local
+        if letter == "o":
+            return self.sender_domain
+        if letter == "d":
+            return domain
+        if letter == "i":
+            if self.ipv4:
+                return str(self.client)
+            return ".".join(self.client.packed.hex().upper())
+        if letter == "c":
+            return str(self.client)
+        if letter == "v":
+            return "in-addr" if self.ipv4 else "ip6"
+        if letter == "h":
+            return self.helo
+        if letter == "r":
+            return self.receiver
+        if letter == "t":
+            return str(int(time.time() if self.now is None else self.now))
+        return await self.validated_name(domain)  # "p"
+
+    async def validated_name(self, domain: str) -> str:
+        """%{p} (RFC 7208 §7.3): the client's validated name, <domain> itself or one of its
+        subdomains preferred; "unknown" when there is none or the DNS fails."""
+        names = await self.validated_names()
+        domain = domain.lower().rstrip(".")
+        for name in names:
+            if name == domain:
+                return name
+        for name in names:
+            if name.endswith("." + domain):
+                return name
+        return names[0] if names else "unknown"
+
+    async def validated_names(self) -> list[str]:
+        """The client's validated names for %{p}, looked up once per check."""
+        if self._validated is None:
+            self._validated = await self.validate(await self.dns.ptr(str(self.client)), None)
+        return self._validated
+
+    async def validate(self, ptr: Records, wanted: str | None) -> list[str]:
+        """The names among the first 10 of ``ptr`` whose addresses include the client; with
+        ``wanted``, only those that are it or under it are looked up (RFC 7208 §5.5)."""
+        if ptr.status != "ok":
+            return []
+        names = [str(n).lower().rstrip(".") for n in ptr.values[:MAX_NAMES]]
+        if wanted is not None:
+            names = [n for n in names if n == wanted or n.endswith("." + wanted)]
+        candidates = [n for n in names if _query_name(n) == n]
+        # all at once; an address lookup that fails just skips that name (RFC 7208 §5.5)
+        answers = await asyncio.gather(*(self.address_records(n) for n in candidates))
+        return [
+            name
+            for name, answer in zip(candidates, answers, strict=True)
+            if answer.status == "ok" and self.client in _addresses(answer)
+        ]
+
+    async def target(self, tokens: Sequence[_Token] | None, domain: str) -> str | None:
+        if tokens is None:
+            return domain
+        return _query_name(await self.expand(tokens, domain))
+
+    # evaluation
+
+    async def evaluate(self, domain: str, *, want_exp: bool) -> _Outcome:
+        """check_host() for ``domain``; raises _PermError/_TempError, returns ``none``."""
+        records = await self.dns.txt(domain)
+        if records.status == "temporary":
+            raise _TempError(f"{domain}: {records.detail or 'TXT lookup failed'}")
+        if records.status == "nxdomain":
+            return _Outcome("none", domain, detail=f"{domain}: no such domain")
+        found = [v for v in records.values if _is_spf_record(v)]
+        if not found:
+            return _Outcome("none", domain, detail=f"{domain}: no SPF record")
+        if len(found) > 1:
+            raise _PermError(f"{domain}: {len(found)} SPF records")
+        try:
+            record = _parse_record(found[0])
+        except _PermError as exc:
+            raise _PermError(f"{domain}: {exc}") from None
+        for mechanism in record.mechanisms:
+            if await self.matches(mechanism, domain):
+                result = _QUALIFIERS[mechanism.qualifier]
+                explanation = ""
+                if result == "fail" and want_exp and record.exp is not None:
+                    explanation = await self.explain(record.exp, domain)
+                detail = f"{domain}: {mechanism.text!r} matched {self.client}"
+                return _Outcome(result, domain, mechanism.text, explanation, detail)
+        if record.redirect is not None:
+            self.count_term(record.redirect_text)
+            target = await self.target(record.redirect, domain)
+            if target is None:
+                raise _PermError(f"{domain}: {record.redirect_text!r} names no valid domain")
+            outcome = await self.evaluate(target, want_exp=want_exp)
+            if outcome.result == "none":
+                raise _PermError(f"{domain}: {record.redirect_text!r}: {outcome.detail}")
+            return outcome
+        return _Outcome("neutral", domain, detail=f"{domain}: no mechanism matched {self.client}")
+
+    async def matches(self, mechanism: _Mechanism, domain: str) -> bool:
+        kind = mechanism.kind
+        if kind == "all":
+            return True
+        if kind in ("ip4", "ip6"):
+            return mechanism.network is not None and self.client in mechanism.network
+        self.count_term(mechanism.text)
+        name = await self.target(mechanism.domain, domain)
+        if name is None and kind == "include":
+            # check_host() of a malformed domain is "none" (§4.3), which include turns into
+            raise _PermError(f"{mechanism.text!r} names no valid domain")
+        if name is None:
+            return False  # a name no DNS query can carry matches nothing (RFC 7208 §4.8)
+        if kind == "include":
+            outcome = await self.evaluate(name, want_exp=False)
+            if outcome.result == "none":
+                raise _PermError(f"{mechanism.text!r}: {outcome.detail}")
+            return outcome.result == "pass"
+        if kind == "exists":
+            answer = await self.dns.a(name)
+            self.check_dns(answer, name, mechanism.text)
+            return bool(answer.values)
+        if kind == "a":
+            answer = await self.address_records(name)
+            self.check_dns(answer, name, mechanism.text)
+            return self.in_networks(_addresses(answer), mechanism)
+        if kind == "mx":
+            return await self.mx_matches(name, mechanism)
+        # ptr: a PTR lookup that fails just does not match (RFC 7208 §5.5)
+        ptr = await self.dns.ptr(str(self.client))
+        if ptr.void:
+            self.check_dns(ptr, str(self.client), mechanism.text)
+        return bool(await self.validate(ptr, name.lower()))
+
+    async def mx_matches(self, name: str, mechanism: _Mechanism) -> bool:
+        answer = await self.dns.mx_records(name)
+        self.check_dns(answer, name, mechanism.text)
+        if len(answer.values) > MAX_NAMES:
+            raise _PermError(f"{mechanism.text!r}: {name} has more than {MAX_NAMES} MX records")
+        hosts = [host for _pref, host in answer.values if host and _query_name(host) == host]
+        # all hosts at once; the answers are then read in MX order, as if one by one
+        answers = await asyncio.gather(*(self.address_records(host) for host in hosts))
+        for host, records in zip(hosts, answers, strict=True):
+            if records.status == "temporary":
+                raise _TempError(f"{mechanism.text}: {records.detail or host}")
+            if self.in_networks(_addresses(records), mechanism):
+                return True
+        return False
+
+    def in_networks(self, addresses: list[Address], mechanism: _Mechanism) -> bool:
+        prefix = mechanism.cidr4 if self.ipv4 else mechanism.cidr6
+        for address in addresses:
+            if address.version != self.client.version:
+                continue
+            network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+            if self.client in network:
+                return True
+        return False
+
+    async def explain(self, tokens: Sequence[_Token], domain: str) -> str:
+        """The exp= text (RFC 7208 §6.2), or "" when there is none to give."""
+        name = await self.target(tokens, domain)
+        if name is None:
+            return ""
+        records = await self.dns.txt(name)
+        if records.status != "ok" or len(records.values) != 1:
+            return ""
+        try:
+            text = records.values[0].decode("ascii")
+            return await self.expand(_tokenize(text, _EXP_LETTERS, spaces=True), domain)
+        except (UnicodeDecodeError, _PermError):
+            return ""
+
+
+async def check_host(
+    dns: DnsLookups,
+    ip: str,
+    domain: str,
+    sender: str,
+    helo: str,
+    *,
+    receiver: str = "unknown",
+    identity: str = "mailfrom",
+    max_lookups: int = 10,
+    max_void_lookups: int = 2,
+    now: float | None = None,
+) -> SpfResult:
+    """RFC 7208 check_host(): may ``ip`` send mail from ``sender`` for ``domain``?
+
+    ``sender`` is the identity's address (a missing local-part becomes "postmaster");
+    ``helo`` the HELO/EHLO name (for ``%{h}``); ``receiver`` this host's name (``%{r}``);
+    ``now`` the time for ``%{t}`` (default: the clock). Never raises for DNS trouble or
+    bad records; a ``domain`` that is malformed, single-label or an address literal, or
+    an ``ip`` that is not an IP address, gives ``none``.
+    """
+    checked = _checked_domain(domain)
+    shown = checked or domain.strip().lower()
+    local, at, sender_domain = sender.rpartition("@")
+    address_text = f"{local or 'postmaster'}@{sender_domain}" if at else sender
+    if checked is None:
+        return SpfResult(
+            "none", identity, shown, address_text, detail=f"{domain!r} is not a domain name"
+        )
+    client = _client_address(ip)
+    if client is None:
+        return SpfResult(
+            "none", identity, checked, address_text, detail=f"{ip!r} is not an IP address"
+        )
+    if not at:
+        sender = f"postmaster@{checked}"
+        address_text = sender
+    check = _Check(dns, client, sender, helo, receiver, max_lookups, max_void_lookups, now)
+    try:
+        async with asyncio.timeout(MAX_ELAPSED):
+            outcome = await check.evaluate(checked, want_exp=True)
+    except _PermError as exc:
+        outcome = _Outcome("permerror", checked, detail=str(exc))
+    except _TempError as exc:
+        outcome = _Outcome("temperror", checked, detail=str(exc))
+    except TimeoutError:
+        detail = f"{checked}: no answer within {MAX_ELAPSED:g} s"
+        outcome = _Outcome("temperror", checked, detail=detail)
+    except Exception as exc:
+        # a bug here must not cost the session: log it, and say "try later" (§2.6.6)
+        log.exception("SPF check of %s for %s failed", checked, ip)
+        outcome = _Outcome("temperror", checked, detail=f"internal error: {exc!r}")
+    log.debug("spf %s %s %s: %s (%s)", identity, address_text, ip, outcome.result, outcome.detail)
+    return SpfResult(
+        outcome.result,
+        identity,
+        checked,
+        address_text,
+        explanation=outcome.explanation,
+        mechanism=outcome.mechanism,
+        detail=outcome.detail,
+    )
+
+
+def _helo_domain(helo: str) -> str | None:
+    """The HELO name when it is a domain SPF can check (not an address literal)."""
+    name = helo.strip()
+    if name.startswith("["):
+        return None
+    return _checked_domain(name)
+
+
+async def check_spf(
+    dns: DnsLookups, ip: str, mail_from: str, helo: str, *, receiver: str = "unknown"
+) -> tuple[SpfResult, SpfResult]:
+    """Both SPF identities of an SMTP transaction: (MAIL FROM, HELO), checked in parallel.
+
+    ``mail_from`` is the reverse-path without angle brackets (``""`` for the null
+    reverse-path, which is then checked as ``postmaster@<helo>``, RFC 7208 §2.4). The HELO
+    check is ``none`` when the HELO name is an address literal or not a domain name.
+    """
+    address = mail_from.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    helo_name = helo.strip()
+    helo_domain = _helo_domain(helo_name)
+    postmaster = f"postmaster@{helo_domain or helo_name}"
+
+    async def helo_check(identity: Literal["mailfrom", "helo"]) -> SpfResult:
+        if helo_domain is None:
+            detail = f"HELO {helo_name!r} is not a domain name"
+            return SpfResult("none", identity, helo_name.lower(), postmaster, detail=detail)
+        return await check_host(
+            dns, ip, helo_domain, postmaster, helo_name, receiver=receiver, identity=identity
+        )
+
+    if not address:
+        helo_result = await helo_check("helo")
+        return replace(helo_result, identity="mailfrom"), helo_result
+    domain = address.rpartition("@")[2]
+    mail_result, helo_result = await asyncio.gather(
+        check_host(dns, ip, domain, address, helo_name, receiver=receiver),
+        helo_check("helo"),
+    )
+    return mail_result, helo_result
