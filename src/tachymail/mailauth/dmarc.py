@@ -1,0 +1,351 @@
+"""DMARC (RFC 7489): the RFC5322.From domain, policy discovery, alignment and the policy.
+
+What :func:`check_dmarc` does, so callers can rely on it:
+
+- **Discovery** (§6.6.3): the TXT records at ``_dmarc.<From domain>``; only those that begin
+  with ``v=DMARC1`` count. None there: the same at ``_dmarc.<organizational domain>``
+  (when it differs). Several DMARC records at the name consulted: result ``none`` (no DMARC
+  processing, §6.6.3 step 4). A temporary DNS failure at either step: ``temperror``.
+- **Parsing** (§6.3): tags are ``name=value`` separated by ``;``, names case-insensitive,
+  unknown tags ignored, an invalid value replaced by the tag's default. ``p`` missing or
+  invalid (or an invalid ``sp``): with at least one valid ``rua`` URI the record is read as
+  ``p=none``, otherwise ``permerror`` (§6.6.3 step 6, §11.2).
+- **Alignment** (§3.1): SPF is aligned when SPF passed and its domain (the MAIL FROM domain,
+  or the HELO's for ``<>``) matches the From domain; DKIM when any passing signature's
+  ``d=`` matches. ``s`` (strict) means equal names, ``r`` (relaxed, the default) equal
+  organizational domains. ``pass`` when either is aligned, else ``fail``.
+- **Policy**: ``p``, or ``sp`` (when published; else ``p``) when the record came from the
+  organizational domain and the From domain is a subdomain of it. The **disposition** of a
+  failure is the policy for the ``pct`` per cent selected by the sampling (``rng() * 100 <
+  pct``); the others get the next lower policy (reject -> quarantine -> none, §6.6.4).
+  Anything but ``fail`` has disposition ``none``.
+- No single From domain (no From field, several, several domains, or no domain in it):
+  ``permerror`` with ``from_domain`` "" (§6.6.1: such messages are not what DMARC can judge).
+
+Nothing here raises for bad input or DNS trouble: malformed records, headers and names come
+back as ``none``, ``permerror`` or ``temperror`` results.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import logging
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.parser import HeaderParser
+from email.policy import compat32
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from tachymail.mailauth.dnsapi import DnsLookups
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
+
+    from tachymail.mailauth.dkim import DkimResult
+    from tachymail.mailauth.spf import SpfResult
+
+log = logging.getLogger(__name__)
+
+#: the DMARC policies (p=, sp=), strongest last
+POLICIES = ("none", "quarantine", "reject")
+
+# v=DMARC1 first: "v" *WSP "=" *WSP "DMARC1" (case-sensitive value, RFC 7489 §6.4 ABNF %x)
+_VERSION = re.compile(rb"^[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
+# an LDH label as DNS carries it (underscore tolerated, as the resolver does)
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+_TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+# a Keyword URI with an optional "!size[kmgt]" limit (RFC 7489 §6.4 dmarc-uri)
+_URI_SIZE = re.compile(r"!\d+[kmgtKMGT]?$")
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcRecord:
+    """A parsed DMARC policy record, defaults filled in (RFC 7489 §6.3).
+
+    ``sp`` is "" when the record has none (``p`` then applies to subdomains too);
+    ``rua`` the valid aggregate-report URIs; ``fo`` as published ("0" by default).
+    """
+
+    p: str
+    sp: str = ""
+    adkim: str = "r"
+    aspf: str = "r"
+    pct: int = 100
+    rua: tuple[str, ...] = ()
+    ruf: tuple[str, ...] = ()
+    fo: str = "0"
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcResult:
+    """The DMARC verdict on one message (RFC 8601 ``dmarc=`` result keywords).
+
+    ``result``: pass, fail, none (no record, or several), temperror (DNS), permerror (an
+    invalid record, or no single From domain). ``policy``: the policy that applies (``p``,
+    or ``sp`` for a subdomain; "none" when no record). ``disposition``: what the policy
+    asks for this message after ``pct`` sampling ("none" unless ``result`` is fail).
+    ``record_domain``: where the record was found (``_dmarc.<this>``), "" when none was.
+    ``record``: the parsed record, None when none applied.
+    """
+
+    result: str
+    from_domain: str
+    policy: str
+    disposition: str
+    spf_aligned: bool
+    dkim_aligned: bool
+    record_domain: str = ""
+    detail: str = ""
+    record: DmarcRecord | None = None
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    # Loading the list parses ~10k rules: once per process, on first use.
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList(accept_unknown=True)
+
+
+def normalize_domain(domain: str) -> str:
+    """*domain* lower-case, as A-labels (IDNA), without the final dot; "" when it cannot be a
+    host name (a label empty, over 63 octets or not letters, digits, hyphens; over 253
+    octets in all; an address literal)."""
+    text = domain.strip().rstrip(".").lower()
+    if not text or text.startswith("["):
+        return ""
+    labels = []
+    for label in text.split("."):
+        if not label.isascii():
+            try:
+                label = label.encode("idna").decode("ascii")
+            except UnicodeError:
+                return ""
+        if not _LABEL.fullmatch(label):
+            return ""
+        labels.append(label)
+    name = ".".join(labels)
+    return name if len(name) <= 253 else ""
+
+
+@functools.lru_cache(maxsize=8192)
+def organizational_domain(domain: str) -> str:
+    """The Organizational Domain of *domain* (RFC 7489 §3.2): its public suffix (from the
+    Public Suffix List, private section included; an unknown TLD counts as one) plus one
+    label, lower-case, without the final dot. A public suffix itself, or a name that is
+    not a valid domain, is returned as it is (lower-cased)."""
+    name = domain.strip().rstrip(".").lower()
+    if not name:
+        return name
+    try:
+        org = _psl().privatesuffix(name)
+    except (ValueError, TypeError, UnicodeError):
+        return name
+    return org if isinstance(org, str) and org else name
+
+
+def from_domain(content: bytes) -> str | None:
+    """The RFC5322.From domain of the message *content* (header block and body, or the
+    header block alone), lower-case A-labels; None unless there is exactly one From field
+    and every address in it has the same, valid domain (RFC 7489 §6.6.1)."""
+    end = _header_end(content)
+    try:
+        # SMTPUTF8 headers are UTF-8; the text parser keeps them as text (bytes would not)
+        text = content[:end].decode("utf-8", "replace")
+        fields = HeaderParser(policy=compat32).parsestr(text).get_all("From") or []
+        if len(fields) != 1:
+            return None
+        addresses = email.utils.getaddresses([str(fields[0])])
+    except (ValueError, TypeError, IndexError, UnicodeError, AttributeError):
+        return None  # the stdlib parser gives up on some malformed fields: no From domain
+    domains = set()
+    for _name, address in addresses:
+        if "@" not in address:
+            return None
+        domain = normalize_domain(address.rpartition("@")[2])
+        if not domain:
+            return None
+        domains.add(domain)
+    return domains.pop() if len(domains) == 1 else None
+
+
+def _header_end(content: bytes) -> int:
+    """Where the header block of *content* ends (the blank line included)."""
+    ends = [i + n for sep, n in ((b"\r\n\r\n", 4), (b"\n\n", 2)) if (i := content.find(sep)) >= 0]
+    return min(ends) if ends else len(content)
+
+
+class _Invalid(Exception):
+    """The record applies no DMARC processing (RFC 7489 §6.6.3 step 6): permerror."""
+
+
+def is_dmarc_record(text: bytes) -> bool:
+    """Whether a TXT record is a DMARC record: it begins with ``v=DMARC1``."""
+    return _VERSION.match(text) is not None
+
+
+def parse_record(text: bytes) -> DmarcRecord:
+    """The DMARC record *text* (a TXT record that :func:`is_dmarc_record`) with defaults.
+
+    Raises ValueError when the record gives no DMARC processing: ``p`` missing or invalid
+    (or ``sp`` invalid) and no valid ``rua`` URI (RFC 7489 §6.6.3 step 6)."""
+    tags: dict[str, str] = {}
+    decoded = text.decode("utf-8", "replace")
+    for part in decoded.split(";")[1:]:
+        name, sep, value = part.partition("=")
+        name = name.strip(" \t\r\n").lower()
+        if not sep or not _TAG_NAME.match(name):
+            continue  # a syntax error in the remainder is ignored (§6.6.3)
+        tags.setdefault(name, value.strip(" \t\r\n"))  # the first of a repeated tag wins
+    rua = _uris(tags.get("rua", ""))
+    p = tags.get("p", "").lower()
+    sp = tags.get("sp", "").lower()
+    if p not in POLICIES or (sp and sp not in POLICIES):
+        if not rua:
+            raise ValueError("no valid p= (or an invalid sp=) and no valid rua=")
+        p, sp = "none", ""  # act as if p=none was published (§6.6.3 step 6.1)
+    return DmarcRecord(
+        p=p,
+        sp=sp,
+        adkim=_alignment(tags.get("adkim", "")),
+        aspf=_alignment(tags.get("aspf", "")),
+        pct=_percent(tags.get("pct", "")),
+        rua=rua,
+        ruf=_uris(tags.get("ruf", "")),
+        fo=tags.get("fo", "") or "0",
+    )
+
+
+def _alignment(value: str) -> str:
+    return "s" if value.lower() == "s" else "r"
+
+
+def _percent(value: str) -> int:
+    if not value.isdigit():
+        return 100  # absent or invalid: the default
+    return min(int(value), 100)
+
+
+def _uris(value: str) -> tuple[str, ...]:
+    """The syntactically valid URIs of a rua=/ruf= list (a URI with a scheme and a rest)."""
+    found = []
+    for item in value.split(","):
+        uri = _URI_SIZE.sub("", item.strip(" \t\r\n"))
+        parts = urlsplit(uri)
+        if (
+            parts.scheme
+            and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parts.scheme)
+            and (parts.path or parts.netloc)
+        ):
+            found.append(uri)
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class _Discovery:
+    status: str  # "found" | "none" | "several" | "temperror"
+    domain: str = ""
+    text: bytes = b""
+    detail: str = ""
+
+
+async def _records_at(dns: DnsLookups, domain: str) -> _Discovery:
+    """The DMARC record at ``_dmarc.<domain>``."""
+    name = f"_dmarc.{domain}"
+    answer = await dns.txt(name)
+    if answer.status == "temporary":
+        return _Discovery("temperror", domain, detail=f"{name}: {answer.detail or 'no answer'}")
+    if answer.status != "ok":
+        return _Discovery("none", domain, detail=f"{name}: no DMARC record")
+    found = [bytes(v) for v in answer.values if is_dmarc_record(bytes(v))]
+    if not found:
+        return _Discovery("none", domain, detail=f"{name}: no DMARC record")
+    if len(found) > 1:
+        return _Discovery("several", domain, detail=f"{name}: {len(found)} DMARC records")
+    return _Discovery("found", domain, found[0])
+
+
+async def _discover(dns: DnsLookups, domain: str) -> _Discovery:
+    """RFC 7489 §6.6.3 steps 1-4: the record at the From domain, else at its
+    organizational domain."""
+    first = await _records_at(dns, domain)
+    if first.status != "none":
+        return first
+    org = organizational_domain(domain)
+    if org == domain:
+        return first
+    return await _records_at(dns, org)
+
+
+def aligned(identifier: str, author: str, mode: str) -> bool:
+    """Whether the authenticated domain *identifier* aligns with the From domain *author*:
+    equal names in strict mode ``s``, equal organizational domains in relaxed mode ``r``."""
+    ident = normalize_domain(identifier)
+    if not ident or not author:
+        return False
+    if mode == "s":
+        return ident == author
+    return organizational_domain(ident) == organizational_domain(author)
+
+
+def _lower(policy: str) -> str:
+    """The next lower policy (for messages that pct sampling did not select, §6.6.4)."""
+    return POLICIES[max(POLICIES.index(policy) - 1, 0)]
+
+
+async def check_dmarc(
+    dns: DnsLookups,
+    content_from: str | None,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    *,
+    rng: Callable[[], float] = random.random,
+) -> DmarcResult:
+    """The DMARC result for a message whose From domain is *content_from* (from
+    :func:`from_domain`; None: there is no single one), given the SPF result of the MAIL
+    FROM identity (None: SPF not checked) and the DKIM results. See the module docstring
+    for the rules; never raises for bad records or DNS trouble."""
+    author = normalize_domain(content_from) if content_from else ""
+    if not author:
+        return DmarcResult(
+            "permerror", "", "none", "none", False, False, detail="no single RFC5322.From domain"
+        )
+    found = await _discover(dns, author)
+    if found.status == "temperror":
+        return DmarcResult("temperror", author, "none", "none", False, False, detail=found.detail)
+    if found.status != "found":
+        # several records: say where; none at all: there is no record domain
+        where = found.domain if found.status == "several" else ""
+        return DmarcResult("none", author, "none", "none", False, False, where, found.detail)
+    try:
+        record = parse_record(found.text)
+    except ValueError as exc:
+        return DmarcResult(
+            "permerror",
+            author,
+            "none",
+            "none",
+            False,
+            False,
+            found.domain,
+            f"_dmarc.{found.domain}: {exc}",
+        )
+    # sp= is for subdomains: only when the record came from the organizational domain
+    subdomain = found.domain != author
+    policy = (record.sp or record.p) if subdomain else record.p
+    spf_ok = spf is not None and spf.result == "pass" and aligned(spf.domain, author, record.aspf)
+    dkim_ok = any(d.result == "pass" and aligned(d.domain, author, record.adkim) for d in dkim)
+    if spf_ok or dkim_ok:
+        return DmarcResult(
+            "pass", author, policy, "none", spf_ok, dkim_ok, found.domain, record=record
+        )
+    selected = rng() * 100 < record.pct
+    disposition = policy if selected else _lower(policy)
+    detail = "" if selected else f"not selected by pct={record.pct}"
+    return DmarcResult(
+        "fail", author, policy, disposition, False, False, found.domain, detail, record
+    )
