@@ -133,6 +133,14 @@ class DnsRecords:
         self.raw_records.append((dns_name(name), int(rrtype), rdata))
         return self
 
+    def ptr(self, address: str, *names: str) -> DnsRecords:
+        """PTR records of an IPv4 or IPv6 ``address`` (at its in-addr.arpa / ip6.arpa name),
+        one per name in ``names``: what reverse DNS (iprev, SPF ``ptr``) reads."""
+        reverse = ipaddress.ip_address(address).reverse_pointer
+        for name in names:
+            self.raw(reverse, "PTR", dns.name.from_text(dns_name(name)).to_wire())
+        return self
+
     def exists(self, name: str) -> DnsRecords:
         """``name`` exists but has no MX, A or AAAA: MX/A/AAAA queries get an empty NOERROR
         answer. Done with a TXT record, as a real name with only TXT/NS/SOA records is."""

@@ -54,6 +54,17 @@ class ListenerConfig:
     #: implicit TLS (RFC 8314); lmtp: LMTP (RFC 2033) into the local mailboxes, for
     #: clients in policy.trusted_networks only
     role: str = "mx"
+    #: inbound authentication (SPF, DKIM, DMARC, ARC, iprev, DNSBL: see [mailauth]):
+    #: "enforce" (policy applied), "tag" (Authentication-Results only, nothing refused),
+    #: "off"; "" = by role: "enforce" on mx, "off" on the others
+    mailauth: str = ""
+
+    @property
+    def mailauth_mode(self) -> str:
+        """The inbound authentication mode of this listener: enforce, tag or off."""
+        if self.mailauth:
+            return self.mailauth
+        return "enforce" if self.role == "mx" else "off"
 
     @property
     def host(self) -> str:
@@ -401,6 +412,44 @@ class DkimConfig:
     domains: dict[str, str] = field(default_factory=dict)
 
 
+#: listener.mailauth values ("" = by role)
+MAILAUTH_MODES = ("enforce", "tag", "off")
+
+
+@dataclass(slots=True)
+class MailauthConfig:
+    #: the authserv-id of our Authentication-Results fields (RFC 8601); "" = server.hostname
+    authserv_id: str = ""
+    #: check SPF (RFC 7208) of MAIL FROM and HELO
+    spf: bool = True
+    #: refuse MAIL FROM with 550 5.7.23 when SPF says fail ("-all"); off: DMARC decides
+    spf_reject_fail: bool = False
+    #: verify DKIM signatures (RFC 6376, RFC 8463)
+    dkim: bool = True
+    #: signatures verified per message; the rest are ignored
+    dkim_max_signatures: int = 5
+    #: evaluate DMARC (RFC 7489) on the From domain
+    dmarc: bool = True
+    #: what a p=reject failure gets: "reject" (550 5.7.1 after DATA), "quarantine", "none"
+    dmarc_reject: str = "reject"
+    #: what quarantine does: "hold" (queued on hold) or "header" (accepted with
+    #: "X-Tachymail-Quarantine: dmarc")
+    dmarc_quarantine: str = "hold"
+    #: keep DMARC aggregate report data in data_dir/dmarc (`tachymail dmarc report`)
+    dmarc_reports: bool = True
+    #: verify ARC chains (RFC 8617)
+    arc: bool = True
+    #: seal relayed mail: { domain = "example.com", selector = "arc1" }, the key in
+    #: data_dir/dkim/<domain>/<selector>.key (`tachymail dkim keygen`); {} = no sealing
+    arc_seal: dict[str, str] = field(default_factory=dict)
+    #: reverse DNS of the client with forward confirmation (RFC 8601 §3 iprev)
+    iprev: bool = True
+    #: DNS block lists (RFC 5782) checked at connect: a listed client gets 554 5.7.1
+    dnsbl_zones: list[str] = field(default_factory=list)
+    #: DNS allow lists: a listed client skips the later checks
+    dnswl_zones: list[str] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class MetricsConfig:
     #: "HOST:PORT" of the supervisor's /metrics, /healthz and /readyz; empty: no endpoint.
@@ -467,6 +516,7 @@ class Config:
     header_checks: list[ContentCheckConfig] = field(default_factory=list)
     body_checks: list[ContentCheckConfig] = field(default_factory=list)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    mailauth: MailauthConfig = field(default_factory=MailauthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     #: the file it was read from, if any (SIGHUP re-reads it)
@@ -537,6 +587,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "delivery": DeliveryConfig,
     "pool": PoolConfig,
     "dkim": DkimConfig,
+    "mailauth": MailauthConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
 }
@@ -631,6 +682,11 @@ def validate(config: Config) -> list[str]:
             problems.append(
                 f"{where}.role: must be one of {', '.join(ROLES)}, got {listener.role!r}"
             )
+        if listener.mailauth and listener.mailauth not in MAILAUTH_MODES:
+            problems.append(
+                f'{where}.mailauth: must be "" (by role) or one of {", ".join(MAILAUTH_MODES)},'
+                f" got {listener.mailauth!r}"
+            )
         try:
             hostport = split_hostport(listener.address)
         except ValueError as exc:
@@ -714,6 +770,61 @@ def validate(config: Config) -> list[str]:
         problems.append("metrics.max_clients: must be at least 1")
     problems.extend(_validate_log(config.log))
     problems.extend(_validate_delivery(config))
+    problems.extend(_validate_mailauth(config))
+    return problems
+
+
+_DNS_LABELS = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*")
+
+
+def _validate_mailauth(config: Config) -> list[str]:
+    problems: list[str] = []
+    settings = config.mailauth
+    if settings.authserv_id and (
+        not settings.authserv_id.isascii() or re.search(r'[\s;()"\\]', settings.authserv_id)
+    ):
+        # RFC 8601 §2.5: a value (token or quoted string); keep it a plain token
+        problems.append(
+            "mailauth.authserv_id: must be a host name or other token, got "
+            f"{settings.authserv_id!r}"
+        )
+    if not 1 <= settings.dkim_max_signatures <= 50:
+        problems.append("mailauth.dkim_max_signatures: must be between 1 and 50")
+    if settings.dmarc_reject not in ("reject", "quarantine", "none"):
+        problems.append(
+            f'mailauth.dmarc_reject: must be "reject", "quarantine" or "none", got '
+            f"{settings.dmarc_reject!r}"
+        )
+    if settings.dmarc_quarantine not in ("hold", "header"):
+        problems.append(
+            f'mailauth.dmarc_quarantine: must be "hold" or "header", got '
+            f"{settings.dmarc_quarantine!r}"
+        )
+    if settings.arc_seal:
+        unknown = sorted(set(settings.arc_seal) - {"domain", "selector"})
+        domain = settings.arc_seal.get("domain", "").strip().rstrip(".").lower()
+        selector = settings.arc_seal.get("selector", "").strip().rstrip(".").lower()
+        if unknown:
+            problems.append(
+                f"mailauth.arc_seal: unknown key {', '.join(unknown)} (known: domain, selector)"
+            )
+        if not domain or not selector:
+            problems.append("mailauth.arc_seal: needs both domain and selector, or {} for none")
+        elif not _DNS_LABELS.fullmatch(domain) or not _DNS_LABELS.fullmatch(selector):
+            problems.append(f"mailauth.arc_seal: {domain!r} / {selector!r} is not a DNS name")
+        else:
+            # the DKIM key layout (tachymail.mailauth.dkim.key_path); checked now, not at
+            # the first relayed message
+            key = config.data_path / "dkim" / domain / f"{selector}.key"
+            if not key.is_file():
+                problems.append(
+                    f"mailauth.arc_seal: key {key} does not exist: create it with "
+                    f"`tachymail dkim keygen --domain {domain} --selector {selector}`"
+                )
+    for name in ("dnsbl_zones", "dnswl_zones"):
+        for i, zone in enumerate(getattr(settings, name)):
+            if not _DNS_LABELS.fullmatch(zone.strip().rstrip(".").lower()):
+                problems.append(f"mailauth.{name}[{i}]: {zone!r} is not a DNS zone name")
     return problems
 
 

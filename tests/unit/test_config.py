@@ -87,6 +87,7 @@ def test_every_setting_is_documented() -> None:
         "delivery",
         "pool",
         "dkim",
+        "mailauth",
     ):
         assert f"## [{section}]" in docs
         for item in dataclasses.fields(getattr(config, section)):

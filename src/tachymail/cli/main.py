@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tachymail import __version__
-from tachymail.cli import commands, config_cmd, directory_cmd, logs, mailbox_cmd
+from tachymail.cli import (
+    commands,
+    config_cmd,
+    directory_cmd,
+    dmarc_cmd,
+    logs,
+    mailauth_cmd,
+    mailbox_cmd,
+)
 
 KERNELS = ("commands", "data", "mime")
 
@@ -211,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     directory_cmd.add_user_parser(sub)
     directory_cmd.add_alias_parser(sub)
     mailbox_cmd.add_mailbox_parser(sub)
+    dmarc_cmd.add_dmarc_parser(sub)
+    mailauth_cmd.add_mailauth_parser(sub)
 
     dkim = sub.add_parser("dkim", help="manage DKIM signing keys")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)

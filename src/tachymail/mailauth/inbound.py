@@ -1,0 +1,427 @@
+"""The inbound checks of one SMTP session, made into decisions (what intake calls).
+
+A session on a listener whose mode (:meth:`InboundChecker.mode`) is not ``off``, from a
+client that is neither authenticated nor trusted, calls:
+
+1. :meth:`InboundChecker.connect` when the client connects: DNS block and allow lists.
+   ``reply`` (554 5.7.1) is what an ``enforce`` listener sends instead of its greeting; an
+   allow-listed client skips everything below.
+2. :meth:`InboundChecker.iprev` (may run beside the greeting) and
+   :meth:`InboundChecker.mail` at MAIL FROM: SPF of the MAIL FROM and HELO identities;
+   ``reply`` (550 5.7.23) when ``spf_reject_fail`` is set and SPF says fail.
+3. :meth:`InboundChecker.message` after DATA: DKIM and ARC (side by side), DMARC, the
+   Authentication-Results field, forged fields removed, DMARC aggregate data, ARC sealing
+   of relayed mail, and the action the policy asks for.
+
+Nothing here raises for bad input or DNS trouble: a check that cannot complete gives its
+``temperror`` (or ``permerror``) result, and an unexpected error inside a check is logged
+and reported as ``temperror`` for that method, never as a rejection of the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from tachymail.config import Config, ListenerConfig
+from tachymail.mailauth.arc import ArcResult, ArcSealer, verify_arc
+from tachymail.mailauth.dkim import DkimResult, verify_dkim
+from tachymail.mailauth.dmarc import DmarcResult, aligned, check_dmarc, from_domain
+from tachymail.mailauth.dnsapi import DnsLookups
+from tachymail.mailauth.dnsbl import Listing, dnsbl
+from tachymail.mailauth.iprev import IprevResult, check_iprev
+from tachymail.mailauth.results import authentication_results, remove_forged
+from tachymail.mailauth.spf import SpfResult, check_spf
+from tachymail.protocol.replies import reply
+
+if TYPE_CHECKING:
+    from tachymail.mailauth.reports import DmarcReports
+
+__all__ = [
+    "QUARANTINE_HEADER",
+    "ConnectVerdict",
+    "InboundChecker",
+    "MailVerdict",
+    "MessageVerdict",
+]
+
+log = logging.getLogger(__name__)
+
+#: the field ``dmarc_quarantine = "header"`` adds to a message DMARC quarantines
+QUARANTINE_HEADER = b"X-Tachymail-Quarantine: dmarc\r\n"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectVerdict:
+    """The DNSBL/DNSWL outcome for a client address.
+
+    ``reply``: ``554 5.7.1 Service unavailable; client [IP] blocked using ZONE[; TEXT]``
+    when a block list lists the client and no allow list does, else None. ``allowlisted``:
+    an allow list lists the client (the later checks are skipped). ``listings``: every
+    list, block and allow, that lists the client.
+    """
+
+    reply: bytes | None
+    allowlisted: bool
+    listings: tuple[Listing, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MailVerdict:
+    """SPF at MAIL FROM: the MAIL FROM and HELO results (None: SPF is off), and ``reply``
+    (``550 5.7.23``) when ``spf_reject_fail`` is set and the MAIL FROM result is fail."""
+
+    spf: SpfResult | None
+    helo: SpfResult | None
+    reply: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVerdict:
+    """What to do with a message after DATA.
+
+    ``action``: ``"accept"``, ``"reject"`` (send ``reply`` instead of 250 and keep
+    nothing: ``550 5.7.1`` for a DMARC reject, ``451 4.4.3`` instead when SPF or a DKIM
+    signature of a domain that could align failed temporarily: a retry may pass) or
+    ``"quarantine"`` (queue it on hold). ``headers``: the fields to put on top of ``content`` (our
+    Authentication-Results; the quarantine header and the ARC set when they apply), CRLF
+    terminated. ``content``: the message without the Authentication-Results fields that
+    claimed our authserv-id (the same object when there were none). ``results``: (method,
+    result) pairs (methods spf, spf_helo, dkim, dmarc, arc, iprev) for the metrics;
+    ``summary``: the same as one log-line fragment, ``"spf=pass dkim=pass dmarc=pass"``.
+    ``dkim``, ``dmarc``, ``arc``: the results themselves (for details; empty / None for a
+    method that did not run).
+    """
+
+    action: str
+    reply: bytes | None
+    headers: bytes
+    content: bytes
+    results: tuple[tuple[str, str], ...]
+    summary: str
+    dkim: tuple[DkimResult, ...] = ()
+    dmarc: DmarcResult | None = None
+    arc: ArcResult | None = None
+
+
+class InboundChecker:
+    """The inbound checks of the configuration's ``[mailauth]`` section, on *dns*.
+
+    One per worker process (it holds the DMARC aggregate store and the ARC key). With
+    *record_reports* False no DMARC aggregate data is kept whatever the configuration says
+    (`tachymail mailauth check` looks at a file; it received nothing). The ARC key is read
+    here: ValueError naming the file when it is missing or unusable.
+    """
+
+    def __init__(self, config: Config, dns: DnsLookups, *, record_reports: bool = True) -> None:
+        self.config = config
+        self.settings = config.mailauth
+        self.dns = dns
+        #: the authserv-id of our Authentication-Results fields
+        self.authserv_id = self.settings.authserv_id or config.server.hostname
+        self.reports: DmarcReports | None = None
+        if record_reports and self.settings.dmarc and self.settings.dmarc_reports:
+            from tachymail.mailauth.reports import DmarcReports  # lmdb: only when used
+
+            self.reports = DmarcReports(config.data_path)
+        self.sealer: ArcSealer | None = None
+        if self.settings.arc_seal:
+            self.sealer = ArcSealer(
+                config.data_path,
+                self.settings.arc_seal["domain"],
+                self.settings.arc_seal["selector"],
+            )
+
+    def mode(self, role: str, listener: ListenerConfig | None = None) -> str:
+        """``"enforce"``, ``"tag"`` or ``"off"``: the listener's ``mailauth`` setting when
+        *listener* is given and sets one, else by *role* (enforce on mx, off elsewhere)."""
+        if listener is not None:
+            return listener.mailauth_mode
+        return ListenerConfig(role=role).mailauth_mode
+
+    def flush(self) -> None:
+        """Write the buffered DMARC aggregate data now (at worker stop)."""
+        if self.reports is not None:
+            try:
+                self.reports.flush()
+            except Exception:
+                log.exception("DMARC aggregate data could not be written")
+
+    # -- connect -----------------------------------------------------------------------------
+
+    async def connect(self, ip: str) -> ConnectVerdict:
+        """Look *ip* up in the block and allow lists, all at once. A client on an allow list
+        is not refused for a block list (the operator trusts the allow list more)."""
+        block, allow = self.settings.dnsbl_zones, self.settings.dnswl_zones
+        if not block and not allow:
+            return ConnectVerdict(None, False, ())
+        blocked, allowed = await asyncio.gather(
+            self._guard("dnsbl", dnsbl(self.dns, ip, block), list[Listing]()),
+            self._guard("dnswl", dnsbl(self.dns, ip, allow), list[Listing]()),
+        )
+        listings = (*blocked, *allowed)
+        if allowed:
+            log.info("client %s is on allow list %s", ip, allowed[0].zone)
+            return ConnectVerdict(None, True, listings)
+        if blocked:
+            first = blocked[0]
+            text = f"Service unavailable; client [{ip}] blocked using {first.zone}"
+            if first.text:
+                text += f"; {first.text}"
+            log.info("client %s refused: listed on %s (%s)", ip, first.zone, ",".join(first.codes))
+            return ConnectVerdict(reply(554, "5.7.1", text), False, listings)
+        return ConnectVerdict(None, False, listings)
+
+    # -- iprev, MAIL FROM ----------------------------------------------------------------------
+
+    async def iprev(self, ip: str) -> IprevResult | None:
+        """The iprev result of *ip*; None when ``iprev`` is off."""
+        if not self.settings.iprev:
+            return None
+        fallback = IprevResult("temperror", "", "internal error", ip)
+        return await self._guard("iprev", check_iprev(self.dns, ip), fallback)
+
+    async def mail(self, ip: str, helo: str, mail_from: str) -> MailVerdict:
+        """SPF of the MAIL FROM (*mail_from* without angle brackets, "" for the null sender)
+        and HELO identities; with ``spf_reject_fail``, a fail gets
+        ``550 5.7.23 <addr>: Sender address rejected: SPF check failed[: explanation]``."""
+        if not self.settings.spf:
+            return MailVerdict(None, None, None)
+        sender = mail_from.strip().removeprefix("<").removesuffix(">")
+        domain = sender.rpartition("@")[2] if sender else helo
+        fallback = (
+            SpfResult("temperror", "mailfrom", domain, sender, detail="internal error"),
+            SpfResult("temperror", "helo", helo, f"postmaster@{helo}", detail="internal error"),
+        )
+        spf, helo_result = await self._guard(
+            "spf", check_spf(self.dns, ip, sender, helo, receiver=self.authserv_id), fallback
+        )
+        answer = None
+        if self.settings.spf_reject_fail and spf.result == "fail":
+            text = f"<{sender}>: Sender address rejected: SPF check failed"
+            why = _printable(spf.explanation) or (
+                f"{spf.domain} does not designate {ip} as permitted sender"
+            )
+            answer = reply(550, "5.7.23", f"{text}: {why}")
+        return MailVerdict(spf, helo_result, answer)
+
+    # -- after DATA ----------------------------------------------------------------------------
+
+    async def message(
+        self,
+        *,
+        ip: str,
+        helo: str,
+        mail_from: str,
+        mail: MailVerdict,
+        iprev: IprevResult | None,
+        content: bytes,
+        mode: str,
+        relay: bool,
+    ) -> MessageVerdict:
+        """DKIM, ARC and DMARC of *content*, our Authentication-Results field, and the action.
+
+        *mail* and *iprev* are what :meth:`mail` and :meth:`iprev` gave for this
+        transaction. In mode ``"tag"`` the action is always accept (the header still tells
+        the truth). DMARC fail with disposition reject gets, as ``dmarc_reject`` says, a
+        reject (``550 5.7.1``), a quarantine or nothing; quarantine is ``"quarantine"``
+        (hold) or, with ``dmarc_quarantine = "header"``, accept with
+        ``X-Tachymail-Quarantine: dmarc``. With *relay* and ``arc_seal`` configured the
+        ARC set is added too. Never raises.
+        """
+        settings = self.settings
+        stripped, forged = remove_forged(content, self.authserv_id)
+        if forged:
+            log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)
+        author = from_domain(content) if settings.dmarc else None
+        dkim_task = (
+            self._guard("dkim", self._dkim(content), [_dkim_error()])
+            if settings.dkim
+            else _value(list[DkimResult]())
+        )
+        seal = self.sealer is not None and relay
+        arc_task = (
+            self._guard(
+                "arc", verify_arc(self.dns, content), ArcResult("temperror", 0, "internal error")
+            )
+            if settings.arc or seal
+            else _value(None)
+        )
+        # the DMARC record is wanted after DKIM: ask for it now so the answer is cached by then
+        prefetch = self._prefetch(f"_dmarc.{author}") if author else _value(None)
+        dkim, arc, _ = await asyncio.gather(dkim_task, arc_task, prefetch)
+        dmarc: DmarcResult | None = None
+        if settings.dmarc:
+            dmarc = await self._guard(
+                "dmarc",
+                check_dmarc(self.dns, author, mail.spf, dkim),
+                DmarcResult(
+                    "temperror", author or "", "none", "none", False, False, detail="internal error"
+                ),
+            )
+            self._record(dmarc, ip, mail_from, mail.spf, dkim)
+        shown_arc = arc if settings.arc else None
+        # RFC 8601 §2.7.1: dkim=none says the message was not signed
+        shown_dkim = dkim or ([DkimResult("none", "", "", "", "", "")] if settings.dkim else [])
+        header = authentication_results(
+            self.authserv_id, mail.spf, mail.helo, shown_dkim, dmarc, shown_arc, iprev, remote_ip=ip
+        )
+        action, answer, quarantine_header = self._policy(dmarc, mail.spf, dkim, mode)
+        headers = header + (QUARANTINE_HEADER if quarantine_header else b"")
+        if seal and arc is not None and action != "reject":
+            headers = self._seal(headers, stripped, arc) + headers
+        results = _results(mail, shown_dkim, dmarc, shown_arc, iprev)
+        summary = " ".join(_summary(results))
+        return MessageVerdict(
+            action, answer, headers, stripped, results, summary, tuple(dkim), dmarc, shown_arc
+        )
+
+    async def _dkim(self, content: bytes) -> list[DkimResult]:
+        return await verify_dkim(
+            self.dns, content, max_signatures=self.settings.dkim_max_signatures
+        )
+
+    async def _prefetch(self, name: str) -> None:
+        try:
+            await self.dns.txt(name)
+        except Exception:  # only a cache warm-up: check_dmarc asks again and judges
+            log.debug("prefetch of %s failed", name, exc_info=True)
+
+    def _policy(
+        self,
+        dmarc: DmarcResult | None,
+        spf: SpfResult | None,
+        dkim: Sequence[DkimResult],
+        mode: str,
+    ) -> tuple[str, bytes | None, bool]:
+        """(action, reply, add the quarantine header) for the DMARC result."""
+        if mode != "enforce" or dmarc is None or dmarc.result != "fail":
+            return "accept", None, False
+        disposition = dmarc.disposition
+        if disposition == "reject":
+            disposition = self.settings.dmarc_reject
+        if disposition == "reject":
+            author = dmarc.from_domain
+            temporary = (
+                spf is not None and spf.result == "temperror" and aligned(spf.domain, author, "r")
+            ) or any(
+                d.result == "temperror" and (not d.domain or aligned(d.domain, author, "r"))
+                for d in dkim
+            )
+            if temporary:
+                # an aligned SPF or DKIM pass may be hidden behind the DNS failure: the
+                # sender retries, rather than the message being refused for good
+                text = (
+                    f"Temporary DNS failure checking DMARC of {dmarc.from_domain}; try again later"
+                )
+                return "reject", reply(451, "4.4.3", text), False
+            text = (
+                f"Message rejected: DMARC policy of {dmarc.from_domain} says reject "
+                "(SPF and DKIM not aligned)"
+            )
+            return "reject", reply(550, "5.7.1", text), False
+        if disposition == "quarantine":
+            if self.settings.dmarc_quarantine == "header":
+                return "accept", None, True
+            return "quarantine", None, False
+        return "accept", None, False
+
+    def _seal(self, headers: bytes, content: bytes, arc: ArcResult) -> bytes:
+        """The ARC set for the message as it leaves (our fields on top); b"" when the chain
+        cannot be sealed now (a key lookup failed: sealing "fail" would break it for good)."""
+        assert self.sealer is not None
+        if arc.result not in ("none", "pass", "fail"):
+            log.warning("ARC chain not sealed: its validation gave %s (%s)", arc.result, arc.detail)
+            return b""
+        value = _field_value(headers)
+        try:
+            return self.sealer.seal(headers + content, self.authserv_id, value, arc.result)
+        except Exception:
+            log.exception("ARC sealing failed; the message goes on without a new ARC set")
+            return b""
+
+    def _record(
+        self,
+        dmarc: DmarcResult,
+        ip: str,
+        mail_from: str,
+        spf: SpfResult | None,
+        dkim: Sequence[DkimResult],
+    ) -> None:
+        if self.reports is None:
+            return
+        try:
+            self.reports.add(dmarc, ip, mail_from, spf, dkim)
+        except Exception:  # report data, not mail: never a reason to refuse the message
+            log.exception("DMARC aggregate data not recorded")
+
+    async def _guard(self, method: str, work: Awaitable[T], fallback: T) -> T:
+        """*work*'s result; *fallback* (a temperror) and a log line if it raises."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("mailauth %s check failed unexpectedly; reported as temperror", method)
+            return fallback
+
+
+async def _value(value: T) -> T:
+    return value
+
+
+def _dkim_error() -> DkimResult:
+    return DkimResult("temperror", "", "", "", "", "", "internal error")
+
+
+def _field_value(headers: bytes) -> bytes:
+    """The value of the first field of *headers* (our Authentication-Results), unfolded."""
+    first, *rest = headers.split(b"\r\n")
+    lines = [first.partition(b":")[2].strip()]
+    for line in rest:
+        if line[:1] not in (b" ", b"\t"):
+            break
+        lines.append(line.strip())
+    return b" ".join(lines)
+
+
+def _printable(text: str) -> str:
+    """*text* fit for an SMTP reply line: printable ASCII, one line, not too long."""
+    clean = " ".join("".join(ch if " " <= ch <= "~" else " " for ch in text).split())
+    return clean[:200]
+
+
+def _results(
+    mail: MailVerdict,
+    dkim: Sequence[DkimResult],
+    dmarc: DmarcResult | None,
+    arc: ArcResult | None,
+    iprev: IprevResult | None,
+) -> tuple[tuple[str, str], ...]:
+    pairs: list[tuple[str, str]] = []
+    if mail.spf is not None:
+        pairs.append(("spf", mail.spf.result))
+    if mail.helo is not None:
+        pairs.append(("spf_helo", mail.helo.result))
+    pairs += [("dkim", d.result) for d in dkim]
+    if dmarc is not None:
+        pairs.append(("dmarc", dmarc.result))
+    if arc is not None:
+        pairs.append(("arc", arc.result))
+    if iprev is not None:
+        pairs.append(("iprev", iprev.result))
+    return tuple(pairs)
+
+
+def _summary(results: Sequence[tuple[str, str]]) -> list[str]:
+    """``method=result`` words in order; several results of a method (dkim) joined:
+    ``dkim=pass,fail``."""
+    words: dict[str, list[str]] = {}
+    for method, result in results:
+        words.setdefault(method, []).append(result)
+    return [f"{method}={','.join(values)}" for method, values in words.items()]

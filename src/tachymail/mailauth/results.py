@@ -1,0 +1,347 @@
+"""The Authentication-Results header field (RFC 8601): writing ours, removing forged ones.
+
+:func:`authentication_results` turns the results of the checks into one field, put on top
+of the message by intake; :func:`remove_forged` takes away every field that claims our
+authserv-id before that (RFC 8601 §5: a receiver must not let an earlier hop, or the
+sender, speak in its name).
+
+The field reads, one result per folded line::
+
+    Authentication-Results: mx.example.net;
+    \tspf=pass smtp.mailfrom=alice@example.com;
+    \tspf=pass smtp.helo=mail.example.com;
+    \tdkim=pass header.d=example.com header.s=s1 header.a=rsa-sha256 header.b=AbCdEfGh;
+    \tdmarc=pass (p=reject dis=none) header.from=example.com;
+    \tarc=none;
+    \tiprev=pass policy.iprev=192.0.2.1 (mail.example.com)
+
+Failures and errors carry ``reason="..."`` with the check's own words; lines are folded at
+spaces to stay under 78 characters where a single word allows it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the result types only; results.py needs none of their code
+    from tachymail.mailauth.arc import ArcResult
+    from tachymail.mailauth.dkim import DkimResult
+    from tachymail.mailauth.dmarc import DmarcResult
+    from tachymail.mailauth.iprev import IprevResult
+    from tachymail.mailauth.spf import SpfResult
+
+__all__ = ["FIELD", "authentication_results", "authserv_id_of", "remove_forged"]
+
+FIELD = "Authentication-Results"
+#: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, CRLF excluded
+LINE = 78
+#: header.b carries at least this many characters of b= (RFC 6008 §4)
+B_PREFIX = 8
+
+# RFC 2045 token: printable ASCII but space and tspecials
+_TOKEN = re.compile(r"[!#$%&\'*+\-.0-9A-Z^_`a-z{|}~]+")
+# RFC 5322 dot-atom, the unquoted form of a local-part
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+# what a result keyword may be; anything else is written as "permerror"
+_KEYWORD = re.compile(r"[a-z]+")
+# results whose detail is worth a reason=
+_EXPLAINED = frozenset({"fail", "softfail", "temperror", "permerror", "policy", "neutral"})
+# the longest reason text kept (a DNS error or an exp= text can be long)
+_REASON_MAX = 200
+
+
+def _quoted(text: str) -> str:
+    """*text* as an RFC 5322 quoted-string: printable ASCII, runs of white space made one
+    space, ``\\`` and ``"`` escaped."""
+    clean = "".join(ch if " " <= ch <= "~" else " " for ch in text)
+    clean = " ".join(clean.split())
+    return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _value(text: str) -> str:
+    """An RFC 8601 ``value`` (RFC 2045 token, else a quoted-string)."""
+    return text if _TOKEN.fullmatch(text) else _quoted(text)
+
+
+def _pvalue(text: str) -> str:
+    """An RFC 8601 ``pvalue``: ``[[local-part] "@"] domain-name``, or a ``value``."""
+    local, at, domain = text.rpartition("@")
+    if at and _DOMAIN.fullmatch(domain):
+        if not local or _DOT_ATOM.fullmatch(local):
+            return text
+        return _quoted(local) + "@" + domain
+    return _value(text)
+
+
+def _keyword(result: str) -> str:
+    keyword = result.strip().lower()
+    return keyword if _KEYWORD.fullmatch(keyword) else "permerror"
+
+
+def _reason(result: str, *texts: str) -> list[str]:
+    """``reason="..."`` from the first non-empty text, for results that need explaining."""
+    if result not in _EXPLAINED:
+        return []
+    for text in texts:
+        if text and text.strip():
+            text = text.strip()
+            if len(text) > _REASON_MAX:
+                text = text[: _REASON_MAX - 3] + "..."
+            return ["reason=" + _quoted(text)]
+    return []
+
+
+def _spf(result: SpfResult, prop: str) -> list[str]:
+    keyword = _keyword(result.result)
+    match = f"matched {result.mechanism}" if result.mechanism and keyword == "fail" else ""
+    words = [f"spf={keyword}"]
+    words += _reason(keyword, result.detail, result.explanation, match)
+    identity = result.sender if prop == "mailfrom" else result.domain
+    if identity:
+        words.append(f"smtp.{prop}={_pvalue(identity)}")
+    return words
+
+
+def _b_prefixes(signatures: Sequence[str]) -> list[str]:
+    """The shortest prefix of each b= value, at least 8 characters, that tells it apart
+    from the others (RFC 6008 §4: header.b must identify one signature)."""
+    prefixes = []
+    for i, b in enumerate(signatures):
+        others = [s for j, s in enumerate(signatures) if j != i and s != b]
+        size = min(B_PREFIX, len(b))
+        while size < len(b) and any(o.startswith(b[:size]) for o in others):
+            size += 1
+        prefixes.append(b[:size])
+    return prefixes
+
+
+def _dkim(result: DkimResult, b_prefix: str) -> list[str]:
+    keyword = _keyword(result.result)
+    words = [f"dkim={keyword}"]
+    words += _reason(keyword, result.detail)
+    if result.domain:
+        words.append(f"header.d={_pvalue(result.domain)}")
+    if result.identity:
+        words.append(f"header.i={_pvalue(result.identity)}")
+    if result.selector:
+        words.append(f"header.s={_value(result.selector)}")
+    if result.algorithm:
+        words.append(f"header.a={_value(result.algorithm)}")
+    if b_prefix:
+        words.append(f"header.b={_value(b_prefix)}")
+    return words
+
+
+def _dmarc(result: DmarcResult) -> list[str]:
+    keyword = _keyword(result.result)
+    words = [f"dmarc={keyword}"]
+    words += _reason(keyword, result.detail)
+    if keyword in ("pass", "fail"):
+        # the comment OpenDMARC and the big receivers write: the policy and what we did
+        words.append(f"(p={_comment(result.policy)} dis={_comment(result.disposition)})")
+    if result.from_domain:
+        words.append(f"header.from={_pvalue(result.from_domain)}")
+    return words
+
+
+def _arc(result: ArcResult, remote_ip: str) -> list[str]:
+    keyword = _keyword(result.result)
+    words = [f"arc={keyword}"]
+    words += _reason(keyword, result.detail)
+    if result.instance:
+        words.append(f"(i={result.instance})")
+    if result.oldest_pass:
+        words.append(f"header.oldest-pass={result.oldest_pass}")
+    if remote_ip and keyword != "none":
+        words.append(f"smtp.remote-ip={_value(remote_ip)}")  # RFC 8617 §10.2
+    return words
+
+
+def _iprev(result: IprevResult) -> list[str]:
+    keyword = _keyword(result.result)
+    words = [f"iprev={keyword}"]
+    words += _reason(keyword, result.detail)
+    if result.ip:
+        words.append(f"policy.iprev={_value(result.ip)}")
+    if result.name:
+        words.append(f"({_comment(result.name)})")
+    return words
+
+
+def _comment(text: str) -> str:
+    """Text safe inside an RFC 5322 comment: printable ASCII without parentheses or ``\\``."""
+    return "".join(ch if " " < ch <= "~" and ch not in "()\\" else "_" for ch in text) or "-"
+
+
+def authentication_results(
+    authserv_id: str,
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    dmarc: DmarcResult | None,
+    arc: ArcResult | None,
+    iprev: IprevResult | None,
+    *,
+    remote_ip: str = "",
+) -> bytes:
+    """The whole field, ``Authentication-Results: <authserv-id>; ...\\r\\n``, folded.
+
+    One result per method that ran, in this order: spf (MAIL FROM, ``smtp.mailfrom``), spf
+    (HELO, ``smtp.helo``), dkim (one per signature: ``header.d``, ``header.i``, ``header.s``,
+    ``header.a``, ``header.b`` with the shortest unique prefix of at least 8 characters),
+    dmarc (``header.from``, the policy and disposition in a comment), arc
+    (``smtp.remote-ip`` when *remote_ip* is given), iprev (``policy.iprev``, the name in a
+    comment). ``None`` (and an empty *dkim*) means the method did not run and is left out;
+    when none ran the field says ``none`` (RFC 8601 §2.2). Failures and errors carry
+    ``reason="..."``. Values that are not RFC 2045 tokens are quoted; the text is ASCII.
+    """
+    resinfos: list[list[str]] = []
+    if spf is not None:
+        resinfos.append(_spf(spf, "mailfrom"))
+    if helo is not None:
+        resinfos.append(_spf(helo, "helo"))
+    prefixes = _b_prefixes([d.signature_b for d in dkim])
+    resinfos += [_dkim(d, b) for d, b in zip(dkim, prefixes, strict=True)]
+    if dmarc is not None:
+        resinfos.append(_dmarc(dmarc))
+    if arc is not None:
+        resinfos.append(_arc(arc, remote_ip))
+    if iprev is not None:
+        resinfos.append(_iprev(iprev))
+    head = f"{FIELD}: {_value(authserv_id)};"
+    if not resinfos:
+        return (head + " none\r\n").encode("ascii")
+    lines = [head]
+    for n, words in enumerate(resinfos):
+        if n < len(resinfos) - 1:
+            words = [*words[:-1], words[-1] + ";"]
+        lines += _fold(words)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _fold(words: list[str]) -> list[str]:
+    """One resinfo as lines: the first starts with a tab, the rest (folded before one of
+    its spaces, which RFC 5322 allows inside quoted strings and comments too) with that
+    space; a run without spaces longer than a line stays whole."""
+    pieces = " ".join(words).split(" ")  # quoted text has single spaces (see _quoted)
+    lines = ["\t" + pieces[0]]
+    for word in pieces[1:]:
+        if len(lines[-1]) + 1 + len(word) > LINE:
+            lines.append(" " + word)
+        else:
+            lines[-1] += " " + word
+    return lines
+
+
+# -- forged fields -------------------------------------------------------------------------
+
+_ID_END = re.compile(rb'[\s;()"]')
+
+
+def _skip_cfws(value: bytes, pos: int) -> int:
+    """The position after white space and (nested) comments from *pos*."""
+    depth = 0
+    while pos < len(value):
+        ch = value[pos : pos + 1]
+        if depth:
+            if ch == b"\\":
+                pos += 1
+            elif ch == b"(":
+                depth += 1
+            elif ch == b")":
+                depth -= 1
+        elif ch == b"(":
+            depth = 1
+        elif ch not in (b" ", b"\t", b"\r", b"\n"):
+            return pos
+        pos += 1
+    return pos
+
+
+def authserv_id_of(value: bytes) -> str | None:
+    """The authserv-id of an Authentication-Results field value (lower-cased), skipping
+    comments and white space; a quoted-string is unquoted. None when there is none."""
+    pos = _skip_cfws(value, 0)
+    if pos >= len(value):
+        return None
+    if value[pos : pos + 1] == b'"':
+        out = bytearray()
+        pos += 1
+        while pos < len(value) and value[pos : pos + 1] != b'"':
+            if value[pos : pos + 1] == b"\\":
+                pos += 1
+            if value[pos : pos + 1] not in (b"\r", b"\n"):
+                out += value[pos : pos + 1]
+            pos += 1
+        text = bytes(out)
+    else:
+        end = _ID_END.search(value, pos)
+        text = value[pos : end.start() if end else len(value)]
+    if not text:
+        return None
+    return text.decode("utf-8", "replace").strip().lower()
+
+
+def remove_forged(content: bytes, authserv_id: str) -> tuple[bytes, int]:
+    """*content* without the Authentication-Results fields whose authserv-id is
+    *authserv_id* (compared case-insensitively), and how many were removed.
+
+    Only the top-level header block (up to the first empty line) is looked at; a field is
+    taken with its continuation lines; every other byte, line endings included, is kept as
+    it was. A field that only mentions our id elsewhere (in a comment, a property) stays.
+    When nothing is removed the very same object is returned.
+    """
+    ours = authserv_id.strip().lower()
+    name = FIELD.lower().encode("ascii")
+    if name not in content[: _header_end(content)].lower():
+        return content, 0  # the common case: a scan, no copy
+    out: list[bytes] = []
+    removed = 0
+    pos = 0
+    end = _header_end(content)
+    dropping = False
+    while pos < end:
+        nl = content.find(b"\n", pos, end)
+        stop = end if nl < 0 else nl + 1
+        line = content[pos:stop]
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                out.append(line)
+        else:
+            dropping = False
+            field_name, colon, _rest = line.partition(b":")
+            if colon and field_name.rstrip(b" \t").lower() == name:
+                value = _field_value(content, pos + len(field_name) + 1, end)
+                if authserv_id_of(value) == ours:
+                    dropping = True
+                    removed += 1
+            if not dropping:
+                out.append(line)
+        pos = stop
+    if not removed:
+        return content, 0
+    return b"".join(out) + content[end:], removed
+
+
+def _header_end(content: bytes) -> int:
+    """Where the header block ends: the start of the empty line that ends it (or the end)."""
+    if content.startswith(b"\r\n") or content.startswith(b"\n"):
+        return 0
+    crlf = content.find(b"\r\n\r\n")
+    lf = content.find(b"\n\n")
+    ends = [i + 2 for i in (crlf,) if i >= 0] + [i + 1 for i in (lf,) if i >= 0]
+    return min(ends) if ends else len(content)
+
+
+def _field_value(content: bytes, start: int, end: int) -> bytes:
+    """The value of the field whose value starts at *start*: up to the next line that does
+    not begin with white space."""
+    pos = start
+    while True:
+        nl = content.find(b"\n", pos, end)
+        if nl < 0 or nl + 1 >= end or content[nl + 1 : nl + 2] not in (b" ", b"\t"):
+            return content[start : end if nl < 0 else nl + 1]
+        pos = nl + 1
