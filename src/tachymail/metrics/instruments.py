@@ -26,7 +26,7 @@ from tachymail.protocol import commands as C
 DESTINATIONS = 20
 
 LISTENER_ROLES = ("mx", "submission", "smtps", "lmtp")
-REFUSE_REASONS = ("max_connections", "max_per_ip", "early_talker")
+REFUSE_REASONS = ("max_connections", "max_per_ip", "early_talker", "dnsbl")
 #: why the server cut a session off (a timeout of some kind, or a client that never reads)
 CUT_REASONS = (
     "command_timeout",
@@ -45,6 +45,9 @@ REJECT_REASONS = (
     "queue_error",
     "loop",
     "content",
+    "dmarc",
+    "dmarc_tempfail",
+    "mailauth_error",
 )
 RCPT_REJECT_REASONS = (
     "relay_denied",
@@ -58,7 +61,7 @@ RCPT_REJECT_REASONS = (
 LMTP_RESULTS = ("delivered", "over_quota", "storage_full", "error", "loop")
 #: outcomes of an address-verification probe (policy.verify_recipients)
 PROBE_RESULTS = ("deliverable", "undeliverable", "unverified")
-MAIL_REJECT_REASONS = ("not_owned",)
+MAIL_REJECT_REASONS = ("not_owned", "spf")
 LOCKOUT_SCOPES = ("ip", "user")
 RESULTS = ("delivered", "deferred", "bounced")
 #: results of local deliveries: "duplicate" = already in the mailbox, nothing written
@@ -69,6 +72,20 @@ WORKER_KINDS = ("smtp", "delivery")
 #: POP3 listener roles, and how a POP3 login ended (in_use: the maildrop was locked)
 POP3_ROLES = ("pop3", "pop3s")
 POP3_LOGIN_RESULTS = ("success", "failure", "locked_out", "in_use")
+#: inbound message-authentication methods and their RFC 8601 result keywords (the label
+#: sets exported from the start); at connect, dnsbl counts "fail" for a client listed on a
+#: DNSBL zone and "pass" otherwise, dnswl "pass" for a client on a DNSWL zone, else "none"
+AUTH_METHODS = ("spf", "spf_helo", "dkim", "dmarc", "arc", "iprev", "dnsbl", "dnswl")
+AUTH_RESULTS = (
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "policy",
+    "temperror",
+    "permerror",
+)
 
 VERBS: dict[int, str] = {
     C.VERB_HELO: "HELO",
@@ -199,6 +216,8 @@ pop3_retrieved_messages: CounterTally
 pop3_retrieved_bytes: CounterTally
 pop3_deleted_messages: Counter
 lmtp_deliveries: dict[str, CounterTally]
+auth_results_total: Counter
+auth_results: dict[tuple[str, str], Counter]
 
 _destinations: dict[str, str] = {}
 _attempts: dict[tuple[str, str], CounterTally] = {}
@@ -218,7 +237,7 @@ def build() -> None:
     global dns_queries, dns_failures, dns_duration, dns_cache_hits, worker_restarts
     global pop3_sessions, pop3_sessions_open, pop3_logins, pop3_retrieved_messages
     global pop3_retrieved_bytes, pop3_deleted_messages
-    global lmtp_deliveries
+    global lmtp_deliveries, auth_results_total, auth_results
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, labels, registry=None)
@@ -532,6 +551,17 @@ def build() -> None:
         "tachymail_pop3_deleted_messages_total",
         "Messages expunged by POP3 DELE at the end of a session (UPDATE state).",
     )
+    auth_results_total = counter(
+        "tachymail_auth_results_total",
+        "Inbound message-authentication results, by method and RFC 8601 result "
+        "(one per message and method; dkim one per signature checked).",
+        ("method", "result"),
+    )
+    auth_results = {
+        (method, result): auth_results_total.labels(method, result)
+        for method in AUTH_METHODS
+        for result in AUTH_RESULTS
+    }
     _destinations.clear()
     _attempts.clear()
 
@@ -554,6 +584,19 @@ def delivery_attempt(result: str, hop: str) -> None:
         tally = CounterTally(delivery_attempts.labels(result, label))
         _attempts[(result, label)] = tally
     tally.inc()
+
+
+def auth_result(method: str, result: str) -> None:
+    """Count one *result* of *method* (``tachymail_auth_results_total``). A pair outside
+    AUTH_METHODS x AUTH_RESULTS counts under result "other" (and method "other" for an
+    unknown method), so that no label carries an unbounded value."""
+    child = auth_results.get((method, result))
+    if child is None:
+        key = (method if method in AUTH_METHODS else "other", "other")
+        child = auth_results.get(key)
+        if child is None:
+            child = auth_results[key] = auth_results_total.labels(*key)
+    child.inc()
 
 
 def flush() -> None:

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from tachymail.frontend import (
     is_trusted,
@@ -43,6 +43,8 @@ from tachymail.smtp.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeR
 
 if TYPE_CHECKING:
     from tachymail.auth.throttle import Verdict
+    from tachymail.mailauth.inbound import ConnectVerdict, MailVerdict, MessageVerdict
+    from tachymail.mailauth.iprev import IprevResult
     from tachymail.smtp.worker import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -82,21 +84,56 @@ _HELP = R.multiline(
 
 
 class SmtpSession(asyncio.Protocol):
-    """The server side of one SMTP connection on one listener."""
+    """The server side of one SMTP connection on one listener.
+
+    Inbound authentication (``mailauth``, the listener's mode: "enforce", "tag" or "off")
+    runs for clients that are neither trusted (policy.trusted_networks) nor authenticated,
+    through the worker's :class:`~tachymail.mailauth.inbound.InboundChecker`, without an
+    await per line: DNSBL/DNSWL before the greeting (a listed client gets the 554 5.7.1 as
+    its greeting, then 503 5.5.1 to everything but QUIT, RFC 5321 §3.1), iprev from the
+    connect on, SPF from MAIL FROM on (MAIL's reply waits for it only with
+    ``spf_reject_fail``: then 550 5.7.23 for an SPF fail), and DKIM, ARC and DMARC at the
+    end of the message, reading paused meanwhile (WAIT). A DMARC p=reject failure gets the
+    checker's 550 5.7.1 and nothing is queued; a quarantined message is queued held.
+    Authentication-Results (and an ARC set when sealing) go on top of the queued message,
+    above our Received field (RFC 8601 §5: above any other trace field), and fields
+    forging our authserv-id are removed. A client that leaves while a check runs leaves
+    nothing running: the session's checks are cancelled.
+    """
 
     #: verb number -> handler of this class (set below the class; a subclass that
     #: overrides a ``cmd_*`` method gets its own table, see __init_subclass__)
     commands: ClassVar[dict[int, Callable[[Any, bytes], None]]]
+    # The inbound checks under way, None when none (class defaults: an idle session on a
+    # listener without checks stores nothing for them).
+    _connect_check: asyncio.Task[ConnectVerdict] | None = None
+    _iprev_check: asyncio.Task[IprevResult | None] | None = None
+    _mail_check: asyncio.Task[MailVerdict] | None = None
+    _message_check: asyncio.Task[MessageVerdict] | None = None
+    #: the client is on a DNSWL zone: the later checks are skipped
+    allowlisted = False
+    #: the trace fields the inbound checks put on the message being accepted (our
+    #: Received field is then already on its content, under them)
+    _trace: bytes | None = None
+    #: the inbound results of the message being committed, for its intake log line
+    _auth_pending: str | None = None
+    #: the inbound results of the session's last checked message, for its log line
+    auth_last: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # The same verbs, each dispatched to the subclass's override when it has one.
         cls.commands = {verb: getattr(cls, fn.__name__) for verb, fn in _COMMANDS.items()}
 
-    def __init__(self, ctx: WorkerContext, role: str, implicit_tls: bool = False) -> None:
+    def __init__(
+        self, ctx: WorkerContext, role: str, implicit_tls: bool = False, mailauth: str = "off"
+    ) -> None:
         self.ctx = ctx
         self.role = role
         self.implicit_tls = implicit_tls
+        self.mailauth = mailauth  # the listener's inbound-authentication mode
+        # The command table; a client refused at connect gets one that only lets QUIT out.
+        self.handlers = self.commands
         limits = ctx.config.limits
         self.lines = C.LineReader(limits.max_command_line, AUTH_LINE_LIMIT)
         self.state = State.GREETING
@@ -135,6 +172,9 @@ class SmtpSession(asyncio.Protocol):
         self.bdat: BdatReader | None = None
         self.bdat_refused = False  # BDAT chunks of a refused transaction: read, then discarded
         self.data_started = 0.0  # the DATA command or first BDAT of the transfer under way
+        if self._mail_check is not None:  # the SPF check of a transaction given up
+            self._mail_check.cancel()
+            self._mail_check = None
 
     # --- connection life cycle -------------------------------------------------------------
 
@@ -164,7 +204,9 @@ class SmtpSession(asyncio.Protocol):
         self.opened = True
         m.smtp_connections_open[self.role].inc()
         delay = ctx.config.limits.greeting_delay
-        if delay > 0:
+        if self.mailauth != "off" and not self.trusted and self._connect_checks():
+            pass  # the greeting waits for the DNSBL/DNSWL verdict (see _connected)
+        elif delay > 0:
             self.ctx.loop.call_later(delay, self._greet)
         else:
             self._greet()
@@ -177,20 +219,232 @@ class SmtpSession(asyncio.Protocol):
         m.REPLIES[2] += 1
         self.transport.write(R.reply(220, "", f"{self.ctx.hostname} ESMTP Tachymail"))
 
+    # --- inbound authentication (mailauth) -----------------------------------------------
+
+    def _connect_checks(self) -> bool:
+        """Start the checks of a new untrusted client: iprev in the background, and the
+        DNSBL/DNSWL lookups when zones are configured; True when the greeting waits for
+        those (:meth:`_connected` sends it)."""
+        inbound = self.ctx.inbound
+        assert inbound is not None  # the worker makes one when a listener has checks on
+        settings = self.ctx.config.mailauth
+        loop = self.ctx.loop
+        if settings.iprev:  # its PTR and address lookups run beside the greeting
+            self._iprev_check = loop.create_task(inbound.iprev(self.peer_ip))
+            self._iprev_check.add_done_callback(_retrieve)
+        if not (settings.dnsbl_zones or settings.dnswl_zones):
+            return False
+        started = time.monotonic()
+        check = loop.create_task(inbound.connect(self.peer_ip))
+        self._connect_check = check
+        check.add_done_callback(lambda done: self._connected(done, started))
+        return True
+
+    def _connected(self, done: asyncio.Task[ConnectVerdict], started: float) -> None:
+        """The DNSBL/DNSWL verdict: a 554 greeting for a listed client, else the usual
+        greeting once limits.greeting_delay (counted from the connect) has passed."""
+        if self._connect_check is not done:
+            return
+        self._connect_check = None
+        if self.transport is None or self.state != State.GREETING:
+            return  # gone, or cut off meanwhile
+        verdict = _outcome(done, f"session {self.peer_ip}: DNSBL/DNSWL check")
+        if verdict is not None:
+            if self.ctx.config.mailauth.dnsbl_zones:
+                m.auth_result("dnsbl", "fail" if verdict.reply is not None else "pass")
+            if self.ctx.config.mailauth.dnswl_zones:
+                m.auth_result("dnswl", "pass" if verdict.allowlisted else "none")
+            if verdict.reply is not None and self.mailauth == "enforce":
+                self._refuse_client(verdict)
+                return
+            if verdict.allowlisted:
+                self.allowlisted = True
+                log.info("session %s: on a DNSWL, later checks skipped", self.peer_ip)
+                if self._iprev_check is not None:
+                    self._iprev_check.cancel()
+                    self._iprev_check = None
+        delay = self.ctx.config.limits.greeting_delay - (time.monotonic() - started)
+        if delay > 0:
+            self.ctx.loop.call_later(delay, self._greet)
+        else:
+            self._greet()
+
+    def _refuse_client(self, verdict: ConnectVerdict) -> None:
+        """Greet a DNSBL-listed client with the 554 5.7.1 naming the zone, then answer
+        every command but QUIT with 503 5.5.1 (RFC 5321 §3.1: the server waits for QUIT);
+        the error budget (limits.max_errors) ends a client that keeps talking."""
+        assert verdict.reply is not None and self.transport is not None
+        zones = ", ".join(listing.zone for listing in verdict.listings)
+        log.warning(
+            "refused connection from %s: listed on %s",
+            self.peer_ip,
+            zones,
+            extra={
+                "fields": {
+                    "event": "dnsbl_refused",
+                    "client": f"{self.peer_ip}:{self.peer_port}",
+                    "zones": [listing.zone for listing in verdict.listings],
+                }
+            },
+        )
+        self.outcome = "dnsbl"
+        m.smtp_connections_refused["dnsbl"].inc()
+        if self._iprev_check is not None:
+            self._iprev_check.cancel()
+            self._iprev_check = None
+        self.handlers = _REFUSED_COMMANDS
+        self.state = State.COMMAND
+        m.REPLIES[5] += 1
+        self.transport.write(verdict.reply)
+
+    def _refused_command(self, args: bytes) -> None:
+        self._error(R.reply(503, "5.5.1", "Error: service refused, send QUIT"), "refused client")
+
+    def _refused_quit(self, args: bytes) -> None:
+        self.out.append(R.BYE)  # the session's outcome stays "dnsbl"
+        self.close_after_flush = True
+        self.state = State.CLOSED
+
+    def _checking(self) -> bool:
+        """Whether this transaction gets the inbound checks: on for the listener, and a
+        client neither trusted, authenticated nor on a DNSWL."""
+        return (
+            self.mailauth != "off"
+            and not self.trusted
+            and self.auth_user is None
+            and not self.allowlisted
+        )
+
+    def _mail_checked(
+        self, sender: str, params: dict[str, str], done: asyncio.Task[MailVerdict]
+    ) -> None:
+        """MAIL's reply once SPF is known (``spf_reject_fail``): 550 5.7.23 for an SPF
+        fail (enforce mode), else 250 and the transaction opens."""
+        if self._mail_check is not done or self.transport is None:
+            return
+        verdict = _outcome(done, f"session {self.peer_ip}: SPF check")
+        if verdict is not None and verdict.reply is not None and self.mailauth == "enforce":
+            self._mail_check = None
+            m.senders_rejected["spf"].inc()
+            spf = verdict.spf
+            log.info(
+                "session %s: MAIL FROM <%s> refused: spf=%s%s",
+                self.peer_ip,
+                sender,
+                spf.result if spf is not None else "?",
+                f" ({spf.mechanism})" if spf is not None and spf.mechanism else "",
+            )
+            self._resume(verdict.reply)
+            return
+        self.mail_from, self.mail_params = sender, params
+        self._resume(R.reply(250, "2.1.0", "Ok"))
+
+    def _authenticate(self, queue_id: str, content: bytes, hold: bool) -> None:
+        """Run DKIM, ARC and DMARC on the finished message (reading paused), then queue it
+        or refuse it (:meth:`_authenticated`)."""
+        self.state = State.WAIT
+        assert self.transport is not None
+        self.transport.pause_reading()
+        # Our Received field goes under Authentication-Results, and an ARC seal covers it.
+        content = self._received_header(queue_id, time.time()) + content
+        check = self.ctx.loop.create_task(self._message_verdict(content))
+        self._message_check = check
+        check.add_done_callback(lambda done: self._authenticated(queue_id, hold, done))
+
+    async def _message_verdict(self, content: bytes) -> MessageVerdict:
+        inbound = self.ctx.inbound
+        assert inbound is not None and self.mail_from is not None
+        ip, helo, sender = self.peer_ip, self.helo or "", self.mail_from
+        mail = await self._mail_check if self._mail_check is not None else None
+        if mail is None:  # a transaction opened before a check could start (none today)
+            mail = await inbound.mail(ip, helo, sender)
+        iprev = None
+        if self._iprev_check is not None:
+            iprev = await asyncio.shield(self._iprev_check)  # shared by the session's messages
+        # Relayed: a recipient delivered elsewhere (an ARC seal is then added when set up).
+        relay = any(not self._local_recipient(rcpt.address) for rcpt in self.rcpts)
+        return await inbound.message(
+            ip=ip,
+            helo=helo,
+            mail_from=sender,
+            mail=mail,
+            iprev=iprev,
+            content=content,
+            mode=self.mailauth,
+            relay=relay,
+        )
+
+    def _authenticated(self, queue_id: str, hold: bool, done: asyncio.Task[MessageVerdict]) -> None:
+        """The message's verdict: refused (DMARC reject: the checker's 550 5.7.1; a check
+        that failed unexpectedly: 451 4.3.0), or queued, held when quarantined."""
+        if self._message_check is not done:
+            return
+        self._message_check = None
+        if self.transport is None:
+            return  # the client left before a reply: nothing was queued
+        verdict = _outcome(done, f"session {self.peer_ip}: inbound checks of {queue_id}")
+        if verdict is None:
+            m.messages_rejected["mailauth_error"].inc()
+            self._end_reply(R.reply(451, "4.3.0", "Error: message checks failed, try again later"))
+            self._continue()
+            return
+        for method, result in verdict.results:
+            m.auth_result(method, result)
+        self.auth_last = verdict.summary
+        if verdict.action == "reject" and verdict.reply is not None:
+            # 451 4.4.3 when a DNS failure may hide an aligned pass, else 550 5.7.1
+            reason = "dmarc_tempfail" if verdict.reply.startswith(b"4") else "dmarc"
+            log.warning(
+                "session %s: message from <%s> refused: %s",
+                self.peer_ip,
+                self.mail_from,
+                verdict.summary,
+                extra={
+                    "fields": {
+                        "event": "message_refused",
+                        "client": f"{self.peer_ip}:{self.peer_port}",
+                        "sender": self.mail_from,
+                        "reason": reason,
+                        "auth": verdict.summary,
+                    }
+                },
+            )
+            m.messages_rejected[reason].inc()
+            self._end_reply(verdict.reply)
+            self._continue()
+            return
+        if verdict.action == "quarantine":
+            log.info("%s quarantined (held): %s", queue_id, verdict.summary)
+            hold = True
+        self._trace = verdict.headers
+        self._auth_pending = verdict.summary
+        self._accept_message(queue_id, verdict.content, hold)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.outcome == "disconnect":
             self.outcome = "error"
         log.info(
-            "session %s:%s closed (%s): %d message(s), %d error(s)%s%s",
+            "session %s:%s closed (%s): %d message(s), %d error(s)%s%s%s",
             self.peer_ip,
             self.peer_port,
             self.outcome,
             self.messages,
             self.errors,
             f" queued {' '.join(self.queue_ids)}" if self.queue_ids else "",
+            f"; last checked: {self.auth_last}" if self.auth_last else "",
             f" ({exc})" if exc else "",
             extra={"fields": self._log_fields(exc)},
         )
+        # Checks still running have nobody to answer: stop them (their callbacks see no
+        # transport and do nothing; nothing was queued without its reply).
+        for check in (
+            self._connect_check,
+            self._iprev_check,
+            self._mail_check,
+            self._message_check,
+        ):
+            if check is not None:
+                check.cancel()
         if self.opened:
             self.opened = False
             m.smtp_connections_open[self.role].dec()
@@ -212,6 +466,7 @@ class SmtpSession(asyncio.Protocol):
             "messages": self.messages,
             "errors": self.errors,
             "queue_ids": self.queue_ids,
+            "mailauth": self.auth_last,
             "error": str(exc) if exc else None,
         }
 
@@ -402,7 +657,7 @@ class SmtpSession(asyncio.Protocol):
     def _run(self) -> None:
         """Handle every complete command line buffered, while in a command state."""
         lines = self.lines
-        handlers = self.commands
+        handlers = self.handlers
         out = self.out
         got_line = False
         # A client that reads no replies stops the loop (pause_writing); the rest waits.
@@ -512,6 +767,19 @@ class SmtpSession(asyncio.Protocol):
             why = f"MAIL FROM <{sender}> not owned by {user}"
             self._error(R.sender_not_owned(sender, user), why)
             return
+        if self._checking():
+            inbound = self.ctx.inbound
+            assert inbound is not None and self.helo is not None
+            check = self.ctx.loop.create_task(inbound.mail(self.peer_ip, self.helo, sender))
+            check.add_done_callback(_retrieve)
+            self._mail_check = check
+            if self.mailauth == "enforce" and self.ctx.config.mailauth.spf_reject_fail:
+                # MAIL's reply waits for SPF; pipelined commands wait with it, in order.
+                self.state = State.WAIT
+                assert self.transport is not None
+                self.transport.pause_reading()
+                check.add_done_callback(lambda done: self._mail_checked(sender, params, done))
+                return
         self.mail_from, self.mail_params = sender, params
         self.out.append(R.reply(250, "2.1.0", "Ok"))
 
@@ -1024,6 +1292,11 @@ class SmtpSession(asyncio.Protocol):
     def _resume(self, reply: bytes) -> None:
         """Leave WAIT: send *reply*, read again and handle what was pipelined meanwhile."""
         self.out.append(reply)
+        self._continue()
+
+    def _continue(self) -> None:
+        """Leave WAIT with the replies already in ``out``: read again and handle what was
+        pipelined meanwhile."""
         self.state = State.COMMAND
         assert self.transport is not None
         if not self.write_paused:  # else resume_writing resumes reading
@@ -1081,6 +1354,9 @@ class SmtpSession(asyncio.Protocol):
             return
         if verdict.applied:
             log.info("%s content checks: %s", queue_id, "; ".join(verdict.applied))
+        if self._checking():
+            self._authenticate(queue_id, verdict.content, verdict.action == HOLD)
+            return
         self._accept_message(queue_id, verdict.content, verdict.action == HOLD)
 
     def _end_reply(self, reply: bytes) -> None:
@@ -1094,7 +1370,10 @@ class SmtpSession(asyncio.Protocol):
         group commit, and the 250 only once it is synced (a subclass may deliver it
         otherwise: LMTP puts it into the mailboxes)."""
         now = time.time()
-        headers = [self._received_header(queue_id, now)]
+        trace, self._trace = self._trace, None
+        # After the inbound checks our Received field is on the content already, under
+        # Authentication-Results (RFC 8601 §5: above every other trace field).
+        headers = [trace if trace is not None else self._received_header(queue_id, now)]
         if self.role != "mx":
             headers.extend(self._submission_headers(content, queue_id, now))
         content = b"".join([*headers, content])
@@ -1173,16 +1452,21 @@ class SmtpSession(asyncio.Protocol):
         if log.isEnabledFor(logging.INFO):
             found = header_value(content, b"Message-ID")
             message_id = found.decode("utf-8", "replace") if found else ""
-        future.add_done_callback(lambda done: self._committed(envelope, done, message_id))
+        auth, self._auth_pending = self._auth_pending, None
+        future.add_done_callback(lambda done: self._committed(envelope, done, message_id, auth))
 
     def _committed(
-        self, envelope: Envelope, done: asyncio.Future[None], message_id: str | None = None
+        self,
+        envelope: Envelope,
+        done: asyncio.Future[None],
+        message_id: str | None = None,
+        auth: str | None = None,
     ) -> None:
         error = done.exception() if not done.cancelled() else None
         queue_id, size = envelope.id, envelope.size
         if error is None:
             if message_id is not None:
-                _log_intake(envelope, message_id)
+                _log_intake(envelope, message_id, auth)
             notifier = self.ctx.notifier
             if notifier is not None:
                 notifier.queued(queue_id, envelope.recipients)
@@ -1244,17 +1528,22 @@ class SmtpSession(asyncio.Protocol):
         return added
 
 
-def _log_intake(envelope: Envelope, message_id: str) -> None:
-    """One line per accepted message (event ``message_accepted``; read by `tachymail log`)."""
+def _log_intake(envelope: Envelope, message_id: str, auth: str | None = None) -> None:
+    """One line per accepted message (event ``message_accepted``; read by `tachymail log`);
+    *auth*: the inbound-authentication results ("spf=pass dkim=pass dmarc=pass ..."), when
+    the message was checked."""
     rcpts = [r.address for r in envelope.recipients]
     client = f"{envelope.client_ip}:{envelope.client_port}"
     log.info(
-        "%s queued: from <%s> to %s; %d octets; client %s; message-id %s",
+        # The message-id stays last: `tachymail log` reads it to the end of the line.
+        "%s queued: from <%s> to %s; %d octets; client %s%s%s; message-id %s",
         envelope.id,
         envelope.sender,
         ", ".join(f"<{r}>" for r in rcpts),
         envelope.size,
         client,
+        "; held" if envelope.state == HELD else "",
+        f"; {auth}" if auth else "",
         message_id or "(none)",
         extra={
             "fields": {
@@ -1266,6 +1555,7 @@ def _log_intake(envelope: Envelope, message_id: str) -> None:
                 "size": envelope.size,
                 "client": client,
                 "listener": envelope.listener,
+                "auth": auth,
             }
         },
     )
@@ -1291,6 +1581,33 @@ _COMMANDS: dict[int, Callable[[SmtpSession, bytes], None]] = {
     C.VERB_UNKNOWN: SmtpSession.cmd_unknown,
 }
 SmtpSession.commands = _COMMANDS
+# A client refused at connect (DNSBL): QUIT, and 503 5.5.1 for everything else.
+_REFUSED_COMMANDS: dict[int, Callable[[SmtpSession, bytes], None]] = {
+    verb: SmtpSession._refused_quit if verb == C.VERB_QUIT else SmtpSession._refused_command
+    for verb in _COMMANDS
+}
+
+T = TypeVar("T")
+
+
+def _outcome(done: asyncio.Future[T], what: str) -> T | None:
+    """The result of a finished check, or None (logged) when it was cancelled or failed:
+    the checks never raise for bad input or DNS trouble, so a failure here is a bug."""
+    if done.cancelled():
+        return None
+    error = done.exception()
+    if error is not None:
+        log.error("%s failed: %r", what, error, exc_info=error)
+        return None
+    return done.result()
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    """Retrieve a background check's exception, so none is left unretrieved (it is
+    logged where the result is used, or here when nobody waits for it)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.debug("background check failed: %r", done.exception())
+
 
 _date_cache: tuple[int, str] = (0, "")
 

@@ -31,8 +31,10 @@ from tachymail import metrics
 from tachymail.auth.throttle import AUTH_FAILURES_DIR, AuthThrottle
 from tachymail.auth.users import SenderOwnership, UsersFile
 from tachymail.config import Config
+from tachymail.dns import Resolver
 from tachymail.lmtp.session import LmtpSession
 from tachymail.mailauth.dkim import DkimSigner
+from tachymail.mailauth.inbound import InboundChecker
 from tachymail.mailbox import Directory, MailboxStore
 from tachymail.net import reuseport_socket
 from tachymail.pop3.session import Pop3Session
@@ -43,6 +45,7 @@ from tachymail.queue.store import MiB, QueueStore
 from tachymail.smtp.session import SmtpSession
 from tachymail.smtp.tls import server_context
 from tachymail.smtp.verify import AddressVerifier
+from tachymail.smtpclient.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,21 @@ class WorkerContext:
         self.directory = Directory(config)
         # Relay-domain recipients from untrusted clients are probed at RCPT when asked to.
         self.relay_domains = frozenset(d.lower() for d in policy.relay_domains)
-        self.verifier = AddressVerifier(config) if policy.verify_recipients else None
+        delivery = config.delivery
+        # One resolver (and cache) per worker for every intake lookup: the inbound checks
+        # and the recipient probes; [delivery] resolver (serve --resolver) names its server.
+        self.resolver = Resolver(delivery.resolver or None, timeout=delivery.dns_timeout)
+        self.verifier = (
+            AddressVerifier(config, router=Router(config, self.resolver))
+            if policy.verify_recipients
+            else None
+        )
+        # SPF, DKIM, DMARC, ARC, iprev, DNSBL for listeners whose mailauth mode is not off.
+        self.inbound = (
+            InboundChecker(config, self.resolver)
+            if any(listener.mailauth_mode != "off" for listener in config.listeners)
+            else None
+        )
         self.users = UsersFile(config.users_path)
         auth = config.auth
         # AUTH failures are counted across every worker: one LMDB environment per node.
@@ -314,13 +331,16 @@ async def serve_worker(
     for position, listener in enumerate(config.listeners):
         implicit = listener.role in IMPLICIT_TLS_ROLES
         role = listener.role
+        mailauth = listener.mailauth_mode
 
-        def factory(role: str = role, implicit: bool = implicit) -> asyncio.Protocol:
+        def factory(
+            role: str = role, implicit: bool = implicit, mailauth: str = mailauth
+        ) -> asyncio.Protocol:
             if role in ("pop3", "pop3s"):
                 return Pop3Session(ctx, role, implicit)
             if role == "lmtp":
-                return LmtpSession(ctx, role)
-            return SmtpSession(ctx, role, implicit)
+                return LmtpSession(ctx, role)  # LMTP carries mail already checked: no mailauth
+            return SmtpSession(ctx, role, implicit, mailauth if ctx.inbound else "off")
 
         servers.append(
             await loop.create_server(
@@ -368,6 +388,8 @@ async def serve_worker(
     while not ctx.mailbox_committer.idle:  # an LMTP batch still lingering: let it commit
         await asyncio.sleep(0.01)
     ctx.mailbox_committer.close()
+    if ctx.inbound is not None:
+        ctx.inbound.flush()  # the DMARC aggregate data still buffered
     mailbox.close()
     committer.close()
     if ctx.notifier is not None:
