@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import dkim  # type: ignore[import-untyped]
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
@@ -580,8 +582,22 @@ def _choose_key(sig: _Signature, answer: Any) -> None:
     sig.error, sig.result = problem, "permerror"
 
 
-def _key_problem(sig: _Signature, record: bytes) -> str:
-    """Why *record* cannot verify *sig* (RFC 6376 §3.6.1, §6.1.2), or ""."""
+@dataclass(frozen=True, slots=True)
+class _PublicKey:
+    """A key record, parsed once (dkimpy's ``evaluate_pk``) and ready for OpenSSL."""
+
+    tags: dict[bytes, bytes]
+    size: int
+    ktag: bytes | None
+    tlsrpt: bool
+    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey | None
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(record: bytes) -> _PublicKey | str:
+    """The parsed key *record*, or why it cannot be used. Cached by the record's bytes: a
+    busy MX sees the same few hundred keys over and over, and parsing one (ASN.1 in pure
+    Python) costs more than the rest of a verification."""
     try:
         tags = dkim.util.parse_tag_value(record)
     except dkim.util.InvalidTagValueList as exc:
@@ -589,9 +605,26 @@ def _key_problem(sig: _Signature, record: bytes) -> str:
     if b"p" in tags and not re.sub(rb"\s+", b"", tags[b"p"]):
         return "key revoked (empty p=)"
     try:
-        _pk, size, ktag, tlsrpt = dkim.evaluate_pk(sig.key_name, record)
+        pk, size, ktag, tlsrpt = dkim.evaluate_pk(b"key", record)
     except (dkim.DKIMException, binascii.Error, ValueError, TypeError) as exc:
         return f"unusable key record: {exc}"
+    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey | None = None
+    try:
+        if ktag == b"rsa":
+            key = rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
+        elif ktag == b"ed25519":
+            key = ed25519.Ed25519PublicKey.from_public_bytes(bytes(pk))
+    except (ValueError, TypeError) as exc:
+        return f"unusable key record: {exc}"
+    return _PublicKey(tags, size or 0, ktag, bool(tlsrpt), key)
+
+
+def _key_problem(sig: _Signature, record: bytes) -> str:
+    """Why *record* cannot verify *sig* (RFC 6376 §3.6.1, §6.1.2), or ""."""
+    parsed = _public_key(record)
+    if isinstance(parsed, str):
+        return parsed
+    tags, size, ktag, tlsrpt = parsed.tags, parsed.size, parsed.ktag, parsed.tlsrpt
     if ktag is None or tlsrpt:
         return "key record is not for email (s= tag)"
     algorithm, _, digest = sig.tags[b"a"].partition(b"-")
@@ -656,7 +689,54 @@ class BodyHashFirst:
 
 
 class _Verifier(BodyHashFirst, dkim.DKIM):  # type: ignore[misc]
-    """dkimpy's DKIM verifier, body hash checked by :class:`BodyHashFirst`."""
+    """dkimpy's DKIM verifier, body hash checked by :class:`BodyHashFirst`, and the
+    signature itself by OpenSSL (``cryptography``) with the cached key of the record.
+
+    dkimpy still parses the message and the signature, checks the tags, selects and
+    canonicalizes the signed header fields (``dkim.hash_headers``): what this class replaces
+    is the key parsing and the RSA arithmetic, which dkimpy does in pure Python (about
+    0.6 ms of a 0.75 ms verification of a 1 KiB message; OpenSSL needs about 30 µs).
+    The tests compare the outcome with dkimpy's own verifier on every vector.
+    """
+
+    def verify_sig(
+        self, sig: dict[bytes, bytes], include_headers: list[bytes], sig_header: Any, dnsfunc: Any
+    ) -> bool:
+        if b"bh" in sig:
+            self._check_body(sig)
+            del sig[b"bh"]
+        record = dnsfunc(b"%s._domainkey.%s." % (sig[b"s"], sig[b"d"]))
+        parsed = _public_key(bytes(record)) if record else "no key"
+        if isinstance(parsed, str) or parsed.key is None:
+            raise dkim.KeyFormatError(parsed if isinstance(parsed, str) else "no usable key")
+        try:
+            policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except dkim.canonicalization.InvalidCanonicalizationPolicyError as exc:
+            raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
+        # As dkimpy (its bug#644046): a From field added above the signed one breaks it.
+        if b"from" in include_headers:
+            include_headers.append(b"from")
+        sha1 = sig[b"a"] == b"rsa-sha1"
+        hasher = hashlib.sha1() if sha1 else hashlib.sha256()
+        headers = policy.canonicalize_headers(self.headers)
+        self.signed_headers = dkim.hash_headers(
+            hasher, policy, headers, include_headers, sig_header, sig
+        )
+        try:
+            signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
+        except binascii.Error:
+            return False
+        try:
+            if isinstance(parsed.key, rsa.RSAPublicKey):
+                digest = hashes.SHA1() if sha1 else hashes.SHA256()
+                parsed.key.verify(
+                    signature, hasher.digest(), padding.PKCS1v15(), utils.Prehashed(digest)
+                )
+            else:
+                parsed.key.verify(signature, hasher.digest())  # RFC 8463: over the hash
+        except InvalidSignature:
+            return False
+        return True
 
 
 def _canonical_body(body: bytes, relaxed: bool) -> bytes:
