@@ -229,6 +229,20 @@ def test_malformed_input_is_a_result(content: bytes) -> None:
     assert result.result in ("none", "fail")
 
 
+def test_arc_words_outside_field_names_are_no_chain(tmp_path: Path) -> None:
+    """ "arc-" in a value (not a field name) is no ARC set: none, nothing looked up; an
+    ARC field in any case, on the first line or below, is read."""
+    lookups = ZoneLookups({})
+    content = b"Subject: about ARC-Seal\r\nX-Note: x arc-seal\r\n" + MESSAGE
+    result = asyncio.run(verify_arc(lookups, content))
+    assert (result.result, result.instance, lookups.lookups) == ("none", 0, 0)
+    sealer, zone = _sealer(tmp_path)
+    sealed = sealer.seal(MESSAGE, "lists.example.org", b"lists.example.org; arc=none", "none")
+    for variant in (sealed, sealed.replace(b"ARC-Seal:", b"arc-SEAL:")):
+        for content in (variant + MESSAGE, b"Received: x\r\n" + variant + MESSAGE):
+            assert asyncio.run(verify_arc(zone, content)).result == "pass"
+
+
 STALWART = SUITE.parent / "stalwart-mail-auth" / "resources" / "arc"
 
 

@@ -16,11 +16,20 @@ for 64 KiB, against 0.1 ms here when the body has no runs of white space, the us
 The tests check every signature with dkimpy's verifier and compare the body canonicalization
 with dkimpy's.
 
-How messages are verified (``verify_dkim``, on the mx listener): dkimpy's verifier does the
-work, but never its own DNS lookups, which would block the event loop. The signatures are
-parsed first; the key records are fetched in parallel through the shared async resolver
-(a ``DnsLookups``); dkimpy then runs with a ``dnsfunc`` that only serves those answers.
-Ed25519 verification needs PyNaCl (a runtime dependency).
+How messages are verified (``verify_dkim``, on the mx listener): with dkimpy's rules, in
+fewer steps. The header block is parsed once (``parse_header``: dkimpy's
+``rfc822_parse``, field for field); each DKIM-Signature's tags are parsed and checked once
+(dkimpy's ``validate_signature_fields``); the key records are fetched in parallel through
+the shared async resolver (a ``DnsLookups``), never by dkimpy, whose lookups would block
+the event loop; a key record is parsed once (dkimpy's ``evaluate_pk``, cached). Then, as
+dkimpy's ``DKIM.verify`` does: the body hash (l= honoured), the fields h= names chosen
+bottom-up, From once more (dkimpy's rule: a From added above the signed one breaks the
+signature), only those canonicalized, the signature field with its b= value emptied, and
+the signature checked by OpenSSL (RSA) or by PyNaCl (Ed25519, libsodium, which dkimpy uses
+too; a runtime dependency). dkimpy canonicalizes every field, parses the header and
+the tags twice and does the RSA arithmetic in Python: about 0.8 ms for a 1 KiB message,
+against 0.1 ms here. A test compares our verdict with dkimpy's full verifier on the
+vectors and on random signed and altered messages.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import dkim  # type: ignore[import-untyped]
+import nacl.exceptions
+import nacl.signing
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
@@ -58,6 +69,7 @@ __all__ = [
     "dns_record",
     "key_path",
     "keygen",
+    "parse_header",
     "relaxed_body",
     "verify_dkim",
 ]
@@ -397,7 +409,7 @@ def _address_domain(value: str) -> str | None:
 # Verification (RFC 6376 §6), inbound
 
 #: Messages at least this long are verified in the default executor, shorter ones inline:
-#: a 1 KiB message costs 0.2-0.7 ms to verify (ed25519, rsa-2048), and the hand-off to a
+#: a 1 KiB message costs about 0.1 ms to verify (ed25519, rsa-2048), and the hand-off to a
 #: thread adds ~30 us plus a wait for the GIL for no gain; big bodies are hashed there
 #: (hashlib releases the GIL), off the event loop.
 EXECUTOR_THRESHOLD = 32 * 1024
@@ -405,7 +417,17 @@ EXECUTOR_THRESHOLD = 32 * 1024
 #: dkimpy logs every bad signature at ERROR; a stranger's broken mail is not our error, so
 #: its logger is this one, which drops everything (our own log line says what happened).
 _QUIET = logging.Logger("tachymail.mailauth.dkimpy", logging.CRITICAL + 1)
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_BLANK_LINE = re.compile(rb"(?:\A|\n)(\r?\n)")  # the empty line that ends the header
+_FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")  # a field's first line, as dkim.rfc822_parse
+_H_SPLIT = re.compile(rb"\s*:\s*")  # the names in h=, split as dkimpy splits them
+_WSP = re.compile(rb"[\t ]+")
+_FIELD_START = re.compile(rb"\r\n(?![\t ])")  # a line end not followed by a folded line
+_PKCS1 = padding.PKCS1v15()  # stateless: made once
+_PREHASHED = {False: utils.Prehashed(hashes.SHA256()), True: utils.Prehashed(hashes.SHA1())}
+# dkimpy's RE_BTAG (b= and its value, to empty it) with its folding white space written
+# as \s*, which matches the same strings: one character class to scan instead of three
+# nested optional groups per character of the value (60 us a signature, against 2 us).
+_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,24 +463,28 @@ class _Signature:
     index: int  # among the message's DKIM-Signature fields, top first (dkimpy's idx)
     tags: dict[bytes, bytes]
     error: str = ""
-    result: str = ""  # set when decided before dkimpy runs
+    result: str = ""  # set when decided before the signature is checked
     key: bytes | None = None
+    field: tuple[bytes, bytes] = (b"", b"")  # (name, value) as dkim.rfc822_parse reads it
+    include: list[bytes] | None = None  # h=, lower case, split as dkimpy splits it
+    relaxed_head: bool = False
+    relaxed_body: bool = False
 
-    def field(self, tag: bytes) -> str:
+    def text(self, tag: bytes) -> str:
         return self.tags.get(tag, b"").decode("utf-8", "replace").strip()
 
     @property
     def key_name(self) -> str:
-        return f"{self.field(b's')}._domainkey.{self.field(b'd')}".lower()
+        return f"{self.text(b's')}._domainkey.{self.text(b'd')}".lower()
 
     def outcome(self, result: str, detail: str) -> DkimResult:
-        b = re.sub(rb"\s+", b"", self.tags.get(b"b", b"")).decode("ascii", "replace")
+        b = b"".join(self.tags.get(b"b", b"").split()).decode("ascii", "replace")
         return DkimResult(
             result=result,
-            domain=self.field(b"d").lower(),
-            selector=self.field(b"s"),
-            algorithm=self.field(b"a").lower(),
-            identity=self.field(b"i"),
+            domain=self.text(b"d").lower(),
+            selector=self.text(b"s"),
+            algorithm=self.text(b"a").lower(),
+            identity=self.text(b"i"),
             signature_b=b,
             detail=detail,
         )
@@ -479,75 +505,193 @@ async def verify_dkim(
     slack); dkimpy applies the same checks with the clock and ten hours' slack. Never
     raises for bad input or DNS trouble: those are results.
     """
-    signatures = _parse_signatures(content, max_signatures, time.time() if now is None else now)
-    pending = [sig for sig in signatures if not sig.error]
-    names = sorted({sig.key_name for sig in pending})
-    answers = await asyncio.gather(*(dns.txt(name) for name in names))
-    found = dict(zip(names, answers, strict=True))
-    for sig in pending:
-        _choose_key(sig, found[sig.key_name])
-    jobs = [sig for sig in pending if not sig.error]
+    stamp = time.time() if now is None else now
+    headers, lower, body_at, signatures = _parse_signatures(content, max_signatures, stamp)
+    pending = [(sig, sig.key_name) for sig in signatures if not sig.error]
+    names = sorted({name for _sig, name in pending})
+    found: dict[str, Any] = {}
+    if len(names) == 1:  # the usual case: awaited directly, no task to schedule
+        found[names[0]] = await dns.txt(names[0])
+    elif names:
+        answers = await asyncio.gather(*(dns.txt(name) for name in names))
+        found = dict(zip(names, answers, strict=True))
+    for sig, name in pending:
+        _choose_key(sig, found[name])
+    jobs = [sig for sig, _name in pending if not sig.error]
     if jobs:
         if len(content) >= EXECUTOR_THRESHOLD:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, _run_dkimpy, content, jobs)
+            await loop.run_in_executor(
+                None, _verify_signatures, headers, lower, content, body_at, jobs
+            )
         else:
-            _run_dkimpy(content, jobs)
+            _verify_signatures(headers, lower, content, body_at, jobs)
     results = [sig.outcome(sig.result, sig.error) for sig in signatures]
-    for res in results:
-        log.debug(
-            "dkim=%s d=%s s=%s a=%s %s",
-            res.result,
-            res.domain,
-            res.selector,
-            res.algorithm,
-            res.detail,
-        )
+    if log.isEnabledFor(logging.DEBUG):
+        for res in results:
+            log.debug(
+                "dkim=%s d=%s s=%s a=%s %s",
+                res.result,
+                res.domain,
+                res.selector,
+                res.algorithm,
+                res.detail,
+            )
     return results
 
 
-def _parse_signatures(content: bytes, limit: int, now: float) -> list[_Signature]:
-    """The first *limit* DKIM-Signature fields of *content*, syntax-checked (no DNS)."""
-    end = _HEADER_END.search(content)
-    head = content if end is None else content[: end.start() + 2]
-    if b"dkim-signature" not in head.lower():
-        return []
+def _parse_signatures(
+    content: bytes, limit: int, now: float
+) -> tuple[list[tuple[bytes, bytes]], list[bytes], int, list[_Signature]]:
+    """The header fields of *content* (as ``parse_header`` gives them), their names in
+    lower case, where its body starts, and its first *limit* DKIM-Signature fields,
+    syntax-checked (no DNS)."""
+    blank = _BLANK_LINE.search(content)
+    text, body_at = _header_text(content, blank)
+    if b"dkim-signature" not in text.lower():
+        return [], [], body_at, []
     try:
-        headers = dkim.rfc822_parse(head)[0]
+        headers = _header_fields(text, blank is not None)
     except dkim.MessageFormatError as exc:
         # A header block dkimpy cannot read: nothing can be verified, say so once.
-        return [_Signature(0, {}, f"unreadable header block: {exc}", "neutral")]
-    fields = [bytes(v) for n, v in headers if bytes(n).lower() == b"dkim-signature"]
+        unreadable = _Signature(0, {}, f"unreadable header block: {exc}", "neutral")
+        return [], [], body_at, [unreadable]
+    lower = [name.lower() for name, _value in headers]
+    fields = [headers[i] for i, name in enumerate(lower) if name == b"dkim-signature"]
     signatures = []
-    for index, value in enumerate(fields[: max(limit, 0)]):
-        sig = _Signature(index, {})
+    for index, field in enumerate(fields[: max(limit, 0)]):
+        sig = _Signature(index, {}, field=field)
         try:
-            sig.tags = dkim.util.parse_tag_value(value)
+            sig.tags = _tag_list(field[1])
         except dkim.util.InvalidTagValueList as exc:
             sig.error, sig.result = f"malformed tag list: {exc}", "neutral"
             signatures.append(sig)
             continue
-        problem = _signature_problem(sig.tags, now)
+        problem = _signature_problem(sig, now)
         if problem:
             sig.error, sig.result = problem, "neutral"
         signatures.append(sig)
-    return signatures
+    return headers, lower, body_at, signatures
 
 
-def _signature_problem(tags: dict[bytes, bytes], now: float) -> str:
-    """Why the signature cannot be verified (RFC 6376 §6.1.1), or ""."""
+def parse_header(content: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The header fields of *content* and its body, as ``dkim.rfc822_parse`` reads them:
+    (name, value) pairs, each value with its folding and a CRLF after each of its lines;
+    the body from the first empty line on (LF or CRLF), with CRLF line ends. Raises
+    ``dkim.MessageFormatError`` where dkimpy does, and also for a continuation line before
+    the first field (where dkimpy fails with IndexError). One pass over the header block:
+    a line split and one small regex match per field, against dkimpy's regex per line."""
+    blank = _BLANK_LINE.search(content)
+    text, body_at = _header_text(content, blank)
+    return _header_fields(text, blank is not None), _crlf_body(content[body_at:])
+
+
+def _header_text(content: bytes, blank: re.Match[bytes] | None) -> tuple[bytes, int]:
+    """The header block of *content* without its last line end, and where the body starts
+    (*blank*: ``_BLANK_LINE``'s match in *content*)."""
+    if blank is None:
+        return content, len(content)
+    end = blank.start()  # 0 (no header at all) or the LF that ends the last field line
+    if end and content[end - 1] == 13:
+        return content[: end - 1], blank.end()  # that LF's CR
+    return content[:end], blank.end()
+
+
+def _header_fields(text: bytes, ended: bool) -> list[tuple[bytes, bytes]]:
+    """The fields of a header block from ``_header_text`` (*ended*: an empty line followed
+    it), exactly as ``dkim.rfc822_parse`` reads them line by line. A block with CRLF line
+    ends only (the usual case) is cut into whole fields with one split instead."""
+    if not text:
+        return []
+    crlf = text.count(b"\r\n")
+    if crlf == text.count(b"\n") == text.count(b"\r") and text[0] not in (9, 32):
+        fields = []
+        for chunk in _FIELD_START.split(text):
+            match = _FIELD_NAME.match(chunk)
+            if match is None:
+                break  # an mbox "From " line, or garbage: the line by line reading decides
+            colon = match.end()
+            fields.append((chunk[: colon - 1], chunk[colon:] + b"\r\n"))
+        else:
+            return fields
+    return _header_lines(text, ended)
+
+
+def _header_lines(text: bytes, ended: bool) -> list[tuple[bytes, bytes]]:
+    """``_header_fields`` for any line ends, line by line as ``dkim.rfc822_parse``."""
+    if b"\r" in text:
+        text = text.replace(b"\r\n", b"\n")  # a CR before an LF is part of the line end
+    lines = text.split(b"\n")
+    if not ended and not lines[-1]:
+        lines.pop()  # the message is all header, with a final line end
+    fields: list[list[bytes]] = []
+    for line in lines:
+        if line[0] in (9, 32):  # folded: part of the field above
+            if not fields:
+                raise dkim.MessageFormatError(f"continuation line before any field: {line!r}")
+            fields[-1][1] += line + b"\r\n"
+            continue
+        match = _FIELD_NAME.match(line)
+        if match is not None:
+            colon = match.end()
+            fields.append([line[: colon - 1], line[colon:] + b"\r\n"])
+        elif not line.startswith(b"From "):  # an mbox "From " line is skipped, as dkimpy does
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return [(name, value) for name, value in fields]
+
+
+def _tag_list(value: bytes) -> dict[bytes, bytes]:
+    """``dkim.util.parse_tag_value`` (RFC 6376 §3.2), same result and same exceptions,
+    without a regex call per tag: dkimpy's ``^[a-zA-Z](\\w)*`` only tests the first
+    character of the name."""
+    tags: dict[bytes, bytes] = {}
+    specs = value.strip().split(b";")
+    if not specs[-1]:
+        specs.pop()  # a trailing ";" is allowed
+    for spec in specs:
+        name, equals, tag_value = spec.partition(b"=")
+        name = name.strip()
+        if not equals or not name[:1].isalpha():
+            raise dkim.util.InvalidTagSpec(spec)
+        if name in tags:
+            raise dkim.util.DuplicateTag(name)
+        tags[name] = tag_value.strip()
+    return tags
+
+
+def _crlf_body(body: bytes) -> bytes:
+    """*body* with CRLF line ends, bare LFs read as dkimpy reads them."""
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = re.sub(rb"\r?\n", b"\r\n", body)
+    return body
+
+
+@functools.lru_cache(maxsize=64)
+def _canonicalization(c: bytes) -> tuple[bool, bool] | None:
+    """(relaxed header, relaxed body) for a c= value, as dkimpy reads it; None if invalid."""
+    try:
+        policy = CanonicalizationPolicy.from_c_value(c)
+    except dkim.canonicalization.InvalidCanonicalizationPolicyError:
+        return None
+    return policy.header_algorithm.name == b"relaxed", policy.body_algorithm.name == b"relaxed"
+
+
+def _signature_problem(sig: _Signature, now: float) -> str:
+    """Why the signature cannot be verified (RFC 6376 §6.1.1), or ""; sets the
+    canonicalization and the signed names of *sig* on the way."""
+    tags = sig.tags
     try:
         dkim.validate_signature_fields(tags)
     except dkim.DKIMException as exc:
         return str(exc)
     except (IndexError, KeyError, ValueError) as exc:  # dkimpy on odd input (empty d=, ...)
         return f"invalid signature: {exc!r}"
-    try:
-        CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-    except dkim.canonicalization.InvalidCanonicalizationPolicyError:
+    canonicalization = _canonicalization(tags.get(b"c", b"simple/simple"))
+    if canonicalization is None:
         return f"unknown canonicalization c={tags[b'c'].decode('ascii', 'replace')}"
-    names = [n.strip().lower() for n in re.split(rb":", tags[b"h"])]
-    if b"from" not in names:
+    sig.relaxed_head, sig.relaxed_body = canonicalization
+    sig.include = [name.lower() for name in _H_SPLIT.split(tags[b"h"])]
+    if b"from" not in sig.include:
         return "From field not signed"
     try:
         tags[b"d"].decode("ascii")
@@ -584,13 +728,15 @@ def _choose_key(sig: _Signature, answer: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _PublicKey:
-    """A key record, parsed once (dkimpy's ``evaluate_pk``) and ready for OpenSSL."""
+    """A key record, parsed once (dkimpy's ``evaluate_pk``): an RSA key for OpenSSL, or
+    the PyNaCl (libsodium) Ed25519 key dkimpy made, which dkimpy verifies with too (the
+    same acceptance rules as dkimpy's, and half the time OpenSSL takes)."""
 
     tags: dict[bytes, bytes]
     size: int
     ktag: bytes | None
     tlsrpt: bool
-    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey | None
+    key: rsa.RSAPublicKey | nacl.signing.VerifyKey | None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -608,12 +754,12 @@ def _public_key(record: bytes) -> _PublicKey | str:
         pk, size, ktag, tlsrpt = dkim.evaluate_pk(b"key", record)
     except (dkim.DKIMException, binascii.Error, ValueError, TypeError) as exc:
         return f"unusable key record: {exc}"
-    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey | None = None
+    key: rsa.RSAPublicKey | nacl.signing.VerifyKey | None = None
     try:
         if ktag == b"rsa":
             key = rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
-        elif ktag == b"ed25519":
-            key = ed25519.Ed25519PublicKey.from_public_bytes(bytes(pk))
+        elif ktag == b"ed25519" and isinstance(pk, nacl.signing.VerifyKey):
+            key = pk
     except (ValueError, TypeError) as exc:
         return f"unusable key record: {exc}"
     return _PublicKey(tags, size or 0, ktag, bool(tlsrpt), key)
@@ -638,12 +784,9 @@ def _key_problem(sig: _Signature, record: bytes) -> str:
     return ""
 
 
-_BLANK_LINE = re.compile(rb"(?:\A|\n)(\r?\n)")  # the empty line that ends the header
-
-
 class BodyHashFirst:
-    """Mixin for dkimpy's verifiers (``dkim.DKIM``, ``dkim.ARC``): the body hash (bh=) is
-    checked here, then dkimpy checks the rest.
+    """Mixin for dkimpy's verifiers (``dkim.ARC``, for ARC-Message-Signatures): the body
+    hash (bh=) is checked here, then dkimpy checks the rest.
 
     dkimpy canonicalizes the body with regular-expression passes that cost about 3 ms for
     64 KiB, once per signature; here it is canonicalized once per method, with the fast
@@ -688,57 +831,6 @@ class BodyHashFirst:
             raise dkim.ValidationError("body hash mismatch")
 
 
-class _Verifier(BodyHashFirst, dkim.DKIM):  # type: ignore[misc]
-    """dkimpy's DKIM verifier, body hash checked by :class:`BodyHashFirst`, and the
-    signature itself by OpenSSL (``cryptography``) with the cached key of the record.
-
-    dkimpy still parses the message and the signature, checks the tags, selects and
-    canonicalizes the signed header fields (``dkim.hash_headers``): what this class replaces
-    is the key parsing and the RSA arithmetic, which dkimpy does in pure Python (about
-    0.6 ms of a 0.75 ms verification of a 1 KiB message; OpenSSL needs about 30 µs).
-    The tests compare the outcome with dkimpy's own verifier on every vector.
-    """
-
-    def verify_sig(
-        self, sig: dict[bytes, bytes], include_headers: list[bytes], sig_header: Any, dnsfunc: Any
-    ) -> bool:
-        if b"bh" in sig:
-            self._check_body(sig)
-            del sig[b"bh"]
-        record = dnsfunc(b"%s._domainkey.%s." % (sig[b"s"], sig[b"d"]))
-        parsed = _public_key(bytes(record)) if record else "no key"
-        if isinstance(parsed, str) or parsed.key is None:
-            raise dkim.KeyFormatError(parsed if isinstance(parsed, str) else "no usable key")
-        try:
-            policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
-        except dkim.canonicalization.InvalidCanonicalizationPolicyError as exc:
-            raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
-        # As dkimpy (its bug#644046): a From field added above the signed one breaks it.
-        if b"from" in include_headers:
-            include_headers.append(b"from")
-        sha1 = sig[b"a"] == b"rsa-sha1"
-        hasher = hashlib.sha1() if sha1 else hashlib.sha256()
-        headers = policy.canonicalize_headers(self.headers)
-        self.signed_headers = dkim.hash_headers(
-            hasher, policy, headers, include_headers, sig_header, sig
-        )
-        try:
-            signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
-        except binascii.Error:
-            return False
-        try:
-            if isinstance(parsed.key, rsa.RSAPublicKey):
-                digest = hashes.SHA1() if sha1 else hashes.SHA256()
-                parsed.key.verify(
-                    signature, hasher.digest(), padding.PKCS1v15(), utils.Prehashed(digest)
-                )
-            else:
-                parsed.key.verify(signature, hasher.digest())  # RFC 8463: over the hash
-        except InvalidSignature:
-            return False
-        return True
-
-
 def _canonical_body(body: bytes, relaxed: bool) -> bytes:
     """*body* (CRLF line ends) in the simple or relaxed canonical form, as dkimpy computes
     it: only CRLF pairs count as empty lines at the end (a bare CR stays)."""
@@ -765,37 +857,114 @@ def split_message(content: bytes) -> tuple[bytes, bytes]:
     return head, body
 
 
-def _run_dkimpy(content: bytes, jobs: list[_Signature]) -> None:
-    """Verify each prefetched signature with dkimpy, setting its result (CPU only)."""
-    try:
-        verifier = _Verifier(*split_message(content))
-    except dkim.DKIMException as exc:
-        for sig in jobs:
-            sig.error, sig.result = f"cannot parse message: {exc}", "neutral"
-        return
+def _verify_signatures(
+    headers: list[tuple[bytes, bytes]],
+    lower: list[bytes],
+    content: bytes,
+    body_at: int,
+    jobs: list[_Signature],
+) -> None:
+    """Check each prefetched signature of the message, setting its result (CPU only)."""
+    body = _crlf_body(content[body_at:])
+    canonical: dict[bool, bytes] = {}  # the body in each canonical form, made once
     for sig in jobs:
-        key = sig.key
-
-        def dnsfunc(name: bytes, timeout: int = 5, key: bytes | None = key) -> bytes | None:
-            return key  # the record fetched for this signature's name, nothing else
-
         try:
-            valid = verifier.verify(sig.index, dnsfunc=dnsfunc)
-        except dkim.ValidationError as exc:
-            text = str(exc)
-            sig.result = "fail" if text.startswith("body hash") else "neutral"
-            sig.error = text.split(" (got ", 1)[0]
-            continue
-        except dkim.KeyFormatError as exc:
-            sig.error, sig.result = str(exc), "permerror"
-            continue
-        except Exception as exc:  # dkimpy on input nobody foresaw: a result, not a crash
-            log.info("dkimpy failed on signature %d: %r", sig.index, exc)
+            _verify_signature(sig, headers, lower, body, canonical)
+        except Exception as exc:  # input nobody foresaw (l= empty, ...): a result, not a crash
+            log.info("DKIM signature %d cannot be verified: %r", sig.index, exc)
             sig.error, sig.result = f"cannot verify: {exc!r}", "neutral"
-            continue
-        sig.result = "pass" if valid else "fail"
-        if not valid:
-            sig.error = "signature did not verify"
-        elif sig.tags[b"a"] == b"rsa-sha1":
-            # RFC 8301 §3.1: rsa-sha1 "MUST NOT be used for signing or verifying"
-            sig.result, sig.error = "policy", "rsa-sha1 is not accepted (RFC 8301)"
+
+
+def _verify_signature(
+    sig: _Signature,
+    headers: list[tuple[bytes, bytes]],
+    lower: list[bytes],
+    body: bytes,
+    canonical: dict[bool, bytes],
+) -> None:
+    """dkimpy's ``DKIM.verify`` for one signature whose tags and key were checked before:
+    the body hash (with l=), then the header hash over the h= fields chosen bottom-up
+    (From once more, as dkimpy does, so a From added above the signed one breaks it) and
+    the signature field without its b= value, checked by OpenSSL with the cached key."""
+    tags = sig.tags
+    sha1 = tags[b"a"] == b"rsa-sha1"
+    digest = hashlib.sha1 if sha1 else hashlib.sha256
+    canonical_body = canonical.get(sig.relaxed_body)
+    if canonical_body is None:
+        canonical_body = _canonical_body(body, sig.relaxed_body)
+        canonical[sig.relaxed_body] = canonical_body
+    if b"l" in tags:
+        canonical_body = canonical_body[: int(tags[b"l"])]
+    try:
+        expected = base64.b64decode(b"".join(tags[b"bh"].split()), validate=True)
+    except binascii.Error:
+        sig.error, sig.result = "bh= value is not valid base64", "neutral"
+        return
+    if digest(canonical_body).digest() != expected:
+        sig.error, sig.result = "body hash mismatch", "fail"
+        return
+
+    parsed = _public_key(sig.key) if sig.key else "no key"
+    if isinstance(parsed, str) or parsed.key is None:
+        sig.error = parsed if isinstance(parsed, str) else "no usable key"
+        sig.result = "permerror"
+        return
+    relaxed = sig.relaxed_head
+    parts: list[bytes] = []
+    for i in _chosen(lower, [*(sig.include or ()), b"from"]):
+        name, value = headers[i]
+        if relaxed:
+            parts += (lower[i], b":", _relaxed_value(value))
+        else:
+            parts += (name, b":", value)
+    name, value = sig.field
+    value = _BTAG.sub(b"\\1", value)  # b= emptied, as dkimpy does (RFC 6376 §3.7)
+    if relaxed:
+        name, value = name.lower(), _relaxed_value(value)
+    parts += (name, b":", value.rstrip())  # hashed without its final line end
+    hashed = digest(b"".join(parts)).digest()
+    try:
+        signature = base64.b64decode(b"".join(tags[b"b"].split()))
+    except binascii.Error:
+        sig.error, sig.result = "signature did not verify", "fail"
+        return
+    try:
+        if isinstance(parsed.key, rsa.RSAPublicKey):
+            parsed.key.verify(signature, hashed, _PKCS1, _PREHASHED[sha1])
+        else:
+            parsed.key.verify(hashed, signature)  # RFC 8463: Ed25519 over the hash
+    except (InvalidSignature, nacl.exceptions.BadSignatureError, ValueError):
+        # ValueError: PyNaCl's for a signature that is not 64 bytes long
+        sig.error, sig.result = "signature did not verify", "fail"
+        return
+    if sha1:
+        # RFC 8301 §3.1: rsa-sha1 "MUST NOT be used for signing or verifying"
+        sig.result, sig.error = "policy", "rsa-sha1 is not accepted (RFC 8301)"
+    else:
+        sig.result = "pass"
+
+
+def _chosen(lower: list[bytes], names: list[bytes]) -> list[int]:
+    """The indexes of the fields *names* select (``dkim.select_headers``): each name takes
+    the last instance not taken yet; a name with none left selects nothing."""
+    chosen = []
+    below: dict[bytes, int] = {}
+    for name in names:
+        i = below.get(name, len(lower))
+        while i > 0:
+            i -= 1
+            if lower[i] == name:
+                chosen.append(i)
+                break
+        below[name] = i
+    return chosen
+
+
+def _relaxed_value(value: bytes) -> bytes:
+    """A field value in the relaxed form (RFC 6376 §3.4.2), byte for byte as dkimpy makes
+    it: unfolded, runs of spaces and tabs made one space, stripped, CRLF at the end."""
+    if b"\n" in value:
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP.sub(b" ", value)
+    return value.strip() + b"\r\n"
