@@ -85,7 +85,9 @@ EXTRA_TOML = ""
 
 
 def config(resolver: str, checks: bool) -> str:
-    return EXTRA_TOML + f"""
+    return (
+        EXTRA_TOML
+        + f"""
 [server]
 hold = true
 [policy]
@@ -98,6 +100,7 @@ address = "127.0.0.1:{{port}}"
 role = "mx"
 mailauth = "{"enforce" if checks else "off"}"
 """
+    )
 
 
 def start(workdir: Path, resolver: str, checks: bool) -> peers.Peer:

@@ -111,6 +111,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList(accept_unknown=True)
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_domain(domain: str) -> str:
     """*domain* lower-case, as A-labels (IDNA), without the final dot; "" when it cannot be a
     host name (a label empty, over 63 octets or not letters, digits, hyphens; over 253
@@ -154,14 +155,26 @@ def from_domain(content: bytes) -> str | None:
     and every address in it has the same, valid domain (RFC 7489 §6.6.1)."""
     end = _header_end(content)
     try:
-        # SMTPUTF8 headers are UTF-8; the text parser keeps them as text (bytes would not)
-        text = content[:end].decode("utf-8", "replace")
-        fields = HeaderParser(policy=compat32).parsestr(text).get_all("From") or []
+        fields = _from_fields(content, end)
+        if fields is None:
+            # SMTPUTF8 headers are UTF-8; the text parser keeps them as text (bytes would not)
+            text = content[:end].decode("utf-8", "replace")
+            fields = HeaderParser(policy=compat32).parsestr(text).get_all("From") or []
         if len(fields) != 1:
             return None
-        addresses = email.utils.getaddresses([str(fields[0])])
+        return _author_domain(str(fields[0]))
     except (ValueError, TypeError, IndexError, UnicodeError, AttributeError):
         return None  # the stdlib parser gives up on some malformed fields: no From domain
+
+
+@functools.lru_cache(maxsize=4096)
+def _author_domain(value: str) -> str | None:
+    """The one domain of the From field *value* (see :func:`from_domain`); cached, as bulk
+    mail repeats the same From field message after message."""
+    try:
+        addresses = email.utils.getaddresses([value])
+    except (ValueError, TypeError, IndexError, UnicodeError, AttributeError):
+        return None
     domains = set()
     for _name, address in addresses:
         if "@" not in address:
@@ -171,6 +184,30 @@ def from_domain(content: bytes) -> str | None:
             return None
         domains.add(domain)
     return domains.pop() if len(domains) == 1 else None
+
+
+def _from_fields(content: bytes, end: int) -> list[str] | None:
+    """The From field values of a plain header block, exactly as the stdlib parser
+    (``HeaderParser``, compat32) would give them, without building a message: None when the
+    block has anything the parser treats specially (an mbox "From " line, a line that is
+    not a field or a continuation, a lone CR), for the caller to ask the parser itself."""
+    head = content[:end]
+    if not head.endswith(b"\n") or b"\r" in head.replace(b"\r\n", b""):
+        return None  # no line break at the end; a lone CR (the parser breaks lines there)
+    if _PLAIN_HEADER.fullmatch(head) is None:
+        return None  # a continuation first, or a line that is not a field
+    # compat32: the value after the colon without leading blanks, continuation lines with
+    # their line breaks, the final line break removed
+    return [
+        found[1].lstrip(b" \t").rstrip(b"\r\n").decode("utf-8", "replace")
+        for found in _FROM_FIELD.finditer(head)
+    ]
+
+
+# fields (a name of printable ASCII but the colon, the stdlib parser's rule) with their
+# continuation lines, then the blank line; the alternatives cannot overlap (no backtracking)
+_PLAIN_HEADER = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*(?:\r?\n)?")
+_FROM_FIELD = re.compile(rb"^from:([^\n]*\n(?:[ \t][^\n]*\n)*)", re.IGNORECASE | re.MULTILINE)
 
 
 def _header_end(content: bytes) -> int:
@@ -220,6 +257,16 @@ def parse_record(text: bytes) -> DmarcRecord:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed_record(text: bytes) -> DmarcRecord | str:
+    """:func:`parse_record` once per distinct record (the record is immutable, so shared),
+    or the message of its ValueError."""
+    try:
+        return parse_record(text)
+    except ValueError as exc:
+        return str(exc)
+
+
 def _alignment(value: str) -> str:
     return "s" if value.lower() == "s" else "r"
 
@@ -256,7 +303,10 @@ class _Discovery:
 async def _records_at(dns: DnsLookups, domain: str) -> _Discovery:
     """The DMARC record at ``_dmarc.<domain>``."""
     name = f"_dmarc.{domain}"
-    answer = await dns.txt(name)
+    cached = getattr(dns, "cached", None)  # Resolver.cached: a hit needs no coroutine
+    answer = cached("TXT", name) if callable(cached) else None
+    if answer is None:
+        answer = await dns.txt(name)
     if answer.status == "temporary":
         return _Discovery("temperror", domain, detail=f"{name}: {answer.detail or 'no answer'}")
     if answer.status != "ok":
@@ -321,9 +371,8 @@ async def check_dmarc(
         # several records: say where; none at all: there is no record domain
         where = found.domain if found.status == "several" else ""
         return DmarcResult("none", author, "none", "none", False, False, where, found.detail)
-    try:
-        record = parse_record(found.text)
-    except ValueError as exc:
+    record = _parsed_record(found.text)
+    if isinstance(record, str):
         return DmarcResult(
             "permerror",
             author,
@@ -332,7 +381,7 @@ async def check_dmarc(
             False,
             False,
             found.domain,
-            f"_dmarc.{found.domain}: {exc}",
+            f"_dmarc.{found.domain}: {record}",
         )
     # sp= is for subdomains: only when the record came from the organizational domain
     subdomain = found.domain != author

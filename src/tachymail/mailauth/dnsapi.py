@@ -6,6 +6,11 @@ process); tests give the checks an in-memory zone with the same five methods
 raises for DNS trouble: ``status`` ``"temporary"`` says the DNS could not answer now,
 ``"nxdomain"`` that the name does not (or cannot) exist, ``"ok"`` with empty ``values``
 that the name exists without records of that type (NODATA).
+
+An implementation may also offer ``cached(kind, name) -> Records | None`` (``kind`` "TXT",
+"A", "AAAA" or "MX"): the answer its cache holds now, without a coroutine, or None. It is
+not part of the protocol (in-memory zones need not have it); SPF, DMARC and the inbound
+checker use it when present to skip awaits (:meth:`tachymail.dns.Resolver.cached`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tachymail.config import Config, ListenerConfig
 from tachymail.mailauth.arc import ArcResult, ArcSealer, verify_arc
@@ -34,7 +34,7 @@ from tachymail.mailauth.dnsapi import DnsLookups
 from tachymail.mailauth.dnsbl import Listing, dnsbl
 from tachymail.mailauth.iprev import IprevResult, check_iprev
 from tachymail.mailauth.results import authentication_results, remove_forged
-from tachymail.mailauth.spf import SpfResult, check_spf
+from tachymail.mailauth.spf import SpfResult, check_spf, check_spf_now
 from tachymail.protocol.replies import reply
 
 if TYPE_CHECKING:
@@ -193,14 +193,32 @@ class InboundChecker:
         if not self.settings.spf:
             return MailVerdict(None, None, None)
         sender = mail_from.strip().removeprefix("<").removesuffix(">")
-        domain = sender.rpartition("@")[2] if sender else helo
-        fallback = (
-            SpfResult("temperror", "mailfrom", domain, sender, detail="internal error"),
-            SpfResult("temperror", "helo", helo, f"postmaster@{helo}", detail="internal error"),
-        )
         spf, helo_result = await self._guard(
-            "spf", check_spf(self.dns, ip, sender, helo, receiver=self.authserv_id), fallback
+            "spf",
+            check_spf(self.dns, ip, sender, helo, receiver=self.authserv_id),
+            _spf_error(sender, helo),
         )
+        return self._mail_verdict(ip, sender, spf, helo_result)
+
+    def mail_now(self, ip: str, helo: str, mail_from: str) -> MailVerdict | None:
+        """What :meth:`mail` gives, without waiting, when the resolver's cache answers every
+        SPF lookup (see :func:`~tachymail.mailauth.spf.check_spf_now`); None when a lookup
+        would have to wait: then await :meth:`mail`."""
+        if not self.settings.spf:
+            return MailVerdict(None, None, None)
+        sender = mail_from.strip().removeprefix("<").removesuffix(">")
+        try:
+            found = check_spf_now(self.dns, ip, sender, helo, receiver=self.authserv_id)
+        except Exception:
+            log.exception("mailauth spf check failed unexpectedly; reported as temperror")
+            found = _spf_error(sender, helo)
+        if found is None:
+            return None
+        return self._mail_verdict(ip, sender, *found)
+
+    def _mail_verdict(
+        self, ip: str, sender: str, spf: SpfResult, helo_result: SpfResult
+    ) -> MailVerdict:
         answer = None
         if self.settings.spf_reject_fail and spf.result == "fail":
             text = f"<{sender}>: Sender address rejected: SPF check failed"
@@ -239,22 +257,34 @@ class InboundChecker:
         if forged:
             log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)
         author = from_domain(content) if settings.dmarc else None
-        dkim_task = (
-            self._guard("dkim", self._dkim(content), [_dkim_error()])
-            if settings.dkim
-            else _value(list[DkimResult]())
-        )
         seal = self.sealer is not None and relay
-        arc_task = (
-            self._guard(
+        # DKIM runs in this task; ARC (when the message has ARC fields, whose keys it looks
+        # up) and the DMARC record's lookup (when not cached) run beside it in tasks of
+        # their own. The common message needs no task: each one costs loop turns.
+        beside: list[asyncio.Future[Any]] = []
+        arc_work: Awaitable[ArcResult] | None = None
+        if settings.arc or seal:
+            arc_work = self._guard(
                 "arc", verify_arc(self.dns, content), ArcResult("temperror", 0, "internal error")
             )
-            if settings.arc or seal
-            else _value(None)
-        )
+            if _has_arc_fields(content):
+                arc_work = asyncio.ensure_future(arc_work)
+                beside.append(arc_work)
         # the DMARC record is wanted after DKIM: ask for it now so the answer is cached by then
-        prefetch = self._prefetch(f"_dmarc.{author}") if author else _value(None)
-        dkim, arc, _ = await asyncio.gather(dkim_task, arc_task, prefetch)
+        if author and not self._cached_txt(f"_dmarc.{author}"):
+            beside.append(asyncio.ensure_future(self._prefetch(f"_dmarc.{author}")))
+        try:
+            dkim = (
+                await self._guard("dkim", self._dkim(content), [_dkim_error()])
+                if settings.dkim
+                else list[DkimResult]()
+            )
+            arc = await arc_work if arc_work is not None else None
+            for task in beside:
+                await task
+        finally:
+            for task in beside:  # cancelled (the client left): nothing left running
+                task.cancel()
         dmarc: DmarcResult | None = None
         if settings.dmarc:
             dmarc = await self._guard(
@@ -285,6 +315,12 @@ class InboundChecker:
         return await verify_dkim(
             self.dns, content, max_signatures=self.settings.dkim_max_signatures
         )
+
+    def _cached_txt(self, name: str) -> bool:
+        """Whether the lookups' cache (``Resolver.cached``, when they have one) holds the
+        TXT records of *name* (a hit counts as a lookup, as the prefetch would)."""
+        cached = getattr(self.dns, "cached", None)
+        return callable(cached) and cached("TXT", name) is not None
 
     async def _prefetch(self, name: str) -> None:
         try:
@@ -373,6 +409,24 @@ class InboundChecker:
 
 async def _value(value: T) -> T:
     return value
+
+
+def _spf_error(sender: str, helo: str) -> tuple[SpfResult, SpfResult]:
+    """The SPF results of a check that failed unexpectedly (a bug, logged)."""
+    domain = sender.rpartition("@")[2] if sender else helo
+    return (
+        SpfResult("temperror", "mailfrom", domain, sender, detail="internal error"),
+        SpfResult("temperror", "helo", helo, f"postmaster@{helo}", detail="internal error"),
+    )
+
+
+def _has_arc_fields(content: bytes) -> bool:
+    """Whether the header block may hold ARC fields (then verify_arc looks keys up)."""
+    end = content.find(b"\r\n\r\n")
+    if end < 0:
+        end = content.find(b"\n\n")
+    head = content if end < 0 else content[:end]
+    return b"arc-" in head.lower()
 
 
 def _dkim_error() -> DkimResult:

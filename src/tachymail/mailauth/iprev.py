@@ -66,7 +66,10 @@ async def check_iprev(dns: DnsLookups, ip: str) -> IprevResult:
         return IprevResult("permerror", "", f"no PTR record for {text}", text)
     names = list(dict.fromkeys(names))[:MAX_NAMES]
     forward = dns.a if address.version == 4 else dns.aaaa
-    answers: list[Records] = await asyncio.gather(*(forward(name) for name in names))
+    if len(names) == 1:  # the usual case: no task for a single lookup
+        answers: list[Records] = [await forward(names[0])]
+    else:
+        answers = await asyncio.gather(*(forward(name) for name in names))
     for name, answer in zip(names, answers, strict=True):
         if answer.status == "ok" and any(_same(value, address) for value in answer.values):
             return IprevResult("pass", name, "", text)

@@ -36,7 +36,7 @@ from tachymail.lmdbenv import open_side_store
 
 if TYPE_CHECKING:
     from tachymail.mailauth.dkim import DkimResult
-    from tachymail.mailauth.dmarc import DmarcResult
+    from tachymail.mailauth.dmarc import DmarcRecord, DmarcResult
     from tachymail.mailauth.spf import SpfResult
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ _COUNT = struct.Struct(">Q")
 _ROWS = b"R\0"  # R\0 domain \0 day(8 digits) \0 row JSON -> count
 _POLICY = b"P\0"  # P\0 domain \0 day(8 digits) -> published policy JSON
 _PRUNE_EVERY = 3600.0
+_KEYS_KEPT = 4096  # rows whose store keys add() remembers (then it starts afresh)
 _ENVIRONMENTS: dict[tuple[str, int], lmdb.Environment] = {}
 _ENVIRONMENTS_LOCK = threading.Lock()
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -68,6 +69,7 @@ class DmarcReports:
         self.keep_days = keep_days
         self._buffer: Counter[bytes] = Counter()
         self._policies: dict[bytes, bytes] = {}
+        self._keys: dict[tuple[Any, ...], tuple[bytes, bytes, bytes]] = {}
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._last_prune = 0.0
@@ -100,8 +102,65 @@ class DmarcReports:
         envelope = address.rpartition("@")[2].lower() if "@" in address else ""
         if not envelope and spf is not None:
             envelope = spf.domain.lower()  # null sender: the HELO identity SPF checked
+        sampled_out = result.result == "fail" and result.disposition != result.policy
+        auth_dkim = tuple(
+            (d.domain.lower(), d.selector, d.result if d.result in _DKIM_RESULTS else "none")
+            for d in dkim
+        )
+        auth_spf = (
+            (
+                spf.domain.lower(),
+                "helo" if spf.identity == "helo" else "mfrom",
+                spf.result if spf.result in _SPF_RESULTS else "none",
+            )
+            if spf is not None
+            else None
+        )
+        # the same row again (the usual case: one sender, one client) reuses its keys
+        memo = (
+            result.record_domain,
+            day,
+            source_ip,
+            result.disposition,
+            result.dkim_aligned,
+            result.spf_aligned,
+            sampled_out,
+            result.from_domain,
+            envelope,
+            auth_dkim,
+            auth_spf,
+            record,
+        )
+        keys = self._keys.get(memo)
+        if keys is None:
+            keys = self._row_keys(
+                result, record, day, source_ip, envelope, sampled_out, auth_dkim, auth_spf
+            )
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            self._keys[memo] = keys
+        key, policy_key, policy = keys
+        with self._lock:
+            self._buffer[key] += 1
+            self._policies[policy_key] = policy
+            due = time.monotonic() - self._last_flush >= self.flush_interval
+        if due:
+            self.flush()
+
+    def _row_keys(
+        self,
+        result: DmarcResult,
+        record: DmarcRecord,
+        day: int,
+        source_ip: str,
+        envelope: str,
+        sampled_out: bool,
+        auth_dkim: tuple[tuple[str, str, str], ...],
+        auth_spf: tuple[str, str, str] | None,
+    ) -> tuple[bytes, bytes, bytes]:
+        """The store keys of a row and its day's policy, and the policy's value."""
         reasons = []
-        if result.result == "fail" and result.disposition != result.policy:
+        if sampled_out:
             reasons.append("sampled_out")  # pct= lowered the policy (RFC 7489 §6.6.4)
         row = {
             "ip": source_ip,
@@ -111,21 +170,8 @@ class DmarcReports:
             "reasons": reasons,
             "header_from": result.from_domain,
             "envelope_from": envelope,
-            "auth_dkim": [
-                [d.domain.lower(), d.selector, d.result if d.result in _DKIM_RESULTS else "none"]
-                for d in dkim
-            ],
-            "auth_spf": (
-                [
-                    [
-                        spf.domain.lower(),
-                        "helo" if spf.identity == "helo" else "mfrom",
-                        spf.result if spf.result in _SPF_RESULTS else "none",
-                    ]
-                ]
-                if spf is not None
-                else []
-            ),
+            "auth_dkim": [list(d) for d in auth_dkim],
+            "auth_spf": [list(auth_spf)] if auth_spf is not None else [],
         }
         domain = result.record_domain.lower().encode()
         day_key = b"%s\0%08d" % (domain, day)
@@ -138,12 +184,7 @@ class DmarcReports:
             "pct": record.pct,
             "fo": record.fo,
         }
-        with self._lock:
-            self._buffer[key] += 1
-            self._policies[_POLICY + day_key] = json.dumps(policy, sort_keys=True).encode()
-            due = time.monotonic() - self._last_flush >= self.flush_interval
-        if due:
-            self.flush()
+        return key, _POLICY + day_key, json.dumps(policy, sort_keys=True).encode()
 
     def flush(self) -> None:
         """Add the buffered counts to the store now (one unsynced write transaction). A

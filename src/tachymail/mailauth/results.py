@@ -21,6 +21,7 @@ spaces to stay under 78 characters where a single word allows it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -198,28 +199,62 @@ def authentication_results(
     when none ran the field says ``none`` (RFC 8601 §2.2). Failures and errors carry
     ``reason="..."``. Values that are not RFC 2045 tokens are quoted; the text is ASCII.
     """
-    resinfos: list[list[str]] = []
+    # The results that repeat from message to message (one sender's SPF, DMARC; a
+    # connection's iprev) are made into words once: the functions are pure, and cached.
+    resinfos: list[Sequence[str]] = []
     if spf is not None:
-        resinfos.append(_spf(spf, "mailfrom"))
+        resinfos.append(_spf_words(spf, "mailfrom"))
     if helo is not None:
-        resinfos.append(_spf(helo, "helo"))
+        resinfos.append(_spf_words(helo, "helo"))
     prefixes = _b_prefixes([d.signature_b for d in dkim])
+    # a tuple: cached words (their folding is cached too); a list: this message's own
     resinfos += [_dkim(d, b) for d, b in zip(dkim, prefixes, strict=True)]
     if dmarc is not None:
-        resinfos.append(_dmarc(dmarc))
+        resinfos.append(_dmarc_words(dmarc))
     if arc is not None:
-        resinfos.append(_arc(arc, remote_ip))
+        resinfos.append(_arc_words(arc, remote_ip))
     if iprev is not None:
-        resinfos.append(_iprev(iprev))
+        resinfos.append(_iprev_words(iprev))
     head = f"{FIELD}: {_value(authserv_id)};"
     if not resinfos:
         return (head + " none\r\n").encode("ascii")
     lines = [head]
+    last = len(resinfos) - 1
     for n, words in enumerate(resinfos):
-        if n < len(resinfos) - 1:
-            words = [*words[:-1], words[-1] + ";"]
-        lines += _fold(words)
+        if isinstance(words, tuple):
+            lines += _folded(words, n < last)
+        else:
+            lines += _fold([*words[:-1], words[-1] + ";"] if n < last else list(words))
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)
+def _spf_words(result: SpfResult, prop: str) -> tuple[str, ...]:
+    return tuple(_spf(result, prop))
+
+
+@functools.lru_cache(maxsize=1024)
+def _dmarc_words(result: DmarcResult) -> tuple[str, ...]:
+    return tuple(_dmarc(result))
+
+
+@functools.lru_cache(maxsize=1024)
+def _arc_words(result: ArcResult, remote_ip: str) -> tuple[str, ...]:
+    return tuple(_arc(result, remote_ip))
+
+
+@functools.lru_cache(maxsize=1024)
+def _iprev_words(result: IprevResult) -> tuple[str, ...]:
+    return tuple(_iprev(result))
+
+
+@functools.lru_cache(maxsize=4096)
+def _folded(words: tuple[str, ...], more: bool) -> tuple[str, ...]:
+    """One resinfo's lines (:func:`_fold`), with the ";" that separates it from the next
+    resinfo when *more* follow."""
+    if more:
+        words = (*words[:-1], words[-1] + ";")
+    return tuple(_fold(list(words)))
 
 
 def _fold(words: list[str]) -> list[str]:

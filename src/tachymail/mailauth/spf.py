@@ -40,14 +40,15 @@ What callers may rely on (RFC 7208 sections in brackets):
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any
 
 import dns.exception
 import dns.name
@@ -55,7 +56,7 @@ import dns.name
 from tachymail.dns import Records
 from tachymail.mailauth.dnsapi import DnsLookups
 
-__all__ = ["RESULTS", "SpfResult", "check_host", "check_spf"]
+__all__ = ["RESULTS", "SpfResult", "check_host", "check_spf", "check_spf_now"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,17 @@ class _TempError(Exception):
     """The DNS could not answer now: the check's result is temperror."""
 
 
+class _WouldWait(BaseException):
+    """A lookup of a run that may not wait (:func:`_run_now`) is not in the cache.
+
+    A BaseException, so that no ``except Exception`` on the way turns it into a result."""
+
+
+#: ``DnsLookups.cached(kind, name)``, when the lookups have it: the answer from the cache
+#: without a coroutine, or None (see :meth:`tachymail.dns.Resolver.cached`)
+Peek = Callable[[str, str], Records | None]
+
+
 # -- parsed records ----------------------------------------------------------------------
 
 
@@ -143,6 +155,11 @@ class _Mechanism:
     cidr4: int
     cidr6: int
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    # ip4/ip6 as integers (matching compares ints, not ipaddress objects): the
+    # version (0 for other mechanisms), the network address and its prefix length
+    version: int = 0
+    net: int = 0
+    prefix: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +310,30 @@ def _parse_mechanism(term: str) -> _Mechanism:
         if found is None or address is None:
             raise _PermError(f"invalid ip6 network: {term!r}")
         network = ipaddress.IPv6Network(f"{address}/{_cidr(found[2], 128, term)}", strict=False)
-    return _Mechanism(term, qualifier, kind, domain, cidr4, cidr6, network)
+    if network is None:
+        return _Mechanism(term, qualifier, kind, domain, cidr4, cidr6, None)
+    return _Mechanism(
+        term,
+        qualifier,
+        kind,
+        domain,
+        cidr4,
+        cidr6,
+        network,
+        network.version,
+        int(network.network_address),
+        network.prefixlen,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_record(raw: bytes) -> _Record | str:
+    """:func:`_parse_record` once per distinct record text: the record (immutable, so
+    shared by every check), or its permerror's message."""
+    try:
+        return _parse_record(raw)
+    except _PermError as exc:
+        return str(exc)
 
 
 def _parse_record(raw: bytes) -> _Record:
@@ -345,6 +385,7 @@ def _query_name(expanded: str) -> str | None:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def _checked_domain(domain: str) -> str | None:
     """The <domain> check_host() may look up (RFC 7208 §4.3), lower case without the final
     dot; None when it is malformed, one label, or an address literal."""
@@ -364,6 +405,7 @@ def _checked_domain(domain: str) -> str | None:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def _client_address(ip: str) -> Address | None:
     """The client as IPv4 or IPv6 address; an IPv4-mapped IPv6 address is IPv4 (§5)."""
     try:
@@ -375,14 +417,25 @@ def _client_address(ip: str) -> Address | None:
     return address
 
 
-def _addresses(records: Records) -> list[Address]:
-    out: list[Address] = []
+def _addresses(records: Records) -> list[tuple[int, int]]:
+    """The answer's addresses as (version, integer); values that are none are skipped."""
+    out: list[tuple[int, int]] = []
     for value in records.values:
-        try:
-            out.append(ipaddress.ip_address(value))
-        except ValueError:
-            continue  # a resolver never gives these; a test zone might
+        key = _address_key(value)
+        if key is not None:
+            out.append(key)
     return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _address_key(value: Any) -> tuple[int, int] | None:
+    """(version, integer) of an address text; None when it is none (a resolver never gives
+    such a value; a test zone might)."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    return address.version, int(address)
 
 
 # -- the check ---------------------------------------------------------------------------
@@ -404,7 +457,15 @@ class _Check:
     ) -> None:
         self.dns = dns
         self.client = client
+        self.client_text = str(client)
         self.ipv4 = isinstance(client, ipaddress.IPv4Address)
+        self.client_key = (client.version, int(client))
+        self.bits = 32 if self.ipv4 else 128
+        cached = getattr(dns, "cached", None)
+        #: the lookups' synchronous cache (Resolver.cached), None when they have none
+        self.peek: Peek | None = cached if callable(cached) else None
+        #: a run that may not wait (_run_now): a lookup the cache cannot answer ends it
+        self.no_wait = False
         local, _, sender_domain = sender.rpartition("@")
         self.local = local or "postmaster"
         self.sender_domain = sender_domain
@@ -436,8 +497,39 @@ class _Check:
                     f"more than {self.max_void} void DNS lookups (at {term!r}: {name})"
                 )
 
+    # lookups: from the cache without a coroutine when the lookups offer that
+
+    async def lookup(self, kind: str, name: str) -> Records:
+        """The *kind* ("TXT", "A", "AAAA", "MX") records of *name*."""
+        if self.peek is not None:
+            hit = self.peek(kind, name)
+            if hit is not None:
+                return hit
+        if self.no_wait:
+            raise _WouldWait
+        if kind == "TXT":
+            return await self.dns.txt(name)
+        if kind == "A":
+            return await self.dns.a(name)
+        if kind == "AAAA":
+            return await self.dns.aaaa(name)
+        return await self.dns.mx_records(name)
+
+    async def ptr(self) -> Records:
+        """The client's PTR records (never from the peek: rare, and keyed differently)."""
+        if self.no_wait:
+            raise _WouldWait
+        return await self.dns.ptr(self.client_text)
+
     async def address_records(self, name: str) -> Records:
-        return await (self.dns.a(name) if self.ipv4 else self.dns.aaaa(name))
+        return await self.lookup("A" if self.ipv4 else "AAAA", name)
+
+    async def all_address_records(self, names: Sequence[str]) -> list[Records]:
+        """The address records of each name: all at once, or one by one from the cache in
+        a run that may not wait (the same answers, read in the same order)."""
+        if self.no_wait:
+            return [await self.address_records(name) for name in names]
+        return list(await asyncio.gather(*(self.address_records(n) for n in names)))
 
     # macros
 
@@ -473,10 +565,10 @@ class _Check:
             return domain
         if letter == "i":
             if self.ipv4:
-                return str(self.client)
+                return self.client_text
             return ".".join(self.client.packed.hex().upper())
         if letter == "c":
-            return str(self.client)
+            return self.client_text
         if letter == "v":
             return "in-addr" if self.ipv4 else "ip6"
         if letter == "h":
@@ -503,7 +595,7 @@ class _Check:
     async def validated_names(self) -> list[str]:
         """The client's validated names for %{p}, looked up once per check."""
         if self._validated is None:
-            self._validated = await self.validate(await self.dns.ptr(str(self.client)), None)
+            self._validated = await self.validate(await self.ptr(), None)
         return self._validated
 
     async def validate(self, ptr: Records, wanted: str | None) -> list[str]:
@@ -516,11 +608,11 @@ class _Check:
             names = [n for n in names if n == wanted or n.endswith("." + wanted)]
         candidates = [n for n in names if _query_name(n) == n]
         # all at once; an address lookup that fails just skips that name (RFC 7208 §5.5)
-        answers = await asyncio.gather(*(self.address_records(n) for n in candidates))
+        answers = await self.all_address_records(candidates)
         return [
             name
             for name, answer in zip(candidates, answers, strict=True)
-            if answer.status == "ok" and self.client in _addresses(answer)
+            if answer.status == "ok" and self.client_key in _addresses(answer)
         ]
 
     async def target(self, tokens: Sequence[_Token] | None, domain: str) -> str | None:
@@ -532,7 +624,7 @@ class _Check:
 
     async def evaluate(self, domain: str, *, want_exp: bool) -> _Outcome:
         """check_host() for ``domain``; raises _PermError/_TempError, returns ``none``."""
-        records = await self.dns.txt(domain)
+        records = await self.lookup("TXT", domain)
         if records.status == "temporary":
             raise _TempError(f"{domain}: {records.detail or 'TXT lookup failed'}")
         if records.status == "nxdomain":
@@ -542,17 +634,16 @@ class _Check:
             return _Outcome("none", domain, detail=f"{domain}: no SPF record")
         if len(found) > 1:
             raise _PermError(f"{domain}: {len(found)} SPF records")
-        try:
-            record = _parse_record(found[0])
-        except _PermError as exc:
-            raise _PermError(f"{domain}: {exc}") from None
+        record = _parsed_record(bytes(found[0]))
+        if isinstance(record, str):
+            raise _PermError(f"{domain}: {record}")
         for mechanism in record.mechanisms:
             if await self.matches(mechanism, domain):
                 result = _QUALIFIERS[mechanism.qualifier]
                 explanation = ""
                 if result == "fail" and want_exp and record.exp is not None:
                     explanation = await self.explain(record.exp, domain)
-                detail = f"{domain}: {mechanism.text!r} matched {self.client}"
+                detail = f"{domain}: {mechanism.text!r} matched {self.client_text}"
                 return _Outcome(result, domain, mechanism.text, explanation, detail)
         if record.redirect is not None:
             self.count_term(record.redirect_text)
@@ -563,14 +654,18 @@ class _Check:
             if outcome.result == "none":
                 raise _PermError(f"{domain}: {record.redirect_text!r}: {outcome.detail}")
             return outcome
-        return _Outcome("neutral", domain, detail=f"{domain}: no mechanism matched {self.client}")
+        return _Outcome(
+            "neutral", domain, detail=f"{domain}: no mechanism matched {self.client_text}"
+        )
 
     async def matches(self, mechanism: _Mechanism, domain: str) -> bool:
         kind = mechanism.kind
         if kind == "all":
             return True
         if kind in ("ip4", "ip6"):
-            return mechanism.network is not None and self.client in mechanism.network
+            return mechanism.version == self.client_key[0] and self._within(
+                mechanism.net, mechanism.prefix
+            )
         self.count_term(mechanism.text)
         name = await self.target(mechanism.domain, domain)
         if name is None and kind == "include":
@@ -584,7 +679,7 @@ class _Check:
                 raise _PermError(f"{mechanism.text!r}: {outcome.detail}")
             return outcome.result == "pass"
         if kind == "exists":
-            answer = await self.dns.a(name)
+            answer = await self.lookup("A", name)
             self.check_dns(answer, name, mechanism.text)
             return bool(answer.values)
         if kind == "a":
@@ -594,19 +689,19 @@ class _Check:
         if kind == "mx":
             return await self.mx_matches(name, mechanism)
         # ptr: a PTR lookup that fails just does not match (RFC 7208 §5.5)
-        ptr = await self.dns.ptr(str(self.client))
+        ptr = await self.ptr()
         if ptr.void:
-            self.check_dns(ptr, str(self.client), mechanism.text)
+            self.check_dns(ptr, self.client_text, mechanism.text)
         return bool(await self.validate(ptr, name.lower()))
 
     async def mx_matches(self, name: str, mechanism: _Mechanism) -> bool:
-        answer = await self.dns.mx_records(name)
+        answer = await self.lookup("MX", name)
         self.check_dns(answer, name, mechanism.text)
         if len(answer.values) > MAX_NAMES:
             raise _PermError(f"{mechanism.text!r}: {name} has more than {MAX_NAMES} MX records")
         hosts = [host for _pref, host in answer.values if host and _query_name(host) == host]
         # all hosts at once; the answers are then read in MX order, as if one by one
-        answers = await asyncio.gather(*(self.address_records(host) for host in hosts))
+        answers = await self.all_address_records(hosts)
         for host, records in zip(hosts, answers, strict=True):
             if records.status == "temporary":
                 raise _TempError(f"{mechanism.text}: {records.detail or host}")
@@ -614,22 +709,22 @@ class _Check:
                 return True
         return False
 
-    def in_networks(self, addresses: list[Address], mechanism: _Mechanism) -> bool:
+    def in_networks(self, addresses: list[tuple[int, int]], mechanism: _Mechanism) -> bool:
         prefix = mechanism.cidr4 if self.ipv4 else mechanism.cidr6
-        for address in addresses:
-            if address.version != self.client.version:
-                continue
-            network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
-            if self.client in network:
-                return True
-        return False
+        version = self.client_key[0]
+        return any(v == version and self._within(n, prefix) for v, n in addresses)
+
+    def _within(self, network: int, prefix: int) -> bool:
+        """Whether the client is in network/prefix (both of the client's version)."""
+        shift = self.bits - prefix
+        return (network >> shift) == (self.client_key[1] >> shift)
 
     async def explain(self, tokens: Sequence[_Token], domain: str) -> str:
         """The exp= text (RFC 7208 §6.2), or "" when there is none to give."""
         name = await self.target(tokens, domain)
         if name is None:
             return ""
-        records = await self.dns.txt(name)
+        records = await self.lookup("TXT", name)
         if records.status != "ok" or len(records.values) != 1:
             return ""
         try:
@@ -660,6 +755,70 @@ async def check_host(
     bad records; a ``domain`` that is malformed, single-label or an address literal, or
     an ``ip`` that is not an IP address, gives ``none``.
     """
+    start = _start(
+        dns, ip, domain, sender, helo, receiver, identity, max_lookups, max_void_lookups, now
+    )
+    if isinstance(start, SpfResult):
+        return start
+    return start.finish(_run_now(start.check, start.checked, ip) or await start.run())
+
+
+class _Pending:
+    """A check_host() whose evaluation is still to run: :meth:`run` it (or try
+    :func:`_run_now` first), then :meth:`finish` its outcome into the result."""
+
+    __slots__ = ("address_text", "check", "checked", "identity", "ip")
+
+    def __init__(
+        self, check: _Check, checked: str, identity: str, address_text: str, ip: str
+    ) -> None:
+        self.check = check
+        self.checked = checked
+        self.identity = identity
+        self.address_text = address_text
+        self.ip = ip
+
+    def now(self) -> SpfResult | None:
+        """The result when the lookups' cache answers every lookup, else None."""
+        outcome = _run_now(self.check, self.checked, self.ip)
+        return None if outcome is None else self.finish(outcome)
+
+    async def run(self) -> _Outcome:
+        return await _run(self.check, self.checked, self.ip)
+
+    async def result(self) -> SpfResult:
+        return self.finish(await self.run())
+
+    def finish(self, outcome: _Outcome) -> SpfResult:
+        ip, identity, address_text = self.ip, self.identity, self.address_text
+        log.debug(
+            "spf %s %s %s: %s (%s)", identity, address_text, ip, outcome.result, outcome.detail
+        )
+        return SpfResult(
+            outcome.result,
+            identity,
+            self.checked,
+            address_text,
+            explanation=outcome.explanation,
+            mechanism=outcome.mechanism,
+            detail=outcome.detail,
+        )
+
+
+def _start(
+    dns: DnsLookups,
+    ip: str,
+    domain: str,
+    sender: str,
+    helo: str,
+    receiver: str,
+    identity: str,
+    max_lookups: int,
+    max_void_lookups: int,
+    now: float | None,
+) -> SpfResult | _Pending:
+    """check_host()'s result when no lookup is needed to know it (``none``), else the
+    check to run."""
     checked = _checked_domain(domain)
     shown = checked or domain.strip().lower()
     local, at, sender_domain = sender.rpartition("@")
@@ -677,38 +836,114 @@ async def check_host(
         sender = f"postmaster@{checked}"
         address_text = sender
     check = _Check(dns, client, sender, helo, receiver, max_lookups, max_void_lookups, now)
+    return _Pending(check, checked, identity, address_text, ip)
+
+
+def _run_now(check: _Check, checked: str, ip: str) -> _Outcome | None:
+    """The outcome when every lookup the check makes is answered by the lookups' cache
+    (``Resolver.cached``), computed without the event loop (no coroutine is suspended, no
+    task made); None when a lookup would have to wait (or there is no such cache), for
+    :func:`_run` to do it all again with waiting allowed.
+
+    The same outcome as :func:`_run`: the same evaluation reads the same answers in the same
+    order (lookups :func:`_run` makes side by side are read one by one here, in the order it
+    reads their answers), and nothing from the cache can take the 20 s that would end it.
+    """
+    if check.peek is None:
+        return None
+    check.no_wait = True
+    work = check.evaluate(checked, want_exp=True)
+    try:
+        work.send(None)
+    except StopIteration as done:
+        outcome: _Outcome = done.value
+        return outcome
+    except _WouldWait:
+        return None
+    except Exception as exc:
+        return _error_outcome(exc, checked, ip)
+    else:  # it waited for something after all (not a lookup): start over on the loop
+        work.close()
+        return None
+    finally:
+        check.no_wait = False
+        check.lookups = check.voids = 0
+        check._validated = None
+
+
+async def _run(check: _Check, checked: str, ip: str) -> _Outcome:
+    """The outcome of the check on the event loop, within :data:`MAX_ELAPSED`."""
     try:
         async with asyncio.timeout(MAX_ELAPSED):
-            outcome = await check.evaluate(checked, want_exp=True)
-    except _PermError as exc:
-        outcome = _Outcome("permerror", checked, detail=str(exc))
-    except _TempError as exc:
-        outcome = _Outcome("temperror", checked, detail=str(exc))
+            return await check.evaluate(checked, want_exp=True)
     except TimeoutError:
         detail = f"{checked}: no answer within {MAX_ELAPSED:g} s"
-        outcome = _Outcome("temperror", checked, detail=detail)
+        return _Outcome("temperror", checked, detail=detail)
     except Exception as exc:
-        # a bug here must not cost the session: log it, and say "try later" (§2.6.6)
-        log.exception("SPF check of %s for %s failed", checked, ip)
-        outcome = _Outcome("temperror", checked, detail=f"internal error: {exc!r}")
-    log.debug("spf %s %s %s: %s (%s)", identity, address_text, ip, outcome.result, outcome.detail)
-    return SpfResult(
-        outcome.result,
-        identity,
-        checked,
-        address_text,
-        explanation=outcome.explanation,
-        mechanism=outcome.mechanism,
-        detail=outcome.detail,
-    )
+        return _error_outcome(exc, checked, ip)
 
 
+def _error_outcome(exc: Exception, checked: str, ip: str) -> _Outcome:
+    """The outcome of a check that ended with *exc*."""
+    if isinstance(exc, _PermError):
+        return _Outcome("permerror", checked, detail=str(exc))
+    if isinstance(exc, _TempError):
+        return _Outcome("temperror", checked, detail=str(exc))
+    # a bug here must not cost the session: log it, and say "try later" (§2.6.6)
+    log.error("SPF check of %s for %s failed", checked, ip, exc_info=exc)
+    return _Outcome("temperror", checked, detail=f"internal error: {exc!r}")
+
+
+@functools.lru_cache(maxsize=4096)
 def _helo_domain(helo: str) -> str | None:
     """The HELO name when it is a domain SPF can check (not an address literal)."""
     name = helo.strip()
     if name.startswith("["):
         return None
     return _checked_domain(name)
+
+
+def _identities(
+    dns: DnsLookups, ip: str, mail_from: str, helo: str, receiver: str
+) -> tuple[SpfResult | _Pending | None, SpfResult | _Pending]:
+    """The checks of the MAIL FROM and HELO identities, each a result already or a check to
+    run; the MAIL FROM one is None for the null reverse-path (it is the HELO check)."""
+    address = mail_from.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    helo_name = helo.strip()
+    helo_domain = _helo_domain(helo_name)
+    postmaster = f"postmaster@{helo_domain or helo_name}"
+    helo_check: SpfResult | _Pending
+    if helo_domain is None:
+        detail = f"HELO {helo_name!r} is not a domain name"
+        helo_check = SpfResult("none", "helo", helo_name.lower(), postmaster, detail=detail)
+    else:
+        helo_check = _start(
+            dns, ip, helo_domain, postmaster, helo_name, receiver, "helo", 10, 2, None
+        )
+    if not address:
+        return None, helo_check
+    domain = address.rpartition("@")[2]
+    mail = _start(dns, ip, domain, address, helo_name, receiver, "mailfrom", 10, 2, None)
+    return mail, helo_check
+
+
+def check_spf_now(
+    dns: DnsLookups, ip: str, mail_from: str, helo: str, *, receiver: str = "unknown"
+) -> tuple[SpfResult, SpfResult] | None:
+    """What :func:`check_spf` gives, computed without waiting, when the lookups' own cache
+    (``dns.cached(kind, name)``, as :meth:`tachymail.dns.Resolver.cached`) answers every
+    lookup both checks make; None when one would have to wait (or *dns* has no such
+    cache): then await :func:`check_spf`. Never raises for DNS trouble or bad records."""
+    mail, helo_check = _identities(dns, ip, mail_from, helo, receiver)
+    helo_result = helo_check if isinstance(helo_check, SpfResult) else helo_check.now()
+    if helo_result is None:
+        return None
+    if mail is None:
+        return replace(helo_result, identity="mailfrom"), helo_result
+    mail_result = mail if isinstance(mail, SpfResult) else mail.now()
+    return None if mail_result is None else (mail_result, helo_result)
 
 
 async def check_spf(
@@ -719,28 +954,25 @@ async def check_spf(
     ``mail_from`` is the reverse-path without angle brackets (``""`` for the null
     reverse-path, which is then checked as ``postmaster@<helo>``, RFC 7208 §2.4). The HELO
     check is ``none`` when the HELO name is an address literal or not a domain name.
+    A check whose every lookup the lookups' own cache answers (see :func:`check_spf_now`)
+    is done without a task or a loop turn; the others run side by side on the loop.
     """
-    address = mail_from.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    helo_name = helo.strip()
-    helo_domain = _helo_domain(helo_name)
-    postmaster = f"postmaster@{helo_domain or helo_name}"
-
-    async def helo_check(identity: Literal["mailfrom", "helo"]) -> SpfResult:
-        if helo_domain is None:
-            detail = f"HELO {helo_name!r} is not a domain name"
-            return SpfResult("none", identity, helo_name.lower(), postmaster, detail=detail)
-        return await check_host(
-            dns, ip, helo_domain, postmaster, helo_name, receiver=receiver, identity=identity
-        )
-
-    if not address:
-        helo_result = await helo_check("helo")
+    mail, helo_check = _identities(dns, ip, mail_from, helo, receiver)
+    helo_result = helo_check if isinstance(helo_check, SpfResult) else helo_check.now()
+    if mail is None:
+        if helo_result is None:
+            assert isinstance(helo_check, _Pending)
+            helo_result = await helo_check.result()
         return replace(helo_result, identity="mailfrom"), helo_result
-    domain = address.rpartition("@")[2]
-    mail_result, helo_result = await asyncio.gather(
-        check_host(dns, ip, domain, address, helo_name, receiver=receiver),
-        helo_check("helo"),
-    )
+    mail_result = mail if isinstance(mail, SpfResult) else mail.now()
+    if mail_result is None and helo_result is None:
+        # both wait for the DNS (neither is a SpfResult): side by side
+        assert isinstance(mail, _Pending) and isinstance(helo_check, _Pending)
+        mail_result, helo_result = await asyncio.gather(mail.result(), helo_check.result())
+    if mail_result is None:
+        assert isinstance(mail, _Pending)
+        mail_result = await mail.result()
+    if helo_result is None:
+        assert isinstance(helo_check, _Pending)
+        helo_result = await helo_check.result()
     return mail_result, helo_result

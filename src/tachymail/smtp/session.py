@@ -108,7 +108,7 @@ class SmtpSession(asyncio.Protocol):
     # listener without checks stores nothing for them).
     _connect_check: asyncio.Task[ConnectVerdict] | None = None
     _iprev_check: asyncio.Task[IprevResult | None] | None = None
-    _mail_check: asyncio.Task[MailVerdict] | None = None
+    _mail_check: asyncio.Future[MailVerdict] | None = None
     _message_check: asyncio.Task[MessageVerdict] | None = None
     #: the client is on a DNSWL zone: the later checks are skipped
     allowlisted = False
@@ -316,7 +316,7 @@ class SmtpSession(asyncio.Protocol):
         )
 
     def _mail_checked(
-        self, sender: str, params: dict[str, str], done: asyncio.Task[MailVerdict]
+        self, sender: str, params: dict[str, str], done: asyncio.Future[MailVerdict]
     ) -> None:
         """MAIL's reply once SPF is known (``spf_reject_fail``): 550 5.7.23 for an SPF
         fail (enforce mode), else 250 and the transaction opens."""
@@ -359,8 +359,11 @@ class SmtpSession(asyncio.Protocol):
         if mail is None:  # a transaction opened before a check could start (none today)
             mail = await inbound.mail(ip, helo, sender)
         iprev = None
-        if self._iprev_check is not None:
-            iprev = await asyncio.shield(self._iprev_check)  # shared by the session's messages
+        check = self._iprev_check
+        if check is not None and check.done() and not check.cancelled():
+            iprev = check.result()  # done (the usual case): no shield, no loop turn
+        elif check is not None:
+            iprev = await asyncio.shield(check)  # shared by the session's messages
         # Relayed: a recipient delivered elsewhere (an ARC seal is then added when set up).
         relay = any(not self._local_recipient(rcpt.address) for rcpt in self.rcpts)
         return await inbound.message(
@@ -770,8 +773,16 @@ class SmtpSession(asyncio.Protocol):
         if self._checking():
             inbound = self.ctx.inbound
             assert inbound is not None and self.helo is not None
-            check = self.ctx.loop.create_task(inbound.mail(self.peer_ip, self.helo, sender))
-            check.add_done_callback(_retrieve)
+            # From the resolver's cache when it holds every SPF answer (a busy MX's usual
+            # case): a finished future, no task; else the lookups run in a task.
+            known = inbound.mail_now(self.peer_ip, self.helo, sender)
+            check: asyncio.Future[MailVerdict]
+            if known is not None:
+                check = self.ctx.loop.create_future()
+                check.set_result(known)
+            else:
+                check = self.ctx.loop.create_task(inbound.mail(self.peer_ip, self.helo, sender))
+                check.add_done_callback(_retrieve)
             self._mail_check = check
             if self.mailauth == "enforce" and self.ctx.config.mailauth.spf_reject_fail:
                 # MAIL's reply waits for SPF; pipelined commands wait with it, in order.

@@ -1,0 +1,167 @@
+"""What the per-message shortcuts of the inbound checks must not change: the From domain
+found without the stdlib parser, the DMARC aggregate rows whose keys are remembered, the
+Authentication-Results words that are cached, and the tasks the checker starts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import xml.etree.ElementTree as ET
+from email.parser import HeaderParser
+from email.policy import compat32
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fakedns import ZoneLookups
+from tachymail.config import Config
+from tachymail.mailauth import dmarc
+from tachymail.mailauth.dkim import DkimResult
+from tachymail.mailauth.dmarc import DmarcRecord, DmarcResult, from_domain
+from tachymail.mailauth.inbound import InboundChecker, MailVerdict
+from tachymail.mailauth.iprev import IprevResult
+from tachymail.mailauth.reports import DAY, DmarcReports
+from tachymail.mailauth.results import authentication_results
+from tachymail.mailauth.spf import SpfResult
+
+# lines a header block is made of: plain fields, folded ones, odd ones the parser handles
+# its own way (mbox From_, no colon, empty name, space before the colon, a lone CR), UTF-8
+LINES = [
+    b"From: News <news@a.example>\r\n",
+    b"from:  <x@b.example>\r\n",
+    b"FROM:\r\n",
+    b" c@c.example\r\n",
+    b"\tNamed <d@a.example>\n",
+    b"To: z@e.example\r\n",
+    b"From a@b.example Sat Jan  3 01:05:34 1996\r\n",
+    b"Not a field\r\n",
+    b":empty name\r\n",
+    b"From : spaced@a.example\r\n",
+    b"Sub\rject: x\r\n",
+    b"From: \xc3\xa9l\xc3\xa8ve <e@\xc3\xa9cole.example>\r\n",
+    b"From: bad \xff <f@a.example>\r\n",
+    b"From: a@a.example, b@a.example\r\n",
+    b"From: a@a.example, b@b.example\r\n",
+    b"\r\n",
+    b"\n",
+    b"body line\r\n",
+    b"From: no-break@a.example",
+]
+
+
+def reference(content: bytes) -> str | None:
+    """from_domain as the stdlib parser alone gives it (the code before the shortcut)."""
+    end = dmarc._header_end(content)
+    text = content[:end].decode("utf-8", "replace")
+    fields = HeaderParser(policy=compat32).parsestr(text).get_all("From") or []
+    if len(fields) != 1:
+        return None
+    return dmarc._author_domain(str(fields[0]))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(LINES), max_size=9))
+def test_from_domain_is_the_stdlib_parsers(lines: list[bytes]) -> None:
+    content = b"".join(lines)
+    assert from_domain(content) == reference(content)
+
+
+def test_from_domain_of_plain_and_folded_headers() -> None:
+    assert from_domain(b"To: x@y.example\r\nFrom: N <n@News.Example>\r\n\r\nbody") == (
+        "news.example"
+    )
+    assert from_domain(b"From:\r\n N <n@a.example>,\r\n\tM <m@a.example>\r\n\r\n") == "a.example"
+    assert from_domain(b"From: n@a.example\r\nFrom: n@a.example\r\n\r\n") is None
+    assert from_domain(b"Subject: no author\r\n\r\nFrom: n@a.example\r\n") is None
+
+
+RECORD = DmarcRecord(p="reject")
+SPF = SpfResult("pass", "mailfrom", "a.example", "n@a.example")
+
+
+def verdict(record: DmarcRecord = RECORD) -> DmarcResult:
+    return DmarcResult("pass", "a.example", record.p, "none", True, False, "a.example", "", record)
+
+
+def test_remembered_rows_still_count_apart(tmp_path: Path) -> None:
+    day0 = (time.time() // DAY - 2) * DAY
+    reports = DmarcReports(tmp_path)
+    dkim_pass = (DkimResult("pass", "a.example", "s1", "rsa-sha256", "", "b1"),)
+    dkim_fail = (DkimResult("fail", "a.example", "s1", "rsa-sha256", "", "b2"),)
+    for _ in range(3):
+        reports.add(verdict(), "192.0.2.1", "n@a.example", SPF, dkim_pass, when=day0 + 5)
+    reports.add(verdict(), "192.0.2.1", "n@a.example", SPF, dkim_fail, when=day0 + 6)
+    reports.add(verdict(), "192.0.2.2", "n@a.example", SPF, dkim_pass, when=day0 + 7)
+    quarantine = DmarcRecord(p="quarantine")
+    reports.add(verdict(quarantine), "192.0.2.1", "n@a.example", SPF, dkim_pass, when=day0 + DAY)
+    reports.flush()
+    kw = {"reporter": "mx.test", "email": "pm@mx.test"}
+    first = ET.fromstring(reports.report("a.example", day0, day0 + DAY, **kw))
+    rows = sorted(
+        (
+            r.findtext("row/source_ip"),
+            r.findtext("auth_results/dkim/result"),
+            r.findtext("row/count"),
+        )
+        for r in first.findall("record")
+    )
+    assert rows == [
+        ("192.0.2.1", "fail", "1"),
+        ("192.0.2.1", "pass", "3"),
+        ("192.0.2.2", "pass", "1"),
+    ]
+    assert first.findtext("policy_published/p") == "reject"
+    second = ET.fromstring(reports.report("a.example", day0 + DAY, day0 + 2 * DAY, **kw))
+    assert second.findtext("policy_published/p") == "quarantine"
+    assert [r.findtext("row/count") for r in second.findall("record")] == ["1"]
+
+
+def test_cached_words_follow_the_results() -> None:
+    iprev = IprevResult("pass", "mx.a.example", "", "192.0.2.1")
+    other = SpfResult("fail", "mailfrom", "a.example", "n@a.example", detail="a.example: -all")
+    first = authentication_results("mx.test", SPF, None, [], None, None, iprev)
+    again = authentication_results("mx.test", SPF, None, [], None, None, iprev)
+    failed = authentication_results("mx.test", other, None, [], None, None, None)
+    assert first == again
+    assert b"spf=pass smtp.mailfrom=n@a.example;\r\n\tiprev=pass" in first
+    assert failed.endswith(b'\tspf=fail reason="a.example: -all" smtp.mailfrom=n@a.example\r\n')
+
+
+ARC_MESSAGE = (
+    b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=arc.example; s=s1; b=AAAA\r\n"
+    b"From: n@a.example\r\nSubject: s\r\n\r\nbody\r\n"
+)
+
+
+def test_a_cancelled_check_leaves_no_task_running(tmp_path: Path) -> None:
+    """ARC (a message with ARC fields) and the DMARC prefetch run in tasks of their own
+    beside DKIM: cancelling the check (the client left) cancels them too."""
+    config = Config()
+    config.server.data_dir = str(tmp_path)
+    zone = ZoneLookups({("s1._domainkey.arc.example", "TXT"): ["v=DKIM1; p="]}, delay=5.0)
+    checker = InboundChecker(config, zone, record_reports=False)
+    mail = MailVerdict(SPF, None, None)
+
+    async def run() -> int:
+        check = asyncio.ensure_future(
+            checker.message(
+                ip="192.0.2.1",
+                helo="mx.a.example",
+                mail_from="n@a.example",
+                mail=mail,
+                iprev=None,
+                content=ARC_MESSAGE,
+                mode="enforce",
+                relay=False,
+            )
+        )
+        await asyncio.sleep(0.2)
+        assert zone.in_flight >= 2  # ARC's key and the DMARC record, side by side
+        check.cancel()
+        await asyncio.gather(check, return_exceptions=True)
+        for _ in range(3):  # a cancelled task ends on its next turn
+            await asyncio.sleep(0)
+        return len(asyncio.all_tasks() - {asyncio.current_task()})
+
+    assert asyncio.run(run()) == 0
