@@ -212,7 +212,11 @@ _FROM_FIELD = re.compile(rb"^from:([^\n]*\n(?:[ \t][^\n]*\n)*)", re.IGNORECASE |
 
 def _header_end(content: bytes) -> int:
     """Where the header block of *content* ends (the blank line included)."""
-    ends = [i + n for sep, n in ((b"\r\n\r\n", 4), (b"\n\n", 2)) if (i := content.find(sep)) >= 0]
+    # The LF-only form is looked for only before the CRLF one: on a CRLF message (the usual
+    # case) a search of the whole body for "\n\n" would read every octet of it.
+    crlf = content.find(b"\r\n\r\n")
+    lf = content.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(content))
+    ends = [i + n for i, n in ((crlf, 4), (lf, 2)) if i >= 0]
     return min(ends) if ends else len(content)
 
 

@@ -366,7 +366,8 @@ def _header_end(content: bytes) -> int:
     if content.startswith(b"\r\n") or content.startswith(b"\n"):
         return 0
     crlf = content.find(b"\r\n\r\n")
-    lf = content.find(b"\n\n")
+    # the LF-only form only before the CRLF one (else every octet of the body is read)
+    lf = content.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(content))
     ends = [i + 2 for i in (crlf,) if i >= 0] + [i + 1 for i in (lf,) if i >= 0]
     return min(ends) if ends else len(content)
 
