@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import peers
 from dnsserver import DNSMASQ, DnsRecords, running_dnsmasq
+from peers import SMTP_SOURCE
 from tachymail.mailauth.dkim import DkimSigner, keygen
 
 DOMAIN = "bench-sender.test"
@@ -77,11 +78,19 @@ def signed_messages(directory: Path, keys: Path, size: int) -> None:
         ).encode()
         body = line * max(1, (size - len(head)) // len(line))
         content = head + body
-        (directory / f"{n:04d}.eml").write_bytes(signer.sign(content, DOMAIN) + content)
+        signed = signer.sign(content, DOMAIN) + content
+        (directory / f"{n:04d}.eml").write_bytes(signed)
+        if n == 0:  # smtp-source sends one file as every message, lines ending in LF
+            lf_file(directory).write_bytes(signed.replace(b"\r\n", b"\n"))
 
 
 #: TOML appended to the server's configuration (--tachymail-toml), to try other settings
 EXTRA_TOML = ""
+
+
+def lf_file(eml_dir: Path) -> Path:
+    """The first message with LF line ends, beside the directory (smtp-source's -F file)."""
+    return eml_dir.with_name(eml_dir.name + "-lf.eml")
 
 
 def config(resolver: str, checks: bool) -> str:
@@ -163,23 +172,58 @@ def accepted(summary: dict[str, object]) -> int:
     return int(summary["accepted"])  # type: ignore[call-overload]
 
 
-def one_run(eml_dir: Path, resolver: str, checks: bool, messages: int, sessions: int) -> dict:
+def smtp_source(port: int, eml: Path, messages: int, sessions: int) -> None:
+    """Postfix's smtp-source, as the intake benchmark loads the server (-d: sessions kept),
+    sending the signed file *eml* (LF line ends: smtp-source ends each line with CRLF and
+    dot-stuffs) as every message, verbatim."""
+    cmd = [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(messages), "-F", str(eml)]
+    cmd += ["-f", SENDER, "-t", "reader@example.net", "-M", CLIENT_NAME, f"127.0.0.1:{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 or out.stderr.strip():
+        raise RuntimeError(f"smtp-source failed: {out.stderr.strip()[:500]}")
+
+
+def queued(workdir: Path) -> int:
+    binary = Path(sys.executable).with_name("tachymail")
+    out = subprocess.run(
+        [str(binary), "queue", "count", "--data-dir", str(workdir / "data")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[0])
+
+
+def one_run(
+    load: str, eml_dir: Path, resolver: str, checks: bool, messages: int, sessions: int
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-mailauth-") as tmp:
         peer = start(Path(tmp), resolver, checks)
         try:
-            warm = bench(peer.port, eml_dir, DISTINCT, sessions)  # fills the resolver cache
-            if accepted(warm) != DISTINCT:
-                raise RuntimeError(f"warm-up not all accepted: {warm}")
+            # the warm-up fills the resolver's cache
+            if load == "bench":
+                warm = bench(peer.port, eml_dir, DISTINCT, sessions)
+                if accepted(warm) != DISTINCT:
+                    raise RuntimeError(f"warm-up not all accepted: {warm}")
+            else:
+                eml = lf_file(eml_dir)
+                smtp_source(peer.port, eml, DISTINCT, sessions)
             cpu0 = peer.cpu()
             started = time.perf_counter()
-            summary = bench(peer.port, eml_dir, messages, sessions)
+            if load == "bench":
+                summary = bench(peer.port, eml_dir, messages, sessions)
+                ok = accepted(summary)
+            else:
+                smtp_source(peer.port, eml, messages, sessions)
             elapsed = time.perf_counter() - started
             cpu = peer.cpu() - cpu0
+            if load != "bench":
+                ok = queued(Path(tmp)) - DISTINCT
             header_checked = "Authentication-Results" in _one_queued(Path(tmp))
         finally:
             peer.stop()
-    if accepted(summary) != messages:
-        raise RuntimeError(f"not every message was accepted: {summary}")
+    if ok != messages:
+        raise RuntimeError(f"{ok} of {messages} messages accepted")
     return {
         "msgs_per_s": messages / elapsed,
         "server_cpu_us_per_msg": cpu / messages * 1e6,
@@ -215,6 +259,12 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one run of fewer messages")
     parser.add_argument("--tachymail-toml", default="", help="TOML added to the configuration")
+    parser.add_argument(
+        "--load",
+        choices=("smtp-source", "bench", "both"),
+        default="both",
+        help="smtp-source -d (as benchmarks/intake.py), tachymail bench (pipelined), or both",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mailauth.json"))
     args = parser.parse_args()
     global EXTRA_TOML
@@ -222,6 +272,7 @@ def main() -> int:
     if not DNSMASQ.exists():
         print("mailauth benchmark skipped: dnsmasq is not installed", file=sys.stderr)
         return 0
+    loads = ["smtp-source", "bench"] if args.load == "both" else [args.load]
     cells = [(1024, 6000), (65536, 2000)]
     if args.quick:
         cells, args.repeat = [(1024, 1000), (65536, 300)], 1
@@ -230,18 +281,19 @@ def main() -> int:
         keys = Path(tmp) / "keys"
         dkim_txt = keygen(keys, DOMAIN, SELECTOR, "rsa")
         with running_dnsmasq(Path(tmp), records(dkim_txt)) as dns_server:
-            for size, messages in cells:
+            for load, (size, messages) in [(ld, c) for ld in loads for c in cells]:
                 eml_dir = Path(tmp) / f"eml-{size}"
-                signed_messages(eml_dir, keys, size)
+                if not eml_dir.exists():
+                    signed_messages(eml_dir, keys, size)
                 runs: dict[str, list[dict]] = {"off": [], "on": []}
                 for n in range(args.repeat):
                     order = ("off", "on") if n % 2 == 0 else ("on", "off")
                     for mode in order:
                         row = one_run(
-                            eml_dir, dns_server.address, mode == "on", messages, args.sessions
+                            load, eml_dir, dns_server.address, mode == "on", messages, args.sessions
                         )
                         runs[mode].append(row)
-                        print(f"{size} {mode} #{n + 1}: {row}", file=sys.stderr)
+                        print(f"{load} {size} {mode} #{n + 1}: {row}", file=sys.stderr)
                 median = {
                     mode: {
                         key: statistics.median(r[key] for r in rows)
@@ -251,6 +303,7 @@ def main() -> int:
                 }
                 results.append(
                     {
+                        "load": load,
                         "size": size,
                         "messages": messages,
                         "sessions": args.sessions,
@@ -269,14 +322,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu_count": os.cpu_count(), "cells": results}, indent=2))
     print(
-        "| messages | checks off msgs/s | checks on msgs/s | throughput kept | "
+        "| load | messages | checks off msgs/s | checks on msgs/s | throughput kept | "
         "server CPU/msg off | on | added |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         off, on = r["off"], r["on"]
         print(
-            f"| {r['size'] // 1024} KiB signed, {r['sessions']} sessions "
+            f"| {r['load']} | {r['size'] // 1024} KiB signed, {r['sessions']} sessions "
             f"| {off['msgs_per_s']:,.0f} | {on['msgs_per_s']:,.0f} | {r['kept']:.0%} "
             f"| {off['server_cpu_us_per_msg']:.0f} µs | {on['server_cpu_us_per_msg']:.0f} µs "
             f"| {r['added_cpu_us_per_msg']:.0f} µs |"
