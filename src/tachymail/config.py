@@ -687,6 +687,12 @@ def validate(config: Config) -> list[str]:
                 f'{where}.mailauth: must be "" (by role) or one of {", ".join(MAILAUTH_MODES)},'
                 f" got {listener.mailauth!r}"
             )
+        elif listener.mailauth not in ("", "off") and listener.role not in SMTP_ROLES:
+            # LMTP carries mail its client already checked; POP3 carries no mail in
+            problems.append(
+                f"{where}.mailauth: the inbound checks run on SMTP listeners only "
+                f"({', '.join(SMTP_ROLES)}), not on {listener.role}"
+            )
         try:
             hostport = split_hostport(listener.address)
         except ValueError as exc:

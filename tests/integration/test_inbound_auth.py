@@ -346,6 +346,18 @@ def test_trusted_client_skips_the_checks(env: Env) -> None:
     assert "Authentication-Results" not in headers, headers
 
 
+def test_unchecked_mail_loses_results_forged_with_our_id(env: Env) -> None:
+    """A trusted client is not checked, but may not pass results off as ours either."""
+    forged = (
+        f"Authentication-Results: {AUTHSERV}; dmarc=pass header.from=reject.test\r\n"
+        "Authentication-Results: other.example; spf=pass smtp.mailfrom=reject.test\r\n"
+    )
+    content = message("eve@reject.test", "trusted, forged results", headers=forged)
+    headers = str(queued(env, send(env.port, TRUSTED, "eve@reject.test", content))["headers"])
+    results = [v for n, v in fields(headers) if n.lower() == "authentication-results"]
+    assert results == ["other.example; spf=pass smtp.mailfrom=reject.test"], results
+
+
 def test_authenticated_client_skips_the_checks(env: Env) -> None:
     run_cli(
         "user", "add", "alice", "--password-stdin", data_dir=env.server.data_dir, stdin="wonder\n"

@@ -64,7 +64,10 @@ def test_listener_modes(role: str, setting: str, mode: str) -> None:
 def test_every_mistake_is_named() -> None:
     text = problems(
         {
-            "listener": [{"mailauth": "strict"}],
+            "listener": [
+                {"mailauth": "strict"},
+                {"address": "127.0.0.1:2024", "role": "lmtp", "mailauth": "enforce"},
+            ],
             "mailauth": {
                 "authserv_id": "mx example;net",
                 "dkim_max_signatures": 0,
@@ -79,6 +82,10 @@ def test_every_mistake_is_named() -> None:
     assert (
         "listener[0].mailauth: must be \"\" (by role) or one of enforce, tag, off, got 'strict'"
         in text
+    )
+    assert (
+        "listener[1].mailauth: the inbound checks run on SMTP listeners only "
+        "(mx, submission, smtps), not on lmtp" in text
     )
     assert "mailauth.authserv_id: must be a host name or other token, got 'mx example;net'" in text
     assert "mailauth.dkim_max_signatures: must be between 1 and 50" in text

@@ -30,6 +30,7 @@ from tachymail.frontend import (
     tls_description,
     tls_handshake,
 )
+from tachymail.mailauth.results import remove_forged
 from tachymail.metrics import m
 from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
@@ -1368,7 +1369,20 @@ class SmtpSession(asyncio.Protocol):
         if self._checking():
             self._authenticate(queue_id, verdict.content, verdict.action == HOLD)
             return
-        self._accept_message(queue_id, verdict.content, verdict.action == HOLD)
+        content = verdict.content
+        if self.role != "lmtp":
+            # Unchecked mail (trusted, authenticated, allow-listed, or checks off) must not
+            # carry results that claim to be ours either. LMTP's client is the MTA that
+            # checked the message, perhaps on this host under the same name: kept.
+            content, forged = remove_forged(content, self.ctx.authserv_id)
+            if forged:
+                log.warning(
+                    "%s: %d Authentication-Results field(s) claiming %s removed",
+                    queue_id,
+                    forged,
+                    self.ctx.authserv_id,
+                )
+        self._accept_message(queue_id, content, verdict.action == HOLD)
 
     def _end_reply(self, reply: bytes) -> None:
         """Answer the end of the message with *reply* and end the transaction (a subclass

@@ -121,6 +121,9 @@ class WorkerContext:
             if any(listener.mailauth_mode != "off" for listener in config.listeners)
             else None
         )
+        #: the Authentication-Results id: fields claiming it are removed from every message
+        #: not checked here too (a trusted or authenticated client could forge them)
+        self.authserv_id = config.mailauth.authserv_id or config.server.hostname
         self.users = UsersFile(config.users_path)
         auth = config.auth
         # AUTH failures are counted across every worker: one LMDB environment per node.
