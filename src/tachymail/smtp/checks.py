@@ -56,6 +56,11 @@ TOO_MANY_HOPS = R.reply(554, "5.4.6", "Too many hops")
 # A hop header's name at the start of a line of the header block (continuations start
 # with white space, so a folded field is counted once).
 _HOP_FIELD = re.compile(rb"^(?:received|delivered-to)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# The same pass notes Authentication-Results fields (the session removes those forging our
+# authserv-id): one regex over the header block for both, no second scan per message.
+_TRACE_FIELD = re.compile(
+    rb"^(received|delivered-to|authentication-results)[ \t]*:", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,8 @@ class Verdict:
     metric: str = ""
     #: the rules that acted (hold, strip, add), for the log
     applied: list[str] = field(default_factory=list)
+    #: the header block may hold Authentication-Results fields (before the first blank line)
+    results_fields: bool = False
 
 
 def header_block_end(message: bytes) -> int:
@@ -115,15 +122,17 @@ def count_hops(message: bytes) -> int:
     return sum(1 for _ in _HOP_FIELD.finditer(block))
 
 
-def _hop_bound(message: bytes) -> int:
+def _trace_fields(message: bytes) -> tuple[int, bool]:
     """An upper bound of :func:`count_hops` without the MIME scan: the hop fields before the
-    first blank line. The scanner ends the header block there or earlier, so the exact count
-    is needed only when this bound is over the limit (almost never: it costs a scan per
-    message otherwise)."""
+    first blank line (the scanner ends the header block there or earlier, so the exact count
+    is needed only when this bound is over the limit: almost never); and whether an
+    Authentication-Results field is there too."""
     crlf = message.find(b"\n\r\n")
     lf = message.find(b"\n\n", 0, len(message) if crlf < 0 else crlf)
     end = crlf if lf < 0 else lf
-    return len(_HOP_FIELD.findall(message if end < 0 else memoryview(message)[: end + 1]))
+    names = _TRACE_FIELD.findall(message if end < 0 else memoryview(message)[: end + 1])
+    results = sum(1 for name in names if name[:1] in b"aA")
+    return len(names) - results, results > 0
 
 
 def header_fields(message: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -236,7 +245,8 @@ class ContentChecks:
     def check(self, message: bytes) -> Verdict:
         """The verdict on *message* (CRLF or LF line ends; see the module docstring)."""
         verdict = Verdict(message)
-        if self.max_hops and _hop_bound(message) > self.max_hops:
+        hops, verdict.results_fields = _trace_fields(message)
+        if self.max_hops and hops > self.max_hops:
             hops = count_hops(message)
             if hops > self.max_hops:
                 verdict.action, verdict.reply, verdict.metric = REJECT, TOO_MANY_HOPS, "loop"

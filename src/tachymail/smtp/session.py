@@ -1370,7 +1370,7 @@ class SmtpSession(asyncio.Protocol):
             self._authenticate(queue_id, verdict.content, verdict.action == HOLD)
             return
         content = verdict.content
-        if self.role != "lmtp":
+        if verdict.results_fields and self.role != "lmtp":
             # Unchecked mail (trusted, authenticated, allow-listed, or checks off) must not
             # carry results that claim to be ours either. LMTP's client is the MTA that
             # checked the message, perhaps on this host under the same name: kept.
