@@ -88,12 +88,13 @@ for _kernel, _what in (
     ("dot_stuff", "dot_stuff, the same messages with and without dot lines"),
     ("commands", "LineReader + parse_command/mail/rcpt, 200 pipelined transactions"),
     ("mime", "mime.scan, 24 multipart messages of 2-64 KiB"),
+    ("imap", "CommandReader + parse_sequence_set/fetch_items, 200 IMAP client batches"),
 ):
     SPECS[f"kernel.{_kernel}.instructions"] = Spec("Ir", "lower", 0.02, f"callgrind: {_what}")
     SPECS[f"kernel.{_kernel}.instructions_pure_over_compiled"] = Spec(
         "x", "higher", None, f"callgrind: pure twin / compiled, {_what}"
     )
-SPEEDUP_KERNELS = ("data", "commands", "mime")
+SPEEDUP_KERNELS = ("data", "commands", "mime", "imap")
 for _kernel in SPEEDUP_KERNELS:
     SPECS[f"kernel.{_kernel}.speedup"] = Spec(
         "x", "higher", 0.4, "wall clock: pure twin / compiled, same workload, best of 21 runs"
@@ -170,20 +171,45 @@ def pipelined_batch(transactions: int) -> bytes:
     return b"".join(out)
 
 
+def imap_batches(batches: int) -> bytes:
+    """What IMAP clients send: FETCH, UID FETCH, SEARCH, STORE, APPEND with a literal."""
+    out = []
+    for i in range(batches):
+        message = text_message(512 + 64 * (i % 8), 300 + i % 8, dot_lines=False)
+        out.append(
+            b"a%d FETCH 1:* (UID FLAGS RFC822.SIZE)\r\n"
+            b"b%d UID FETCH %d:%d (FLAGS BODY.PEEK[HEADER.FIELDS (DATE FROM SUBJECT TO CC)])\r\n"
+            b"c%d UID FETCH %d (BODY.PEEK[]<0.16384> BODYSTRUCTURE)\r\n"
+            b'd%d UID SEARCH SINCE 1-Feb-2024 NOT DELETED TEXT "report %d"\r\n'
+            b"e%d UID STORE %d +FLAGS.SILENT (\\Seen)\r\n"
+            b"f%d APPEND Sent (\\Seen) {%d+}\r\n"
+            % (i, i, 1000 + i, 2000 + i, i, 1000 + i, i, i, i, 1000 + i, i, len(message))
+            + message
+            + b"\r\ng%d NOOP\r\n" % i
+        )
+    return b"".join(out)
+
+
 def kernel_workloads() -> list[tuple[str, Callable[[], object]]]:
     """(name, workload) pairs: each kernel compiled and pure, on fixed inputs."""
     bodies = [text_message(64 * 1024, seed) for seed in range(16)]
     plain = [text_message(64 * 1024, 100 + seed, dot_lines=False) for seed in range(8)]
     mimes = [mime_message(2048 << (seed % 6), seed) for seed in range(24)]
     batch = pipelined_batch(200)
+    imap_batch = imap_batches(200)
     work: list[tuple[str, Callable[[], object]]] = []
     for impl in ("compiled", "pure"):
-        work += impl_workloads(impl, bodies, plain, mimes, batch)
+        work += impl_workloads(impl, bodies, plain, mimes, batch, imap_batch)
     return work
 
 
 def impl_workloads(
-    impl: str, bodies: list[bytes], plain: list[bytes], mimes: list[bytes], batch: bytes
+    impl: str,
+    bodies: list[bytes],
+    plain: list[bytes],
+    mimes: list[bytes],
+    batch: bytes,
+    imap_batch: bytes,
 ) -> list[tuple[str, Callable[[], object]]]:
     import importlib
 
@@ -191,12 +217,13 @@ def impl_workloads(
         suffix = f"_{kernel}" if impl == "compiled" else f"{kernel}_py"
         return importlib.import_module(f"tachymail.protocol.{suffix}")
 
-    data, cmd, mime = load("data"), load("commands"), load("mime")
+    data, cmd, mime, imap = load("data"), load("commands"), load("mime"), load("imap")
     chunk = 16 * 1024
     wires = [data.dot_stuff(b) + b".\r\n" for b in bodies]
     wire_chunks = [[w[i : i + chunk] for i in range(0, len(w), chunk)] for w in wires]
     body_chunks = [[b[i : i + chunk] for i in range(0, len(b), chunk)] for b in bodies]
     batch_chunks = [batch[i : i + 4096] for i in range(0, len(batch), 4096)]
+    imap_chunks = [imap_batch[i : i + 4096] for i in range(0, len(imap_batch), 4096)]
 
     def run_data() -> object:
         for pieces in wire_chunks:
@@ -237,12 +264,26 @@ def impl_workloads(
     def run_mime() -> object:
         return [mime.scan(m) for m in mimes]
 
+    def run_imap() -> object:
+        reader = imap.CommandReader()
+        parse_sequence_set, parse_fetch_items = imap.parse_sequence_set, imap.parse_fetch_items
+        count = 0
+        for piece in imap_chunks:
+            reader.feed(piece)
+            while (item := reader.next()) is not None:
+                if item.name in (b"FETCH", b"UID FETCH"):
+                    parse_sequence_set(item.args[0])
+                    parse_fetch_items(item.args[1:])
+                count += 1
+        return count
+
     return [
         (f"data.{impl}", run_data),
         (f"bdat.{impl}", run_bdat),
         (f"dot_stuff.{impl}", run_dot_stuff),
         (f"commands.{impl}", run_commands),
         (f"mime.{impl}", run_mime),
+        (f"imap.{impl}", run_imap),
     ]
 
 
@@ -371,7 +412,7 @@ def measure_kernels(tmp: Path) -> dict[str, float]:
         raise RuntimeError(f"{len(names)} workloads but {len(counts)} callgrind dumps")
     ir = dict(zip(names, counts, strict=True))
     figures: dict[str, float] = {}
-    for kernel in ("data", "bdat", "dot_stuff", "commands", "mime"):
+    for kernel in ("data", "bdat", "dot_stuff", "commands", "mime", "imap"):
         figures[f"kernel.{kernel}.instructions"] = ir[f"{kernel}.compiled"]
         figures[f"kernel.{kernel}.instructions_pure_over_compiled"] = round(
             ir[f"{kernel}.pure"] / ir[f"{kernel}.compiled"], 2

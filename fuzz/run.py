@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS: dict[str, tuple[int, str | None]] = {
     "commands": (4096, "smtp.dict"),
     "data": (4096, None),
+    "imap": (4096, "imap.dict"),
     "mime": (16384, "mime.dict"),
     "session": (4096, "smtp.dict"),
 }

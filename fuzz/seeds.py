@@ -51,6 +51,17 @@ MIME = [
     b"aGk=\n--ab--\n",
     b"From sender Tue Dec 1\nSubject: no blank line\nbody starts here\n",
 ]
+IMAP = [
+    b'a1 CAPABILITY\r\na2 LOGIN fred "pa ss"\r\na3 SELECT INBOX\r\n'
+    b"a4 UID FETCH 1:* (UID FLAGS RFC822.SIZE)\r\n",
+    b"a5 FETCH 2,4:7 (FLAGS BODY.PEEK[HEADER.FIELDS (DATE FROM SUBJECT)]<0.2048> BINARY[1.2])"
+    b"\r\na6 FETCH 1 ALL\r\n",
+    b'a7 UID SEARCH TEXT "hello" SINCE 1-Feb-1994 NOT FROM {5+}\r\nSmith\r\na8 SEARCH $\r\n',
+    b"a9 APPEND Drafts (\\Seen \\Draft) {23}\r\nSubject: hi\r\n\r\nHello.\r\n\r\n"
+    b"b1 APPEND x ~{2+}\r\n\x00\x01\r\n",
+    b'b2 STORE 1:* +FLAGS.SILENT (\\Deleted)\r\nb3 LIST "" [Gmail]/%\r\n* BAD\r\n'
+    b"b4 X (unbalanced\r\n" + b"x" * 300 + b"\r\nb5 LOGOUT\r\n",
+]
 
 
 def write(target: str, seeds: list[bytes]) -> None:
@@ -70,6 +81,8 @@ def main() -> None:
     write("data", [b"\x02\x00\x00" + MESSAGE])  # dot_stuff round trip
     write("data", [b"\x01\x00\x00\x0a\x00" + MESSAGE[:10] + b"\x05\x01" + MESSAGE[10:15]])
     write("mime", [bytes(2) + m for m in MIME])
+    write("imap", [bytes(2 + 24) + c for c in IMAP])
+    write("imap", [b"\x03\x02" + bytes(24) + c for c in IMAP[2:4]])  # small limits
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = ("commands", "data", "mime")
+KERNELS = ("commands", "data", "mime", "imap")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -47,14 +47,14 @@ def test_installed_package_is_not_the_source_tree() -> None:
 
 def test_info_reports_compiled_kernels() -> None:
     out = run_python("from tachymail.cli.main import main; main(['info'])").stdout
-    assert "commands: compiled, data: compiled, mime: compiled" in out
+    assert "commands: compiled, data: compiled, mime: compiled, imap: compiled" in out
 
 
 def test_pure_env_selects_the_twins() -> None:
     out = run_python(
         "from tachymail.cli.main import main; main(['info'])", TACHYMAIL_PURE="1"
     ).stdout
-    assert "commands: pure, data: pure, mime: pure" in out
+    assert "commands: pure, data: pure, mime: pure, imap: pure" in out
 
 
 def test_missing_extension_falls_back_with_a_warning() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
-TARGETS = ("commands", "data", "mime", "session")
+TARGETS = ("commands", "data", "imap", "mime", "session")
 
 pytest.importorskip("atheris", reason="atheris is in the test extras: pip install .[test]")
 

@@ -23,7 +23,7 @@ from tachymail.cli import (
     mailbox_cmd,
 )
 
-KERNELS = ("commands", "data", "mime")
+KERNELS = ("commands", "data", "mime", "imap")
 
 
 def kernel_report() -> str:
