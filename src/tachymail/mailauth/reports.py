@@ -26,7 +26,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -268,21 +268,9 @@ class DmarcReports:
         self.flush()
         if not self._exists():
             return ()
-        first, last = _days(since, until)
-        prefix = _ROWS + domain.lower().encode() + b"\0"
         totals: Counter[bytes] = Counter()
-        env = self._open()
-        with env.begin() as txn:
-            cursor = txn.cursor()
-            more = cursor.set_range(prefix)
-            while more:
-                key = bytes(cursor.key())
-                if not key.startswith(prefix):
-                    break
-                day_text, _, row = key[len(prefix) :].partition(b"\0")
-                if day_text.isdigit() and first <= int(day_text) < last:
-                    totals[row] += _COUNT.unpack(cursor.value())[0]
-                more = cursor.next()
+        for row, value in self._days_of(_ROWS, domain, since, until):
+            totals[row] += _COUNT.unpack(value)[0]
         rows = []
         for row, count in sorted(totals.items()):
             fields = json.loads(row)
@@ -294,22 +282,29 @@ class DmarcReports:
         """The policy *domain* published, as last seen in [since, until); None if unseen."""
         if not self._exists():
             return None
-        first, last = _days(since, until)
-        prefix = _POLICY + domain.lower().encode() + b"\0"
         found: dict[str, Any] | None = None
-        env = self._open()
-        with env.begin() as txn:
+        for _rest, value in self._days_of(_POLICY, domain, since, until):
+            found = json.loads(value)  # keys in day order: the last one seen wins
+        return found
+
+    def _days_of(
+        self, kind: bytes, domain: str, since: float, until: float
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(the rest of the key after its day, value) of the *kind* records of *domain*
+        kept for the UTC days in [since, until), in key order (day by day)."""
+        first, last = _days(since, until)
+        prefix = kind + domain.lower().encode() + b"\0"
+        with self._open().begin() as txn:
             cursor = txn.cursor()
             more = cursor.set_range(prefix)
             while more:
                 key = bytes(cursor.key())
                 if not key.startswith(prefix):
                     break
-                day_text = key[len(prefix) :]
+                day_text, _, rest = key[len(prefix) :].partition(b"\0")
                 if day_text.isdigit() and first <= int(day_text) < last:
-                    found = json.loads(cursor.value())
+                    yield rest, bytes(cursor.value())
                 more = cursor.next()
-        return found
 
     def report(
         self,
