@@ -334,7 +334,8 @@ class DeliveryConfig:
     smarthost_tls_ca: str = ""
     #: "user:password" for AUTH PLAIN at the smarthost, sent only under verified TLS
     smarthost_auth: str = ""
-    #: DNS server "HOST:PORT" for MX lookups; empty: the system's resolvers
+    #: DNS server "HOST:PORT" for every lookup (delivery MX and addresses, recipient probes,
+    #: the inbound checks of [mailauth]); empty: the system's resolvers
     resolver: str = ""
     #: seconds one DNS lookup may take, retries included; then the message is deferred (4.4.3)
     dns_timeout: float = 10.0

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--smarthost", metavar="HOST:PORT", help="relay everything through this host"
     )
     serve.add_argument(
-        "--resolver", metavar="HOST:PORT", help="DNS server for MX lookups (default: system)"
+        "--resolver",
+        metavar="HOST:PORT",
+        help="DNS server for every lookup: MX, and the inbound checks (default: system)",
     )
     serve.add_argument(
         "--metrics",
