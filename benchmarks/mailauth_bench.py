@@ -86,6 +86,8 @@ def signed_messages(directory: Path, keys: Path, size: int) -> None:
 
 #: TOML appended to the server's configuration (--tachymail-toml), to try other settings
 EXTRA_TOML = ""
+#: SMTP worker processes (--workers); 0: the server's default
+WORKERS = 0
 
 
 def lf_file(eml_dir: Path) -> Path:
@@ -99,6 +101,7 @@ def config(resolver: str, checks: bool) -> str:
         + f"""
 [server]
 hold = true
+workers = {WORKERS}
 [policy]
 trusted_networks = []
 relay_domains = ["example.net"]
@@ -258,6 +261,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one run of fewer messages")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="SMTP worker processes (default: the server's)"
+    )
     parser.add_argument("--tachymail-toml", default="", help="TOML added to the configuration")
     parser.add_argument(
         "--load",
@@ -267,8 +273,9 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mailauth.json"))
     args = parser.parse_args()
-    global EXTRA_TOML
+    global EXTRA_TOML, WORKERS
     EXTRA_TOML = args.tachymail_toml + "\n"
+    WORKERS = args.workers
     if not DNSMASQ.exists():
         print("mailauth benchmark skipped: dnsmasq is not installed", file=sys.stderr)
         return 0

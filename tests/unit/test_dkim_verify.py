@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 
 from fakedns import ZoneLookups
 from tachymail.mailauth.dkim import (
+    _BLANK_LINE,
     _BTAG,
     EXECUTOR_THRESHOLD,
     DkimResult,
     DkimSigner,
+    _blank_line,
     _canonical_body,
     _relaxed_value,
     _tag_list,
@@ -657,6 +659,15 @@ def test_header_parse_as_dkimpy(pieces: list[bytes]) -> None:
     headers, body = parse_header(content)
     assert headers == [(bytes(n), bytes(v)) for n, v in expected[0]]
     assert body == expected[1]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"b: c", b" "]), max_size=24))
+def test_blank_line_as_the_regex(pieces: list[bytes]) -> None:
+    """The two-search finder of the header's end finds what dkimpy's regex finds."""
+    content = b"".join(pieces)
+    match = _BLANK_LINE.search(content)
+    assert _blank_line(content) == (None if match is None else (match.start(), match.end()))
 
 
 TAG_PIECES = [b"a", b"b", b"v", b"1", b"=", b";", b" ", b"\t", b"\r\n ", b"_", b"9", b"\xc3"]

@@ -376,6 +376,7 @@ class SmtpSession(asyncio.Protocol):
             content=content,
             mode=self.mailauth,
             relay=relay,
+            crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
     def _authenticated(self, queue_id: str, hold: bool, done: asyncio.Task[MessageVerdict]) -> None:
