@@ -330,7 +330,8 @@ def _purge(config: Config, user: str) -> int:
         return 0
     import lmdb
 
-    from tachymail.mailbox import MailboxStore, StorageFull, delete_user
+    from tachymail.mailbox import ChangeNotifier, MailboxStore, StorageFull, delete_user
+    from tachymail.mailbox.notify import DIRECTORY
 
     try:
         store = MailboxStore(
@@ -340,6 +341,8 @@ def _purge(config: Config, user: str) -> int:
         )
     except (lmdb.Error, OSError) as exc:  # one line, not a traceback
         return _fail(f"cannot open the mailbox store: {exc}")
+    notifier = ChangeNotifier(config.data_path / DIRECTORY)  # open IMAP sessions learn of it
+    store.on_commit = notifier.publish
     try:
         [outcome] = store.apply([delete_user(user)])
     except StorageFull as exc:
@@ -348,6 +351,7 @@ def _purge(config: Config, user: str) -> int:
         return _fail(f"mailboxes of {user} not deleted: {exc}")
     finally:
         store.close()
+        notifier.close()
     if isinstance(outcome, Exception):
         return _fail(f"mailboxes of {user} not deleted: {outcome}")
     freed, messages = cast("tuple[int, int]", outcome)

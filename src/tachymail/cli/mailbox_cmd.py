@@ -224,7 +224,14 @@ def _stats(config: Config, store: MailboxStore | None, user: str | None, as_json
 def _import(config: Config, user: str, directory: Path) -> int:
     import lmdb
 
-    from tachymail.mailbox import Directory, MailboxStore, StorageFull, import_maildir
+    from tachymail.mailbox import (
+        ChangeNotifier,
+        Directory,
+        MailboxStore,
+        StorageFull,
+        import_maildir,
+    )
+    from tachymail.mailbox.notify import DIRECTORY
     from tachymail.mailbox.store import MiB
 
     if Directory(config).user_of(user) != user:
@@ -237,6 +244,8 @@ def _import(config: Config, user: str, directory: Path) -> int:
         )
     except (lmdb.Error, OSError) as exc:
         return _fail(f"mailbox import: cannot open the mailbox store: {exc}")
+    notifier = ChangeNotifier(config.data_path / DIRECTORY)  # IMAP sessions see the import
+    store.on_commit = notifier.publish
     try:
         count = import_maildir(store, user, directory)
     except FileNotFoundError as exc:
@@ -247,5 +256,6 @@ def _import(config: Config, user: str, directory: Path) -> int:
         return _fail(f"mailbox import: {exc}")
     finally:
         store.close()
+        notifier.close()
     print(f"imported {count} messages from {directory} for {user}")
     return 0

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from tachymail.config import Config
 from tachymail.delivery.pool import DEFERRED, DELIVERED, FAILED, Outcome
 from tachymail.mailbox import (
+    ChangeNotifier,
     Delivered,
     Directory,
     MailboxStore,
@@ -36,6 +37,7 @@ from tachymail.mailbox import (
     delivered_to,
 )
 from tachymail.mailbox import StorageFull as MailboxFull
+from tachymail.mailbox.notify import DIRECTORY as MAILBOX_NOTIFY_DIRECTORY
 from tachymail.metrics import m
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.envelope import Envelope, Recipient
@@ -81,6 +83,10 @@ class LocalDelivery:
         self.store: MailboxStore | None = None
         self.committer: GroupCommitter | None = None
         self.directory: Directory | None = None
+        # Publishes the users each commit changed to the processes serving IMAP (no socket
+        # of its own: nothing here subscribes, so no commit elsewhere needs to wake it).
+        self.notifier = ChangeNotifier(config.data_path / MAILBOX_NOTIFY_DIRECTORY)
+        self.notifier.start(asyncio.get_running_loop(), listen=False)
         self.slots = asyncio.Semaphore(max(1, config.mailbox.local_concurrency))
         self._gauges_read = 0.0
         self._dirty = False
@@ -100,6 +106,7 @@ class LocalDelivery:
                     map_size=settings.map_size_mb * MiB,
                     max_map_size=settings.max_map_size_mb * MiB,
                 )
+                self.store.on_commit = self.notifier.publish
         except Exception:
             log.exception("local delivery: the mailbox store does not open; deliveries wait")
             return False
@@ -210,5 +217,7 @@ class LocalDelivery:
             self.committer.close()
             self.committer = None
         if self.store is not None:
+            self.store.on_commit = None
             self.store.close()
             self.store = None
+        self.notifier.close()

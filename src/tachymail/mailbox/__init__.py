@@ -1,7 +1,8 @@
 """The mailbox store of local users: mailboxes, messages, flags, UIDs and the index IMAP
 reads, in one group-committed LMDB environment (``store``), with the delivery trace fields
 (``headers``), the POP3 maildrop lock (``lock``), Maildir export/import (``maildir``) and
-the directory of users and aliases (``directory``).
+the directory of users and aliases (``directory``), and the change notification every
+process of the node shares (``notify``).
 
 Front ends and delivery meet the store only through the names exported here.
 """
@@ -10,12 +11,14 @@ from tachymail.mailbox.directory import Directory, Resolution
 from tachymail.mailbox.headers import delivered_to, delivery_headers
 from tachymail.mailbox.lock import MaildropLock
 from tachymail.mailbox.maildir import export_maildir, import_maildir
+from tachymail.mailbox.notify import ChangeNotifier
 from tachymail.mailbox.store import (
     ANSWERED,
     DELETED,
     DRAFT,
     FLAGGED,
     SEEN,
+    CopyResult,
     Delivered,
     Delivery,
     InvalidMailboxName,
@@ -27,12 +30,14 @@ from tachymail.mailbox.store import (
     Operation,
     OverQuota,
     StorageFull,
+    copy_messages,
     create_mailbox,
     create_user,
     delete_mailbox,
     delete_user,
     deliver,
     expunge,
+    move_messages,
     prepare_delivery,
     rename_mailbox,
     set_flags,
@@ -46,6 +51,8 @@ __all__ = [
     "DRAFT",
     "FLAGGED",
     "SEEN",
+    "ChangeNotifier",
+    "CopyResult",
     "Delivered",
     "Delivery",
     "Directory",
@@ -60,6 +67,7 @@ __all__ = [
     "OverQuota",
     "Resolution",
     "StorageFull",
+    "copy_messages",
     "create_mailbox",
     "create_user",
     "delete_mailbox",
@@ -70,6 +78,7 @@ __all__ = [
     "export_maildir",
     "expunge",
     "import_maildir",
+    "move_messages",
     "prepare_delivery",
     "rename_mailbox",
     "set_flags",

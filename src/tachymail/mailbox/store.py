@@ -21,6 +21,10 @@ Layout (named databases of the environment at ``config.mailbox_path``):
 ``contents`` / ``summaries``
     content id (>Q) -> the message as delivered (CRLF, delivery headers first) / its
     summary (``tachymail.mailbox.summary``, orjson) for IMAP BODYSTRUCTURE and ENVELOPE.
+``refs``
+    content id (>Q) -> >I, how many index entries share the content, present only when
+    more than one does (no record: exactly one; every store written before COPY existed
+    has none).
 ``usage``
     user -> >QQ (bytes, messages) over all the user's mailboxes: the quota check reads one
     record. A user exists in the store when it has one.
@@ -36,9 +40,20 @@ UIDs start at 1 per mailbox and are never reused within a UIDVALIDITY. A new mai
 UIDVALIDITY is above every earlier one of the node (the larger of the last one + 1 and
 the clock), so a mailbox deleted and made again under the same name never repeats one.
 Every change of a mailbox's messages takes the next modseq (RFC 7162 CONDSTORE).
-Deleting messages (expunge, delete_mailbox, delete_user) deletes their content and
-summary and lowers the usage: LMDB reuses the freed pages, so the file stops growing.
-Each message has its own content record: no reference counts (an IMAP COPY copies).
+Deleting messages (expunge, delete_mailbox, delete_user) drops their reference to their
+content, deleting content and summary with the last one, and lowers the usage: LMDB reuses
+the freed pages, so the file stops growing.
+
+An IMAP COPY shares the content (``refs`` counts the entries) instead of writing the
+octets again: copying a big message or a whole mailbox (clients copy to Sent, Archive,
+Trash all the time) costs one index entry a message, never the message twice on disk or
+in one transaction. The usage still counts every copy in full (what the user sees in IMAP
+QUOTA, and what Dovecot counts): quotas and the node's totals are logical sizes. MOVE
+re-keys the index entries; the content is not touched.
+
+Every commit that changed some user's mailboxes (their messages, flags, or the mailboxes
+themselves) calls :attr:`MailboxStore.on_commit` with those users once it is synced: the
+workers hand them to their ``tachymail.mailbox.notify.ChangeNotifier``.
 """
 
 from __future__ import annotations
@@ -100,6 +115,10 @@ _CONTENT = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
 _DELIVERED = struct.Struct(">IIId")
 _EXPUNGED = struct.Struct(">IQI")
+_REFS = struct.Struct(">I")
+# where an index entry's modseq is (CONDSTORE reads only that field of most entries)
+_MODSEQ = struct.Struct(">Q")
+_MODSEQ_AT = struct.calcsize(">QdQ")
 
 
 class OverQuota(Exception):
@@ -113,7 +132,14 @@ class StorageFull(Exception):
 
 
 class NoSuchMailbox(Exception):
-    """The user or mailbox does not exist; nothing was written (IMAP NO [NONEXISTENT])."""
+    """The user or mailbox does not exist; nothing was written (IMAP NO [NONEXISTENT], or
+    NO [TRYCREATE] when *mailbox* is the target of a COPY, MOVE or APPEND).
+
+    *mailbox*: the name that was not found, as the caller gave it ("" when not known)."""
+
+    def __init__(self, text: str, mailbox: str = "") -> None:
+        super().__init__(text)
+        self.mailbox = mailbox
 
 
 class MailboxExists(Exception):
@@ -161,6 +187,17 @@ class Delivered:
 
 
 @dataclass(slots=True)
+class CopyResult:
+    """What a COPY or MOVE did (IMAP UIDPLUS COPYUID): *source* UIDs, ascending, and the
+    UIDs they got in the destination, same order; both empty when none of the UIDs asked
+    for was there (nothing written)."""
+
+    uidvalidity: int  # of the destination
+    source: list[int]
+    dest: list[int]
+
+
+@dataclass(slots=True)
 class Delivery:
     """A message ready to deliver (see :func:`prepare_delivery`): everything encoded."""
 
@@ -173,6 +210,7 @@ class Delivery:
     internaldate: float
     key: bytes
     quota: int
+    create: bool = True
 
 
 class ContentReader:
@@ -278,6 +316,12 @@ class MailboxStore:
             full=StorageFull,
             no_room="no room in the mailbox store",
         )
+        #: called after each successful commit with the users (lower case) whose mailboxes
+        #: it changed, in the thread that ran :meth:`apply` (the committer's: it must be
+        #: thread-safe); the workers set it to their ChangeNotifier's ``publish``
+        self.on_commit: Callable[[set[str]], None] | None = None
+        # the users the batch being written changed (reset for every attempt of a batch)
+        self._touched: set[str] = set()
 
     def _open_dbs(self, txn: lmdb.Transaction | None, create: bool = True) -> None:
         def db(name: bytes) -> Any:
@@ -292,6 +336,10 @@ class MailboxStore:
         self.delivered_db = db(b"delivered")
         self.delivered_age = db(b"delivered_age")
         self.expunged = db(b"expunged")
+        try:
+            self.refs = db(b"refs")
+        except lmdb.NotFoundError:  # read-only on a store no writer has opened since COPY came
+            self.refs = None
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -302,10 +350,49 @@ class MailboxStore:
         the others are committed all the same. Raises ``StorageFull`` when the map cannot
         grow further or the disk is full: nothing of the batch is stored, and the store
         stays usable.
+
+        Once the batch is synced, :attr:`on_commit` (when set) is called with the users it
+        changed; an error there is logged, never raised: the batch is committed.
         """
-        return self._map.write(lambda txn: [operation(self, txn) for operation in operations])
+
+        def work(txn: lmdb.Transaction) -> tuple[list[object], set[str]]:
+            # GrowingMap serialises writers and may run this again: a fresh set each time
+            touched = self._touched = set()
+            return [operation(self, txn) for operation in operations], touched
+
+        outcomes, touched = self._map.write(work)
+        if touched and self.on_commit is not None:
+            try:
+                self.on_commit(touched)
+            except Exception:  # the commit stands; readers catch up on their next look
+                log.exception("mailbox change notification failed")
+        return outcomes
 
     # --- helpers inside a write transaction (operations call them) --------------------------
+
+    def _touch(self, user: str) -> None:
+        """Record that the batch being written changes *user*'s mailboxes."""
+        self._touched.add(user.lower())
+
+    def _share_content(self, txn: lmdb.Transaction, content_key: bytes) -> None:
+        """One more index entry refers to the content *content_key*."""
+        raw = txn.get(content_key, db=self.refs)
+        count = _REFS.unpack(raw)[0] if raw is not None else 1
+        txn.put(content_key, _REFS.pack(count + 1), db=self.refs)
+
+    def _release_content(self, txn: lmdb.Transaction, content_key: bytes) -> None:
+        """An index entry referring to *content_key* is gone: delete the content and its
+        summary with the last reference."""
+        raw = txn.get(content_key, db=self.refs)
+        if raw is None:
+            txn.delete(content_key, db=self.contents)
+            txn.delete(content_key, db=self.summaries)
+            return
+        count = _REFS.unpack(raw)[0] - 1
+        if count <= 1:
+            txn.delete(content_key, db=self.refs)
+        else:
+            txn.put(content_key, _REFS.pack(count), db=self.refs)
 
     def _counter(self, txn: lmdb.Transaction, name: bytes, fmt: struct.Struct) -> int:
         """Take the next value of a meta counter (starting at 1)."""
@@ -360,7 +447,7 @@ class MailboxStore:
             return exc
         fields = self._get_mailbox(txn, user, mailbox)
         if fields is None:
-            return NoSuchMailbox(f"{user}: no mailbox {name!r}")
+            return NoSuchMailbox(f"{user}: no mailbox {name!r}", name)
         return mailbox, fields
 
     def _entries(
@@ -385,6 +472,15 @@ class MailboxStore:
                 self._new_mailbox(txn, user, name, special_use)
         return True
 
+    def _will_exist(self, txn: lmdb.Transaction, user: str, name: str) -> bool:
+        """Whether the user's mailbox *name* (normalized) exists, or is a default mailbox
+        that :meth:`_ensure_user` makes for a user not yet in the store."""
+        if txn.get(_mailbox_key(user, name), db=self.mailbox_db) is not None:
+            return True
+        if txn.get(_user(user), db=self.usage_db) is not None:
+            return False
+        return any(name == default for default, _use in DEFAULT_MAILBOXES)
+
     def _drop_messages(self, txn: lmdb.Transaction, mailbox_id: int) -> tuple[int, int]:
         """Delete every message, index entry and expunge record of a mailbox; (bytes, count)."""
         size = count = 0
@@ -393,9 +489,7 @@ class MailboxStore:
         more = cursor.set_range(prefix)
         while more and bytes(cursor.key()[:4]) == prefix:
             content_id, _date, length, _modseq, _bits = _ENTRY.unpack_from(cursor.value())
-            content_key = _CONTENT.pack(content_id)
-            txn.delete(content_key, db=self.contents)
-            txn.delete(content_key, db=self.summaries)
+            self._release_content(txn, _CONTENT.pack(content_id))
             size += length
             count += 1
             more = cursor.delete()  # moves to the next record
@@ -478,35 +572,66 @@ class MailboxStore:
     def messages(self, user: str, name: str = "INBOX") -> list[MessageInfo]:
         """The mailbox's messages in UID order, from the index alone; [] when it does not
         exist."""
+        state = self.index_state(user, name)
+        return [] if state is None else state[1]
+
+    def index_state(self, user: str, name: str) -> tuple[MailboxInfo, list[MessageInfo]] | None:
+        """The mailbox record and its messages (UID order), read in one read transaction:
+        the counters (messages, unseen, size, uidnext, highestmodseq) are exactly those of
+        the list. None when the mailbox does not exist (or the name is invalid)."""
+        try:
+            name = normalize_name(name)
+        except InvalidMailboxName:
+            return None
+        with self._read() as txn:
+            fields = self._get_mailbox(txn, user, name)
+            if fields is None:
+                return None
+            found = self._index_entries(txn, fields[0], -1)
+        return _info(user.lower(), name, fields), found
+
+    def changed_since(self, user: str, name: str, modseq: int) -> list[MessageInfo]:
+        """The mailbox's messages whose modseq is above *modseq* (new, or flags changed), in
+        UID order: IMAP CONDSTORE's CHANGEDSINCE and QRESYNC. [] when the mailbox does not
+        exist. Reads every index entry (about 40 bytes a message), decodes only matches."""
         try:
             name = normalize_name(name)
         except InvalidMailboxName:
             return []
+        with self._read() as txn:
+            fields = self._get_mailbox(txn, user, name)
+            if fields is None or fields[3] <= modseq:  # nothing is newer than the mailbox
+                return []
+            return self._index_entries(txn, fields[0], modseq)
+
+    def _index_entries(
+        self, txn: lmdb.Transaction[bytes], mailbox_id: int, above: int
+    ) -> list[MessageInfo]:
+        """The mailbox's index entries with a modseq above *above* (-1: all), UID order."""
         found: list[MessageInfo] = []
         unpack = _ENTRY.unpack_from
         size = _ENTRY.size
-        with self._read() as txn:
-            fields = self._get_mailbox(txn, user, name)
-            if fields is None:
-                return found
-            prefix = _ID.pack(fields[0])
-            cursor = txn.cursor(db=self.index)
-            if not cursor.set_range(prefix):
-                return found
-            for key, value in cursor:
-                if key[:4] != prefix:
-                    break
-                content_id, date, length, modseq, bits = unpack(value)
-                found.append(
-                    MessageInfo(
-                        uid=_KEY.unpack(key)[1],
-                        size=length,
-                        flags=decode_flags(bits, value[size:]),
-                        internaldate=date,
-                        modseq=modseq,
-                        content_id=_CONTENT.pack(content_id),
-                    )
+        modseq_of = _MODSEQ.unpack_from
+        prefix = _ID.pack(mailbox_id)
+        cursor = txn.cursor(db=self.index)
+        if not cursor.set_range(prefix):
+            return found
+        for key, value in cursor:
+            if key[:4] != prefix:
+                break
+            if above >= 0 and modseq_of(value, _MODSEQ_AT)[0] <= above:
+                continue
+            content_id, date, length, modseq, bits = unpack(value)
+            found.append(
+                MessageInfo(
+                    uid=_KEY.unpack(key)[1],
+                    size=length,
+                    flags=decode_flags(bits, value[size:]),
+                    internaldate=date,
+                    modseq=modseq,
+                    content_id=_CONTENT.pack(content_id),
                 )
+            )
         return found
 
     def content(self, content_id: bytes) -> bytes | None:
@@ -614,10 +739,12 @@ def prepare_delivery(
     internaldate: float | None = None,
     key: bytes = b"",
     quota: int = 0,
+    create: bool = True,
 ) -> Delivery:
     """A message ready for :func:`deliver`: the MIME scan and the summary are done here, in
     the caller, not inside the commit. *key*: idempotency key (b"": none); *quota*: bytes,
-    0 for none. Raises InvalidMailboxName for a bad *mailbox*."""
+    0 for none; *create*: False when *mailbox* must already exist (IMAP APPEND), else the
+    outcome is NoSuchMailbox. Raises InvalidMailboxName for a bad *mailbox*."""
     bits, keywords = encode_flags(flags)
     return Delivery(
         user=user.lower(),
@@ -629,6 +756,7 @@ def prepare_delivery(
         internaldate=time.time() if internaldate is None else internaldate,
         key=key,
         quota=quota,
+        create=create,
     )
 
 
@@ -637,7 +765,10 @@ def deliver(delivery: Delivery) -> Operation:
     (``duplicate=True`` when its key was delivered before: nothing written), or an
     :class:`OverQuota` instance, refused alone, when usage + size would exceed the quota.
     The user's default mailboxes are made on the first delivery; another target mailbox
-    that does not exist is made too."""
+    that does not exist is made too, unless the delivery was prepared with
+    ``create=False``: then the outcome is a :class:`NoSuchMailbox` (with *mailbox* set),
+    nothing written. A default mailbox of a user not yet in the store counts as existing
+    (the user's first message makes them all)."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
         now = time.time()
@@ -646,6 +777,10 @@ def deliver(delivery: Delivery) -> Operation:
             if raw is not None:
                 mailbox_id, uid, uidvalidity, _when = _DELIVERED.unpack(raw)
                 return Delivered(mailbox_id, uid, uidvalidity, True)
+        if not delivery.create and not store._will_exist(txn, delivery.user, delivery.mailbox):
+            return NoSuchMailbox(
+                f"{delivery.user}: no mailbox {delivery.mailbox!r}", delivery.mailbox
+            )
         size = len(delivery.content)
         if delivery.quota:
             raw = txn.get(_user(delivery.user), db=store.usage_db)
@@ -674,6 +809,7 @@ def deliver(delivery: Delivery) -> Operation:
         fields[6] += size
         store._put_mailbox(txn, delivery.user, delivery.mailbox, fields)
         store._add_usage(txn, delivery.user, size, 1)
+        store._touch(delivery.user)
         if delivery.key:
             txn.put(
                 delivery.key,
@@ -693,7 +829,10 @@ def create_user(user: str) -> Operation:
     their SPECIAL-USE); idempotent. Outcome: whether the user was new."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
-        return store._ensure_user(txn, user)
+        made = store._ensure_user(txn, user)
+        if made:
+            store._touch(user)
+        return made
 
     return operation
 
@@ -715,9 +854,12 @@ def delete_user(user: str) -> Operation:
             freed, removed = store._drop_messages(txn, _unpack_mailbox(raw)[0])
             size += freed
             count += removed
-        if txn.get(_user(user), db=store.usage_db) is not None:
+        known = txn.get(_user(user), db=store.usage_db) is not None
+        if known:
             store._add_totals(txn, -size, -count)
             txn.delete(_user(user), db=store.usage_db)
+        if known or doomed:
+            store._touch(user)
         return (size, count)
 
     return operation
@@ -770,6 +912,7 @@ def set_flags(
         if changed:
             fields[3] = modseq
             store._put_mailbox(txn, user, mailbox, fields)
+            store._touch(user)
         return changed
 
     return operation
@@ -790,9 +933,7 @@ def expunge(user: str, name: str, uids: Sequence[int]) -> Operation:
         freed = 0
         for uid, key, raw in store._entries(txn, fields[0], uids):
             content_id, _date, size, _modseq, bits = _ENTRY.unpack_from(raw)
-            content_key = _CONTENT.pack(content_id)
-            txn.delete(content_key, db=store.contents)
-            txn.delete(content_key, db=store.summaries)
+            store._release_content(txn, _CONTENT.pack(content_id))
             txn.delete(key, db=store.index)
             txn.put(_EXPUNGED.pack(fields[0], modseq, uid), b"", db=store.expunged)
             freed += size
@@ -804,7 +945,122 @@ def expunge(user: str, name: str, uids: Sequence[int]) -> Operation:
             fields[3] = modseq
             store._put_mailbox(txn, user, mailbox, fields)
             store._add_usage(txn, user, -freed, -len(removed))
+            store._touch(user)
         return removed
+
+    return operation
+
+
+def copy_messages(
+    user: str, source: str, dest: str, uids: Sequence[int], *, quota: int = 0
+) -> Operation:
+    """Copy the messages *uids* of mailbox *source* (absent ones are skipped) to *dest*,
+    keeping their flags and INTERNALDATE; the copies take the destination's next UIDs in
+    source-UID order and one new modseq. The content is shared, not written again (see the
+    module docstring); the usage grows by every copy's size, checked against *quota*
+    (bytes, 0 for none). *dest* may be *source*.
+
+    Outcome: a :class:`CopyResult`, or, nothing written: NoSuchMailbox (*mailbox* tells
+    which: the session answers NO [TRYCREATE] when it is *dest*), InvalidMailboxName, or
+    OverQuota when usage + the copies' size would exceed *quota*."""
+
+    def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
+        found = store._find_mailbox(txn, user, source)
+        if isinstance(found, Exception):
+            return found
+        _source_name, source_fields = found
+        target = store._find_mailbox(txn, user, dest)
+        if isinstance(target, Exception):
+            return target
+        dest_name, fields = target
+        found_entries = store._entries(txn, source_fields[0], uids)
+        entries = [(uid, bytes(raw)) for uid, _key, raw in found_entries]
+        if not entries:
+            return CopyResult(fields[1], [], [])
+        total = sum(_ENTRY.unpack_from(raw)[2] for _uid, raw in entries)
+        if quota:
+            raw_usage = txn.get(_user(user), db=store.usage_db)
+            used = _PAIR.unpack(raw_usage)[0] if raw_usage else 0
+            if used + total > quota:
+                return OverQuota(
+                    f"{user}: {used} + {total} bytes exceed the quota of {quota} bytes"
+                )
+        modseq = fields[3] + 1
+        first = fields[2]
+        for offset, (_uid, raw) in enumerate(entries):
+            content_id, date, size, _modseq, bits = _ENTRY.unpack_from(raw)
+            store._share_content(txn, _CONTENT.pack(content_id))
+            entry = _ENTRY.pack(content_id, date, size, modseq, bits)
+            keywords = raw[_ENTRY.size :]
+            txn.put(_KEY.pack(fields[0], first + offset), entry + keywords, db=store.index)
+            fields[5] += 0 if bits & _SEEN_BIT else 1
+        fields[2] = first + len(entries)
+        fields[3] = modseq
+        fields[4] += len(entries)
+        fields[6] += total
+        store._put_mailbox(txn, user, dest_name, fields)
+        store._add_usage(txn, user, total, len(entries))
+        store._touch(user)
+        return CopyResult(fields[1], [uid for uid, _raw in entries], list(range(first, fields[2])))
+
+    return operation
+
+
+def move_messages(user: str, source: str, dest: str, uids: Sequence[int]) -> Operation:
+    """Move the messages *uids* of mailbox *source* (absent ones are skipped) to *dest*
+    (IMAP MOVE, RFC 6851): as :func:`copy_messages`, and in the same transaction the
+    source messages are expunged under one new modseq of the source, logged for QRESYNC
+    like :func:`expunge`. No octet is copied (the index entries are re-keyed) and the
+    usage does not change. *dest* may be *source*: the messages get new UIDs.
+
+    Outcome: a :class:`CopyResult`, or NoSuchMailbox / InvalidMailboxName, nothing
+    written."""
+
+    def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
+        found = store._find_mailbox(txn, user, source)
+        if isinstance(found, Exception):
+            return found
+        source_name, source_fields = found
+        target = store._find_mailbox(txn, user, dest)
+        if isinstance(target, Exception):
+            return target
+        dest_name, fields = target
+        if dest_name == source_name:
+            fields = source_fields  # one record: its counters change once for both halves
+        entries = [
+            (uid, key, bytes(raw)) for uid, key, raw in store._entries(txn, source_fields[0], uids)
+        ]
+        if not entries:
+            return CopyResult(fields[1], [], [])
+        source_modseq = source_fields[3] + 1
+        for uid, key, raw in entries:
+            txn.delete(key, db=store.index)
+            txn.put(_EXPUNGED.pack(source_fields[0], source_modseq, uid), b"", db=store.expunged)
+            size, bits = _ENTRY.unpack_from(raw)[2], raw[_ENTRY.size - 1]
+            source_fields[4] -= 1
+            source_fields[5] -= 0 if bits & _SEEN_BIT else 1
+            source_fields[6] -= size
+        source_fields[3] = source_modseq
+        # the destination's modseq: the same one when source and destination are one record
+        modseq = fields[3] if fields is source_fields else fields[3] + 1
+        first = fields[2]
+        for offset, (_uid, _key, raw) in enumerate(entries):
+            content_id, date, size, _modseq, bits = _ENTRY.unpack_from(raw)
+            entry = _ENTRY.pack(content_id, date, size, modseq, bits)
+            keywords = raw[_ENTRY.size :]
+            txn.put(_KEY.pack(fields[0], first + offset), entry + keywords, db=store.index)
+            fields[4] += 1
+            fields[5] += 0 if bits & _SEEN_BIT else 1
+            fields[6] += size
+        fields[2] = first + len(entries)
+        fields[3] = modseq
+        if fields is not source_fields:
+            store._put_mailbox(txn, user, source_name, source_fields)
+        store._put_mailbox(txn, user, dest_name, fields)
+        store._touch(user)
+        return CopyResult(
+            fields[1], [uid for uid, _key, _raw in entries], list(range(first, fields[2]))
+        )
 
     return operation
 
@@ -824,6 +1080,7 @@ def create_mailbox(user: str, name: str, special_use: str = "") -> Operation:
         fields = store._get_mailbox(txn, user, mailbox)
         if fields is None:
             fields = store._new_mailbox(txn, user, mailbox, special_use)
+        store._touch(user)
         return _info(user.lower(), mailbox, fields)
 
     return operation
@@ -844,6 +1101,7 @@ def delete_mailbox(user: str, name: str) -> Operation:
         size, count = store._drop_messages(txn, fields[0])
         txn.delete(_mailbox_key(user, mailbox), db=store.mailbox_db)
         store._add_usage(txn, user, -size, -count)
+        store._touch(user)
         return (size, count)
 
     return operation
@@ -864,7 +1122,7 @@ def rename_mailbox(user: str, old: str, new: str) -> Operation:
             return InvalidMailboxName(f"cannot rename {source!r} to {target!r}")
         fields = store._get_mailbox(txn, user, source)
         if fields is None:
-            return NoSuchMailbox(f"{user}: no mailbox {old!r}")
+            return NoSuchMailbox(f"{user}: no mailbox {old!r}", old)
         moves = [(source, target)]
         if source != "INBOX":  # INBOX's children stay where they are
             prefix = _mailbox_key(user, source + "/")
@@ -886,6 +1144,7 @@ def rename_mailbox(user: str, old: str, new: str) -> Operation:
             txn.put(_mailbox_key(user, destination), bytes(record), db=store.mailbox_db)
         if source == "INBOX":
             store._new_mailbox(txn, user, "INBOX")
+        store._touch(user)
         return None
 
     return operation
@@ -902,6 +1161,7 @@ def subscribe(user: str, name: str, subscribed: bool) -> Operation:
         mailbox, fields = found
         fields[7] = int(subscribed)
         store._put_mailbox(txn, user, mailbox, fields)
+        store._touch(user)
         return None
 
     return operation
