@@ -26,8 +26,9 @@ from tachymail.net import split_hostport
 #: SMTP listener roles (the ones sender_login may name)
 SMTP_ROLES = ("mx", "submission", "smtps")
 #: every listener role: SMTP, LMTP (RFC 2033: another MTA hands us mail for local mailboxes)
-#: and POP3 (plain with STLS, or implicit TLS on pop3s)
-ROLES = (*SMTP_ROLES, "lmtp", "pop3", "pop3s")
+#: POP3 (plain with STLS, or implicit TLS on pop3s) and IMAP (STARTTLS on imap, implicit TLS
+#: on imaps)
+ROLES = (*SMTP_ROLES, "lmtp", "pop3", "pop3s", "imap", "imaps")
 
 #: seconds a reload waits for the new SMTP workers to listen before it retires the old
 #: workers anyway (a new delivery worker waits that long more for its predecessor)
@@ -298,6 +299,27 @@ class Pop3Config:
 
 
 @dataclass(slots=True)
+class ImapConfig:
+    """The IMAP front end (listener roles imap and imaps)."""
+
+    #: whether clients outside policy.trusted_networks may log in before TLS (LOGIN or
+    #: AUTHENTICATE on a plain imap listener without STARTTLS); false as for submission
+    plaintext_auth: bool = False
+    #: seconds of client silence before the session is closed, IDLE included (RFC 9051
+    #: §5.4: at least 30 minutes once logged in)
+    idle_timeout: float = 1800.0
+    #: longest command text, CRLFs included, literals excluded; longer commands get BAD
+    #: (as Dovecot's 64 KiB: long UID sets and ID strings exceed RFC 7162's 8192)
+    max_command_line: int = 65536
+    #: largest literal (an APPENDed message): APPENDLIMIT; NO [TOOBIG] beyond
+    max_literal: int = 64 * 1024 * 1024
+    #: sessions one user may have open at once in each worker process (0: no limit)
+    max_sessions_per_user: int = 20
+    #: offer COMPRESS=DEFLATE (RFC 4978)
+    compress: bool = True
+
+
+@dataclass(slots=True)
 class QueueConfig:
     #: initial and maximum size of the LMDB map, in MiB; it doubles on demand
     map_size_mb: int = 256
@@ -496,6 +518,8 @@ def default_listeners() -> list[ListenerConfig]:
         ListenerConfig("127.0.0.1:2465", "smtps"),
         ListenerConfig("127.0.0.1:2110", "pop3"),
         ListenerConfig("127.0.0.1:2995", "pop3s"),
+        ListenerConfig("127.0.0.1:2143", "imap"),
+        ListenerConfig("127.0.0.1:2993", "imaps"),
     ]
 
 
@@ -510,6 +534,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     pop3: Pop3Config = field(default_factory=Pop3Config)
+    imap: ImapConfig = field(default_factory=ImapConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     pool_overrides: list[PoolOverride] = field(default_factory=list)
@@ -585,6 +610,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "queue": QueueConfig,
     "mailbox": MailboxConfig,
     "pop3": Pop3Config,
+    "imap": ImapConfig,
     "delivery": DeliveryConfig,
     "pool": PoolConfig,
     "dkim": DkimConfig,
@@ -862,6 +888,15 @@ def _validate_mailbox(config: Config) -> list[str]:
         problems.append("pop3.idle_timeout: RFC 1939 §3 requires at least 600 seconds")
     if not 255 <= pop3.max_command_line <= 8192:
         problems.append("pop3.max_command_line: between 255 (RFC 2449 §4) and 8192")
+    imap = config.imap
+    if imap.idle_timeout < 1800:
+        problems.append("imap.idle_timeout: RFC 9051 §5.4 requires at least 1800 seconds")
+    if not 1000 <= imap.max_command_line <= 1024 * 1024:
+        problems.append("imap.max_command_line: between 1000 and 1048576")
+    if not 64 * 1024 <= imap.max_literal <= 4 * 1024 * 1024 * 1024:
+        problems.append("imap.max_literal: between 65536 and 4294967296")
+    if imap.max_sessions_per_user < 0:
+        problems.append("imap.max_sessions_per_user: must not be negative")
     return problems
 
 

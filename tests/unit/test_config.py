@@ -29,6 +29,8 @@ def test_defaults_give_the_loopback_listeners() -> None:
         ("127.0.0.1:2465", "smtps"),
         ("127.0.0.1:2110", "pop3"),
         ("127.0.0.1:2995", "pop3s"),
+        ("127.0.0.1:2143", "imap"),
+        ("127.0.0.1:2993", "imaps"),
     ]
     assert config.server.data_dir == "./tachymail-data"
     assert config.limits.max_command_line == 512

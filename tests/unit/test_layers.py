@@ -16,15 +16,19 @@ FORBIDDEN = {
     "smtp": {"delivery"},
     "lmtp": {"delivery"},
     "pop3": {"delivery"},
+    # IMAP reads and writes mail through mailbox only (smtp: the worker's context, for types)
+    "imap": {"delivery", "lmtp", "pop3", "queue", "mailauth", "cli"},
     "frontend": {"delivery"},
     # lower layers
-    "protocol": {"smtp", "lmtp", "pop3", "delivery", "queue", "mailbox", "mailauth", "cli"},
-    "mailauth": {"smtp", "lmtp", "pop3", "delivery", "cli", "frontend"},
-    "dns": {"smtp", "lmtp", "pop3", "delivery", "mailbox", "mailauth", "cli"},
-    "queue": {"smtp", "lmtp", "pop3", "delivery", "mailauth", "cli"},
-    "mailbox": {"smtp", "lmtp", "pop3", "delivery", "mailauth", "cli"},
-    "smtpclient": {"smtp", "lmtp", "pop3", "delivery", "cli"},
-}
+    "protocol": {
+        "smtp", "lmtp", "pop3", "imap", "delivery", "queue", "mailbox", "mailauth", "cli"
+    },
+    "mailauth": {"smtp", "lmtp", "pop3", "imap", "delivery", "cli", "frontend"},
+    "dns": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailbox", "mailauth", "cli"},
+    "queue": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailauth", "cli"},
+    "mailbox": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailauth", "cli"},
+    "smtpclient": {"smtp", "lmtp", "pop3", "imap", "delivery", "cli"},
+}  # fmt: skip
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the MTA (supervisor and SMTP workers)",
         description="Run the MTA. With no configuration it listens on 127.0.0.1:2525 (mx), "
-        "127.0.0.1:2587 (submission), 127.0.0.1:2465 (smtps), 127.0.0.1:2110 (pop3) and "
-        "127.0.0.1:2995 (pop3s), data in ./tachymail-data.",
+        "127.0.0.1:2587 (submission), 127.0.0.1:2465 (smtps), 127.0.0.1:2110 (pop3), "
+        "127.0.0.1:2995 (pop3s), 127.0.0.1:2143 (imap) and 127.0.0.1:2993 (imaps), data in "
+        "./tachymail-data.",
     )
     _config_options(serve)
     serve.add_argument(

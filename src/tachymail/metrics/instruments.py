@@ -72,6 +72,18 @@ WORKER_KINDS = ("smtp", "delivery")
 #: POP3 listener roles, and how a POP3 login ended (in_use: the maildrop was locked)
 POP3_ROLES = ("pop3", "pop3s")
 POP3_LOGIN_RESULTS = ("success", "failure", "locked_out", "in_use")
+#: IMAP listener roles, how an IMAP login ended (limit: max_sessions_per_user reached), and
+#: the commands counted by name (anything else is "other")
+IMAP_ROLES = ("imap", "imaps")
+IMAP_LOGIN_RESULTS = ("success", "failure", "locked_out", "limit")
+IMAP_COMMANDS = (
+    "CAPABILITY", "NOOP", "LOGOUT", "ID", "STARTTLS", "LOGIN", "AUTHENTICATE", "ENABLE",
+    "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
+    "LSUB", "NAMESPACE", "STATUS", "APPEND", "IDLE", "CHECK", "CLOSE", "UNSELECT", "EXPUNGE",
+    "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "SORT", "THREAD", "UID EXPUNGE", "UID SEARCH",
+    "UID FETCH", "UID STORE", "UID COPY", "UID MOVE", "UID SORT", "UID THREAD", "GETQUOTA",
+    "GETQUOTAROOT", "SETQUOTA", "COMPRESS", "other",
+)  # fmt: skip
 #: inbound message-authentication methods and their RFC 8601 result keywords (the label
 #: sets exported from the start); at connect, dnsbl counts "fail" for a client listed on a
 #: DNSBL zone and "pass" otherwise, dnswl "pass" for a client on a DNSWL zone, else "none"
@@ -215,6 +227,10 @@ pop3_logins: dict[str, Counter]
 pop3_retrieved_messages: CounterTally
 pop3_retrieved_bytes: CounterTally
 pop3_deleted_messages: Counter
+imap_sessions: dict[str, Counter]
+imap_sessions_open: dict[str, Gauge]
+imap_logins: dict[str, Counter]
+imap_commands: dict[str, CounterTally]
 lmtp_deliveries: dict[str, CounterTally]
 auth_results_total: Counter
 auth_results: dict[tuple[str, str], Counter]
@@ -237,6 +253,7 @@ def build() -> None:
     global dns_queries, dns_failures, dns_duration, dns_cache_hits, worker_restarts
     global pop3_sessions, pop3_sessions_open, pop3_logins, pop3_retrieved_messages
     global pop3_retrieved_bytes, pop3_deleted_messages
+    global imap_sessions, imap_sessions_open, imap_logins, imap_commands
     global lmtp_deliveries, auth_results_total, auth_results
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -550,6 +567,41 @@ def build() -> None:
     pop3_deleted_messages = counter(
         "tachymail_pop3_deleted_messages_total",
         "Messages expunged by POP3 DELE at the end of a session (UPDATE state).",
+    )
+    imap_sessions = by(
+        counter(
+            "tachymail_imap_sessions_total",
+            "IMAP connections accepted, by listener role (imap, imaps).",
+            ("listener",),
+        ),
+        IMAP_ROLES,
+    )
+    imap_open = Gauge(
+        "tachymail_imap_sessions_open",
+        "IMAP sessions open now, by listener role.",
+        ["listener"],
+        registry=None,
+        multiprocess_mode="livesum",
+    )
+    imap_sessions_open = {r: imap_open.labels(r) for r in IMAP_ROLES}
+    imap_logins = by(
+        counter(
+            "tachymail_imap_logins_total",
+            "IMAP logins (LOGIN and AUTHENTICATE), by result; failures are also counted by "
+            "the shared AUTH lockout metrics.",
+            ("result",),
+        ),
+        IMAP_LOGIN_RESULTS,
+    )
+    imap_commands = tallied(
+        by(
+            counter(
+                "tachymail_imap_commands_total",
+                "IMAP commands received, by command (other: unknown or malformed).",
+                ("command",),
+            ),
+            IMAP_COMMANDS,
+        )
     )
     auth_results_total = counter(
         "tachymail_auth_results_total",

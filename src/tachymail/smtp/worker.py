@@ -32,10 +32,12 @@ from tachymail.auth.throttle import AUTH_FAILURES_DIR, AuthThrottle
 from tachymail.auth.users import SenderOwnership, UsersFile
 from tachymail.config import Config
 from tachymail.dns import Resolver
+from tachymail.imap.session import ImapSession
 from tachymail.lmtp.session import LmtpSession
 from tachymail.mailauth.dkim import DkimSigner
 from tachymail.mailauth.inbound import InboundChecker
-from tachymail.mailbox import Directory, MailboxStore
+from tachymail.mailbox import ChangeNotifier, Directory, MailboxStore
+from tachymail.mailbox.notify import DIRECTORY as MAILBOX_NOTIFY_DIRECTORY
 from tachymail.net import reuseport_socket
 from tachymail.pop3.session import Pop3Session
 from tachymail.protocol import replies as R
@@ -57,7 +59,7 @@ STRESS_OFF = 0.7
 #: what a new worker writes to the supervisor's pipe once it accepts on every listener
 LISTENING = b"listening\n"
 #: listener roles served with implicit TLS (RFC 8314)
-IMPLICIT_TLS_ROLES = ("smtps", "pop3s")
+IMPLICIT_TLS_ROLES = ("smtps", "pop3s", "imaps")
 
 
 class ServedSession(typing.Protocol):
@@ -85,6 +87,9 @@ class WorkerContext:
     #: serve_worker once the event loop runs
     mailbox: MailboxStore
     mailbox_committer: GroupCommitter
+    #: the mailbox store's change notification (IMAP IDLE and untagged updates subscribe
+    #: to it); not ``notifier``, which is the queue's news for the delivery workers
+    mailbox_notifier: ChangeNotifier
 
     def __init__(
         self,
@@ -322,6 +327,11 @@ async def serve_worker(
         max_map_size=config.mailbox.max_map_size_mb * MiB,
     )
     ctx.mailbox = mailbox
+    # Every commit of this process (LMTP, POP3, IMAP) wakes the sessions of the users it
+    # changed, here and in every other process (IDLE sees new mail at once).
+    ctx.mailbox_notifier = ChangeNotifier(config.data_path / MAILBOX_NOTIFY_DIRECTORY)
+    ctx.mailbox_notifier.start(loop)
+    mailbox.on_commit = ctx.mailbox_notifier.publish
     mailbox_inline = config.mailbox.commit == "inline"
     ctx.mailbox_committer = GroupCommitter(
         mailbox,
@@ -341,6 +351,8 @@ async def serve_worker(
         ) -> asyncio.Protocol:
             if role in ("pop3", "pop3s"):
                 return Pop3Session(ctx, role, implicit)
+            if role in ("imap", "imaps"):
+                return ImapSession(ctx, role, implicit)
             if role == "lmtp":
                 return LmtpSession(ctx, role)  # LMTP carries mail already checked: no mailauth
             return SmtpSession(ctx, role, implicit, mailauth if ctx.inbound else "off")
@@ -391,6 +403,8 @@ async def serve_worker(
     while not ctx.mailbox_committer.idle:  # an LMTP batch still lingering: let it commit
         await asyncio.sleep(0.01)
     ctx.mailbox_committer.close()
+    mailbox.on_commit = None
+    ctx.mailbox_notifier.close()
     if ctx.inbound is not None:
         ctx.inbound.flush()  # the DMARC aggregate data still buffered
     mailbox.close()

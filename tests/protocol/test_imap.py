@@ -1,0 +1,673 @@
+"""IMAP against a real `tachymail serve` over loopback: imaplib (STARTTLS and imaps), and raw
+bytes for what imaplib will not send (bad commands, literals over the limit, pipelining).
+
+Mailboxes are filled through the mailbox store's own API (``prepare_delivery`` +
+``deliver``), what LMTP and local delivery use, or by SMTP to the mx listener (delivery
+runs: the server does not hold). The server's policy.trusted_networks is empty, so
+127.0.0.1 is an untrusted client that must use TLS before any password.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import smtplib
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import LineClient, unverified_tls
+from server import Server, free_port, metric, running_server, wait_until
+from tachymail.auth.users import UsersFile
+from tachymail.mailbox import MailboxStore, deliver, prepare_delivery
+
+DOMAIN = "example.test"
+PASSWORD = "correct horse"
+ROLES = ("mx", "imap", "imaps")
+MAX_LITERAL = 256 * 1024
+
+
+def imap_config(metrics_port: int, trusted: bool = False) -> str:
+    networks = '["127.0.0.1/32"]' if trusted else "[]"
+    return (
+        f'[policy]\nlocal_domains = ["{DOMAIN}"]\ntrusted_networks = {networks}\n'
+        "[auth]\nfailure_delay = 0.3\nmax_failures = 3\n"
+        f"[imap]\nmax_literal = {MAX_LITERAL}\nmax_sessions_per_user = 4\n"
+        "[limits]\nmax_errors = 50\n"
+        f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n'
+    )
+
+
+def add_user(server: Server, name: str, quota: int = 0) -> str:
+    """A local user with PASSWORD (the users file the server re-reads on change)."""
+    address = f"{name}@{DOMAIN}"
+    UsersFile(server.data_dir / "users").add(address, PASSWORD, quota=quota)
+    return address
+
+
+def fill(server: Server, user: str, *messages: bytes, mailbox: str = "INBOX") -> None:
+    """Deliver *messages* into *user*'s *mailbox* through the store, as LMTP would."""
+    store = MailboxStore(server.data_dir / "mailbox")
+    try:
+        outcomes = store.apply(
+            [deliver(prepare_delivery(user, m, mailbox=mailbox)) for m in messages]
+        )
+    finally:
+        store.close()
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+
+
+def stored(server: Server, user: str, mailbox: str = "INBOX") -> list[tuple[int, set[str], bytes]]:
+    """(uid, flags, content) of every message in *user*'s *mailbox*, as the store has them."""
+    store = MailboxStore(server.data_dir / "mailbox", readonly=True)
+    try:
+        return [
+            (info.uid, set(info.flags), store.content(info.content_id) or b"")
+            for info in store.messages(user, mailbox)
+        ]
+    finally:
+        store.close()
+
+
+def message(n: int, body: bytes = b"") -> bytes:
+    return (
+        f"From: Sender <sender@example.org>\r\nTo: someone@{DOMAIN}\r\nSubject: message {n}\r\n"
+        f"Message-ID: <{n}@example.org>\r\nDate: Tue, 1 Dec 2026 10:00:0{n % 10} +0000\r\n\r\n"
+    ).encode() + (body or f"Body of message {n}.\r\n".encode())
+
+
+def login(server: Server, user: str) -> imaplib.IMAP4_SSL:
+    """imaplib on the imaps listener, logged in as *user*."""
+    client = imaplib.IMAP4_SSL(
+        "127.0.0.1", server.ports["imaps"], ssl_context=unverified_tls(), timeout=30
+    )
+    client.login(user, PASSWORD)
+    return client
+
+
+class RawImap(LineClient):
+    """A line-level IMAP client (TLS from the start on imaps)."""
+
+    def __init__(self, port: int, tls: bool = True) -> None:
+        super().__init__(port, timeout=30, tls=unverified_tls() if tls else None)
+        self.greeting = self.line()
+        assert self.greeting.startswith(b"* OK")
+
+    def cmd(self, tag: bytes, text: bytes) -> list[bytes]:
+        """Send ``tag text``; every line up to the tagged one (included)."""
+        self.send(tag + b" " + text + b"\r\n")
+        return self.until(tag)
+
+    def until(self, tag: bytes) -> list[bytes]:
+        lines = []
+        while True:
+            line = self.line()
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+
+@pytest.fixture(scope="module")
+def imap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module (each test has its own users): mx, imap and imaps, with
+    delivery running so that SMTP mail reaches the mailboxes."""
+    tmp_path = tmp_path_factory.mktemp("imap")
+    metrics_port = free_port()
+    with running_server(tmp_path, imap_config(metrics_port), roles=ROLES, hold=False) as server:
+        server.extra["metrics_port"] = str(metrics_port)
+        yield server
+
+
+def logged_in_raw(server: Server, user: str) -> RawImap:
+    raw = RawImap(server.ports["imaps"])
+    assert raw.cmd(b"L", f'LOGIN {user} "{PASSWORD}"'.encode())[-1].startswith(b"L OK")
+    return raw
+
+
+# --- login ------------------------------------------------------------------------------------
+
+
+def test_no_password_before_starttls_from_an_untrusted_client(imap: Server) -> None:
+    user = add_user(imap, "plain")
+    raw = RawImap(imap.ports["imap"], tls=False)
+    try:
+        assert b"STARTTLS" in raw.greeting and b"LOGINDISABLED" in raw.greeting
+        assert b"AUTH=PLAIN" not in raw.greeting
+        reply = raw.cmd(b"a1", f'LOGIN {user} "{PASSWORD}"'.encode())
+        assert reply[-1].startswith(b"a1 NO [PRIVACYREQUIRED]")
+        reply = raw.cmd(b"a2", b"AUTHENTICATE PLAIN AGZvbwBiYXI=")
+        assert reply[-1].startswith(b"a2 NO [PRIVACYREQUIRED]")
+        assert raw.cmd(b"a3", b"LOGOUT")[-1].startswith(b"a3 OK")
+    finally:
+        raw.close()
+    # imaplib's STARTTLS, then the same password works.
+    client = imaplib.IMAP4("127.0.0.1", imap.ports["imap"], timeout=30)
+    try:
+        client.starttls(unverified_tls())
+        typ, _ = client.login(user, PASSWORD)
+        assert typ == "OK"
+        typ, data = client.capability()
+        assert b"COMPRESS=DEFLATE" in data[0] and b"STARTTLS" not in data[0]  # type: ignore[operator]
+    finally:
+        client.logout()
+
+
+def test_wrong_password_is_refused_and_delayed(imap: Server) -> None:
+    user = add_user(imap, "wrong")
+    client = imaplib.IMAP4_SSL(
+        "127.0.0.1", imap.ports["imaps"], ssl_context=unverified_tls(), timeout=30
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            client.login(user, "not the password")
+        assert time.monotonic() - started >= 0.25  # failure_delay = 0.3
+        typ, _ = client.login(user, PASSWORD)
+        assert typ == "OK"
+    finally:
+        client.logout()
+    port = int(imap.extra["metrics_port"])
+    wait_until(lambda: metric(port, "tachymail_imap_logins_total", result="failure") >= 1)
+
+
+def test_authenticate_plain_with_and_without_initial_response(imap: Server) -> None:
+    import base64
+
+    user = add_user(imap, "sasl")
+    token = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
+    raw = RawImap(imap.ports["imaps"])
+    try:
+        assert raw.cmd(b"a1", b"AUTHENTICATE PLAIN " + token)[-1].startswith(b"a1 OK")
+    finally:
+        raw.close()
+    raw = RawImap(imap.ports["imaps"])
+    try:
+        raw.send(b"a1 AUTHENTICATE PLAIN\r\n")
+        assert raw.line() == b"+ "
+        raw.send(token + b"\r\n")
+        assert raw.until(b"a1")[-1].startswith(b"a1 OK [CAPABILITY ")
+        assert raw.cmd(b"a2", b"NOOP")[-1].startswith(b"a2 OK")
+    finally:
+        raw.close()
+
+
+def test_trusted_client_may_log_in_without_tls(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    with running_server(
+        tmp_path, imap_config(metrics_port, trusted=True), roles=("imap",)
+    ) as server:
+        user = add_user(server, "trusted")
+        client = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+        try:
+            assert "AUTH=PLAIN" in client.capabilities
+            assert "LOGINDISABLED" not in client.capabilities
+            assert client.login(user, PASSWORD)[0] == "OK"
+            typ, data = client.select("INBOX")
+            assert typ == "OK" and data == [b"0"]
+        finally:
+            client.logout()
+
+
+# --- reading and changing mail ------------------------------------------------------------
+
+
+def test_select_fetch_store_search(imap: Server) -> None:
+    user = add_user(imap, "reader")
+    messages = [message(1), message(2, b"Bananas are yellow.\r\n"), message(3)]
+    fill(imap, user, *messages)
+    client = login(imap, user)
+    try:
+        typ, data = client.select("INBOX")
+        assert (typ, data) == ("OK", [b"3"])
+        assert client.untagged_responses.get("UIDVALIDITY")
+        assert client.untagged_responses.get("UIDNEXT") == [b"4"]
+        typ, data = client.fetch("1:*", "(UID FLAGS RFC822.SIZE)")
+        assert typ == "OK"
+        sizes = [int(re.search(rb"RFC822.SIZE (\d+)", d).group(1)) for d in data]  # type: ignore[union-attr]
+        assert sizes == [len(m) for m in messages]
+        # BODY.PEEK leaves \Seen alone; BODY[] sets it.
+        typ, data = client.fetch("2", "(BODY.PEEK[])")
+        assert data[0][1] == messages[1]  # type: ignore[index]
+        assert all("\\Seen" not in flags for _, flags, _ in stored(imap, user))
+        typ, data = client.fetch("2", "(BODY[])")
+        assert data[0][1] == messages[1]  # type: ignore[index]
+        # The \Seen just set is reported with the data (RFC 9051 §6.4.5).
+        assert b"FLAGS (\\Seen)" in b"".join(d[0] if isinstance(d, tuple) else d for d in data)
+        assert ["\\Seen" in flags for _, flags, _ in stored(imap, user)] == [False, True, False]
+        typ, data = client.store("1,3", "+FLAGS", "(\\Flagged $Important)")
+        assert typ == "OK" and len(data) == 2
+        assert {"\\Flagged", "$Important"} <= stored(imap, user)[0][1]
+        assert client.search(None, "FLAGGED") == ("OK", [b"1 3"])
+        assert client.search(None, "BODY", "bananas") == ("OK", [b"2"])
+        typ, data = client.uid("SEARCH", "UNSEEN")
+        assert (typ, data) == ("OK", [b"1 3"])
+        typ, data = client.store("3", "-FLAGS.SILENT", "(\\Flagged)")
+        assert typ == "OK" and data == [None]
+        assert client.search(None, "FLAGGED") == ("OK", [b"1"])
+        typ, data = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert data[0][1] == b"Subject: message 1\r\n\r\n"  # type: ignore[index]
+    finally:
+        client.logout()
+
+
+def test_copy_move_expunge(imap: Server) -> None:
+    user = add_user(imap, "mover")
+    fill(imap, user, message(1), message(2), message(3), message(4))
+    client = login(imap, user)
+    try:
+        client.select("INBOX")
+        typ, data = client.copy("1", "Archive")
+        assert typ == "OK" and b"COPYUID" in data[0]  # type: ignore[operator]
+        assert [c for _, _, c in stored(imap, user, "Archive")] == [message(1)]
+        typ, data = client.uid("MOVE", "2", "Trash")
+        assert typ == "OK"
+        assert client.untagged_responses.pop("EXPUNGE") == [b"2"]
+        assert [c for _, _, c in stored(imap, user, "Trash")] == [message(2)]
+        assert [c for _, _, c in stored(imap, user)] == [message(1), message(3), message(4)]
+        typ, data = client.copy("1", "No/Such/Box")
+        assert typ == "NO" and b"[TRYCREATE]" in data[0]  # type: ignore[operator]
+        client.store("1,3", "+FLAGS", "(\\Deleted)")
+        typ, data = client.expunge()
+        assert (typ, data) == ("OK", [b"3", b"1"])  # highest first
+        assert [c for _, _, c in stored(imap, user)] == [message(3)]
+        typ, data = client.select("INBOX")
+        assert data == [b"1"]
+    finally:
+        client.logout()
+
+
+def test_append_and_mailbox_commands(imap: Server) -> None:
+    user = add_user(imap, "appender")
+    fill(imap, user, message(1))
+    client = login(imap, user)
+    try:
+        typ, data = client.list()
+        names = {line.rsplit(b" ", 1)[1].strip(b'"') for line in data}  # type: ignore[union-attr]
+        assert {b"INBOX", b"Drafts", b"Sent", b"Trash", b"Junk", b"Archive"} <= names
+        assert any(b"\\Sent" in line and b'"Sent"' in line for line in data)  # type: ignore[operator]
+        date = imaplib.Time2Internaldate(time.mktime((2020, 5, 17, 12, 30, 0, 0, 0, -1)))
+        typ, data = client.append("Sent", "(\\Seen $Sent)", date, message(7))
+        assert typ == "OK" and data[0].startswith(b"[APPENDUID ")  # type: ignore[union-attr]
+        [(_, flags, content)] = stored(imap, user, "Sent")
+        assert content == message(7) and flags == {"\\Seen", "$Sent"}
+        typ, data = client.append("Nowhere", None, None, message(8))
+        assert typ == "NO" and b"[TRYCREATE]" in data[0]  # type: ignore[operator]
+        assert client.create("Projects/2026")[0] == "OK"
+        assert client.create("Projects/2026")[0] == "NO"
+        typ, data = client.list('""', "%")
+        assert any(b"\\HasChildren" in line and b'"Projects"' in line for line in data)  # type: ignore[operator]
+        typ, data = client.list("Projects/", "*")
+        assert len(data) == 1 and b'"Projects/2026"' in data[0]  # type: ignore[operator]
+        assert client.rename("Projects/2026", "Projects/2027")[0] == "OK"
+        typ, data = client.status("Projects/2027", "(MESSAGES UIDNEXT UNSEEN)")
+        assert typ == "OK" and b"MESSAGES 0 UIDNEXT 1 UNSEEN 0" in data[0]  # type: ignore[operator]
+        typ, data = client.status("INBOX", "(MESSAGES UNSEEN SIZE)")
+        assert f"MESSAGES 1 UNSEEN 1 SIZE {len(message(1))}".encode() in data[0]  # type: ignore[operator]
+        assert client.delete("Projects/2027")[0] == "OK"
+        assert client.delete("INBOX")[0] == "NO"
+        assert client.subscribe("Sent")[0] == "OK"
+        typ, data = client.lsub('""', "*")
+        assert any(b'"Sent"' in line for line in data)  # type: ignore[operator]
+    finally:
+        client.logout()
+
+
+# --- updates between sessions, IDLE ------------------------------------------------------------
+
+
+def test_two_sessions_see_each_others_changes(imap: Server) -> None:
+    user = add_user(imap, "twins")
+    fill(imap, user, message(1), message(2), message(3))
+    one, two = logged_in_raw(imap, user), logged_in_raw(imap, user)
+    try:
+        assert b"* 3 EXISTS" in one.cmd(b"s", b"SELECT INBOX")
+        assert b"* 3 EXISTS" in two.cmd(b"s", b"SELECT INBOX")
+        assert one.cmd(b"a", b"STORE 2 +FLAGS.SILENT (\\Flagged)")[-1].startswith(b"a OK")
+        reply = two.cmd(b"b", b"NOOP")
+        assert b"* 2 FETCH (FLAGS (\\Flagged))" in reply
+        one.cmd(b"c", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+        assert one.cmd(b"d", b"EXPUNGE")[:-1] == [b"* 1 EXPUNGE"]
+        fill(imap, user, message(4))
+        reply = two.cmd(b"e", b"NOOP")
+        assert reply[:-1] == [b"* 1 EXPUNGE", b"* 3 EXISTS"]
+        # EXPUNGE is held back during FETCH by sequence number (RFC 9051 §7.5.1).
+        one.cmd(b"f", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+        one.cmd(b"g", b"EXPUNGE")
+        reply = two.cmd(b"h", b"FETCH 1 (FLAGS)")
+        assert not any(b"EXPUNGE" in line for line in reply)
+        reply = two.cmd(b"i", b"NOOP")
+        assert reply[:-1] == [b"* 1 EXPUNGE"]
+        assert two.cmd(b"j", b"FETCH 1:* (UID)")[:-1] == [
+            b"* 1 FETCH (UID 3)",
+            b"* 2 FETCH (UID 4)",
+        ]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_idle_wakes_on_smtp_delivery(imap: Server) -> None:
+    user = add_user(imap, "idler")
+    fill(imap, user, message(1))
+    raw = logged_in_raw(imap, user)
+    try:
+        assert b"* 1 EXISTS" in raw.cmd(b"s", b"SELECT INBOX")
+        raw.send(b"i IDLE\r\n")
+        assert raw.line() == b"+ idling"
+        with smtplib.SMTP("127.0.0.1", imap.ports["mx"], timeout=30) as smtp:
+            smtp.sendmail("sender@example.org", [user], message(2))
+            sent = time.monotonic()
+        raw.sock.settimeout(30)
+        assert raw.line() == b"* 2 EXISTS"
+        latency = time.monotonic() - sent
+        print(f"IDLE saw the SMTP delivery {latency * 1000:.1f} ms after the 250")
+        raw.send(b"DONE\r\n")
+        assert raw.until(b"i")[-1].startswith(b"i OK")
+        # Another session's flag change reaches an IDLE session at once too.
+        raw.send(b"j IDLE\r\n")
+        assert raw.line() == b"+ idling"
+        other = logged_in_raw(imap, user)
+        try:
+            other.cmd(b"s", b"SELECT INBOX")
+            other.cmd(b"t", b"STORE 1 +FLAGS.SILENT (\\Answered)")
+            assert raw.line() == b"* 1 FETCH (FLAGS (\\Answered))"
+        finally:
+            other.close()
+        raw.send(b"DONE\r\n")
+        assert raw.until(b"j")[-1].startswith(b"j OK")
+    finally:
+        raw.close()
+
+
+# --- COMPRESS ---------------------------------------------------------------------------------
+
+
+class DeflateIMAP(imaplib.IMAP4_SSL):
+    """imaplib with RFC 4978 COMPRESS=DEFLATE: after ``compress()`` every octet both ways
+    goes through raw deflate (imaplib does all its I/O through read/readline/send)."""
+
+    deflater: zlib._Compress | None = None
+    inflater: zlib._Decompress | None = None
+    plain = b""
+    wire_in = 0
+
+    def compress(self) -> tuple[str, list[bytes]]:
+        imaplib.Commands.setdefault("COMPRESS", ("AUTH", "SELECTED"))  # unknown to imaplib
+        typ, data = self._simple_command("COMPRESS", "DEFLATE")
+        if typ == "OK":
+            self.deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+            self.inflater = zlib.decompressobj(-15)
+        return typ, data
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise imaplib.IMAP4.abort("connection closed")
+        self.wire_in += len(chunk)
+        assert self.inflater is not None
+        self.plain += self.inflater.decompress(chunk)
+
+    def read(self, size: int) -> bytes:
+        if self.inflater is None:
+            return super().read(size)
+        while len(self.plain) < size:
+            self._fill()
+        data, self.plain = self.plain[:size], self.plain[size:]
+        return data
+
+    def readline(self) -> bytes:
+        if self.inflater is None:
+            return super().readline()
+        while b"\n" not in self.plain:
+            self._fill()
+        line, _, self.plain = self.plain.partition(b"\n")
+        return line + b"\n"
+
+    def send(self, data: bytes) -> None:
+        if self.deflater is None:
+            super().send(data)
+            return
+        self.sock.sendall(self.deflater.compress(data) + self.deflater.flush(zlib.Z_SYNC_FLUSH))
+
+
+def test_compress_deflate_with_imaplib(imap: Server) -> None:
+    user = add_user(imap, "squeezed")
+    big = message(1, b"All work and no play makes Jack a dull boy.\r\n" * 2000)
+    fill(imap, user, big, message(2))
+    client = DeflateIMAP("127.0.0.1", imap.ports["imaps"], ssl_context=unverified_tls(), timeout=30)
+    try:
+        client.login(user, PASSWORD)
+        assert client.compress()[0] == "OK"
+        assert client.select("INBOX") == ("OK", [b"2"])
+        typ, data = client.fetch("1", "(BODY.PEEK[])")
+        assert typ == "OK" and data[0][1] == big  # type: ignore[index]
+        assert client.wire_in < len(big) // 10  # it really came compressed
+        typ, data = client.append("INBOX", None, None, message(3))
+        assert typ == "OK"
+        assert client.compress()[0] == "NO"  # [COMPRESSIONACTIVE]
+        assert client.search(None, "ALL") == ("OK", [b"1 2 3"])
+    finally:
+        client.logout()
+    assert stored(imap, user)[2][2] == message(3)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_commands_get_bad_and_the_session_goes_on(imap: Server) -> None:
+    user = add_user(imap, "clumsy")
+    fill(imap, user, message(1))
+    raw = RawImap(imap.ports["imaps"])
+    try:
+        assert raw.cmd(b"a1", b"FROBNICATE")[-1].startswith(b"a1 BAD")
+        assert raw.cmd(b"a2", b"SELECT INBOX")[-1].startswith(b"a2 BAD")  # not logged in
+        assert raw.cmd(b"a3", b'LOGIN "unterminated')[-1].startswith(b"a3 BAD")
+        raw.send(b"\r\n")  # no tag at all
+        assert raw.line().startswith(b"* BAD ")
+        assert raw.cmd(b"a4", f'LOGIN {user} "{PASSWORD}"'.encode())[-1].startswith(b"a4 OK")
+        assert raw.cmd(b"a5", b"FETCH 1 (FLAGS)")[-1].startswith(b"a5 BAD")  # nothing selected
+        raw.cmd(b"a6", b"SELECT INBOX")
+        for tag, text in [
+            (b"b1", b"FETCH 1:x (FLAGS)"),
+            (b"b2", b"FETCH 5 (FLAGS)"),
+            (b"b3", b"FETCH 1 (NOSUCHITEM)"),
+            (b"b4", b"STORE 1 +FLAGS (\\Bogus)"),
+            (b"b5", b"STORE 1 PLUSFLAGS (\\Seen)"),
+            (b"b6", b"SEARCH NOSUCHKEY"),
+            (b"b7", b"SELECT"),
+            (b"b8", b"LIST"),
+            (b"b9", b"UID"),
+            (b"c1", b"COPY 1"),
+            (b"c2", b"STATUS INBOX (NOSUCH)"),
+            (b"c3", b"LOGIN again please"),
+            (b"c4", b"FETCH 1 (BODY[1.2.HEADER.X])"),
+        ]:
+            reply = raw.cmd(tag, text)
+            assert reply[-1].startswith(tag + b" BAD"), (text, reply)
+        assert raw.cmd(b"c5", b"NOOP")[-1].startswith(b"c5 OK")
+        # Pipelined commands are answered in order, in one go.
+        raw.send(b"p1 NOOP\r\np2 FETCH 1 (UID)\r\np3 BOGUS\r\np4 CHECK\r\n")
+        lines = raw.until(b"p4")
+        assert [line.split(b" ")[:2] for line in lines] == [
+            [b"p1", b"OK"],
+            [b"*", b"1"],
+            [b"p2", b"OK"],
+            [b"p3", b"BAD"],
+            [b"p4", b"OK"],
+        ]
+    finally:
+        raw.close()
+
+
+def test_literal_over_the_limit_gets_toobig(imap: Server) -> None:
+    user = add_user(imap, "bigsender")
+    raw = logged_in_raw(imap, user)
+    try:
+        size = MAX_LITERAL + 1
+        raw.send(b"a1 APPEND INBOX {%d}\r\n" % size)
+        assert raw.line().startswith(b"a1 NO [TOOBIG]")
+        # A non-synchronizing literal is read and dropped, then the session goes on.
+        raw.send(b"a2 APPEND INBOX {%d+}\r\n" % size + b"x" * size + b"\r\n")
+        assert raw.until(b"a2")[-1].startswith(b"a2 NO [TOOBIG]")
+        assert raw.cmd(b"a3", b"NOOP")[-1].startswith(b"a3 OK")
+        ok = message(1)
+        raw.send(b"a4 APPEND INBOX {%d}\r\n" % len(ok))
+        assert raw.line().startswith(b"+ ")
+        raw.send(ok + b"\r\n")
+        assert raw.until(b"a4")[-1].startswith(b"a4 OK [APPENDUID ")
+        assert [c for _, _, c in stored(imap, user)] == [ok]
+    finally:
+        raw.close()
+
+
+def test_command_line_too_long_gets_bad(imap: Server) -> None:
+    raw = RawImap(imap.ports["imaps"])
+    try:
+        raw.send(b"a1 NOOP " + b"x" * 10000 + b"\r\n")
+        assert b" BAD " in raw.line()
+        assert raw.cmd(b"a2", b"NOOP")[-1].startswith(b"a2 OK")
+    finally:
+        raw.close()
+
+
+def test_big_message_streams_to_a_slow_reader(imap: Server) -> None:
+    user = add_user(imap, "slowreader")
+    big = message(1, (b"z" * 998 + b"\r\n") * 8000)  # 8 MB: more than the socket buffers
+    fill(imap, user, big)
+    sock = socket.create_connection(("127.0.0.1", imap.ports["imaps"]), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    tls = unverified_tls().wrap_socket(sock)
+    raw = RawImap.__new__(RawImap)
+    raw.sock, raw.buffer = tls, b""
+    try:
+        raw.greeting = raw.line()
+        raw.cmd(b"L", f'LOGIN {user} "{PASSWORD}"'.encode())
+        raw.cmd(b"s", b"SELECT INBOX")
+        raw.send(b"f FETCH 1 (BODY.PEEK[])\r\n")
+        time.sleep(1.0)  # the server meets a full socket and must wait, not buffer it all
+        head = raw.line()
+        assert head == b"* 1 FETCH (BODY[] {%d}" % len(big)
+        data = raw.buffer
+        while len(data) < len(big):
+            chunk = raw.sock.recv(1 << 20)
+            assert chunk
+            data += chunk
+        raw.buffer = data[len(big) :]
+        assert data[: len(big)] == big
+        assert raw.until(b"f")[-1].startswith(b"f OK")
+    finally:
+        raw.close()
+
+
+def test_tls_context_is_used_for_imaps(imap: Server) -> None:
+    sock = socket.create_connection(("127.0.0.1", imap.ports["imaps"]), timeout=10)
+    with unverified_tls().wrap_socket(sock) as tls:
+        assert isinstance(tls, ssl.SSLSocket) and tls.version() is not None
+        assert tls.recv(100).startswith(b"* OK [CAPABILITY IMAP4rev1 IMAP4rev2 ")
+
+
+# --- extensions ------------------------------------------------------------------------------
+
+
+def test_condstore_qresync_and_esearch(imap: Server) -> None:
+    user = add_user(imap, "resync")
+    fill(imap, user, message(1), message(2), message(3))
+    raw = logged_in_raw(imap, user)
+    try:
+        reply = raw.cmd(b"a", b"SELECT INBOX (CONDSTORE)")
+        [validity] = [re.search(rb"UIDVALIDITY (\d+)", x) for x in reply if b"UIDVALIDITY" in x]
+        [highest] = [re.search(rb"HIGHESTMODSEQ (\d+)", x) for x in reply if b"HIGHESTMODSEQ" in x]
+        assert validity is not None and highest is not None
+        modseq = int(highest.group(1))
+        reply = raw.cmd(b"b", b"STORE 2 +FLAGS (\\Seen)")
+        assert reply[0] == b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (%d))" % (modseq + 1)
+        # Changed since the first modseq: only message 2.
+        reply = raw.cmd(b"c", b"FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % modseq)
+        assert reply[:-1] == [b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (%d))" % (modseq + 1)]
+        # UNCHANGEDSINCE refuses what changed meanwhile.
+        reply = raw.cmd(b"d", b"STORE 1:2 (UNCHANGEDSINCE %d) +FLAGS (\\Flagged)" % modseq)
+        assert reply[-1].startswith(b"d OK [MODIFIED 2]")
+        assert "\\Flagged" not in stored(imap, user)[1][1]
+        assert "\\Flagged" in stored(imap, user)[0][1]
+        raw.cmd(b"e", b"STORE 3 +FLAGS.SILENT (\\Deleted)")
+        raw.cmd(b"f", b"EXPUNGE")
+        raw.cmd(b"g", b"UNSELECT")
+        # QRESYNC: what vanished and what changed since the client's last state.
+        assert raw.cmd(b"h", b"ENABLE QRESYNC")[0] == b"* ENABLED CONDSTORE QRESYNC"
+        reply = raw.cmd(b"i", b"SELECT INBOX (QRESYNC (%s %d))" % (validity.group(1), modseq))
+        assert b"* VANISHED (EARLIER) 3" in reply
+        changed = [x for x in reply if b" FETCH " in x]
+        assert [x.split(b" FETCH ")[0] for x in changed] == [b"* 1", b"* 2"]
+        assert all(b"UID " in x and b"MODSEQ" in x for x in changed)
+        # IMAP4rev2: SEARCH answers ESEARCH; RETURN (SAVE) keeps $ for the next command.
+        assert raw.cmd(b"j", b"ENABLE IMAP4rev2")[0] == b"* ENABLED IMAP4rev2"
+        reply = raw.cmd(b"k", b"SEARCH RETURN (SAVE COUNT) FLAGGED")
+        assert reply[0] == b'* ESEARCH (TAG "k") COUNT 1'
+        reply = raw.cmd(b"l", b"FETCH $ (UID)")
+        assert reply[0].startswith(b"* 1 FETCH (UID 1")
+    finally:
+        raw.close()
+
+
+def test_quota_and_overquota(imap: Server) -> None:
+    user = add_user(imap, "quoted", quota=4096)
+    fill(imap, user, message(1))
+    client = login(imap, user)
+    try:
+        typ, data = client.getquotaroot("INBOX")
+        assert typ == "OK"
+        assert data[0] == [b'"INBOX" ""']
+        assert data[1] == [b'"" (STORAGE 1 4)']
+        typ, data = client.append("INBOX", None, None, message(2, b"x" * 5000 + b"\r\n"))
+        assert typ == "NO" and b"[OVERQUOTA]" in data[0]  # type: ignore[operator]
+        assert len(stored(imap, user)) == 1
+    finally:
+        client.logout()
+
+
+def test_sessions_per_user_are_limited(imap: Server) -> None:
+    user = add_user(imap, "crowd")
+    clients = [logged_in_raw(imap, user) for _ in range(4)]
+    try:
+        fifth = RawImap(imap.ports["imaps"])
+        try:
+            reply = fifth.cmd(b"L", f'LOGIN {user} "{PASSWORD}"'.encode())
+            assert reply[-1].startswith(b"L NO [LIMIT]")
+        finally:
+            fifth.close()
+        clients.pop().close()
+
+        def admitted() -> bool:
+            client = RawImap(imap.ports["imaps"])
+            try:
+                reply = client.cmd(b"L", f'LOGIN {user} "{PASSWORD}"'.encode())
+                return reply[-1].startswith(b"L OK")
+            finally:
+                client.close()
+
+        wait_until(admitted)  # the closed session's slot is free again
+    finally:
+        for client in clients:
+            client.close()
+    port = int(imap.extra["metrics_port"])
+    wait_until(lambda: metric(port, "tachymail_imap_logins_total", result="limit") >= 1)
+
+
+def test_deleting_the_selected_mailbox_ends_other_sessions(imap: Server) -> None:
+    user = add_user(imap, "deleter")
+    one, two = logged_in_raw(imap, user), logged_in_raw(imap, user)
+    try:
+        assert one.cmd(b"a", b"CREATE Doomed")[-1].startswith(b"a OK")
+        assert two.cmd(b"b", b"SELECT Doomed")[-1].startswith(b"b OK")
+        assert one.cmd(b"c", b"DELETE Doomed")[-1].startswith(b"c OK")
+        two.send(b"d NOOP\r\n")
+        assert two.line().startswith(b"* BYE ")
+        assert two.closed()
+    finally:
+        one.close()
+        two.close()
