@@ -88,7 +88,11 @@ for _kernel, _what in (
     ("dot_stuff", "dot_stuff, the same messages with and without dot lines"),
     ("commands", "LineReader + parse_command/mail/rcpt, 200 pipelined transactions"),
     ("mime", "mime.scan, 24 multipart messages of 2-64 KiB"),
-    ("imap", "CommandReader + parse_sequence_set/fetch_items, 200 IMAP client batches"),
+    (
+        "imap",
+        "CommandReader + parse_sequence_set/fetch_items, 200 IMAP client batches, "
+        "2,000 fetch_flags_line",
+    ),
 ):
     SPECS[f"kernel.{_kernel}.instructions"] = Spec("Ir", "lower", 0.02, f"callgrind: {_what}")
     SPECS[f"kernel.{_kernel}.instructions_pure_over_compiled"] = Spec(
@@ -275,6 +279,10 @@ def impl_workloads(
                     parse_sequence_set(item.args[0])
                     parse_fetch_items(item.args[1:])
                 count += 1
+        # the writer of the FETCH 1:* (UID FLAGS RFC822.SIZE) fast path, a response per message
+        fetch_flags_line = imap.fetch_flags_line
+        for n in range(1, 2001):
+            fetch_flags_line(n, n + 7, b"(\\Seen)", 1000 + n, None, 0)
         return count
 
     return [

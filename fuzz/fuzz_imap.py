@@ -1,5 +1,6 @@
 """Fuzz the IMAP command tokenizer: CommandReader on fragmented input, then parse_sequence_set
-and parse_fetch_items on what it returns, and quote, compiled kernel against its pure twin.
+and parse_fetch_items on what it returns, quote and fetch_flags_line, compiled kernel against
+its pure twin.
 
 Invariants: no exception but ValueError from the parsers; the same commands and events from
 both twins, however the stream is cut; ``pending < max(max_line, max_literal)`` whenever
@@ -89,6 +90,15 @@ def test_one_input(data: bytes) -> None:
     reader.feed(b"t X " + written + b"\r\n")
     items = [i for i in read_items(reader, data) if type(i) is not COMPILED.Continuation]
     agree("quote read back", items, [COMPILED.Command(b"t", b"X", [COMPILED.String(head)])], data)
+    # The FETCH fast-path writer: both twins write the same line, or refuse the same numbers.
+    numbers = [int.from_bytes(stream[i : i + 8], "big") >> (option(data, 0) % 8) for i in (0, 8)]
+    args = (numbers[0], numbers[1], head[:16], len(stream), head[16:40] or None, numbers[0] % 3)
+    agree(
+        "fetch_flags_line",
+        outcome(lambda: COMPILED.fetch_flags_line(*args), (ValueError,)),
+        outcome(lambda: PURE.fetch_flags_line(*args), (ValueError,)),
+        data,
+    )
     # The sequence-set parser also sees raw text no tokenizer would hand it.
     got = outcome(lambda: COMPILED.parse_sequence_set(head), (ValueError,))
     agree(

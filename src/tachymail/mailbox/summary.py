@@ -20,7 +20,8 @@ lower case), ``id``, ``description``, ``encoding`` (lower case, default "7bit"),
 ``disposition`` (lower case or None), ``disposition_params``, ``language``, ``location``,
 ``start``, ``body_start``, ``end`` (byte offsets into the stored message, as the scanner
 gives them), ``octets`` (body size), ``lines`` (body lines: line feeds, plus one for a last
-line without one), ``defects``; a multipart has ``parts`` (its children), a
+line without one), ``newlines`` (line feeds only: IMAP's body-fld-lines, as Dovecot counts;
+absent from older summaries), ``defects``; a multipart has ``parts`` (its children), a
 message/rfc822 part has ``message``: {"envelope": ..., "body": PART} of the encapsulated
 message.
 """
@@ -97,6 +98,9 @@ def _part(content: bytes, part: Part) -> dict[str, Any]:
         "end": part.end,
         "octets": part.end - part.body_start,
         "lines": _lines(content, part.body_start, part.end),
+        # IMAP's body-fld-lines as Dovecot counts it: the line feeds (a last line without
+        # one is not counted); absent from summaries stored before it was added
+        "newlines": content.count(b"\n", part.body_start, part.end),
         "defects": list(part.defects),
     }
     if kind == "multipart":

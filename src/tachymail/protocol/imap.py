@@ -73,6 +73,13 @@ RFC 5182 (``$``), RFC 7162 (MODSEQ).
     (after part numbers only); BINARY* take part numbers only, BINARY.SIZE no partial.
     Upper-cased in the result; ValueError on anything else.
 
+``fetch_flags_line(seq, uid, flags, size, internaldate, modseq) -> bytes``
+    The response line of the ``FETCH 1:* (UID FLAGS RFC822.SIZE [INTERNALDATE] [MODSEQ])``
+    fast path: ``* seq FETCH (UID uid FLAGS flags RFC822.SIZE size`` then `` INTERNALDATE
+    d`` unless *internaldate* is None, `` MODSEQ (m)`` unless *modseq* is 0, and ``)`` CRLF.
+    *flags* is the flag list as sent (``(\\Seen $Junk)``), *internaldate* the quoted
+    date-time; both are copied as they are. ValueError for a number outside 0 .. 2^63-1.
+
 ``quote(value) -> bytes``
     ``value`` as an IMAP string for a response: a quoted string (``"`` and ``\\`` escaped)
     when it is at most 1024 octets of 7-bit text without NUL, CR or LF, else a literal
@@ -96,6 +103,7 @@ if TYPE_CHECKING:
         Section,
         String,
         TooLarge,
+        fetch_flags_line,
         parse_fetch_items,
         parse_sequence_set,
         quote,
@@ -118,6 +126,7 @@ __all__ = [
     "Section",
     "String",
     "TooLarge",
+    "fetch_flags_line",
     "parse_fetch_items",
     "parse_sequence_set",
     "quote",

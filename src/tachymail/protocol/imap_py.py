@@ -31,6 +31,7 @@ __all__ = [
     "Section",
     "String",
     "TooLarge",
+    "fetch_flags_line",
     "parse_fetch_items",
     "parse_sequence_set",
     "quote",
@@ -568,3 +569,26 @@ def quote(value: bytes) -> bytes:
     if len(value) <= QUOTE_MAX and all(0 < c < 0x80 and c != 0x0D and c != 0x0A for c in value):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return b"{%d}\r\n" % len(value) + value
+
+
+_NUMBER_LIMIT = 1 << 63  # numbers of the fast FETCH line: 0 .. 2^63-1 (mod-sequence's range)
+
+
+def fetch_flags_line(
+    seq: int, uid: int, flags: bytes, size: int, internaldate: bytes | None, modseq: int
+) -> bytes:
+    """``* seq FETCH (UID uid FLAGS flags RFC822.SIZE size[ INTERNALDATE d][ MODSEQ (m)])``
+    and CRLF: the response of the ``FETCH 1:* (UID FLAGS RFC822.SIZE)`` fast path.
+
+    *flags* is the flag list as sent (``(\\Seen)``), *internaldate* the quoted date-time or
+    None (left out), *modseq* 0 to leave MODSEQ out. ValueError for a number outside
+    0 .. 2^63-1."""
+    for number in (seq, uid, size, modseq):
+        if not 0 <= number < _NUMBER_LIMIT:
+            raise ValueError(f"number out of range: {number}")
+    line = b"* %d FETCH (UID %d FLAGS %b RFC822.SIZE %d" % (seq, uid, bytes(flags), size)
+    if internaldate is not None:
+        line += b" INTERNALDATE " + bytes(internaldate)
+    if modseq:
+        line += b" MODSEQ (%d)" % modseq
+    return line + b")\r\n"
