@@ -568,6 +568,9 @@ class Mailbox:
     def summary(self, info: MessageInfo) -> dict[str, Any]:
         return self.summaries[info.content_id]
 
+    def is_recent(self, uid: int) -> bool:
+        return False  # as in the Dovecot session compared with (see dovecot_session)
+
 
 def send(imap: imaplib.IMAP4, tag: bytes, command: bytes) -> tuple[list[bytes], bytes]:
     """Send one command (synchronizing literals waited for), return its untagged lines and
@@ -707,7 +710,7 @@ def dovecot_inbox() -> Iterator[tuple[DovecotServer, list[bytes]]]:
 
 def dovecot_session(dovecot: DovecotServer) -> imaplib.IMAP4:
     """A new session with INBOX selected: \\Recent belongs to the session that appended, so
-    RECENT is empty here as in tachymail (which has no \\Recent at all)."""
+    RECENT is empty here, as in the context the engine is given (nothing recent)."""
     imap = imaplib.IMAP4("127.0.0.1", dovecot.ports["imap"], timeout=60)
     imap.login(USER, PASSWORD)
     typ, _ = imap.enable("CONDSTORE")

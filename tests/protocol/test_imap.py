@@ -236,8 +236,10 @@ def test_select_fetch_store_search(imap: Server) -> None:
         assert all("\\Seen" not in flags for _, flags, _ in stored(imap, user))
         typ, data = client.fetch("2", "(BODY[])")
         assert data[0][1] == messages[1]  # type: ignore[index]
-        # The \Seen just set is reported with the data (RFC 9051 §6.4.5).
-        assert b"FLAGS (\\Seen)" in b"".join(d[0] if isinstance(d, tuple) else d for d in data)
+        # The \Seen just set is reported with the data (RFC 9051 §6.4.5); \Recent: this
+        # IMAP4rev1 session is the first to select the new mail (RFC 3501 §2.3.2).
+        joined = b"".join(d[0] if isinstance(d, tuple) else d for d in data)
+        assert b"FLAGS (\\Seen \\Recent)" in joined
         assert ["\\Seen" in flags for _, flags, _ in stored(imap, user)] == [False, True, False]
         typ, data = client.store("1,3", "+FLAGS", "(\\Flagged $Important)")
         assert typ == "OK" and len(data) == 2
@@ -334,7 +336,8 @@ def test_two_sessions_see_each_others_changes(imap: Server) -> None:
         assert one.cmd(b"d", b"EXPUNGE")[:-1] == [b"* 1 EXPUNGE"]
         fill(imap, user, message(4))
         reply = two.cmd(b"e", b"NOOP")
-        assert reply[:-1] == [b"* 1 EXPUNGE", b"* 3 EXISTS"]
+        # the first session to see the new message gets it as \Recent (RFC 3501 §2.3.2)
+        assert reply[:-1] == [b"* 1 EXPUNGE", b"* 3 EXISTS", b"* 1 RECENT"]
         # EXPUNGE is held back during FETCH by sequence number (RFC 9051 §7.5.1).
         one.cmd(b"f", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
         one.cmd(b"g", b"EXPUNGE")
@@ -375,7 +378,7 @@ def test_idle_wakes_on_smtp_delivery(imap: Server) -> None:
         try:
             other.cmd(b"s", b"SELECT INBOX")
             other.cmd(b"t", b"STORE 1 +FLAGS.SILENT (\\Answered)")
-            assert raw.line() == b"* 1 FETCH (FLAGS (\\Answered))"
+            assert raw.line() == b"* 1 FETCH (FLAGS (\\Answered \\Recent))"
         finally:
             other.close()
         raw.send(b"DONE\r\n")
@@ -454,6 +457,29 @@ def test_compress_deflate_with_imaplib(imap: Server) -> None:
     finally:
         client.logout()
     assert stored(imap, user)[2][2] == message(3)
+
+
+def test_compress_pipelined_commands_after_a_store_all_answered(imap: Server) -> None:
+    """mbsync sends ``UID STORE`` and ``CHECK`` in one deflate block: the batch is inflated
+    whole, and the CHECK waiting behind the STORE's commit must still be answered."""
+    user = add_user(imap, "pipesqueezed")
+    fill(imap, user, message(1), message(2))
+    client = DeflateIMAP("127.0.0.1", imap.ports["imaps"], ssl_context=unverified_tls(), timeout=30)
+    try:
+        client.login(user, PASSWORD)
+        assert client.compress()[0] == "OK"
+        assert client.select("INBOX") == ("OK", [b"2"])
+        client.sock.settimeout(10)  # a lost reply shows as a timeout, not a hang
+        client.send(b"p1 UID STORE 2 +FLAGS.SILENT (\\Deleted)\r\np2 CHECK\r\np3 NOOP\r\n")
+        replies = [client.readline() for _ in range(3)]
+        assert [r.split(b" ", 2)[:2] for r in replies] == [
+            [b"p1", b"OK"],
+            [b"p2", b"OK"],
+            [b"p3", b"OK"],
+        ]
+    finally:
+        client.logout()
+    assert [flags for _uid, flags, _ in stored(imap, user)] == [set(), {"\\Deleted"}]
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -585,10 +611,11 @@ def test_condstore_qresync_and_esearch(imap: Server) -> None:
         assert validity is not None and highest is not None
         modseq = int(highest.group(1))
         reply = raw.cmd(b"b", b"STORE 2 +FLAGS (\\Seen)")
-        assert reply[0] == b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (%d))" % (modseq + 1)
+        flags = b"FLAGS (\\Seen \\Recent)"  # the first SELECT claimed the messages as \Recent
+        assert reply[0] == b"* 2 FETCH (%s MODSEQ (%d))" % (flags, modseq + 1)
         # Changed since the first modseq: only message 2.
         reply = raw.cmd(b"c", b"FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % modseq)
-        assert reply[:-1] == [b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (%d))" % (modseq + 1)]
+        assert reply[:-1] == [b"* 2 FETCH (%s MODSEQ (%d))" % (flags, modseq + 1)]
         # UNCHANGEDSINCE refuses what changed meanwhile.
         reply = raw.cmd(b"d", b"STORE 1:2 (UNCHANGEDSINCE %d) +FLAGS (\\Flagged)" % modseq)
         assert reply[-1].startswith(b"d OK [MODIFIED 2]")
@@ -671,3 +698,123 @@ def test_deleting_the_selected_mailbox_ends_other_sessions(imap: Server) -> None
     finally:
         one.close()
         two.close()
+
+
+# --- \Recent, subscriptions, BINARY APPEND (imaptest select, copy, listext, append-binary) ---
+
+
+def recent_of(reply: list[bytes]) -> int | None:
+    """The number in ``* n RECENT`` (None when the reply has none)."""
+    found = [int(line.split()[1]) for line in reply if re.fullmatch(rb"\* \d+ RECENT", line)]
+    return found[-1] if found else None
+
+
+def test_recent_belongs_to_the_first_session_to_select(imap: Server) -> None:
+    user = add_user(imap, "recent")
+    fill(imap, user, message(1), message(2))
+    one, two, rev2 = (logged_in_raw(imap, user) for _ in range(3))
+    try:
+        # EXAMINE and STATUS show the unclaimed messages without claiming them
+        assert recent_of(one.cmd(b"a", b"EXAMINE INBOX")) == 2
+        assert one.cmd(b"b", b"FETCH 1 (FLAGS)")[0] == b"* 1 FETCH (FLAGS (\\Recent))"
+        one.cmd(b"c", b"CLOSE")
+        assert b'* STATUS "INBOX" (RECENT 2)' in two.cmd(b"a", b"STATUS INBOX (RECENT)")
+        # an IMAP4rev2 session neither sees nor claims \Recent
+        rev2.cmd(b"a", b"ENABLE IMAP4rev2")
+        reply = rev2.cmd(b"b", b"SELECT INBOX")
+        assert recent_of(reply) is None and reply[-1].startswith(b"b OK")
+        assert b"\\Recent" not in b"".join(rev2.cmd(b"c", b"FETCH 1:* (FLAGS)"))
+        # SELECT claims them: recent here, in no other session
+        assert recent_of(one.cmd(b"d", b"SELECT INBOX")) == 2
+        assert recent_of(two.cmd(b"b", b"SELECT INBOX")) == 0
+        assert b'* STATUS "INBOX" (RECENT 0)' in rev2.cmd(b"d", b"STATUS INBOX (RECENT)")
+        one.cmd(b"e", b"STORE 1 +FLAGS.SILENT (\\Seen)")
+        assert one.cmd(b"f", b"SEARCH RECENT")[0] == b"* SEARCH 1 2"
+        assert one.cmd(b"g", b"SEARCH NEW")[0] == b"* SEARCH 2"
+        assert one.cmd(b"h", b"SEARCH OLD")[0] == b"* SEARCH"
+        assert two.cmd(b"c", b"SEARCH OLD")[0] == b"* SEARCH 1 2"
+        assert two.cmd(b"d", b"FETCH 2 (FLAGS)")[0] == b"* 2 FETCH (FLAGS ())"
+        # new mail is recent in the first session that finds it, even with both selected
+        fill(imap, user, message(3))
+        assert two.cmd(b"e", b"NOOP")[:-1] == [b"* 3 EXISTS", b"* 1 RECENT"]
+        assert two.cmd(b"f", b"FETCH 3 (FLAGS)")[0] == b"* 3 FETCH (FLAGS (\\Recent))"
+        reply = one.cmd(b"i", b"NOOP")
+        assert b"* 3 EXISTS" in reply and recent_of(reply) == 2
+        assert one.cmd(b"j", b"SEARCH RECENT")[0] == b"* SEARCH 1 2"
+    finally:
+        for client in (one, two, rev2):
+            client.close()
+
+
+def test_subscriptions_outlive_delete_and_may_name_no_mailbox(imap: Server) -> None:
+    user = add_user(imap, "subscriber")
+    raw = logged_in_raw(imap, user)
+    try:
+        assert raw.cmd(b"a", b"CREATE Lists/Gone")[-1].startswith(b"a OK")
+        assert raw.cmd(b"b", b"SUBSCRIBE Lists/Gone")[-1].startswith(b"b OK")
+        assert raw.cmd(b"c", b"DELETE Lists/Gone")[-1].startswith(b"c OK")
+        # RFC 9051 §6.3.7: a name that is not a mailbox may be subscribed
+        assert raw.cmd(b"d", b"SUBSCRIBE Lists/Later")[-1].startswith(b"d OK")
+        reply = raw.cmd(b"e", b'LIST (SUBSCRIBED) "" "Lists/*"')
+        assert reply[:-1] == [
+            b'* LIST (\\NonExistent \\Subscribed) "/" "Lists/Gone"',
+            b'* LIST (\\NonExistent \\Subscribed) "/" "Lists/Later"',
+        ]
+        assert raw.cmd(b"f", b'LSUB "" "Lists/*"')[:-1] == [
+            b'* LSUB () "/" "Lists/Gone"',
+            b'* LSUB () "/" "Lists/Later"',
+        ]
+        # a plain LIST shows mailboxes only
+        assert b"Gone" not in b"".join(raw.cmd(b"g", b'LIST "" "Lists/*"'))
+        # CREATE brings the mailbox back under its kept subscription
+        assert raw.cmd(b"h", b"CREATE Lists/Later")[-1].startswith(b"h OK")
+        reply = raw.cmd(b"i", b'LIST (SUBSCRIBED) "" "Lists/Later"')
+        assert reply[0] == b'* LIST (\\HasNoChildren \\Subscribed) "/" "Lists/Later"'
+        assert raw.cmd(b"j", b"UNSUBSCRIBE Lists/Gone")[-1].startswith(b"j OK")
+        reply = raw.cmd(b"k", b"UNSUBSCRIBE Lists/Gone")
+        assert reply[-1].startswith(b"k NO [NONEXISTENT]")
+        assert raw.cmd(b"l", b'LSUB "" "Lists/*"')[:-1] == [b'* LSUB () "/" "Lists/Later"']
+        # LSUB shows the parent of a subscribed name only when "%" hides the name itself
+        parents = [x for x in raw.cmd(b"m", b'LSUB "" "%"') if x.endswith(b'"/" "Lists"')]
+        assert len(parents) == 1 and parents[0].startswith(b"* LSUB (\\Noselect")
+        assert not any(b'"Lists"' in line for line in raw.cmd(b"n", b'LSUB "" "*"'))
+    finally:
+        raw.close()
+
+
+def test_binary_append_is_stored_base64(imap: Server) -> None:
+    user = add_user(imap, "binary")
+    octets = b"\x00-\xe4\n\r\n\n"
+    appended = (
+        b"From: user@example.org\r\nMime-Version: 1.0\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n"
+        b"\r\n" + octets
+    )
+    raw = logged_in_raw(imap, user)
+    try:
+        raw.send(b"a APPEND INBOX ~{%d}\r\n" % len(appended))
+        assert raw.line().startswith(b"+ ")
+        raw.send(appended + b"\r\n")
+        assert raw.until(b"a")[-1].startswith(b"a OK [APPENDUID ")
+        raw.cmd(b"b", b"SELECT INBOX")
+        # BODY[1] is a string IMAP4rev1 can carry: base64, and the MIME header says so
+        reply = raw.cmd(b"c", b"FETCH 1 (BODY.PEEK[1] BODY.PEEK[1.MIME] BODYSTRUCTURE)")
+        joined = b"\n".join(reply)
+        assert b"\x00" not in joined
+        assert b"AC3kCg0KCg==" in joined
+        assert b"Content-Transfer-Encoding: base64" in joined
+        assert b'"APPLICATION" "OCTET-STREAM" NIL NIL NIL "BASE64"' in joined.upper()
+        # BINARY gives back exactly the octets appended (RFC 3516)
+        raw.send(b"d FETCH 1 (BINARY.SIZE[1] BINARY.PEEK[1])\r\n")
+        head = raw.line()
+        assert head == b"* 1 FETCH (BINARY.SIZE[1] %d BINARY[1] ~{%d}" % (len(octets), len(octets))
+        data = raw.buffer
+        while len(data) < len(octets):
+            chunk = raw.sock.recv(4096)
+            assert chunk
+            data += chunk
+        assert data[: len(octets)] == octets
+        raw.buffer = data[len(octets) :]
+        assert raw.until(b"d")[-1].startswith(b"d OK")
+    finally:
+        raw.close()

@@ -77,6 +77,7 @@ class Box:
     contents: dict[bytes, bytes] = field(default_factory=dict)
     content_reads: int = 0
     summary_reads: int = 0
+    recent: set[int] = field(default_factory=set)  # UIDs \Recent in the session
 
     def add(
         self,
@@ -102,6 +103,9 @@ class Box:
     def summary(self, info: MessageInfo) -> dict[str, Any]:
         self.summary_reads += 1
         return build_summary(self.contents[info.content_id])
+
+    def is_recent(self, uid: int) -> bool:
+        return uid in self.recent
 
     def search(self, text: bytes, *, rev2: bool = False) -> list[int]:
         return run_search(parse_search(args(text), rev2=rev2), self)
@@ -799,3 +803,27 @@ def test_random_content_never_raises(content: bytes, key: bytes) -> None:
     assert set(box.search(key + b" SENTON 1-Jan-2024")) <= {1, 2}
     run_thread(parse_thread([b"REFERENCES", b"UTF-8", b"ALL"]), box, uid=False)
     run_sort(parse_sort([[b"SUBJECT", b"DISPLAY", b"DATE"], b"UTF-8", b"ALL"]), box)
+
+
+def test_address_keys_ignore_comments_inside_addresses() -> None:
+    # imaptest search-addresses: RFC 5322 comments and CFWS inside an address do not hide it
+    box = Box()
+    box.add(raw("From: <user-from (comment)@ (comment) domain.org>\nTo: <to@x.org>\n", b"b\r\n"))
+    box.add(raw("From: user-from@domain.org (RealFrom)\nCc: cc @ x . org\n", b"b\r\n"))
+    box.add(raw("From: Other <other@domain.org>\nSubject: a (b) c\n", b"b\r\n"))
+    assert box.search(b"FROM user-from@domain.org") == [1, 2]
+    assert box.search(b"FROM realfrom") == [2]
+    assert box.search(b"FROM comment") == [1]
+    assert box.search(b"CC cc@x.org") == [2]
+    assert box.search(b"FROM ser-from@dom") == [1, 2]
+    assert box.search(b"SUBJECT ac") == []
+
+
+def test_recent_new_and_old_follow_the_sessions_recent_messages(mailbox: Box) -> None:
+    # imaptest search-flags: RECENT, NEW (recent and unseen) and OLD on the session's set
+    mailbox.recent = {mailbox.messages[i].uid for i in (0, 1, 3)}
+    assert mailbox.search(b"RECENT") == [1, 2, 4]
+    assert mailbox.search(b"NEW") == [2, 4]  # 1 is \Seen
+    assert mailbox.search(b"OLD") == [3]
+    assert mailbox.search(b"NOT RECENT") == [3]
+    assert mailbox.content_reads == 0 and mailbox.summary_reads == 0

@@ -24,6 +24,7 @@ from tachymail.mailbox import (
     MailboxStore,
     NoSuchMailbox,
     OverQuota,
+    claim_recent,
     copy_messages,
     create_mailbox,
     delete_mailbox,
@@ -32,7 +33,9 @@ from tachymail.mailbox import (
     expunge,
     move_messages,
     prepare_delivery,
+    rename_mailbox,
     set_flags,
+    subscribe,
 )
 from tachymail.mailbox.store import MiB
 
@@ -426,3 +429,55 @@ def test_counters_usage_and_contents_stay_exact_under_any_mix(
             assert store.totals()[:2] == (0, 0)
         finally:
             store.close()
+
+
+def test_recent_is_claimed_once_and_only_up_to_uidnext(store: MailboxStore) -> None:
+    for i in range(3):
+        put(store, message(f"r{i}"))
+    inbox = store.mailbox(ALICE, "INBOX")
+    assert inbox is not None
+    assert store.first_recent(inbox.id) == 0 and store.recent_count(ALICE, "INBOX") == 3
+    # two sessions claim in one batch (as two workers' SELECTs would): only the first gets them
+    assert store.apply([claim_recent(ALICE, "INBOX", inbox.id)] * 2) == [(0, 4), (4, 4)]
+    assert store.first_recent(inbox.id) == 4 and store.recent_count(ALICE, "INBOX") == 0
+    put(store, message("r3"))
+    assert store.recent_count(ALICE, "INBOX") == 1
+    assert one(store, claim_recent(ALICE, "INBOX", inbox.id)) == (4, 5)
+    # a mailbox made again under the name is not the one the session selected
+    put(store, message("w"), mailbox="Work")
+    work = store.mailbox(ALICE, "Work")
+    assert work is not None
+    assert one(store, delete_mailbox(ALICE, "Work")) == (work.size, 1)
+    assert store.first_recent(work.id) == 0  # dropped with the mailbox
+    one(store, create_mailbox(ALICE, "Work"))
+    assert one(store, claim_recent(ALICE, "Work", work.id)) == (0, 0)
+    assert isinstance(one(store, claim_recent(ALICE, "Gone", 99)), NoSuchMailbox)
+
+
+def test_subscriptions_outlive_delete_and_may_name_no_mailbox(store: MailboxStore) -> None:
+    put(store, message("s"))
+    assert one(store, create_mailbox(ALICE, "Box", subscribed=False)) is not None
+    assert store.mailbox(ALICE, "Box").subscribed is False  # type: ignore[union-attr]
+    assert one(store, subscribe(ALICE, "Box", True)) is None
+    assert one(store, delete_mailbox(ALICE, "Box")) == (0, 0)
+    assert store.subscriptions(ALICE) == ["Box"]
+    # subscribing to a name that is not a mailbox (RFC 9051 §6.3.7)
+    assert one(store, subscribe(ALICE, "Later/Child", True)) is None
+    assert store.subscriptions(ALICE) == ["Box", "Later/Child"]
+    assert isinstance(one(store, subscribe(ALICE, "a//b", True)), InvalidMailboxName)
+    assert isinstance(one(store, subscribe(ALICE, "Never", False)), NoSuchMailbox)
+    # CREATE takes the kept subscription back, even when it does not subscribe itself
+    made = one(store, create_mailbox(ALICE, "Box", subscribed=False))
+    assert getattr(made, "subscribed", None) is True
+    assert store.subscriptions(ALICE) == ["Later/Child"]
+    # so does RENAME onto a subscribed name
+    one(store, create_mailbox(ALICE, "Tmp", subscribed=False))
+    assert one(store, rename_mailbox(ALICE, "Tmp", "Later/Child")) is None
+    assert store.mailbox(ALICE, "Later/Child").subscribed is True  # type: ignore[union-attr]
+    assert store.subscriptions(ALICE) == []
+    assert one(store, subscribe(ALICE, "Orphan", True)) is None
+    assert one(store, subscribe(ALICE, "Orphan", False)) is None
+    assert store.subscriptions(ALICE) == []
+    one(store, subscribe(ALICE, "Orphan", True))
+    one(store, delete_user(ALICE))
+    assert store.subscriptions(ALICE) == []

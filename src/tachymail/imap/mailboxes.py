@@ -16,7 +16,7 @@ from typing import cast
 from tachymail.imap.responses import SEPARATOR, encode_name
 from tachymail.mailbox import MailboxInfo
 
-#: STATUS items we answer, upper case (RECENT is always 0: no session owns \Recent here)
+#: STATUS items we answer, upper case
 STATUS_ITEMS = frozenset(
     {
         b"MESSAGES",
@@ -153,10 +153,17 @@ def matches(pattern: str, name: str) -> bool:
 
 
 def list_responses(
-    query: ListQuery, mailboxes: Sequence[MailboxInfo], *, utf8: bool, rev2: bool
+    query: ListQuery,
+    mailboxes: Sequence[MailboxInfo],
+    *,
+    utf8: bool,
+    rev2: bool,
+    orphans: Sequence[str] = (),
 ) -> list[tuple[bytes, MailboxInfo | None]]:
     """The ``* LIST`` (or ``* LSUB``) lines for *query* over the user's *mailboxes*, each with
-    the mailbox it names (None for a name that does not exist as a mailbox: no STATUS)."""
+    the mailbox it names (None for a name that does not exist as a mailbox: no STATUS).
+    *orphans*: subscribed names that are not mailboxes; LSUB and LIST (SUBSCRIBED) show
+    them, LIST with ``\\NonExistent \\Subscribed`` (RFC 5258 §3)."""
     verb = b"LSUB" if query.lsub else b"LIST"
     sep = b'"' + SEPARATOR.encode() + b'"'
     if query.separator_only:
@@ -167,16 +174,24 @@ def list_responses(
         levels = name.split(SEPARATOR)
         for depth in range(1, len(levels)):
             parents.add(SEPARATOR.join(levels[:depth]))
-    subscribed_parents: set[str] = set()
-    for info in mailboxes:
-        if info.subscribed:
-            levels = info.name.split(SEPARATOR)
-            for depth in range(1, len(levels)):
-                subscribed_parents.add(SEPARATOR.join(levels[:depth]))
     want_subscribed = query.lsub or "SUBSCRIBED" in query.selection
+    kept = set(orphans).difference(by_name) if want_subscribed else set()
+    # parent -> its subscribed descendants that no pattern matches: CHILDINFO (RFC 5258
+    # §3.5) and LSUB's \Noselect parent (RFC 3501 §6.3.9) are only for those (a descendant
+    # listed itself needs no parent line)
+    subscribed_parents: dict[str, int] = {}
+    for subscribed in [info.name for info in mailboxes if info.subscribed] + sorted(kept):
+        unlisted = not any(matches(p, subscribed) for p in query.patterns)
+        levels = subscribed.split(SEPARATOR)
+        for depth in range(1, len(levels)):
+            parent = SEPARATOR.join(levels[:depth])
+            subscribed_parents[parent] = subscribed_parents.get(parent, 0) + unlisted
     special_only = "SPECIAL-USE" in query.selection
     recursive = "RECURSIVEMATCH" in query.selection
-    candidates = sorted(set(by_name) | parents, key=lambda n: (n != "INBOX", n))
+    names = set(by_name) | parents
+    if not special_only:
+        names |= kept | set(subscribed_parents)
+    candidates = sorted(names, key=lambda n: (n != "INBOX", n))
     lines: list[tuple[bytes, MailboxInfo | None]] = []
     for name in candidates:
         if not any(matches(p, name) for p in query.patterns):
@@ -184,13 +199,31 @@ def list_responses(
         found = by_name.get(name)
         attributes: list[str] = []
         child_info = ""
-        if found is None:
+        if found is None and name in kept:
+            # Subscribed, not a mailbox (deleted, or never made): RFC 5258 §3.
+            if query.lsub:
+                if name in parents:
+                    attributes.append("\\Noselect")
+            else:
+                attributes += ["\\NonExistent", "\\Subscribed"]
+                if name in parents:
+                    attributes.append("\\HasChildren")
+        elif found is None and name not in parents:
+            # Only the parent of a subscribed name: shown as implied parents are.
+            if recursive and subscribed_parents.get(name):
+                child_info = ' ("CHILDINFO" ("SUBSCRIBED"))'
+                attributes.append("\\NonExistent" if rev2 else "\\Noselect")
+            elif query.lsub and subscribed_parents.get(name):
+                attributes.append("\\Noselect")
+            else:
+                continue
+        elif found is None:
             # A parent only implied by its children ("a" of "a/b").
             if want_subscribed or special_only:
-                if recursive and want_subscribed and name in subscribed_parents:
+                if recursive and want_subscribed and subscribed_parents.get(name):
                     child_info = ' ("CHILDINFO" ("SUBSCRIBED"))'
                     attributes.append("\\NonExistent" if rev2 else "\\Noselect")
-                elif query.lsub and name in subscribed_parents:
+                elif query.lsub and subscribed_parents.get(name):
                     attributes.append("\\Noselect")
                 else:
                     continue
@@ -200,9 +233,9 @@ def list_responses(
         else:
             info = found
             if want_subscribed and not info.subscribed:
-                if recursive and name in subscribed_parents:
+                if recursive and subscribed_parents.get(name):
                     child_info = ' ("CHILDINFO" ("SUBSCRIBED"))'
-                elif query.lsub and name in subscribed_parents:
+                elif query.lsub and subscribed_parents.get(name):
                     attributes.append("\\Noselect")  # RFC 3501 §6.3.9: "%" and a child
                 else:
                     continue
@@ -226,10 +259,17 @@ def list_responses(
 
 
 def status_response(
-    name: str, info: MailboxInfo, items: Sequence[bytes], deleted: int, *, utf8: bool
+    name: str,
+    info: MailboxInfo,
+    items: Sequence[bytes],
+    deleted: int,
+    *,
+    utf8: bool,
+    recent: int = 0,
 ) -> bytes:
     """``* STATUS name (MESSAGES 3 UIDNEXT 9 ...)`` for *items* (upper case, checked);
-    *deleted*: the count of messages with \\Deleted (only read when DELETED is asked)."""
+    *deleted*: the count of messages with \\Deleted (only read when DELETED is asked);
+    *recent*: of messages no session has claimed as \\Recent (only read for RECENT)."""
     values = {
         b"MESSAGES": info.messages,
         b"UIDNEXT": info.uidnext,
@@ -238,7 +278,7 @@ def status_response(
         b"DELETED": deleted,
         b"SIZE": info.size,
         b"HIGHESTMODSEQ": info.highestmodseq,
-        b"RECENT": 0,
+        b"RECENT": recent,
     }
     body = b" ".join(b"%s %d" % (item, values[item]) for item in items)
     return b"* STATUS %s (%s)\r\n" % (encode_name(name, utf8), body)

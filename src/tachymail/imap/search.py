@@ -1,8 +1,8 @@
 """SEARCH, ESEARCH, SORT and THREAD: parse the command's arguments, evaluate them on the
 selected mailbox, and write the untagged response.
 
-Grammar and semantics: RFC 9051 §6.4.4 (every search key), RFC 3501 (NEW, OLD, RECENT:
-there is no \\Recent here, so RECENT and NEW match nothing and OLD everything),
+Grammar and semantics: RFC 9051 §6.4.4 (every search key), RFC 3501 (NEW, OLD, RECENT: on
+the session's \\Recent messages, :meth:`SearchContext.is_recent`),
 RFC 4731 / RFC 9051 (ESEARCH: RETURN MIN MAX ALL COUNT), RFC 5182 (SAVE and ``$``),
 RFC 7162 (the MODSEQ key and the ``(MODSEQ n)`` it adds to the response), RFC 5032 (YOUNGER,
 OLDER), RFC 5256 (SORT, THREAD=ORDEREDSUBJECT, THREAD=REFERENCES, base subjects) and
@@ -17,7 +17,8 @@ What callers may rely on:
 - :func:`run_search` never raises on stored content: broken MIME, bad encodings and unknown
   charsets are searched best effort. Strings match as case-insensitive (Unicode casefold)
   substrings: header keys on the header values with RFC 2047 encoded words decoded (FROM,
-  TO, CC, BCC, SUBJECT on the first such field, HEADER on every field of that name); BODY
+  TO, CC, BCC, SUBJECT on the first such field, HEADER on every field of that name; an
+  address also matches on its addr-spec with RFC 5322 comments and CFWS removed); BODY
   on the text/* parts of the body decoded (quoted-printable, base64, then their charset:
   other parts, attachments, are not text); TEXT on the header block, the header blocks of
   the body's parts and attached messages, and that body text. Dovecot (the anchor,
@@ -103,6 +104,11 @@ class SearchContext(Protocol):
     def content(self, info: MessageInfo) -> bytes: ...
 
     def summary(self, info: MessageInfo) -> dict[str, Any]: ...
+
+    def is_recent(self, uid: int) -> bool:
+        """Whether the message is \\Recent in this session (RFC 3501 §2.3.2; never under
+        IMAP4rev2)."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,11 +471,6 @@ class _All(_Key):
         return True
 
 
-class _Nothing(_Key):
-    def match(self, msg: _Message, run: _Run) -> bool:
-        return False
-
-
 @dataclass
 class _And(_Key):
     keys: list[_Key]
@@ -515,6 +516,14 @@ class _Flag(_Key):
     def match(self, msg: _Message, run: _Run) -> bool:
         found = any(f.casefold() == self.flag for f in msg.info.flags)
         return found == self.present
+
+
+@dataclass
+class _Recent(_Key):
+    present: bool
+
+    def match(self, msg: _Message, run: _Run) -> bool:
+        return msg.ctx.is_recent(msg.info.uid) == self.present
 
 
 @dataclass
@@ -620,7 +629,23 @@ class _Envelope(_Key):
         value = msg.envelope(self.name)
         if value is None:
             return False
-        return self.needle in decode_words(value).casefold()
+        if self.needle in decode_words(value).casefold():
+            return True
+        # an address written with comments or folding white space inside it
+        # ("<user (c)@ (c) domain.org>") matches on its addr-spec without them (as Dovecot)
+        return self.name != "subject" and any(
+            self.needle in address.casefold() for address in _addr_specs(value)
+        )
+
+
+def _addr_specs(value: str) -> list[str]:
+    """The addr-specs of an address field, RFC 5322 comments and CFWS removed; [] when
+    the field has none or does not parse."""
+    try:
+        pairs = email.utils.getaddresses([value])
+    except Exception:  # a broken field searches on its raw value only
+        return []
+    return [address for _name, address in pairs if address]
 
 
 @dataclass
@@ -828,10 +853,12 @@ class _Parser:
             return _Or(self.key(depth + 1), self.key(depth + 1))
         if name == b"UID":
             return _Numbers(self.sequence(self.atom("UID sequence set")), uid=True)
-        if name in (b"RECENT", b"NEW"):
-            return _Nothing()  # no \Recent in this server (RFC 9051 dropped it)
+        if name == b"RECENT":
+            return _Recent(True)
+        if name == b"NEW":  # RFC 3501: RECENT UNSEEN
+            return _And([_Recent(True), _Flag("\\seen", False)])
         if name == b"OLD":
-            return _All()
+            return _Recent(False)
         if name == b"MODSEQ":
             return self.modseq()
         if _SEQUENCE.fullmatch(token):

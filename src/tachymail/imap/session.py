@@ -19,11 +19,15 @@ VANISHED under QRESYNC), EXISTS and FETCH (FLAGS); EXPUNGE is held back during F
 and SEARCH by sequence number (RFC 9051 §7.5.1). Writes go through the mailbox store's
 group commit: a tagged OK means synced.
 
-Not offered: \\Recent (RFC 9051 dropped it: RECENT is always 0, NEW matches nothing),
-CATENATE, NOTIFY, CONTEXT=SEARCH/SORT, subscriptions to names that do not exist (the store
-keeps a subscription on the mailbox itself). UNCHANGEDSINCE is checked against the session's
-view of the mailbox, MULTIAPPEND's messages are committed one by one (a refusal of one
-does not undo the others), and ``imap.max_sessions_per_user`` counts per worker process.
+\\Recent (RFC 3501 §2.3.2) for sessions that did not ENABLE IMAP4rev2: a message is recent in
+exactly one session. SELECT claims the mailbox's unclaimed messages in the store's group
+commit (``claim_recent``), and so does the tagged OK of any later command that finds new
+messages in the view (during IDLE they are claimed at DONE); EXAMINE and STATUS show the
+unclaimed ones without claiming. IMAP4rev2 sessions neither see nor claim any.
+
+Not offered: CATENATE, NOTIFY, CONTEXT=SEARCH/SORT. UNCHANGEDSINCE is checked against the
+session's view of the mailbox, MULTIAPPEND's messages are committed one by one (a refusal of
+one does not undo the others), and ``imap.max_sessions_per_user`` counts per worker process.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from tachymail.frontend import (
     tls_description,
     tls_handshake,
 )
+from tachymail.imap.binary import encode_binary_parts
 from tachymail.imap.fetch import ContentRange, FetchError, fetch_response, format_flags, sets_seen
 from tachymail.imap.mailboxes import (
     STATUS_ITEMS,
@@ -87,11 +92,11 @@ from tachymail.mailbox import (
     InvalidMailboxName,
     MailboxExists,
     MailboxInfo,
-    MailboxStore,
     MessageInfo,
     NoSuchMailbox,
     OverQuota,
     StorageFull,
+    claim_recent,
     copy_messages,
     create_mailbox,
     create_user,
@@ -111,6 +116,7 @@ from tachymail.protocol.imap import (
     SEARCHRES,
     STAR,
     Bad,
+    Binary,
     Command,
     CommandReader,
     Continuation,
@@ -126,6 +132,9 @@ if TYPE_CHECKING:
     from tachymail.smtp.worker import WorkerContext
 
 log = logging.getLogger(__name__)
+
+#: added to a message's flags where this session sees it as recent
+_RECENT = frozenset({"\\Recent"})
 
 
 class State(IntEnum):
@@ -197,10 +206,24 @@ class Selected:
     modseq: int  # the highest modseq the view reflects
     exists: int  # the EXISTS the client was last told
     pending_expunge: set[int] = field(default_factory=set)
+    mailbox_id: int = 0
+    #: UIDs \Recent in this session: half-open ranges (first, end), ascending
+    recent: list[tuple[int, int]] = field(default_factory=list)
+    #: UIDs from here on have not been claimed by (or for) this session yet; a huge value:
+    #: the session never claims (EXAMINE, IMAP4rev2)
+    claimed: int = 1 << 62
 
     def index(self, uid: int) -> int | None:
         i = bisect_left(self.uids, uid)
         return i if i < len(self.uids) and self.uids[i] == uid else None
+
+    def is_recent(self, uid: int) -> bool:
+        return any(first <= uid < end for first, end in self.recent)
+
+    def recent_count(self) -> int:
+        """How many messages of the view are \\Recent (the RECENT response)."""
+        uids = self.uids
+        return sum(bisect_left(uids, end) - bisect_left(uids, first) for first, end in self.recent)
 
 
 @dataclass(slots=True)
@@ -225,12 +248,14 @@ class FetchJob:
 
 class _Opened(NamedTuple):
     """What SELECT read off the loop: the mailbox and its messages (None: no such
-    mailbox), QRESYNC's vanished UIDs, the keywords in use, the first unseen message."""
+    mailbox), QRESYNC's vanished UIDs, the keywords in use, the first unseen message, the
+    first UID no session has claimed as \\Recent."""
 
     state: tuple[MailboxInfo, list[MessageInfo]] | None
     vanished: list[int]
     keywords: set[str]
     first_unseen: int
+    first_recent: int = 0
 
 
 class _Source:
@@ -256,10 +281,20 @@ class _Source:
 class _SearchView:
     """What B's SEARCH engine reads: a snapshot of the selected mailbox (used off the loop)."""
 
-    def __init__(self, store: Any, messages: Sequence[MessageInfo], saved: Sequence[int]) -> None:
+    def __init__(
+        self,
+        store: Any,
+        messages: Sequence[MessageInfo],
+        saved: Sequence[int],
+        recent: Sequence[tuple[int, int]] = (),
+    ) -> None:
         self._store = store
         self.messages = messages
         self.saved = saved
+        self._recent = recent
+
+    def is_recent(self, uid: int) -> bool:
+        return any(first <= uid < end for first, end in self._recent)
 
     def content(self, info: MessageInfo) -> bytes:
         return cast(bytes, self._store.content(info.content_id) or b"")
@@ -625,10 +660,11 @@ class ImapSession(asyncio.Protocol):
 
     def _drain_input(self) -> None:
         """Handle what the client sent and is still buffered (compressed or not)."""
+        # Commands already inflated into the reader come first: a pipelined batch is inflated
+        # whole, and the inflater may have nothing left when the session comes back.
+        self._process()
         if self.inflate is not None:
             self._inflate_more()
-        else:
-            self._process()
 
     def _step(self) -> bool:
         """Handle the next complete command (or reader event); False when there is none."""
@@ -715,10 +751,41 @@ class ImapSession(asyncio.Protocol):
         self.out.append(tagged(tag, "NO", text, code))
 
     def _ok(self, tag: bytes, text: str, code: str = "", expunge: bool = True) -> None:
-        """The tagged OK, after the untagged updates the client is owed."""
+        """The tagged OK, after the untagged updates the client is owed (and, when new
+        messages came into the view, after claiming them as \\Recent: a group commit)."""
         if self.state == State.SELECTED:
             self._sync(expunge)
+            selected = self.selected
+            if (
+                selected is not None
+                and selected.uids
+                and selected.uids[-1] >= selected.claimed
+                and self.mode == Mode.COMMAND
+                and not self.close_after_flush
+                and self.transport is not None
+            ):
+                self._claim_recent(tag, selected, tagged(tag, "OK", text, code))
+                return
         self.out.append(tagged(tag, "OK", text, code))
+
+    def _claim_recent(self, tag: bytes, selected: Selected, reply: bytes) -> None:
+        """Claim the view's new messages as \\Recent, then send RECENT and *reply*."""
+        assert self.user is not None
+
+        def claimed(outcome: object) -> None:
+            if isinstance(outcome, tuple) and outcome[1]:
+                first, end = outcome
+                if end > first:
+                    selected.recent.append((first, end))
+                selected.claimed = max(selected.claimed, end)
+            else:  # the mailbox went (or is another one now): never again for this view
+                selected.claimed = 1 << 62
+            if self.selected is selected:
+                self.out.append(b"* %d RECENT\r\n" % selected.recent_count())
+            self.out.append(reply)
+
+        operation = claim_recent(self.user, selected.name, selected.mailbox_id)
+        self._commit(tag, operation, claimed)
 
     # --- waiting for work off the loop -----------------------------------------------------
 
@@ -1120,17 +1187,9 @@ class ImapSession(asyncio.Protocol):
             else:
                 self._ok(tag, "CREATE completed")
 
-        make, unsubscribed = create_mailbox(self.user, name), subscribe(self.user, name, False)
-
-        def operation(store: MailboxStore, txn: Any) -> object:
-            # RFC 3501 §6.3.3: CREATE does not subscribe (the store subscribes what it makes
-            # itself, the default mailboxes); one transaction for both.
-            outcome = make(store, txn)
-            if isinstance(outcome, MailboxInfo):
-                unsubscribed(store, txn)
-            return outcome
-
-        self._commit(tag, operation, created)
+        # RFC 3501 §6.3.3: CREATE does not subscribe (the store subscribes what it makes
+        # itself, the default mailboxes); a subscription kept for the name stays
+        self._commit(tag, create_mailbox(self.user, name, subscribed=False), created)
 
     def cmd_delete(self, tag: bytes, args: list[object]) -> None:
         if len(args) != 1:
@@ -1210,12 +1269,17 @@ class ImapSession(asyncio.Protocol):
         assert self.user is not None
         store = self.ctx.mailbox
         mailboxes = store.mailboxes(self.user)
-        for line, info in list_responses(query, mailboxes, utf8=self.utf8, rev2=self.rev2):
+        orphans = store.subscriptions(self.user)
+        lines = list_responses(query, mailboxes, utf8=self.utf8, rev2=self.rev2, orphans=orphans)
+        for line, info in lines:
             self.out.append(line)
             if query.status and info is not None:
                 deleted = self._deleted_count(info) if b"DELETED" in query.status else 0
+                recent = self._recent_count(info) if b"RECENT" in query.status else 0
                 self.out.append(
-                    status_response(info.name, info, query.status, deleted, utf8=self.utf8)
+                    status_response(
+                        info.name, info, query.status, deleted, utf8=self.utf8, recent=recent
+                    )
                 )
         self._ok(tag, "LSUB completed" if lsub else "LIST completed")
 
@@ -1243,8 +1307,21 @@ class ImapSession(asyncio.Protocol):
             self._no(tag, "No such mailbox", "NONEXISTENT")
             return
         deleted = self._deleted_count(info) if b"DELETED" in items else 0
-        self.out.append(status_response(info.name, info, items, deleted, utf8=self.utf8))
+        recent = self._recent_count(info) if b"RECENT" in items else 0
+        self.out.append(
+            status_response(info.name, info, items, deleted, utf8=self.utf8, recent=recent)
+        )
         self._ok(tag, "STATUS completed")
+
+    def _recent_count(self, info: MailboxInfo) -> int:
+        """STATUS RECENT: the selected mailbox's RECENT, else the unclaimed messages (0
+        under IMAP4rev2, which has no \\Recent)."""
+        if self.rev2:
+            return 0
+        selected = self.selected
+        if selected is not None and selected.mailbox_id == info.id:
+            return selected.recent_count()
+        return self.ctx.mailbox.recent_count(info.user, info.name)
 
     def _quota(self) -> tuple[int, int]:
         """(used bytes, quota bytes) of the user; quota 0: none."""
@@ -1292,7 +1369,8 @@ class ImapSession(asyncio.Protocol):
         if len(args) < 2:
             raise ArgumentError("APPEND takes a mailbox name and a message")
         name = self._name(args[0])
-        messages: list[tuple[list[str], float | None, bytes]] = []
+        # flags, INTERNALDATE, the message, whether it came as a literal8 (BINARY)
+        messages: list[tuple[list[str], float | None, bytes, bool]] = []
         rest = args[1:]
         i = 0
         while i < len(rest):
@@ -1332,19 +1410,21 @@ class ImapSession(asyncio.Protocol):
             i += 1
             if not content:
                 raise ArgumentError("Empty message")
-            messages.append((flags, when, content))
+            messages.append((flags, when, content, isinstance(token, Binary)))
         assert self.user is not None
         user = self.user
         quota = self.ctx.directory.quota(user)
 
         def prepare() -> list[Any] | InvalidMailboxName:
             try:
+                # RFC 3516 §4.4: binary parts are stored base64-encoded (see imap.binary)
                 return [
                     prepare_delivery(
-                        user, content, mailbox=name, flags=flags, internaldate=when,
-                        quota=quota, create=False,
+                        user, encode_binary_parts(content) if binary else content,
+                        mailbox=name, flags=flags, internaldate=when, quota=quota,
+                        create=False,
                     )
-                    for flags, when, content in messages
+                    for flags, when, content, binary in messages
                 ]  # fmt: skip
             except InvalidMailboxName as exc:
                 return exc
@@ -1464,11 +1544,13 @@ class ImapSession(asyncio.Protocol):
         assert self.user is not None
         user, store = self.user, self.ctx.mailbox
 
+        rev1 = not self.rev2
+
         def work() -> _Opened:
             state = store.index_state(user, name)
             vanished: list[int] = []
             keywords: set[str] = set()
-            first_unseen = 0
+            first_unseen = first_recent = 0
             if state is not None:
                 if qresync is not None and qresync[0] == state[0].uidvalidity:
                     vanished = store.expunged_since(user, name, qresync[1])
@@ -1478,9 +1560,34 @@ class ImapSession(asyncio.Protocol):
                             keywords.add(flag)
                     if not first_unseen and SEEN not in message.flags:
                         first_unseen = seq
-            return _Opened(state, vanished, keywords, first_unseen)
+                if rev1:
+                    first_recent = store.first_recent(state[0].id)
+            return _Opened(state, vanished, keywords, first_unseen, first_recent)
 
-        self._off_loop(tag, work, lambda found: self._selected(tag, name, readonly, qresync, found))
+        def opened(found: _Opened) -> None:
+            state = found.state
+            if state is None or not rev1:
+                self._selected(tag, name, readonly, qresync, found, [], 1 << 62)
+            elif readonly:  # EXAMINE shows what is recent and claims nothing
+                recent = [(found.first_recent, state[0].uidnext)]
+                self._selected(tag, name, readonly, qresync, found, recent, 1 << 62)
+            elif found.first_recent >= state[0].uidnext:
+                self._selected(tag, name, readonly, qresync, found, [], state[0].uidnext)
+            else:
+
+                def claimed(outcome: object) -> None:
+                    if isinstance(outcome, tuple) and outcome[1]:
+                        first, end = outcome
+                        recent = [(first, end)] if end > first else []
+                        self._selected(tag, name, readonly, qresync, found, recent, end)
+                    elif isinstance(outcome, NoSuchMailbox | tuple):
+                        self._no(tag, "No such mailbox", "NONEXISTENT")  # deleted meanwhile
+                    elif isinstance(outcome, Exception):
+                        raise outcome
+
+                self._commit(tag, claim_recent(user, name, state[0].id), claimed)
+
+        self._off_loop(tag, work, opened)
 
     def cmd_examine(self, tag: bytes, args: list[object]) -> None:
         self.cmd_select(tag, args, readonly=True)
@@ -1505,6 +1612,8 @@ class ImapSession(asyncio.Protocol):
         readonly: bool,
         qresync: tuple[int, int, list[tuple[int, int]] | None] | None,
         found: _Opened,
+        recent: list[tuple[int, int]],
+        claimed: int,
     ) -> None:
         state, vanished = found.state, found.vanished
         if state is None:
@@ -1519,6 +1628,9 @@ class ImapSession(asyncio.Protocol):
             uids=[message.uid for message in messages],
             modseq=info.highestmodseq,
             exists=len(messages),
+            mailbox_id=info.id,
+            recent=recent,
+            claimed=claimed,
         )
         self.selected = selected
         self.state = State.SELECTED
@@ -1534,7 +1646,7 @@ class ImapSession(asyncio.Protocol):
             out.append(b"* OK [PERMANENTFLAGS " + permanent + b"] Flags permitted\r\n")
         out.append(b"* %d EXISTS\r\n" % len(messages))
         if not self.rev2:
-            out.append(b"* 0 RECENT\r\n")
+            out.append(b"* %d RECENT\r\n" % selected.recent_count())
             if first_unseen:
                 out.append(untagged("OK", "First unseen", f"UNSEEN {first_unseen}"))
         out.append(untagged("OK", "UIDs valid", f"UIDVALIDITY {info.uidvalidity}"))
@@ -1595,7 +1707,11 @@ class ImapSession(asyncio.Protocol):
     def _flags_line(
         self, seq: int, message: MessageInfo, *, uid: bool, modseq: bool | None = None
     ) -> bytes:
-        parts = [b"FLAGS " + format_flags(message.flags)]
+        flags = message.flags
+        selected = self.selected
+        if selected is not None and selected.recent and selected.is_recent(message.uid):
+            flags = flags | _RECENT
+        parts = [b"FLAGS " + format_flags(flags)]
         if uid:
             parts.insert(0, b"UID %d" % message.uid)
         if self.condstore if modseq is None else modseq:
@@ -1874,6 +1990,15 @@ class ImapSession(asyncio.Protocol):
         selected = self.selected
         assert selected is not None
         info = selected.messages[index]
+        if selected.recent and selected.is_recent(info.uid):
+            info = MessageInfo(
+                info.uid,
+                info.size,
+                info.flags | _RECENT,
+                info.internaldate,
+                info.modseq,
+                info.content_id,
+            )
         items = job.items
         if job.seen_set and info.uid in job.seen_set and _FLAGS_ITEM not in items:
             items = [*items, _FLAGS_ITEM]  # RFC 9051 §6.4.5: the \Seen just set is told
@@ -1997,7 +2122,9 @@ class ImapSession(asyncio.Protocol):
     def _view(self) -> _SearchView:
         selected = self.selected
         assert selected is not None
-        return _SearchView(self.ctx.mailbox, list(selected.messages), list(self.saved))
+        return _SearchView(
+            self.ctx.mailbox, list(selected.messages), list(self.saved), list(selected.recent)
+        )
 
     def cmd_search(self, tag: bytes, args: list[object], uid: bool = False) -> None:
         try:

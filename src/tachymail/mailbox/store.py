@@ -35,6 +35,14 @@ Layout (named databases of the environment at ``config.mailbox_path``):
 ``expunged``
     mailbox id (>I) + modseq (>Q) + uid (>I) -> b"": what an expunge removed, for IMAP
     QRESYNC's VANISHED (EARLIER); dropped with the mailbox.
+``recent``
+    mailbox id (>I) -> >I, the first UID no IMAP4rev1 session has claimed as \\Recent yet
+    (RFC 3501 §2.3.2; no record: 0, every message is recent); dropped with the mailbox.
+``subscriptions``
+    ``user \\0 name`` -> b"": subscriptions to names that are not mailboxes (RFC 9051
+    §6.3.7: a subscription survives DELETE and may name a mailbox that does not exist).
+    A mailbox's own subscription is the flag of its record; DELETE moves a set flag here
+    and CREATE takes it back.
 
 UIDs start at 1 per mailbox and are never reused within a UIDVALIDITY. A new mailbox's
 UIDVALIDITY is above every earlier one of the node (the larger of the last one + 1 and
@@ -302,7 +310,7 @@ class MailboxStore:
         self.directory = Path(directory)
         self.max_map_size = max(max_map_size, map_size)
         self.env = open_store(
-            self.directory, what="mailbox store", map_size=map_size, max_dbs=12, readonly=readonly
+            self.directory, what="mailbox store", map_size=map_size, max_dbs=16, readonly=readonly
         )
         if not readonly:
             with self.env.begin(write=True) as txn:
@@ -340,6 +348,11 @@ class MailboxStore:
             self.refs = db(b"refs")
         except lmdb.NotFoundError:  # read-only on a store no writer has opened since COPY came
             self.refs = None
+        try:
+            self.recent_db: Any = db(b"recent")
+            self.subscriptions_db: Any = db(b"subscriptions")
+        except lmdb.NotFoundError:  # read-only on a store no writer has opened since they came
+            self.recent_db = self.subscriptions_db = None
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -416,15 +429,23 @@ class MailboxStore:
         self._add_totals(txn, size, messages)
 
     def _new_mailbox(
-        self, txn: lmdb.Transaction, user: str, name: str, special_use: str = ""
+        self,
+        txn: lmdb.Transaction,
+        user: str,
+        name: str,
+        special_use: str = "",
+        subscribed: bool = True,
     ) -> list[Any]:
-        """Create a mailbox record (the caller checked it is absent); its fields as a list."""
+        """Create a mailbox record (the caller checked it is absent); its fields as a list.
+        A subscription kept for the name (``subscriptions``) becomes the mailbox's."""
         mailbox_id = self._counter(txn, b"next_mailbox", _ID)
         raw = txn.get(b"last_uidvalidity", db=self.meta)
         last = _ID.unpack(raw)[0] if raw else 0
         uidvalidity = max(last + 1, int(time.time()))
         txn.put(b"last_uidvalidity", _ID.pack(uidvalidity), db=self.meta)
-        fields: list[Any] = [mailbox_id, uidvalidity, 1, 1, 0, 0, 0, 1, special_use]
+        if txn.delete(_mailbox_key(user, name), db=self.subscriptions_db):
+            subscribed = True
+        fields: list[Any] = [mailbox_id, uidvalidity, 1, 1, 0, 0, 0, int(subscribed), special_use]
         self._put_mailbox(txn, user, name, fields)
         return fields
 
@@ -497,6 +518,7 @@ class MailboxStore:
         more = cursor.set_range(prefix)
         while more and bytes(cursor.key()[:4]) == prefix:
             more = cursor.delete()
+        txn.delete(prefix, db=self.recent_db)
         return size, count
 
     def _sweep_delivered(self, txn: lmdb.Transaction, now: float, limit: int) -> int:
@@ -696,6 +718,58 @@ class MailboxStore:
                 found.append(_EXPUNGED.unpack(key)[2])
         return sorted(found)
 
+    def first_recent(self, mailbox_id: int) -> int:
+        """The first UID of the mailbox no IMAP4rev1 session has claimed as \\Recent (see
+        :func:`claim_recent`): every message from it on is recent; 0 when none was claimed."""
+        if self.recent_db is None:
+            return 0
+        with self._read() as txn:
+            raw = txn.get(_ID.pack(mailbox_id), db=self.recent_db)
+        return 0 if raw is None else int(_ID.unpack(raw)[0])
+
+    def recent_count(self, user: str, name: str) -> int:
+        """How many messages of the mailbox no session has claimed as \\Recent (IMAP STATUS
+        RECENT); 0 when the mailbox does not exist. Reads only the unclaimed index entries."""
+        try:
+            name = normalize_name(name)
+        except InvalidMailboxName:
+            return 0
+        with self._read() as txn:
+            fields = self._get_mailbox(txn, user, name)
+            if fields is None:
+                return 0
+            raw = (
+                None if self.recent_db is None else txn.get(_ID.pack(fields[0]), db=self.recent_db)
+            )
+            first = 0 if raw is None else _ID.unpack(raw)[0]
+            prefix = _ID.pack(fields[0])
+            cursor = txn.cursor(db=self.index)
+            count = 0
+            if cursor.set_range(_KEY.pack(fields[0], first)):
+                for key in cursor.iternext(values=False):
+                    if key[:4] != prefix:
+                        break
+                    count += 1
+        return count
+
+    def subscriptions(self, user: str) -> list[str]:
+        """The user's subscribed names that are not mailboxes (deleted, or never made),
+        sorted; the subscription of a mailbox is its MailboxInfo.subscribed."""
+        if self.subscriptions_db is None:
+            return []
+        prefix = _user(user) + b"\0"
+        found: list[str] = []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self.subscriptions_db)
+            more = cursor.set_range(prefix)
+            while more:
+                key = bytes(cursor.key())
+                if not key.startswith(prefix):
+                    break
+                found.append(key[len(prefix) :].decode())
+                more = cursor.next()
+        return found
+
     def file_size(self) -> int:
         """Bytes of the environment's data file (grows with the high-water mark only)."""
         return (self.directory / "data.mdb").stat().st_size
@@ -848,6 +922,10 @@ def delete_user(user: str) -> Operation:
         more = cursor.set_range(prefix)
         while more and bytes(cursor.key()).startswith(prefix):
             doomed.append(bytes(cursor.value()))
+            more = cursor.delete()
+        cursor = txn.cursor(db=store.subscriptions_db)
+        more = cursor.set_range(prefix)
+        while more and bytes(cursor.key()).startswith(prefix):
             more = cursor.delete()
         size = count = 0
         for raw in doomed:
@@ -1065,9 +1143,13 @@ def move_messages(user: str, source: str, dest: str, uids: Sequence[int]) -> Ope
     return operation
 
 
-def create_mailbox(user: str, name: str, special_use: str = "") -> Operation:
-    """Make a mailbox (the user's defaults too, if new). Outcome: its MailboxInfo, or
-    MailboxExists / InvalidMailboxName."""
+def create_mailbox(
+    user: str, name: str, special_use: str = "", *, subscribed: bool = True
+) -> Operation:
+    """Make a mailbox (the user's defaults too, if new). *subscribed*: whether the new
+    mailbox is subscribed (IMAP CREATE passes False, RFC 3501 §6.3.3); a subscription to
+    the name that outlived an earlier mailbox, or was made before it existed, stays either
+    way. Outcome: its MailboxInfo, or MailboxExists / InvalidMailboxName."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
         try:
@@ -1079,7 +1161,7 @@ def create_mailbox(user: str, name: str, special_use: str = "") -> Operation:
         store._ensure_user(txn, user)
         fields = store._get_mailbox(txn, user, mailbox)
         if fields is None:
-            fields = store._new_mailbox(txn, user, mailbox, special_use)
+            fields = store._new_mailbox(txn, user, mailbox, special_use, subscribed)
         store._touch(user)
         return _info(user.lower(), mailbox, fields)
 
@@ -1088,8 +1170,8 @@ def create_mailbox(user: str, name: str, special_use: str = "") -> Operation:
 
 def delete_mailbox(user: str, name: str) -> Operation:
     """Delete a mailbox and its messages, freeing their space (not INBOX; its children,
-    "name/...", stay). Outcome: (bytes, messages) freed, or NoSuchMailbox /
-    InvalidMailboxName."""
+    "name/...", stay). Its subscription stays (``MailboxStore.subscriptions``, RFC 9051
+    §6.3.4). Outcome: (bytes, messages) freed, or NoSuchMailbox / InvalidMailboxName."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
         if name.upper() == "INBOX":  # checked first: refused even for an unknown user
@@ -1100,6 +1182,8 @@ def delete_mailbox(user: str, name: str) -> Operation:
         mailbox, fields = found
         size, count = store._drop_messages(txn, fields[0])
         txn.delete(_mailbox_key(user, mailbox), db=store.mailbox_db)
+        if fields[7]:
+            txn.put(_mailbox_key(user, mailbox), b"", db=store.subscriptions_db)
         store._add_usage(txn, user, -size, -count)
         store._touch(user)
         return (size, count)
@@ -1141,7 +1225,10 @@ def rename_mailbox(user: str, old: str, new: str) -> Operation:
             if record is None:  # listed above in this same transaction
                 continue
             txn.delete(key, db=store.mailbox_db)
-            txn.put(_mailbox_key(user, destination), bytes(record), db=store.mailbox_db)
+            fields = _unpack_mailbox(record)
+            if txn.delete(_mailbox_key(user, destination), db=store.subscriptions_db):
+                fields[7] = 1  # the name was subscribed: the mailbox now under it is
+            store._put_mailbox(txn, user, destination, fields)
         if source == "INBOX":
             store._new_mailbox(txn, user, "INBOX")
         store._touch(user)
@@ -1151,18 +1238,57 @@ def rename_mailbox(user: str, old: str, new: str) -> Operation:
 
 
 def subscribe(user: str, name: str, subscribed: bool) -> Operation:
-    """Set the mailbox's subscription (IMAP SUBSCRIBE/UNSUBSCRIBE). Outcome: None or
-    NoSuchMailbox."""
+    """Set the subscription of *name* (IMAP SUBSCRIBE/UNSUBSCRIBE): a mailbox's, or a name
+    that is not a mailbox (RFC 9051 §6.3.7 allows subscribing to it; see
+    ``MailboxStore.subscriptions``). Outcome: None, InvalidMailboxName, or NoSuchMailbox
+    when unsubscribing a name that is neither a mailbox nor subscribed."""
 
     def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
         found = store._find_mailbox(txn, user, name)
-        if isinstance(found, Exception):
+        if isinstance(found, InvalidMailboxName):
             return found
+        if isinstance(found, Exception):
+            key = _mailbox_key(user, normalize_name(name))
+            if subscribed:
+                txn.put(key, b"", db=store.subscriptions_db)
+            elif not txn.delete(key, db=store.subscriptions_db):
+                return found
+            store._touch(user)
+            return None
         mailbox, fields = found
         fields[7] = int(subscribed)
         store._put_mailbox(txn, user, mailbox, fields)
         store._touch(user)
         return None
+
+    return operation
+
+
+def claim_recent(user: str, name: str, mailbox_id: int) -> Operation:
+    """Claim the mailbox's messages no session has claimed yet as \\Recent for the calling
+    IMAP4rev1 session (RFC 3501 §2.3.2: recent in exactly one session). Inside one write
+    transaction of the store's group commit, so two sessions in any processes never both
+    get a message. *mailbox_id*: the mailbox the session selected (a mailbox since made
+    under the same name claims nothing).
+
+    Outcome: (first, end): the session's new recent UIDs are first <= uid < end (first ==
+    end: none, nothing written), or NoSuchMailbox / InvalidMailboxName."""
+
+    def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
+        found = store._find_mailbox(txn, user, name)
+        if isinstance(found, Exception):
+            return found
+        _mailbox, fields = found
+        if fields[0] != mailbox_id:
+            return (0, 0)
+        key = _ID.pack(mailbox_id)
+        raw = txn.get(key, db=store.recent_db)
+        first = _ID.unpack(raw)[0] if raw is not None else 0
+        end = fields[2]  # uidnext: every message there is now is claimed
+        if first >= end:
+            return (end, end)
+        txn.put(key, _ID.pack(end), db=store.recent_db)
+        return (first, end)
 
     return operation
 
