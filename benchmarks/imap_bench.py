@@ -18,8 +18,9 @@ literals; it does not parse them):
 - fetch-flags: ``FETCH 1:* (UID FLAGS RFC822.SIZE)`` of the INBOX;
 - fetch-bodystructure: ``FETCH 1:* (BODYSTRUCTURE)`` of the INBOX;
 - search-text: ``UID SEARCH TEXT <word>`` in ``Search`` (the match counts must agree);
-- fetch-random: --clients sessions each fetching ``UID FETCH n BODY.PEEK[]`` of random
-  messages one after another for --seconds: fetches per second.
+- fetch-random: --clients sessions, logged in and with the INBOX selected before the clock
+  starts, each fetching ``UID FETCH n BODY.PEEK[]`` of random messages one after another for
+  --seconds: fetches per second.
 
 Reported per line: the median time (or rate), the server's CPU-seconds per operation (its
 whole process tree, from /proc: Dovecot's master, imap and auth processes; Tachymail's
@@ -216,33 +217,40 @@ class Client:
         self.sock.close()
 
 
-async def random_fetcher(port: int, uids: int, until: float, seed: int) -> int:
-    """Fetch BODY.PEEK[] of random UIDs until *until*; how many were fetched."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await reader.readline()
-    writer.write(f'a LOGIN "{USER}" "{PASSWORD}"\r\na SELECT INBOX\r\n'.encode())
-    for _ in range(2):
-        while not (line := await reader.readline()).startswith(b"a "):
-            if not line:
-                raise ConnectionError("the server closed the connection at login")
-    rng = random.Random(seed)
-    done = 0
-    while time.monotonic() < until:
-        writer.write(b"f UID FETCH %d BODY.PEEK[]\r\n" % rng.randint(1, uids))
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError("the server closed the connection")
-            if line.endswith(b"}\r\n"):
-                await reader.readexactly(int(line[line.rindex(b"{") + 1 : -3]))
-            elif line.startswith(b"f "):
-                if not line.startswith(b"f OK"):
-                    raise RuntimeError(line)
-                break
-        done += 1
-    writer.write(b"z LOGOUT\r\n")
-    writer.close()
-    return done
+class RandomFetcher:
+    """One session fetching ``UID FETCH n BODY.PEEK[]`` of random UIDs, one after another."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.done = 0
+
+    async def open(self, port: int) -> None:
+        """Connect, LOGIN and SELECT INBOX (not timed: the cell measures fetches)."""
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+        await self.reader.readline()
+        self.writer.write(f'a LOGIN "{USER}" "{PASSWORD}"\r\na SELECT INBOX\r\n'.encode())
+        for _ in range(2):
+            while not (line := await self.reader.readline()).startswith(b"a "):
+                if not line:
+                    raise ConnectionError("the server closed the connection at login")
+
+    async def fetch_until(self, uids: int, until: float) -> None:
+        reader, writer = self.reader, self.writer
+        while time.monotonic() < until:
+            writer.write(b"f UID FETCH %d BODY.PEEK[]\r\n" % self.rng.randint(1, uids))
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise ConnectionError("the server closed the connection")
+                if line.endswith(b"}\r\n"):
+                    await reader.readexactly(int(line[line.rindex(b"{") + 1 : -3]))
+                elif line.startswith(b"f "):
+                    if not line.startswith(b"f OK"):
+                        raise RuntimeError(line)
+                    break
+            self.done += 1
+        writer.write(b"z LOGOUT\r\n")
+        writer.close()
 
 
 # --- the servers ----------------------------------------------------------------------------
@@ -361,18 +369,22 @@ def measure(side: Side, p: argparse.Namespace) -> dict[str, dict[str, float]]:
     cells["search-text"]["found"] = float(len(_numbers(match.group(0) if match else b"")))
     client.close()
 
-    until = time.monotonic() + p.seconds
-
-    async def fetchers() -> list[int]:
-        return await asyncio.gather(
-            *(random_fetcher(side.port, p.messages, until, seed) for seed in range(p.clients))
-        )
-
-    counts: list[int] = []
-    wall, cpu = timed(side, lambda: counts.extend(asyncio.run(fetchers())))
-    total = max(sum(counts), 1)
-    cells["fetch-random"] = {"rate": total / wall, "cpu": cpu / total, "seconds": wall}
+    cells["fetch-random"] = asyncio.run(fetch_random(side, p))
     return cells
+
+
+async def fetch_random(side: Side, p: argparse.Namespace) -> dict[str, float]:
+    """--clients sessions log in and select first; then the clock runs for --seconds."""
+    fetchers = [RandomFetcher(seed) for seed in range(p.clients)]
+    await asyncio.gather(*(f.open(side.port) for f in fetchers))
+    cpu = peers.tree_cpu_seconds(side.root)
+    start = time.perf_counter()
+    until = time.monotonic() + p.seconds
+    await asyncio.gather(*(f.fetch_until(p.messages, until) for f in fetchers))
+    wall = time.perf_counter() - start
+    total = max(sum(f.done for f in fetchers), 1)
+    used = peers.tree_cpu_seconds(side.root) - cpu
+    return {"rate": total / wall, "cpu": used / total, "seconds": wall}
 
 
 def _numbers(line: bytes) -> list[int]:
@@ -423,6 +435,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true", help="10,000 and 2,000 messages, 3 s")
     parser.add_argument(
+        "--maildir", type=Path, help="keep the generated messages here and reuse them next time"
+    )
+    parser.add_argument(
         "--sides", default="dovecot,tachymail", help="which servers to run (comma-separated)"
     )
     parser.add_argument("--out", default=str(HERE / "results" / "imap.json"))
@@ -435,9 +450,14 @@ def main() -> int:
         return 2
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="imap-bench-") as tmp:
-        maildir = Path(tmp) / "Maildir"
+        maildir = p.maildir or Path(tmp) / "Maildir"
         started = time.perf_counter()
-        write_maildir(maildir, p.messages, p.search_messages)
+        stamp = maildir / f".generated-{p.messages}-{p.search_messages}"
+        if not stamp.exists():
+            if maildir.exists():
+                shutil.rmtree(maildir)
+            write_maildir(maildir, p.messages, p.search_messages)
+            stamp.touch()
         print(
             f"generated {p.messages + p.search_messages} messages in "
             f"{time.perf_counter() - started:.0f} s",
@@ -462,7 +482,7 @@ def main() -> int:
     print(table(results))
     record = {
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "params": vars(p),
+        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(p).items()},
         "results": results,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
