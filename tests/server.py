@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -24,11 +25,21 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+#: the ports free_port() handed out last: the kernel may give a port that was just closed
+#: out again, and the listeners of one configuration must not share one
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=256)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free port on 127.0.0.1, none of the last 256 this process handed out."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
+    raise RuntimeError("no fresh free port in 100 tries")
 
 
 def tachymail_cmd() -> list[str]:
