@@ -1,5 +1,5 @@
-"""Fuzz the MIME structure scanner: scan, header_value and content_type_params on arbitrary
-bytes, compiled kernel against its pure twin.
+"""Fuzz the MIME kernel: scan, header_value, content_type_params and canonical_body (DKIM body
+canonicalization) on arbitrary bytes, compiled kernel against its pure twin.
 
 Invariants: nothing raises; every part's offsets are ordered and inside its parent's range,
 depths grow by one and stay within ``max_depth``; some part has ``has_8bit`` exactly when the
@@ -84,6 +84,11 @@ def test_one_input(data: bytes) -> None:
             PURE.content_type_params(text),
             data,
         )
+    for relaxed in (False, True):
+        canonical = COMPILED.canonical_body(message, relaxed)
+        agree("canonical_body", canonical, PURE.canonical_body(message, relaxed), data)
+        assert canonical.endswith(b"\r\n") or (relaxed and canonical == b""), canonical
+        assert not canonical.endswith(b"\r\n\r\n"), canonical
 
 
 if __name__ == "__main__":

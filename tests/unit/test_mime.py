@@ -822,3 +822,49 @@ def test_header_value_twins_agree(pieces: list[bytes], name: bytes) -> None:
     headers = b"".join(pieces)
     compiled, pure = both_impls("mime")
     assert compiled.header_value(headers, name) == pure.header_value(headers, name)
+
+
+# --- DKIM body canonicalization --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "simple", "relaxed"),
+    [
+        (b"", b"\r\n", b""),
+        (b"\r\n\r\n", b"\r\n", b""),
+        (b"a \t b  \r\n", b"a \t b  \r\n", b"a b\r\n"),
+        (b"a\tb\r\n\r\n\r\n", b"a\tb\r\n", b"a b\r\n"),
+        (b" \r\nx", b" \r\nx\r\n", b"\r\nx\r\n"),
+        (b"a \rb \r", b"a \rb \r\r\n", b"a \rb \r\r\n"),  # a bare CR is an ordinary octet
+        (b"end  ", b"end  \r\n", b"end \r\n"),
+        (b"ok\r\n", b"ok\r\n", b"ok\r\n"),
+    ],
+)
+def test_canonical_body(mime: ModuleType, body: bytes, simple: bytes, relaxed: bytes) -> None:
+    assert mime.canonical_body(body, False) == simple
+    assert mime.canonical_body(body, True) == relaxed
+
+
+def test_canonical_body_of_a_long_body_with_blanks_past_the_first_words(
+    mime: ModuleType,
+) -> None:
+    line = b"The quick brown fox jumps over the lazy dog.\r\n"
+    for where, blank in ((3, b"\t"), (17, b"  "), (41, b" \r\n")):
+        body = line * 1000 + line[:where] + blank + line[where:] + line * 10
+        expected = line * 1000 + line[:where].rstrip() + b" " * (blank != b" \r\n")
+        got = mime.canonical_body(body, True)
+        assert got.startswith(expected) and got.endswith(line * 10)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.binary(max_size=64)
+    | st.lists(st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"ab", b"c"]), max_size=60).map(
+        b"".join
+    ),
+    st.booleans(),
+)
+def test_canonical_body_twins_agree(body: bytes, relaxed: bool) -> None:
+    compiled, pure = both_impls("mime")
+    assert compiled.canonical_body(body, relaxed) == pure.canonical_body(body, relaxed)
+    assert compiled.canonical_body(bytearray(body), relaxed) == pure.canonical_body(body, relaxed)

@@ -136,3 +136,85 @@ def test_a_bad_record_from_the_cache_is_permerror_once_parsed() -> None:
     for _ in range(2):  # the second time the parsed (failed) record comes from memory
         mail, _helo = asyncio.run(check_spf(zone, "192.0.2.1", "x@bad.example", "[192.0.2.1]"))
         assert mail.result == "permerror" and "ip4" in mail.detail
+
+
+class StableCache(WholeZoneCache):
+    """A cache that hands out the same answer object for a name until it is refreshed, as
+    the resolver's does until the answer's TTL runs out: what SPF's memo relies on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answers: dict[tuple[str, str], Records | None] = {}
+
+    def cached(self, kind: str, name: str) -> Records | None:
+        key = (kind, name.rstrip(".").lower())
+        if key not in self.answers:
+            self.answers[key] = super().cached(kind, name)
+        return self.answers[key]
+
+    def refresh(self, name: str, kind: str, values: list[str]) -> None:
+        """New records for *name* (what a lookup after the TTL would bring)."""
+        self.records[(name, kind)] = values
+        self.answers.pop((kind, name), None)
+
+
+@pytest.mark.skipif(not (SUITES / "rfc7208-tests.yml").is_file(), reason=ABSENT)
+def test_remembered_outcomes_are_the_suites_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case of a scenario on one cache, twice: the second round (and any case of the
+    first that repeats a client and domain with another sender, HELO name or macro) is
+    answered from the memo where it still holds, with the suite's results throughout."""
+    monkeypatch.setattr(spf, "time", types.SimpleNamespace(time=lambda: NOW))
+    differences = []
+    for filename in ("rfc7208-tests.yml", "rfc4408-tests.yml"):
+        with (SUITES / filename).open("rb") as stream:
+            scenarios = [s for s in yaml.safe_load_all(stream) if s]
+        for scenario in scenarios:
+            stable = StableCache(zone_from_suite(scenario["zonedata"]).records)
+            tests = list(scenario["tests"].values())
+            for test in tests + tests:
+                plain = _check(zone_from_suite(scenario["zonedata"]), test)
+                got = _check(stable, test)
+                if got != plain:
+                    differences.append((test.get("description"), got, plain))
+    assert differences == []
+
+
+def test_a_remembered_outcome_needs_no_evaluation_and_follows_a_changed_record() -> None:
+    zone = _bench_zone(StableCache)
+    ip, helo_name = "198.51.100.7", "client.sender.example"
+    first = asyncio.run(check_spf(zone, ip, "a@sender.example", helo_name))
+    assert first[0].result == "pass" and first[0].mechanism == "mx"
+    evaluated = spf._Check.evaluate
+    calls = []
+
+    async def counting(self: Any, domain: str, *, want_exp: bool) -> Any:
+        calls.append(domain)
+        return await evaluated(self, domain, want_exp=want_exp)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spf._Check, "evaluate", counting)
+        # another local-part: the record uses no sender macro, so the memo holds
+        again = asyncio.run(check_spf(zone, ip, "b@sender.example", helo_name))
+        assert calls == []
+        assert again[0].result == "pass" and again[0].sender == "b@sender.example"
+        # the record changes (a new answer object): evaluated again, the new result
+        zone.refresh("sender.example", "TXT", ["v=spf1 -all"])
+        changed = asyncio.run(check_spf(zone, ip, "b@sender.example", helo_name))
+        assert calls == ["sender.example"]
+        assert changed[0].result == "fail" and changed[0].mechanism == "-all"
+        assert changed[1] == first[1]  # the HELO identity's records did not change
+
+
+def test_a_record_with_a_sender_macro_is_remembered_per_sender() -> None:
+    zone = StableCache(
+        {
+            ("users.example", "TXT"): ["v=spf1 exists:%{l}.allowed.users.example -all"],
+            ("alice.allowed.users.example", "A"): ["127.0.0.2"],
+        }
+    )
+    ip, helo = "192.0.2.1", "[192.0.2.1]"
+    results = [
+        asyncio.run(check_spf(zone, ip, sender, helo))[0].result
+        for sender in ("alice@users.example", "bob@users.example") * 2
+    ]
+    assert results == ["pass", "fail", "pass", "fail"]

@@ -36,6 +36,7 @@ from tachymail.mailauth.dkim import (
     SIGNED_HEADERS,
     BodyHashFirst,
     DkimError,
+    _blank_line,
     _load_key,
     _select,
     key_path,
@@ -44,7 +45,14 @@ from tachymail.mailauth.dkim import (
 )
 from tachymail.mailauth.dnsapi import DnsLookups
 
-__all__ = ["MAX_INSTANCE", "ArcResult", "ArcSealer", "verify_arc"]
+__all__ = [
+    "MAX_INSTANCE",
+    "NO_ARC_SETS",
+    "ArcResult",
+    "ArcSealer",
+    "may_have_arc_sets",
+    "verify_arc",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,19 @@ class ArcResult:
     oldest_pass: int = 0
 
 
+#: the result for a message without ARC fields
+NO_ARC_SETS = ArcResult("none", 0, "no ARC sets")
+
+
+def may_have_arc_sets(content: bytes) -> bool:
+    """Whether a field of the header block of *content* has a name starting ``ARC-``: when
+    not, :func:`verify_arc` says ``none`` without a lookup (the usual message costs one
+    search of its header block)."""
+    blank = _blank_line(content)
+    lowered = (content if blank is None else content[: blank[0] + 1]).lower()
+    return lowered.startswith(b"arc-") or b"\narc-" in lowered
+
+
 async def verify_arc(dns: DnsLookups, content: bytes, *, now: float | None = None) -> ArcResult:
     """Validate the ARC chain of *content* (RFC 8617 §5.2), never raising for bad input.
 
@@ -86,12 +107,10 @@ async def verify_arc(dns: DnsLookups, content: bytes, *, now: float | None = Non
     the other checks: ARC signatures carry no expiry, and dkimpy checks t= with the clock.
     """
     del now  # nothing in an ARC set expires
+    if not may_have_arc_sets(content):
+        return NO_ARC_SETS
     end = _HEADER_END.search(content)
     head = content if end is None else content[: end.start() + 2]
-    lowered = head.lower()
-    # a field name starts a line: the usual message (no ARC field) costs one search
-    if not lowered.startswith(b"arc-") and b"\narc-" not in lowered:
-        return ArcResult("none", 0, "no ARC sets")
     try:
         names, instance = _key_names(head)
     except dkim.DKIMException as exc:

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 
 from tachymail.mailauth.dnsapi import DnsLookups
-from tachymail.protocol.mime import header_value
+from tachymail.protocol.mime import canonical_body, header_value
 
 __all__ = [
     "ALGORITHMS",
@@ -817,9 +817,9 @@ class BodyHashFirst:
     hash (bh=) is checked here, then dkimpy checks the rest.
 
     dkimpy canonicalizes the body with regular-expression passes that cost about 3 ms for
-    64 KiB, once per signature; here it is canonicalized once per method, with the fast
-    path ``relaxed_body`` uses, to the same bytes (RFC 6376 §3.4.3, §3.4.4, and l=; a
-    property test compares them with dkimpy's). Everything else (tag checks, header
+    64 KiB, once per signature; here it is canonicalized once per method, by the compiled
+    ``canonical_body`` of the MIME kernel, to the same bytes (RFC 6376 §3.4.3, §3.4.4, and
+    l=; a property test compares them with dkimpy's). Everything else (tag checks, header
     selection and canonicalization, the key, the signature) stays dkimpy's: once the body
     hash matched, bh= is taken out of the parsed tags handed to dkimpy's ``verify_sig``,
     which then checks the header hash only. A mismatch raises dkimpy's ValidationError
@@ -847,7 +847,7 @@ class BodyHashFirst:
             raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
         body = self._canonical.get(method)
         if body is None:
-            body = self._canonical[method] = _canonical_body(self._raw_body, method == b"relaxed")
+            body = self._canonical[method] = canonical_body(self._raw_body, method == b"relaxed")
         if b"l" in tags:
             body = body[: int(tags[b"l"])]
         digest = hashlib.sha1 if tags.get(b"a") == b"rsa-sha1" else hashlib.sha256
@@ -857,20 +857,6 @@ class BodyHashFirst:
             raise dkim.ValidationError("bh= value is not valid base64") from None
         if digest(body).digest() != expected:
             raise dkim.ValidationError("body hash mismatch")
-
-
-def _canonical_body(body: bytes, relaxed: bool) -> bytes:
-    """*body* (CRLF line ends) in the simple or relaxed canonical form, as dkimpy computes
-    it: only CRLF pairs count as empty lines at the end (a bare CR stays)."""
-    if relaxed and (b"\t" in body or b"  " in body or b" \r\n" in body):
-        body = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
-    end = len(body)
-    while body.endswith(b"\r\n", 0, end):
-        end -= 2
-    body = body[:end]
-    if relaxed and not body:
-        return b""
-    return body + b"\r\n"
 
 
 def split_message(content: bytes) -> tuple[bytes, bytes]:
@@ -978,13 +964,13 @@ def _body_hash_matches(
     """Whether the body hash of *sig* (bh=, decoded: *expected*) is right for *body*, its
     canonical form (cut at l=) made once per form and message."""
     relaxed = sig.relaxed_body
-    canonical_body = canonical.get(relaxed)
-    if canonical_body is None:
-        canonical_body = canonical[relaxed] = _canonical_body(body, relaxed)
+    form = canonical.get(relaxed)
+    if form is None:
+        form = canonical[relaxed] = canonical_body(body, relaxed)
     limit = sig.tags.get(b"l")
     if limit is not None:
-        canonical_body = canonical_body[: int(limit)]
-    return bool(digest(canonical_body).digest() == expected)
+        form = form[: int(limit)]
+    return bool(digest(form).digest() == expected)
 
 
 def _chosen(lower: list[bytes], names: list[bytes]) -> list[int]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tachymail.config import Config, ListenerConfig
-from tachymail.mailauth.arc import ArcResult, ArcSealer, verify_arc
+from tachymail.mailauth.arc import NO_ARC_SETS, ArcResult, ArcSealer, may_have_arc_sets, verify_arc
 from tachymail.mailauth.dkim import DkimResult, verify_dkim
 from tachymail.mailauth.dmarc import DmarcResult, aligned, check_dmarc, from_domain
 from tachymail.mailauth.dnsapi import DnsLookups
@@ -265,14 +265,19 @@ class InboundChecker:
         # up) and the DMARC record's lookup (when not cached) run beside it in tasks of
         # their own. The common message needs no task: each one costs loop turns.
         beside: list[asyncio.Future[Any]] = []
-        arc_work: Awaitable[ArcResult] | None = None
-        if settings.arc or seal:
-            arc_work = self._guard(
-                "arc", verify_arc(self.dns, content), ArcResult("temperror", 0, "internal error")
+        arc_work: asyncio.Future[ArcResult] | None = None
+        arc: ArcResult | None = None
+        if (settings.arc or seal) and may_have_arc_sets(content):
+            arc_work = asyncio.ensure_future(
+                self._guard(
+                    "arc",
+                    verify_arc(self.dns, content),
+                    ArcResult("temperror", 0, "internal error"),
+                )
             )
-            if _has_arc_fields(content):
-                arc_work = asyncio.ensure_future(arc_work)
-                beside.append(arc_work)
+            beside.append(arc_work)
+        elif settings.arc or seal:
+            arc = NO_ARC_SETS
         # the DMARC record is wanted after DKIM: ask for it now so the answer is cached by then
         if author and not self._cached_txt(f"_dmarc.{author}"):
             beside.append(asyncio.ensure_future(self._prefetch(f"_dmarc.{author}")))
@@ -282,7 +287,8 @@ class InboundChecker:
                 if settings.dkim
                 else list[DkimResult]()
             )
-            arc = await arc_work if arc_work is not None else None
+            if arc_work is not None:
+                arc = await arc_work
             for task in beside:
                 await task
         finally:
@@ -421,15 +427,6 @@ def _spf_error(sender: str, helo: str) -> tuple[SpfResult, SpfResult]:
         SpfResult("temperror", "mailfrom", domain, sender, detail="internal error"),
         SpfResult("temperror", "helo", helo, f"postmaster@{helo}", detail="internal error"),
     )
-
-
-def _has_arc_fields(content: bytes) -> bool:
-    """Whether the header block may hold ARC fields (then verify_arc looks keys up)."""
-    end = content.find(b"\r\n\r\n")
-    if end < 0:
-        end = content.find(b"\n\n")
-    head = content if end < 0 else content[:end]
-    return b"arc-" in head.lower()
 
 
 def _dkim_error() -> DkimResult:

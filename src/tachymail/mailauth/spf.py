@@ -46,6 +46,7 @@ import logging
 import re
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -177,6 +178,24 @@ class _Outcome:
     mechanism: str = ""
     explanation: str = ""
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    """An outcome computed from the lookups' cache alone, and what it was computed from:
+    every answer read (kind, name, the very answer object) and the value of every macro
+    that depends on more than the client and the domain (letter, value)."""
+
+    outcome: _Outcome
+    answers: tuple[tuple[str, str, Records], ...]
+    macros: tuple[tuple[str, str], ...]
+
+
+#: outcomes of checks made from the cache, by (lookups, client, domain, limits): a bulk
+#: sender's mail comes from a few addresses with one envelope domain, and evaluating the
+#: same records again costs more than checking they are still the ones in the cache
+_MEMOS: OrderedDict[tuple[int, str, str, int, int], _Memo] = OrderedDict()
+MEMO_SIZE = 10_000
 
 
 def _is_spf_record(value: bytes) -> bool:
@@ -417,6 +436,11 @@ def _client_address(ip: str) -> Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_text(client: Address) -> str:
+    return str(client)
+
+
 def _addresses(records: Records) -> list[tuple[int, int]]:
     """The answer's addresses as (version, integer); values that are none are skipped."""
     out: list[tuple[int, int]] = []
@@ -457,7 +481,7 @@ class _Check:
     ) -> None:
         self.dns = dns
         self.client = client
-        self.client_text = str(client)
+        self.client_text = _address_text(client)
         self.ipv4 = isinstance(client, ipaddress.IPv4Address)
         self.client_key = (client.version, int(client))
         self.bits = 32 if self.ipv4 else 128
@@ -478,6 +502,11 @@ class _Check:
         self.lookups = 0
         self.voids = 0
         self._validated: list[str] | None = None
+        #: what a run from the cache read, for its memo (_run_now): the answers, the
+        #: sender-dependent macros; ``volatile`` when it read anything else (%{t}, PTR)
+        self.read: list[tuple[str, str, Records]] = []
+        self.macros_read: list[tuple[str, str]] = []
+        self.volatile = False
 
     # limits
 
@@ -504,6 +533,8 @@ class _Check:
         if self.peek is not None:
             hit = self.peek(kind, name)
             if hit is not None:
+                if self.no_wait:
+                    self.read.append((kind, name, hit))
                 return hit
         if self.no_wait:
             raise _WouldWait
@@ -517,6 +548,7 @@ class _Check:
 
     async def ptr(self) -> Records:
         """The client's PTR records (never from the peek: rare, and keyed differently)."""
+        self.volatile = True
         if self.no_wait:
             raise _WouldWait
         return await self.dns.ptr(self.client_text)
@@ -555,12 +587,10 @@ class _Check:
         return "".join(parts)
 
     async def macro_value(self, letter: str, domain: str) -> str:
-        if letter == "s":
-            return self.sender
-        if letter == "l":
-            return self.local
-        if letter == "o":
-            return self.sender_domain
+        if letter in "slohr":
+            value = self.macro_now(letter)
+            self.macros_read.append((letter, value))
+            return value
         if letter == "d":
             return domain
         if letter == "i":
@@ -571,13 +601,15 @@ class _Check:
             return self.client_text
         if letter == "v":
             return "in-addr" if self.ipv4 else "ip6"
-        if letter == "h":
-            return self.helo
-        if letter == "r":
-            return self.receiver
+        self.volatile = True
         if letter == "t":
             return str(int(time.time() if self.now is None else self.now))
         return await self.validated_name(domain)  # "p"
+
+    def macro_now(self, letter: str) -> str:
+        """The value of a macro (one of "slohr") that depends on the sender, the HELO name
+        or the receiver, not on the client and the domain alone."""
+        return _sender_macro(letter, self.sender, self.helo, self.receiver)
 
     async def validated_name(self, domain: str) -> str:
         """%{p} (RFC 7208 §7.3): the client's validated name, <domain> itself or one of its
@@ -790,19 +822,23 @@ class _Pending:
         return self.finish(await self.run())
 
     def finish(self, outcome: _Outcome) -> SpfResult:
-        ip, identity, address_text = self.ip, self.identity, self.address_text
-        log.debug(
-            "spf %s %s %s: %s (%s)", identity, address_text, ip, outcome.result, outcome.detail
-        )
-        return SpfResult(
-            outcome.result,
-            identity,
-            self.checked,
-            address_text,
-            explanation=outcome.explanation,
-            mechanism=outcome.mechanism,
-            detail=outcome.detail,
-        )
+        return _result(outcome, self.identity, self.checked, self.address_text, self.ip)
+
+
+def _result(
+    outcome: _Outcome, identity: str, checked: str, address_text: str, ip: str
+) -> SpfResult:
+    """The SpfResult of the check of *identity* (*address_text*), domain *checked*."""
+    log.debug("spf %s %s %s: %s (%s)", identity, address_text, ip, outcome.result, outcome.detail)
+    return SpfResult(
+        outcome.result,
+        identity,
+        checked,
+        address_text,
+        explanation=outcome.explanation,
+        mechanism=outcome.mechanism,
+        detail=outcome.detail,
+    )
 
 
 def _start(
@@ -835,6 +871,12 @@ def _start(
     if not at:
         sender = f"postmaster@{checked}"
         address_text = sender
+    peek = getattr(dns, "cached", None)
+    if callable(peek):
+        key = (id(dns), _address_text(client), checked, max_lookups, max_void_lookups)
+        known = _recall(peek, key, sender, helo, receiver)
+        if known is not None:
+            return _result(known, identity, checked, address_text, ip)
     check = _Check(dns, client, sender, helo, receiver, max_lookups, max_void_lookups, now)
     return _Pending(check, checked, identity, address_text, ip)
 
@@ -848,15 +890,24 @@ def _run_now(check: _Check, checked: str, ip: str) -> _Outcome | None:
     The same outcome as :func:`_run`: the same evaluation reads the same answers in the same
     order (lookups :func:`_run` makes side by side are read one by one here, in the order it
     reads their answers), and nothing from the cache can take the 20 s that would end it.
+    An outcome is remembered (:class:`_Memo`) and given again, without evaluating, while
+    the cache still holds every answer it read and its sender-dependent macros are the same:
+    the evaluation would read the same records and come to the same end.
     """
     if check.peek is None:
         return None
+    key = (id(check.dns), check.client_text, checked, check.max_lookups, check.max_void)
     check.no_wait = True
     work = check.evaluate(checked, want_exp=True)
     try:
         work.send(None)
     except StopIteration as done:
         outcome: _Outcome = done.value
+        if outcome.result != "temperror" and not check.volatile:
+            _MEMOS[key] = _Memo(outcome, tuple(check.read), tuple(check.macros_read))
+            _MEMOS.move_to_end(key)
+            if len(_MEMOS) > MEMO_SIZE:
+                _MEMOS.popitem(last=False)
         return outcome
     except _WouldWait:
         return None
@@ -866,9 +917,44 @@ def _run_now(check: _Check, checked: str, ip: str) -> _Outcome | None:
         work.close()
         return None
     finally:
-        check.no_wait = False
+        check.no_wait = check.volatile = False
         check.lookups = check.voids = 0
         check._validated = None
+        check.read, check.macros_read = [], []
+
+
+def _sender_macro(letter: str, sender: str, helo: str, receiver: str) -> str:
+    """%{s}, %{l}, %{o}, %{h} or %{r} of a check of *sender* (its local-part "postmaster"
+    when it has none)."""
+    if letter == "h":
+        return helo
+    if letter == "r":
+        return receiver
+    local, _, domain = sender.rpartition("@")
+    if letter == "o":
+        return domain
+    if letter == "l":
+        return local or "postmaster"
+    return f"{local or 'postmaster'}@{domain}"
+
+
+def _recall(
+    peek: Peek, key: tuple[int, str, str, int, int], sender: str, helo: str, receiver: str
+) -> _Outcome | None:
+    """The remembered outcome for *key* while it still holds: the cache gives the same
+    answer objects (an answer refreshed after its TTL is a new object) and the macros it
+    read have the same values."""
+    memo = _MEMOS.get(key)
+    if memo is None:
+        return None
+    for letter, value in memo.macros:
+        if _sender_macro(letter, sender, helo, receiver) != value:
+            return None
+    for kind, name, answer in memo.answers:
+        if peek(kind, name) is not answer:
+            return None
+    _MEMOS.move_to_end(key)
+    return memo.outcome
 
 
 async def _run(check: _Check, checked: str, ip: str) -> _Outcome:

@@ -81,6 +81,15 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     become U+FFFD, as ``email`` does.  RFC 2047 encoded words are not
     decoded.
 
+``canonical_body(body, relaxed) -> bytes``
+    The DKIM canonical form of a message body with CRLF line ends (RFC 6376
+    §3.4.3 "simple", §3.4.4 "relaxed"), byte for byte what dkimpy makes:
+    relaxed drops the spaces and tabs before each CRLF and makes every other
+    run of them one space; both drop the CRLF pairs at the end and add one
+    CRLF, except that an empty relaxed body stays empty (a bare CR is an
+    ordinary octet).  May return *body* itself when it is bytes and already
+    canonical.
+
 Deliberate differences from ``email``: ``=`` and ``/`` in bare parameter
 values (email cuts the value there); comments and junk around the type
 (email keeps them in ``get_content_type()``); a bare CR (email ends a line
@@ -93,7 +102,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tachymail.protocol._mime import Part, content_type_params, header_value, scan
+    from tachymail.protocol._mime import (
+        Part,
+        canonical_body,
+        content_type_params,
+        header_value,
+        scan,
+    )
 else:
     from tachymail.protocol._select import load_kernel
 
@@ -102,5 +117,6 @@ else:
     scan = _kernel.scan
     header_value = _kernel.header_value
     content_type_params = _kernel.content_type_params
+    canonical_body = _kernel.canonical_body
 
-__all__ = ["Part", "content_type_params", "header_value", "scan"]
+__all__ = ["Part", "canonical_body", "content_type_params", "header_value", "scan"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 
-__all__ = ["Part", "content_type_params", "header_value", "scan"]
+__all__ = ["Part", "canonical_body", "content_type_params", "header_value", "scan"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -603,3 +603,20 @@ def scan(message: Buffer, max_depth: int = 32) -> Part:
     """The MIME tree of *message* (any bytes-like object); never raises on any content."""
     data = message if isinstance(message, bytes) else bytes(message)
     return _Scanner(data, max(0, operator.index(max_depth))).run()
+
+
+_TRAILING_BLANKS = re.compile(rb"[\t ]+\r\n")
+_BLANK_RUN = re.compile(rb"[\t ]{2,}|\t")
+
+
+def canonical_body(body: Buffer, relaxed: bool) -> bytes:
+    """The DKIM canonical form of *body* (CRLF line ends; see ``mime.canonical_body``)."""
+    data = bytes(body)
+    if relaxed and (b"\t" in data or b"  " in data or b" \r\n" in data):
+        data = _BLANK_RUN.sub(b" ", _TRAILING_BLANKS.sub(b"\r\n", data))
+    end = len(data)
+    while data.endswith(b"\r\n", 0, end):
+        end -= 2
+    if relaxed and not end:
+        return b""
+    return data[:end] + b"\r\n"
