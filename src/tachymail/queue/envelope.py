@@ -96,6 +96,11 @@ class Envelope:
     due: float = 0.0
     #: a delay warning (RFC 3464 "delayed") was already sent
     warned: bool = False
+    #: from the HTTP API's injection: the caller's tags and metadata, returned in every
+    #: event of the message, and the egress pool it asked for ("" = the default)
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    pool: str = ""
     version: int = SCHEMA_VERSION
 
     def to_record(self) -> bytes:
