@@ -10,8 +10,10 @@ run). Expected failures (xfail) stay what they are.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Generator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -28,6 +30,18 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"third-party corpus not found at {CORPUS} (it lives in ../shared/corpus)")
     return CORPUS
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, a kill of the run) ends the run as Ctrl-C does: pytest then
+    runs the fixtures' teardown and the tests' ``finally`` blocks, which stop the servers,
+    Dovecot, Postfix and dnsmasq the tests started (the default action would leave them
+    running, holding their ports)."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
