@@ -9,6 +9,7 @@ errors, each naming the setting it is about. The reference of every setting is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -28,7 +29,7 @@ SMTP_ROLES = ("mx", "submission", "smtps")
 #: every listener role: SMTP, LMTP (RFC 2033: another MTA hands us mail for local mailboxes)
 #: POP3 (plain with STLS, or implicit TLS on pop3s) and IMAP (STARTTLS on imap, implicit TLS
 #: on imaps)
-ROLES = (*SMTP_ROLES, "lmtp", "pop3", "pop3s", "imap", "imaps")
+ROLES = (*SMTP_ROLES, "lmtp", "pop3", "pop3s", "imap", "imaps", "http")
 
 #: seconds a reload waits for the new SMTP workers to listen before it retires the old
 #: workers anyway (a new delivery worker waits that long more for its predecessor)
@@ -59,6 +60,8 @@ class ListenerConfig:
     #: "enforce" (policy applied), "tag" (Authentication-Results only, nothing refused),
     #: "off"; "" = by role: "enforce" on mx, "off" on the others
     mailauth: str = ""
+    #: role http only: serve HTTPS (the server's certificate, [tls]) instead of plain HTTP
+    tls: bool = False
 
     @property
     def mailauth_mode(self) -> str:
@@ -317,6 +320,13 @@ class ImapConfig:
     max_sessions_per_user: int = 20
     #: offer COMPRESS=DEFLATE (RFC 4978)
     compress: bool = True
+    #: messages of selected mailboxes each worker process keeps as compact columns shared
+    #: by its sessions (about 40 octets a message: the default is about 40 MB a process);
+    #: least recently used mailboxes go first, a bigger mailbox alone is read at each SELECT
+    index_cache_messages: int = 1_000_000
+    #: MiB of BODYSTRUCTURE, BODY and ENVELOPE renderings each worker process keeps in
+    #: memory (the store keeps them too); the oldest go first
+    rendered_cache_mb: int = 64
 
 
 @dataclass(slots=True)
@@ -511,6 +521,83 @@ class LogConfig:
     syslog_socket: str = "/dev/log"
 
 
+@dataclass(slots=True)
+class HttpConfig:
+    """The HTTP API (listener role ``http``): injection, queue admin, suppressions."""
+
+    #: largest request body in octets; a bigger one gets 413 (the default fits an
+    #: injection of 10,000 recipients with their content)
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: the API tokens file (`tachymail token add`); empty: data_dir/http-tokens
+    tokens_file: str = ""
+
+
+#: the event types a ``[[webhook]]`` may subscribe to (tachymail.queue.events.EVENT_TYPES)
+EVENT_TYPES = (
+    "reception",
+    "delivery",
+    "transient_failure",
+    "bounce",
+    "delay",
+    "suppression",
+    "expiry",
+)
+
+
+@dataclass(slots=True)
+class WebhookConfig:
+    """One receiver of delivery events (``[[webhook]]``): batches of events POSTed as JSON."""
+
+    #: http:// or https:// URL the JSON arrays of events are POSTed to (required)
+    url: str = ""
+    #: names the receiver in metrics and in the outbox (letters, digits, "_", "-", ".");
+    #: "" = "webhook-" and 8 hex digits of the URL's SHA-256. Changing it (or the URL of an
+    #: unnamed one) starts a new outbox: events still waiting in the old one stay there
+    name: str = ""
+    #: the event types it receives (a subset of EVENT_TYPES); empty: all of them
+    events: list[str] = field(default_factory=list)
+    #: most events in one POST
+    batch_size: int = 100
+    #: milliseconds a batch waits for more events before it is sent short
+    batch_ms: int = 1000
+    #: HMAC-SHA256 key of the X-Tachymail-Signature header; "" = requests are not signed
+    secret: str = ""
+    #: seconds a POST may take before it counts as failed (and is retried)
+    timeout: float = 10.0
+
+    @property
+    def key(self) -> str:
+        """The receiver's name: ``name``, or one derived from the URL."""
+        if self.name:
+            return self.name
+        return "webhook-" + hashlib.sha256(self.url.encode()).hexdigest()[:8]
+
+    @property
+    def wanted(self) -> frozenset[str]:
+        """The event types it receives."""
+        return frozenset(self.events or EVENT_TYPES)
+
+
+@dataclass(slots=True)
+class SuppressionConfig:
+    #: refuse a suppressed recipient at RCPT with 550 5.7.1 (recipients relayed onward,
+    #: not those delivered into local mailboxes): the sender learns at once, and nothing
+    #: is bounced later
+    refuse_at_rcpt: bool = True
+    #: classes of permanent failures (see [bounce]) that put the recipient on the list
+    #: (scope global, source "bounce"); [] adds none
+    on_bounce_classes: list[str] = field(default_factory=lambda: ["invalid_recipient"])
+    #: how long a suppression added by a bounce lasts, in seconds (0: until removed)
+    bounce_expiry: float = 0.0
+
+
+@dataclass(slots=True)
+class BounceConfig:
+    #: a TOML file of [[rule]] tables (class, and code, enhanced, text regexes) tried
+    #: before the built-in rules; "" = the built-in rules only
+    rules_file: str = ""
+
+
 def default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig("127.0.0.1:2525", "mx"),
@@ -520,6 +607,7 @@ def default_listeners() -> list[ListenerConfig]:
         ListenerConfig("127.0.0.1:2995", "pop3s"),
         ListenerConfig("127.0.0.1:2143", "imap"),
         ListenerConfig("127.0.0.1:2993", "imaps"),
+        ListenerConfig("127.0.0.1:2080", "http"),
     ]
 
 
@@ -545,6 +633,10 @@ class Config:
     mailauth: MailauthConfig = field(default_factory=MailauthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    webhooks: list[WebhookConfig] = field(default_factory=list)
     #: the file it was read from, if any (SIGHUP re-reads it)
     source: str = ""
 
@@ -570,6 +662,13 @@ class Config:
     @property
     def users_path(self) -> Path:
         return Path(self.auth.users_file) if self.auth.users_file else self.data_path / "users"
+
+    @property
+    def http_tokens_path(self) -> Path:
+        """The HTTP API's token file (``tachymail token``)."""
+        return (
+            Path(self.http.tokens_file) if self.http.tokens_file else self.data_path / "http-tokens"
+        )
 
     @property
     def aliases_path(self) -> Path:
@@ -617,6 +716,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "mailauth": MailauthConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
+    "suppression": SuppressionConfig,
+    "bounce": BounceConfig,
+    "http": HttpConfig,
 }
 # [[name]] arrays of tables -> (Config attribute, element type)
 _ARRAYS: dict[str, tuple[str, type[Any]]] = {
@@ -625,6 +727,7 @@ _ARRAYS: dict[str, tuple[str, type[Any]]] = {
     "pool_override": ("pool_overrides", PoolOverride),
     "header_check": ("header_checks", ContentCheckConfig),
     "body_check": ("body_checks", ContentCheckConfig),
+    "webhook": ("webhooks", WebhookConfig),
 }
 
 
@@ -720,6 +823,9 @@ def validate(config: Config) -> list[str]:
                 f"{where}.mailauth: the inbound checks run on SMTP listeners only "
                 f"({', '.join(SMTP_ROLES)}), not on {listener.role}"
             )
+        if listener.tls and listener.role != "http":
+            # the other roles have their own TLS: STARTTLS, or implicit by role (smtps...)
+            problems.append(f"{where}.tls: only for role http, not {listener.role}")
         try:
             hostport = split_hostport(listener.address)
         except ValueError as exc:
@@ -802,8 +908,45 @@ def validate(config: Config) -> list[str]:
     if config.metrics.max_clients < 1:
         problems.append("metrics.max_clients: must be at least 1")
     problems.extend(_validate_log(config.log))
+    problems.extend(_validate_suppression(config))
     problems.extend(_validate_delivery(config))
     problems.extend(_validate_mailauth(config))
+    problems.extend(_validate_webhooks(config.webhooks))
+    if not 1024 <= config.http.max_body_bytes <= 1 << 31:
+        problems.append("http.max_body_bytes: between 1024 and 2147483648")
+    return problems
+
+
+_WEBHOOK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _validate_webhooks(webhooks: list[WebhookConfig]) -> list[str]:
+    problems: list[str] = []
+    names: set[str] = set()
+    for i, hook in enumerate(webhooks):
+        where = f"webhook[{i}]"
+        scheme, _, rest = hook.url.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
+            problems.append(f"{where}.url: must be an http:// or https:// URL, got {hook.url!r}")
+        if hook.name and not _WEBHOOK_NAME.fullmatch(hook.name):
+            problems.append(
+                f"{where}.name: 1 to 64 letters, digits, '_', '-' or '.', got {hook.name!r}"
+            )
+        elif hook.key in names:
+            problems.append(f"{where}: a second webhook named {hook.key!r} (set name apart)")
+        names.add(hook.key)
+        unknown = [e for e in hook.events if e not in EVENT_TYPES]
+        if unknown:
+            problems.append(
+                f"{where}.events: unknown event type {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(EVENT_TYPES)})"
+            )
+        if not 1 <= hook.batch_size <= 10_000:
+            problems.append(f"{where}.batch_size: between 1 and 10000")
+        if not 0 <= hook.batch_ms <= 3_600_000:
+            problems.append(f"{where}.batch_ms: between 0 and 3600000 milliseconds")
+        if not 0 < hook.timeout <= 3600:
+            problems.append(f"{where}.timeout: more than 0 and at most 3600 seconds")
     return problems
 
 
@@ -897,6 +1040,10 @@ def _validate_mailbox(config: Config) -> list[str]:
         problems.append("imap.max_literal: between 65536 and 4294967296")
     if imap.max_sessions_per_user < 0:
         problems.append("imap.max_sessions_per_user: must not be negative")
+    if imap.index_cache_messages < 0:
+        problems.append("imap.index_cache_messages: must not be negative")
+    if not 0 <= imap.rendered_cache_mb <= 64 * 1024:
+        problems.append("imap.rendered_cache_mb: between 0 and 65536")
     return problems
 
 
@@ -945,6 +1092,18 @@ def _validate_content_checks(config: Config) -> list[str]:
                 problems.append(f'{where}.text: "add" needs a whole header field, "Name: value"')
             elif rule.text and not rule.text.isprintable():  # CR and LF are not printable
                 problems.append(f"{where}.text: must be one line of printable text")
+    return problems
+
+
+def _validate_suppression(config: Config) -> list[str]:
+    problems: list[str] = []
+    for i, name in enumerate(config.suppression.on_bounce_classes):
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", name):
+            problems.append(f"suppression.on_bounce_classes[{i}]: not a class name: {name!r}")
+    if config.suppression.bounce_expiry < 0:
+        problems.append("suppression.bounce_expiry: must not be negative")
+    if config.bounce.rules_file and not Path(config.bounce.rules_file).is_file():
+        problems.append(f"bounce.rules_file: {config.bounce.rules_file} does not exist")
     return problems
 
 
@@ -1155,6 +1314,12 @@ def defaults_toml() -> str:
         '# action = "reject"',
         '# text = "Spam is not welcome here"',
         "",
+        "# Delivery events POSTed to a receiver (see docs/configuration.md, [[webhook]]):",
+        "# [[webhook]]",
+        '# url = "https://hooks.example.com/tachymail"',
+        '# events = ["delivery", "bounce", "expiry"]',
+        '# secret = "a long random string"',
+        "",
     ]
     return "\n".join(out)
 
@@ -1168,6 +1333,8 @@ def _changed(item: Any, default: Any) -> list[str]:
             if spec.name in _CREDENTIALS and value:
                 # Output that is pasted into tickets must not carry the relay's password.
                 value = value.partition(":")[0] + ":" + REDACTED
+            elif spec.name == "secret" and value:  # a webhook's HMAC key: no user part
+                value = REDACTED
             lines.append(f"{spec.name} = {_toml_value(value)}")
     return lines
 

@@ -85,7 +85,7 @@ def test_delivers_over_one_persistent_pipelined_connection(tmp_path: Path) -> No
         assert len(peer.reads) < 20 * 5
         wait_until(lambda: srv.queue_count() == 0)
         entries = delivery_log(srv)
-        assert {e["id"] for e in entries} == set(ids)
+        assert {e["queue_id"] for e in entries} == set(ids)
         first = entries[0]
         assert first["result"] == "delivered" and first["code"] == 250
         assert first["remote_ip"] == "127.0.0.1" and first["attempt"] == 1
@@ -113,7 +113,7 @@ def test_temporary_failure_is_retried_then_delivered(tmp_path: Path) -> None:
         peer.wait_for(2)
         assert peer.messages[1].recipients == ["later@dest.example"]
         wait_until(lambda: srv.queue_count() == 0)
-        results = [e["result"] for e in delivery_log(srv) if e["id"] == queue_id]
+        results = [e["result"] for e in delivery_log(srv) if e["queue_id"] == queue_id]
         assert results.count("delivered") == 2 and "deferred" in results
 
 

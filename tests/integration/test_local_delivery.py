@@ -236,7 +236,7 @@ def test_a_message_whose_delivered_to_holds_the_recipient_bounces(tmp_path: Path
         status = dsn_status(bounce)
         assert "Action: failed" in status and "Status: 5.4.6" in status
         assert f"mail loop: Delivered-To already holds <{bob}>" in status
-        [entry] = [e for e in delivery_log(srv) if e["id"] == queue_id]
+        [entry] = [e for e in delivery_log(srv) if e["queue_id"] == queue_id]
         assert entry["result"] == "bounced" and entry["code"] == 554
 
 

@@ -31,6 +31,7 @@ def test_defaults_give_the_loopback_listeners() -> None:
         ("127.0.0.1:2995", "pop3s"),
         ("127.0.0.1:2143", "imap"),
         ("127.0.0.1:2993", "imaps"),
+        ("127.0.0.1:2080", "http"),
     ]
     assert config.server.data_dir == "./tachymail-data"
     assert config.limits.max_command_line == 512
@@ -90,6 +91,8 @@ def test_every_setting_is_documented() -> None:
         "pool",
         "dkim",
         "mailauth",
+        "suppression",
+        "bounce",
     ):
         assert f"## [{section}]" in docs
         for item in dataclasses.fields(getattr(config, section)):

@@ -25,9 +25,17 @@ FORBIDDEN = {
     },
     "mailauth": {"smtp", "lmtp", "pop3", "imap", "delivery", "cli", "frontend"},
     "dns": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailbox", "mailauth", "cli"},
-    "queue": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailauth", "cli"},
+    "queue": {"smtp", "lmtp", "pop3", "imap", "http", "delivery", "mailauth", "cli"},
+    # delivery (the scheduler, DSNs, the webhook sender) meets intake only in the queue
+    "delivery": {"smtp", "lmtp", "pop3", "imap", "http", "cli"},
     "mailbox": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailauth", "cli"},
     "smtpclient": {"smtp", "lmtp", "pop3", "imap", "delivery", "cli"},
+    # the HTTP API is a front end like smtp (smtp: the worker's context, its intake checks)
+    "http": {"delivery", "lmtp", "pop3", "imap", "cli"},
+    # the suppression list is read by smtp, http and delivery alike: it needs none of them
+    "queue/suppression": {"smtp", "http", "delivery", "mailbox", "mailauth", "cli", "config"},
+    # bounce classes are plain rules over a reply: no queue, no front end
+    "delivery/classify": {"smtp", "http", "queue", "mailbox", "mailauth", "cli"},
 }  # fmt: skip
 
 

@@ -60,6 +60,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = apply_overrides(load(args.config), overrides)
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
+    from tachymail.delivery.classify import rules_problems
+
+    if problems := rules_problems(config):
+        return _fail("invalid configuration:\n" + "\n".join(problems))
     from tachymail.metrics.logs import configure
 
     try:
@@ -82,6 +86,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return 1
+    from tachymail.delivery.classify import rules_problems
+
+    # The rules file is read by the delivery layer, which config may not import.
+    problems = rules_problems(config)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
         return 1
     where = args.file or "embedded defaults"
     listeners = ", ".join(f"{lst.address} ({lst.role})" for lst in config.listeners)

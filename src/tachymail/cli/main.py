@@ -16,11 +16,14 @@ from tachymail import __version__
 from tachymail.cli import (
     commands,
     config_cmd,
+    destinations_cmd,
     directory_cmd,
     dmarc_cmd,
     logs,
     mailauth_cmd,
     mailbox_cmd,
+    suppression_cmd,
+    token_cmd,
 )
 
 KERNELS = ("commands", "data", "mime", "imap")
@@ -113,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the MTA (supervisor and SMTP workers)",
         description="Run the MTA. With no configuration it listens on 127.0.0.1:2525 (mx), "
         "127.0.0.1:2587 (submission), 127.0.0.1:2465 (smtps), 127.0.0.1:2110 (pop3), "
-        "127.0.0.1:2995 (pop3s), 127.0.0.1:2143 (imap) and 127.0.0.1:2993 (imaps), data in "
-        "./tachymail-data.",
+        "127.0.0.1:2995 (pop3s), 127.0.0.1:2143 (imap), 127.0.0.1:2993 (imaps) and "
+        "127.0.0.1:2080 (http, the API), data in ./tachymail-data.",
     )
     _config_options(serve)
     serve.add_argument(
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("id", nargs="?", help="queue id")
         one.add_argument("--all", action="store_true", help="every message in the queue")
         _json_option(one, "the outcome as one JSON object")
+    destinations_cmd.add_queue_parsers(queue_sub, _config_options)
 
     mailq = sub.add_parser(
         "mailq",
@@ -224,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     mailbox_cmd.add_mailbox_parser(sub)
     dmarc_cmd.add_dmarc_parser(sub)
     mailauth_cmd.add_mailauth_parser(sub)
+    suppression_cmd.add_suppression_parser(sub)
+    token_cmd.add_token_parser(sub)
 
     dkim = sub.add_parser("dkim", help="manage DKIM signing keys")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)

@@ -11,8 +11,10 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import TextIO
 
+from tachymail.queue.admin import message_data as message_data
+from tachymail.queue.admin import show_data as show_data
 from tachymail.queue.envelope import Envelope
 from tachymail.queue.stats import (
     ACTIVE,
@@ -27,18 +29,6 @@ from tachymail.queue.stats import (
 
 def _clock(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-
-
-def message_data(envelope: Envelope, now: float) -> dict[str, Any]:
-    """One message as plain data: the stored record, with ``state`` the real state
-    (active, deferred, held), ``next_attempt`` (unix time, None when held) and
-    ``last_reason`` (the last reply of the pending recipient tried last, or "")."""
-    data = envelope.summary()
-    state = message_state(envelope, now)
-    data["state"] = state
-    data["next_attempt"] = None if state not in (ACTIVE, DEFERRED) else envelope.due
-    data["last_reason"] = last_reason(envelope)
-    return data
 
 
 def list_line(envelope: Envelope, now: float) -> str:
@@ -78,18 +68,6 @@ def print_list(
         out.write(f"no message matches ({total} in the queue)\n")
     else:
         out.write("the queue is empty\n")
-
-
-def show_data(envelope: Envelope, content: bytes, now: float, *, body: bool) -> dict[str, Any]:
-    """`queue show --json`: message_data plus ``headers`` (the header section as text) and,
-    with *body*, ``content`` (the whole message as text; undecodable bytes replaced)."""
-    data = message_data(envelope, now)
-    end = content.find(b"\r\n\r\n")
-    headers = content if end < 0 else content[: end + 2]
-    data["headers"] = headers.decode("utf-8", "replace")
-    if body:
-        data["content"] = content.decode("utf-8", "replace")
-    return data
 
 
 # --- mailq, the layout of Postfix's postqueue -p ------------------------------------------

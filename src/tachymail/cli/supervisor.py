@@ -111,6 +111,8 @@ class Supervisor:
             if self.config.policy.verify_recipients
             else ["auth-failures"]
         )
+        side.append("suspensions")  # read by the delivery workers (tachymail.queue.suspensions)
+        side.append("suppression")  # read at RCPT and injection (tachymail.queue.suppression)
         for name in side:
             open_side_store(self.config.data_path / name).close()
 
@@ -153,10 +155,16 @@ class Supervisor:
 
                     code = run_delivery_worker(self.config, slot.index, self.delivery_workers)
                 else:
+                    from tachymail.cli.commands import _bounce_reporter
                     from tachymail.smtp.worker import run_worker
 
                     code = run_worker(
-                        self.config, slot.index, sockets, ready_w if ready_w >= 0 else None
+                        self.config,
+                        slot.index,
+                        sockets,
+                        ready_w if ready_w >= 0 else None,
+                        # the HTTP API's queue bounce: delivery's reports, composed here
+                        _bounce_reporter(self.config),
                     )
             except BaseException:
                 log.exception("worker %d crashed", slot.index)

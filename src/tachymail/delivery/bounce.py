@@ -41,6 +41,8 @@ Decisions beyond the RFCs' MUSTs, which a caller may rely on:
   said or what the delivery worker says in its place; a recipient the operator bounced
   gets ``X-Tachymail; bounced by the operator ...`` (an ``X-`` type, as RFC 3464 allows
   for types not registered), with the last attempt's reply when there was one.
+- **X-Tachymail-Bounce-Class** (an extension field of the per-recipient block) names the
+  class the bounce classifier gave the reply (tachymail.delivery.classify), when it gave one.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class RecipientReport:
     last_attempt: float = 0.0  # unix time (0: not written)
     will_retry_until: float = 0.0  # for "delayed": the give-up time (0: not written)
     diagnostic_type: str = "smtp"  # RFC 3464 §2.3.6 diagnostic-type of *diagnostic*
+    bounce_class: str = ""  # tachymail.delivery.classify's class of *diagnostic* ("": none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +415,9 @@ def _status_part(envelope: Envelope, reports: list[RecipientReport], reporting_m
         if diagnostic:
             kind = _ascii(report.diagnostic_type) or "smtp"
             fields.append(_field("Diagnostic-Code", f"{kind}; {diagnostic}"))
+        if report.bounce_class:
+            # An extension field (RFC 3464 §3: "X-" names are for local use).
+            fields.append(_field("X-Tachymail-Bounce-Class", _ascii(report.bounce_class)))
         if report.last_attempt:
             fields.append(_field("Last-Attempt-Date", formatdate(report.last_attempt)))
         if report.action == "delayed" and report.will_retry_until:

@@ -149,6 +149,8 @@ class DeliveryPool:
     #: counters for metrics and tests
     connections_opened: int = 0
     transactions: int = 0
+    #: connections open now (the destination status of tachymail.delivery.destinations)
+    open_connections: int = 0
     #: our own listeners: a next hop among them is a mail loop (None: not checked)
     own: OwnEndpoints | None = None
     loop: asyncio.AbstractEventLoop = field(init=False)
@@ -259,6 +261,7 @@ class DeliveryPool:
                     if conn is not None:
                         self.loop.create_task(conn.quit())
                         m.outbound_connections_open.dec()
+                        self.open_connections -= 1
                         conn = None
                     try:
                         conn = await self._connect()
@@ -270,6 +273,7 @@ class DeliveryPool:
                             break
                         continue
                     m.outbound_connections_open.inc()
+                    self.open_connections += 1
                 elif conn is not None and conn.messages:
                     m.outbound_connections_reused.inc()
                 assert conn is not None
@@ -301,6 +305,7 @@ class DeliveryPool:
             if conn is not None:
                 self.loop.create_task(conn.quit())
                 m.outbound_connections_open.dec()
+                self.open_connections -= 1
             # Jobs left behind by a shrinking runner still need one to carry them.
             if self.jobs and self.runners == 0:
                 self.runners += 1

@@ -29,12 +29,20 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import orjson
 
 from tachymail.config import RELOAD_READY_TIMEOUT, Config, PoolConfig
 from tachymail.delivery.bounce import RecipientReport, notifications
+from tachymail.delivery.classify import (
+    BounceClassifier,
+    RulesError,
+    builtin_rules,
+    load_classifier,
+)
+from tachymail.delivery.destinations import DestinationGate, DestinationStats
 from tachymail.delivery.eightbit import needs_8bit
 from tachymail.delivery.local import LocalDelivery, LocalOutcome
 from tachymail.delivery.pool import (
@@ -53,8 +61,17 @@ from tachymail.queue.envelope import BOUNCED, QUEUED, Envelope, Recipient
 from tachymail.queue.envelope import (
     DELIVERED as RCPT_DELIVERED,
 )
+from tachymail.queue.events import (
+    EVENT_FIELDS,
+    events_wanted,
+    make_event,
+    new_event_id,
+    record_events,
+)
 from tachymail.queue.notify import Listener, shard_of
 from tachymail.queue.store import Operation, QueueStore, StorageFull
+from tachymail.queue.suppression import Suppression, SuppressionError, make_entry, shared_list
+from tachymail.queue.suspensions import Suspension
 from tachymail.smtpclient.routing import NextHop, OwnEndpoints, Router, RoutingFailure
 
 log = logging.getLogger(__name__)
@@ -75,6 +92,9 @@ COMMIT_TRIES = 3
 INTERNAL_ERROR = Outcome(DEFERRED, 451, "4.3.0", "4.3.0 internal error during delivery")
 #: the hop of recipients in local domains: the mailbox store (tachymail.delivery.local)
 LOCAL_HOP = "local"
+#: the event (tachymail.queue.events) of an attempt's outcome; a failure that is a deferral
+#: past the message's lifetime is an "expiry"
+_EVENT_TYPES = {DELIVERED: "delivery", DEFERRED: "transient_failure", FAILED: "bounce"}
 
 
 @dataclass(slots=True)
@@ -171,10 +191,17 @@ class DeliveryWorker:
         #: recorded, so the queue still says it is due (memory only; a restart forgets it)
         self.held: dict[str, float] = {}
         self.listener = Listener(config.data_path, index, self._notified)
+        #: suspended destinations (not attempted) and the per-destination status file
+        self.gate = DestinationGate(config.data_path)
+        self.stats = DestinationStats(config.data_path, index)
         #: counters for metrics and tests
         self.attempts = 0
         self.delivered = 0
         self.bounced = 0
+        #: the class of each failure's reply (tachymail.delivery.classify)
+        self.classifier = _classifier(config)
+        #: classes of permanent failures that put the recipient on the suppression list
+        self.suppress_classes = frozenset(config.suppression.on_bounce_classes)
         self.test_fault = os.environ.get(TEST_FAULT_ENV, "").lower()
         if self.test_fault:
             log.warning(
@@ -203,6 +230,7 @@ class DeliveryWorker:
                         self.poll(RESCAN if notified else RESCAN_UNNOTIFIED)
                     except lmdb.Error as exc:
                         log.error("delivery worker %d: queue read failed: %s", self.index, exc)
+                    self._destinations()
                 elif not waiting_logged:
                     waiting_logged = True
                     log.info(
@@ -219,6 +247,30 @@ class DeliveryWorker:
         while self.active:
             await asyncio.sleep(0.05)
         self.listener.close()
+        self.stats.close()
+        self.gate.close()
+
+    def _destinations(self) -> None:
+        """Once a second: publish the destination status, and make due at once what was
+        postponed under a suspension since lifted (tachymail.delivery.destinations)."""
+        now = time.time()
+        if now - self.stats.published < 1.0:
+            return
+        connections: dict[str, int] = defaultdict(int)
+        for key, pool in self.pools.items():
+            connections[key] += pool.open_connections
+        self.stats.publish(connections, now)
+        released = self.gate.lifted(now)
+        if released and not self.stopping:
+            self.loop.create_task(self._release(released))
+
+    async def _release(self, released: list[tuple[str, Operation]]) -> None:
+        for queue_id, operation in released:
+            try:
+                await self.committer.submit_operation(operation)
+            except Exception as exc:  # they go at their postponed time instead
+                log.warning("%s: release after a resume not recorded: %s", queue_id, exc)
+        self._notified([queue_id for queue_id, _ in released])
 
     def poll(self, rescan_every: float = RESCAN_UNNOTIFIED) -> None:
         room = self.config.delivery.max_active - len(self.active)
@@ -314,6 +366,8 @@ class DeliveryWorker:
         worker stops, or an error other than StorageFull persists) is the message held in
         memory for one retry interval, then sent again (at least once).
         """
+        domains = [r.address.rpartition("@")[2].lower() for _, r in mine]
+        self.stats.begin(domains)
         try:
             try:
                 attempts = await self._attempt(envelope, content, mine)
@@ -323,7 +377,14 @@ class DeliveryWorker:
                     envelope.id,
                 )
                 attempts = [Attempt(i, r, INTERNAL_ERROR, "internal") for i, r in mine]
-            await self._record(envelope, content, raw, attempts)
+            now = time.time()
+            for attempt in attempts:
+                outcome = attempt.outcome
+                domain = attempt.recipient.address.rpartition("@")[2].lower()
+                ok = outcome.kind == DELIVERED
+                self.stats.attempted(domain, ok, outcome.code, outcome.reply, now)
+            if attempts:  # none when every recipient's destination is suspended
+                await self._record(envelope, content, raw, attempts)
         except Exception:
             # The queue still says "due now": without this hold it would go again at once.
             delay = self._retry_delay(1 + min((r.attempts for _, r in mine), default=0))
@@ -334,6 +395,7 @@ class DeliveryWorker:
                 delay,
             )
         finally:
+            self.stats.end(domains)
             self.active.discard(envelope.id)
             if self.starved:
                 self.starved = False
@@ -348,8 +410,21 @@ class DeliveryWorker:
         attempts: list[Attempt] = []
         groups: dict[str, tuple[NextHop, list[tuple[int, Recipient]]]] = {}
         local_rcpts: list[tuple[int, Recipient]] = []
+        # Recipients of suspended destinations: not attempted, postponed (no attempt counted).
+        held: list[tuple[Suspension, list[tuple[int, Recipient]]]] = []
+        now = time.time()
         for domain, rcpts in by_domain.items():
+            suspension = self.gate.check((domain,), now)  # before routing: no DNS for it
+            if suspension is not None:
+                held.append((suspension, rcpts))
+                continue
             hop = await self.router.route(domain)
+            if isinstance(hop, NextHop) and not hop.local:
+                self.stats.routed(domain, hop.key, hop.hosts)
+                suspension = self.gate.check(hop.hosts, now)
+                if suspension is not None:
+                    held.append((suspension, rcpts))
+                    continue
             if isinstance(hop, RoutingFailure):
                 kind = FAILED if hop.permanent else DEFERRED
                 outcome = Outcome(kind, hop.code, hop.status, f"{hop.status} {hop.text}")
@@ -358,6 +433,8 @@ class DeliveryWorker:
                 local_rcpts.extend(rcpts)
             else:
                 groups.setdefault(hop.key, (hop, []))[1].extend(rcpts)
+        if held:
+            await self._commit(envelope.id, self.gate.postpone(envelope.id, held, now))
         eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
         loop = self.loop
         waits: list[tuple[NextHop, list[tuple[int, Recipient]], asyncio.Future[JobResult]]] = []
@@ -461,11 +538,17 @@ class DeliveryWorker:
         failed: list[RecipientReport] = []
         delayed: list[RecipientReport] = []
         succeeded: list[RecipientReport] = []
-        records: list[dict[str, object]] = []
+        records: list[dict[str, Any]] = []
+        hard: list[tuple[str, str, Outcome]] = []
         for attempt in attempts:
             rcpt = attempt.recipient
             outcome = attempt.outcome
             kind = outcome.kind
+            bounce_class = (
+                ""
+                if kind == DELIVERED
+                else self.classifier.classify(outcome.code, outcome.status, outcome.text)
+            )
             if kind == DEFERRED and expired:
                 kind = FAILED
                 outcome = Outcome(
@@ -497,26 +580,43 @@ class DeliveryWorker:
                     succeeded.append(_report(updated, action, outcome, attempt, now, until))
             elif kind == FAILED:
                 updated.state = BOUNCED
-                failed.append(_report(updated, "failed", outcome, attempt, now, until))
+                failed.append(
+                    _report(updated, "failed", outcome, attempt, now, until, bounce_class)
+                )
+                m.bounce_classes.labels(bounce_class or "unknown").inc()
+                # A refusal, not a lifetime run out, of a class that says "never again".
+                if attempt.outcome.kind == FAILED and bounce_class in self.suppress_classes:
+                    hard.append((rcpt.address, bounce_class, outcome))
             else:
                 updated.next_attempt = now + self._retry_delay(updated.attempts)
                 delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
             changes[attempt.index] = updated
             self.attempts += 1
+            # The log line is the event (tachymail.queue.events) and a few fields more.
             records.append(
+                make_event(
+                    _EVENT_TYPES[kind]
+                    if kind != FAILED or attempt.outcome.kind == FAILED
+                    else "expiry",
+                    envelope=envelope,
+                    recipient=rcpt.address,
+                    destination=attempt.hop,
+                    remote_ip=attempt.remote_ip,
+                    code=outcome.code,
+                    enhanced_code=outcome.status,
+                    reply=outcome.reply,
+                    bounce_class=bounce_class,
+                    attempt=updated.attempts,
+                    when=now,
+                )
+            )
+            records[-1].update(
                 {
-                    "time": round(now, 3),
-                    "id": envelope.id,
-                    "recipient": rcpt.address,
                     "next_hop": attempt.hop,
-                    "remote_ip": attempt.remote_ip,
                     "result": {DELIVERED: "delivered", FAILED: "bounced", DEFERRED: "deferred"}[
                         kind
                     ],
-                    "code": outcome.code,
-                    "reply": outcome.reply,
                     "tls": attempt.tls,
-                    "attempt": updated.attempts,
                     "latency": round(latency, 4),
                 }
             )
@@ -541,17 +641,97 @@ class DeliveryWorker:
         finished = len(changes) == len(envelope.recipients) and all(
             r.state != QUEUED for r in changes.values()
         )
+        warned = delayed_reported(reports)
+        events = self._events(records, warned) if self.config.webhooks else None
+        if hard:
+            events = await self._suppress(envelope, hard, events, now)
         operation = _apply_attempt(
             envelope.id,
             changes,
             reports,
-            warned=delayed_reported(reports),
+            warned=warned,
             finished_from=(raw, envelope.due) if finished else None,
+            events=events,
         )
         try:
             await self._commit(envelope.id, operation)
         finally:
             self.log.write(records)
+
+    def _events(self, records: list[dict[str, Any]], warned: bool) -> Operation | None:
+        """The operation recording the webhooks' events of one attempt (None: none wanted):
+        each record's event, and a ``delay`` event per deferred recipient when the delay
+        warning went out with this attempt."""
+        config = self.config
+        events: list[dict[str, Any]] = []
+        for record in records:
+            event = {name: record.get(name, "") for name in EVENT_FIELDS}
+            if events_wanted(config, event["type"]):
+                events.append(event)
+            if warned and record["type"] == "transient_failure" and events_wanted(config, "delay"):
+                events.append({**event, "id": new_event_id(), "type": "delay"})
+        return record_events(events) if events else None
+
+    async def _suppress(
+        self,
+        envelope: Envelope,
+        hard: list[tuple[str, str, Outcome]],
+        events: Operation | None,
+        now: float,
+    ) -> Operation | None:
+        """Put the recipients of *hard* (address, bounce class, outcome) on the suppression
+        list (scope global, source "bounce", reason "CLASS: REPLY"), before the attempt's
+        result is committed: a crash in between sends the message again, which bounces
+        again and adds the same entry again. Returns *events* with a "suppression" event
+        per entry when a webhook wants them. A list that cannot be written is logged and
+        the result is recorded all the same."""
+        expiry = self.config.suppression.bounce_expiry
+        added: list[tuple[Suppression, str, Outcome]] = []
+        for address, bounce_class, outcome in hard:
+            try:
+                entry = make_entry(
+                    address,
+                    None,
+                    f"{bounce_class}: {outcome.reply}",
+                    "bounce",
+                    now + expiry if expiry else 0.0,
+                    now,
+                )
+            except SuppressionError:
+                continue  # not an address the list can hold (a domain-less postmaster)
+            added.append((entry, bounce_class, outcome))
+        if not added:
+            return events
+        suppressions = shared_list(self.config.data_path)
+        try:
+            # An fsync: off the event loop.
+            await self.loop.run_in_executor(
+                None, suppressions.add_many, [entry for entry, _, _ in added]
+            )
+        except Exception as exc:
+            log.error("%s: could not add to the suppression list: %s", envelope.id, exc)
+            return events
+        for entry, bounce_class, _ in added:
+            m.suppressions_added.labels(bounce_class).inc()
+            log.info("%s: <%s> suppressed: %s", envelope.id, entry.address, entry.reason)
+        if not (self.config.webhooks and events_wanted(self.config, "suppression")):
+            return events
+        extra = record_events(
+            [
+                make_event(
+                    "suppression",
+                    envelope=envelope,
+                    recipient=entry.address,
+                    code=outcome.code,
+                    enhanced_code=outcome.status,
+                    reply=outcome.reply,
+                    bounce_class=bounce_class,
+                    when=now,
+                )
+                for entry, bounce_class, outcome in added
+            ]
+        )
+        return extra if events is None else _in_turn(events, extra)
 
     async def _commit(self, queue_id: str, operation: Operation) -> None:
         """Commit one attempt's result, retrying on the retry schedule while that fails.
@@ -623,8 +803,34 @@ def flushed_by_operator(recipient: Recipient) -> bool:
     return recipient.attempts > 0 and recipient.next_attempt == 0.0
 
 
+def _classifier(config: Config) -> BounceClassifier:
+    """The classifier of *config*; the built-in rules alone when the operator's file went
+    bad since the server started (``config check`` and ``serve`` refuse a bad one)."""
+    try:
+        return load_classifier(config)
+    except RulesError as exc:
+        log.error("bounce rules: %s; classifying with the built-in rules only", exc)
+        return BounceClassifier(builtin_rules())
+
+
+def _in_turn(first: Operation, second: Operation) -> Operation:
+    """One queue operation running *first*, then *second*, in the same transaction."""
+
+    def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
+        first(store, txn)
+        second(store, txn)
+
+    return operation
+
+
 def _report(
-    updated: Recipient, action: str, outcome: Outcome, attempt: Attempt, now: float, until: float
+    updated: Recipient,
+    action: str,
+    outcome: Outcome,
+    attempt: Attempt,
+    now: float,
+    until: float,
+    bounce_class: str = "",
 ) -> RecipientReport:
     return RecipientReport(
         recipient=updated,
@@ -635,6 +841,7 @@ def _report(
         remote_mta=attempt.hop if attempt.remote_ip else "",
         last_attempt=now,
         will_retry_until=until,
+        bounce_class=bounce_class,
     )
 
 
@@ -648,14 +855,18 @@ def _apply_attempt(
     reports: list[tuple[Envelope, bytes, str]],
     warned: bool,
     finished_from: tuple[bytes, float] | None = None,
+    events: Operation | None = None,
 ) -> Operation:
     """The queue operation recording one attempt: recipient states, new due time, DSNs.
 
     *finished_from* (the record the attempt read, and its due time) says the attempt
     left no recipient to deliver: if the record is unchanged, the message just goes.
+    *events* (from tachymail.queue.events.record_events) commit with the result.
     """
 
     def operation(store: QueueStore, txn: lmdb.Transaction) -> None:
+        if events is not None:
+            events(store, txn)
         for report, body, _kind in reports:
             store.insert(txn, report, body)
         if finished_from is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from tachymail import metrics
 from tachymail.config import Config
 from tachymail.delivery.local import LocalDelivery
 from tachymail.delivery.scheduler import DeliveryWorker
+from tachymail.delivery.webhooks import WebhookSender
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.store import MiB, QueueStore
 
@@ -46,6 +48,9 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
     log.info("delivery worker %d/%d (pid %d) started", index, count, os.getpid())
     parent = os.getppid()
     runner = loop.create_task(worker.run(stop))
+    # One webhook sender per node keeps each message's events in order: worker 0's.
+    sender = WebhookSender(config, store, committer) if index == 0 and config.webhooks else None
+    sending = loop.create_task(sender.run(stop)) if sender is not None else None
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
@@ -63,6 +68,9 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
             index,
             len(worker.active),
         )
+    if sending is not None:  # unacknowledged events stay in the outbox for the next start
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sending, 5.0)
     while not (committer.idle and local.idle):
         await asyncio.sleep(0.01)
     committer.close()

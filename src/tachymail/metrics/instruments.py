@@ -56,6 +56,17 @@ RCPT_REJECT_REASONS = (
     "unknown_user",
     "unverified",
     "over_quota",
+    "suppressed",
+)
+#: what became of one recipient of an HTTP injection (POST /api/v1/messages)
+INJECT_RESULTS = (
+    "accepted",
+    "duplicate",
+    "suppressed",
+    "rejected",
+    "invalid",
+    "storage_full",
+    "error",
 )
 #: what became of one LMTP recipient's message (its reply after DATA)
 LMTP_RESULTS = ("delivered", "over_quota", "storage_full", "error", "loop")
@@ -211,6 +222,7 @@ outbound_connections_open: Gauge
 outbound_connections: Counter
 outbound_connections_reused: CounterTally
 outbound_connection_failures: Counter
+destination_suspended: Gauge
 bounces: dict[str, Counter]
 local_deliveries: dict[str, CounterTally]
 local_delivery_seconds: HistogramTally
@@ -234,6 +246,14 @@ imap_commands: dict[str, CounterTally]
 lmtp_deliveries: dict[str, CounterTally]
 auth_results_total: Counter
 auth_results: dict[tuple[str, str], Counter]
+http_injected_recipients: dict[str, CounterTally]
+http_requests: Counter
+http_auth_failures: Counter
+webhook_outbox_depth: Gauge
+webhook_posts: Counter
+webhook_failures: Counter
+bounce_classes: Counter
+suppressions_added: Counter
 
 _destinations: dict[str, str] = {}
 _attempts: dict[tuple[str, str], CounterTally] = {}
@@ -249,12 +269,17 @@ def build() -> None:
     global commit_batch_size, commit_duration, commit_failures
     global delivery_attempts, delivery_latency, outbound_connections_open, outbound_connections
     global outbound_connections_reused, outbound_connection_failures, bounces
+    global destination_suspended
     global local_deliveries, local_delivery_seconds, mailbox_bytes, mailbox_messages
     global dns_queries, dns_failures, dns_duration, dns_cache_hits, worker_restarts
     global pop3_sessions, pop3_sessions_open, pop3_logins, pop3_retrieved_messages
     global pop3_retrieved_bytes, pop3_deleted_messages
     global imap_sessions, imap_sessions_open, imap_logins, imap_commands
     global lmtp_deliveries, auth_results_total, auth_results
+    global http_injected_recipients
+    global http_requests, http_auth_failures
+    global webhook_outbox_depth, webhook_posts, webhook_failures
+    global bounce_classes, suppressions_added
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, labels, registry=None)
@@ -443,6 +468,14 @@ def build() -> None:
     outbound_connections = counter(
         "tachymail_outbound_connections_total", "Outbound SMTP connections opened."
     )
+    destination_suspended = Gauge(
+        "tachymail_destination_suspended",
+        "1 while deliveries to the destination (domain, mail host or *.pattern) are "
+        "suspended, 0 once resumed (tachymail queue suspend); set by the delivery workers.",
+        ["destination"],
+        registry=None,
+        multiprocess_mode="livemax",
+    )
     outbound_connections_reused = CounterTally(
         counter(
             "tachymail_outbound_connections_reused_total",
@@ -614,6 +647,60 @@ def build() -> None:
         for method in AUTH_METHODS
         for result in AUTH_RESULTS
     }
+    # Labelled by the configured webhooks' names (a bounded set); only delivery worker 0
+    # sends, so its latest reading is the node's.
+    webhook_outbox_depth = Gauge(
+        "tachymail_webhook_outbox_depth",
+        "Events waiting in the durable outbox for a webhook, by webhook name.",
+        ["webhook"],
+        registry=None,
+        multiprocess_mode="livemostrecent",
+    )
+    webhook_posts = counter(
+        "tachymail_webhook_posts_total",
+        "Batches of events POSTed to webhooks, by webhook and result (ok: a 2xx answer; "
+        "http_error: any other status; timeout; connection_error).",
+        ("webhook", "result"),
+    )
+    webhook_failures = counter(
+        "tachymail_webhook_failures_total",
+        "POSTs to a webhook that failed and will be retried, by webhook.",
+        ("webhook",),
+    )
+    # class: a bounce class of the rules (built-in ones and the operator's: a bounded set)
+    bounce_classes = counter(
+        "tachymail_bounces_total",
+        "Recipients that failed permanently, by the bounce class of the last reply "
+        "(unknown: no rule matched).",
+        ("class",),
+    )
+    suppressions_added = counter(
+        "tachymail_suppressions_added_total",
+        "Recipients put on the suppression list by the delivery worker, by bounce class.",
+        ("class",),
+    )
+    # route: the route's path template (a bounded set; "unmatched" for any other path)
+    http_requests = counter(
+        "tachymail_http_requests_total",
+        "HTTP API requests answered, by route and status code.",
+        ("route", "status"),
+    )
+    http_auth_failures = counter(
+        "tachymail_http_auth_failures_total",
+        "HTTP API requests with a wrong bearer token (also counted by the shared AUTH "
+        "lockout metrics).",
+    )
+    http_injected_recipients = tallied(
+        by(
+            counter(
+                "tachymail_http_injected_recipients_total",
+                "Recipients of HTTP injections (POST /api/v1/messages), by result: accepted "
+                "(queued), or why refused.",
+                ("result",),
+            ),
+            INJECT_RESULTS,
+        )
+    )
     _destinations.clear()
     _attempts.clear()
 

@@ -65,6 +65,13 @@ def unknown_local_user(address: str) -> bytes:
     )
 
 
+def suppressed_recipient(address: str, reason: str) -> bytes:
+    """550 5.7.1 for a recipient on the suppression list; *reason* is shortened to keep
+    the reply line within RFC 5321's 512 octets, and to ASCII unless it is."""
+    gist = " ".join(reason.split())[:200].encode("ascii", "replace").decode() or "no reason given"
+    return reply(550, "5.7.1", f"<{address}>: Recipient address rejected: suppressed ({gist})")
+
+
 def mailbox_full(address: str) -> bytes:
     """452 4.2.2 for a local recipient whose mailbox holds its quota already (temporary:
     the sender retries while the user makes room)."""

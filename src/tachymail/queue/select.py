@@ -32,6 +32,7 @@ class MessageFilter:
     - domain: a pending recipient at this domain (case-insensitive);
     - sender: the envelope sender, an address or a domain (case-insensitive); "<>" or
       "" the null sender (bounces);
+    - recipient: a pending recipient with this address (case-insensitive);
     - older_than: seconds since arrival, at least;
     - reason: a regular expression found (re.search, case-insensitive) in the last reply
       of a pending recipient.
@@ -42,13 +43,21 @@ class MessageFilter:
     sender: str | None = None
     older_than: float | None = None
     reason: re.Pattern[str] | None = None
+    recipient: str | None = None
 
     @property
     def active(self) -> bool:
         """Whether any condition is set."""
         return any(
             v is not None
-            for v in (self.state, self.domain, self.sender, self.older_than, self.reason)
+            for v in (
+                self.state,
+                self.domain,
+                self.sender,
+                self.older_than,
+                self.reason,
+                self.recipient,
+            )
         )
 
     def matches(self, envelope: Envelope, now: float) -> bool:
@@ -62,6 +71,10 @@ class MessageFilter:
         if self.domain is not None:
             wanted = self.domain.lower().strip(".")
             if not any(recipient_domain(r) == wanted for r in pending):
+                return False
+        if self.recipient is not None:
+            address = self.recipient.lower().strip("<>")
+            if not any(r.address.lower() == address for r in pending):
                 return False
         if self.reason is not None:
             reason = self.reason

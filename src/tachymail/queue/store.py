@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -71,7 +72,7 @@ class QueueStore:
             self.directory,
             what="queue",
             map_size=map_size,
-            max_dbs=4,
+            max_dbs=8,
             readonly=readonly,
             # False only for delivery workers: each commit then syncs once, not twice; a
             # power cut may undo their last commit (never an acknowledged message: intake
@@ -97,6 +98,12 @@ class QueueStore:
         # key: due time in milliseconds (big-endian) + queue id; the delivery scheduler
         # walks it in order.
         self.schedule = self.env.open_db(b"schedule", txn=txn, create=create)
+        # the delivery events' outbox (tachymail.queue.events); a read-only look at a queue
+        # made before it existed finds none: an empty one stands in (no handle at all)
+        try:
+            self.events: Any = self.env.open_db(b"events", txn=txn, create=create)
+        except lmdb.NotFoundError:
+            self.events = None
 
     @staticmethod
     def schedule_key(due_ms: int, queue_id: str) -> bytes:
@@ -304,10 +311,15 @@ class QueueStore:
             raw = txn.get(queue_id.encode(), db=self.contents)
         return None if raw is None else bytes(raw)
 
-    def iter_envelopes(self) -> Iterator[Envelope]:
-        """Every queued envelope, oldest first (ids sort by arrival), in one read snapshot."""
+    def iter_envelopes(self, after: str = "") -> Iterator[Envelope]:
+        """Every queued envelope, oldest first (ids sort by arrival), in one read snapshot;
+        with *after*, only those whose id sorts after it (paging)."""
         with self._read() as txn:
-            for _key, raw in txn.cursor(db=self.envelopes):
+            cursor = txn.cursor(db=self.envelopes)
+            # the least key above *after*; iternext then starts where the cursor stands
+            if after and not cursor.set_range(after.encode() + b"\0"):
+                return
+            for _key, raw in cursor.iternext():
                 yield Envelope.from_record(raw)
 
     def ids(self) -> list[str]:

@@ -38,6 +38,7 @@ from tachymail.protocol.data import BdatReader, DataReader
 from tachymail.protocol.errors import SmtpSyntaxError
 from tachymail.protocol.mime import header_value
 from tachymail.queue.envelope import ACTIVE, HELD, Envelope, Recipient, new_queue_id
+from tachymail.queue.events import events_wanted, put_message_reported
 from tachymail.queue.store import StorageFull
 from tachymail.smtp.checks import DISCARD, HOLD, REJECT, checks_for
 from tachymail.smtp.verify import DELIVERABLE, UNDELIVERABLE, UNVERIFIED, ProbeResult
@@ -866,19 +867,50 @@ class SmtpSession(asyncio.Protocol):
             self.rcpts.extend(expanded)
             self.out.append(R.reply(250, "2.1.5", "Ok"))
             return
-        if self.role == "mx" and not (self.trusted or self.auth_user):
-            domain = address.rpartition("@")[2].lower()
-            if "@" in address and domain not in self.ctx.accepted_domains:
-                self.rcpt_refused += 1
-                m.recipients_rejected["relay_denied"].inc()
-                log.info("session %s: relay denied to %s", self.peer_ip, address)
-                self.out.append(R.RELAY_DENIED)
-                return
-            if self.ctx.verifier is not None and domain in self.ctx.relay_domains:
-                self._verify_recipient(Recipient(address, params))
-                return
+        untrusted_mx = self.role == "mx" and not (self.trusted or self.auth_user)
+        domain = address.rpartition("@")[2].lower()
+        if untrusted_mx and "@" in address and domain not in self.ctx.accepted_domains:
+            self.rcpt_refused += 1
+            m.recipients_rejected["relay_denied"].inc()
+            log.info("session %s: relay denied to %s", self.peer_ip, address)
+            self.out.append(R.RELAY_DENIED)
+            return
+        # After the relay check: the list is not shown to clients that may not relay.
+        if self._suppressed(address):
+            return
+        if untrusted_mx and self.ctx.verifier is not None and domain in self.ctx.relay_domains:
+            self._verify_recipient(Recipient(address, params))
+            return
         self.rcpts.append(Recipient(address, params))
         self.out.append(R.reply(250, "2.1.5", "Ok"))
+
+    def _suppressed(self, address: str) -> bool:
+        """Refuse *address* with 550 5.7.1 (counted, logged) if the suppression list has it
+        for this transaction's sender domain or globally ([suppression] refuse_at_rcpt).
+        An empty list costs one look at its statistics; a list that cannot be read lets
+        the recipient through (logged): the list guards reputation, not delivery."""
+        suppressions = self.ctx.suppressions
+        if not self.ctx.config.suppression.refuse_at_rcpt or suppressions.is_empty():
+            return False
+        sender_domain = (self.mail_from or "").rpartition("@")[2]
+        try:
+            entry = suppressions.check(address, sender_domain)
+        except Exception as exc:  # an LMDB error: never a crash of the session
+            log.error("session %s: suppression list unreadable: %s", self.peer_ip, exc)
+            return False
+        if entry is None:
+            return False
+        self.rcpt_refused += 1
+        m.recipients_rejected["suppressed"].inc()
+        log.info(
+            "session %s: recipient <%s> refused: suppressed (%s, scope %s)",
+            self.peer_ip,
+            address,
+            entry.reason,
+            entry.scope,
+        )
+        self.out.append(R.suppressed_recipient(address, entry.reason))
+        return True
 
     def _verify_recipient(self, rcpt: Recipient) -> None:
         """Accept *rcpt*, a relay-domain recipient from an untrusted client, only if its next
@@ -1472,7 +1504,12 @@ class SmtpSession(asyncio.Protocol):
         self._commit(envelope, content)
 
     def _commit(self, envelope: Envelope, content: bytes) -> None:
-        future = self.ctx.committer.submit(envelope, content)
+        config = self.ctx.config
+        if config.webhooks and events_wanted(config, "reception"):
+            # the events commit with the message: never one without the other
+            future = self.ctx.committer.submit_operation(put_message_reported(envelope, content))
+        else:
+            future = self.ctx.committer.submit(envelope, content)
         # The intake line maps the Message-ID to the queue id (`tachymail log`).
         message_id = None
         if log.isEnabledFor(logging.INFO):

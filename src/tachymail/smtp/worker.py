@@ -30,7 +30,7 @@ import uvloop
 from tachymail import metrics
 from tachymail.auth.throttle import AUTH_FAILURES_DIR, AuthThrottle
 from tachymail.auth.users import SenderOwnership, UsersFile
-from tachymail.config import Config
+from tachymail.config import Config, ListenerConfig
 from tachymail.dns import Resolver
 from tachymail.imap.session import ImapSession
 from tachymail.lmtp.session import LmtpSession
@@ -44,10 +44,16 @@ from tachymail.protocol import replies as R
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.notify import Notifier
 from tachymail.queue.store import MiB, QueueStore
+from tachymail.queue.suppression import shared_list
 from tachymail.smtp.session import SmtpSession
 from tachymail.smtp.tls import server_context
 from tachymail.smtp.verify import AddressVerifier
 from tachymail.smtpclient.routing import Router
+
+if typing.TYPE_CHECKING:
+    from aiohttp import web
+
+    from tachymail.queue.admin import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +145,9 @@ class WorkerContext:
             lockout=auth.lockout,
             half_life=auth.failure_half_life,
         )
+        #: the node's suppression list: checked at RCPT ([suppression] refuse_at_rcpt) and
+        #: by HTTP injection; one LMDB environment shared by every process
+        self.suppressions = shared_list(config.data_path)
         self.sender_ownership = SenderOwnership(auth.senders, null_sender=auth.null_sender)
         # Keys load once per worker; a missing key stops the worker with the keygen command.
         self.dkim = (
@@ -182,6 +191,9 @@ class WorkerContext:
         self.tls_failures = 0
         self.auth_successes = 0
         self.auth_failures = 0
+        #: HTTP injection requests under way (tachymail.http.inject): like open sessions,
+        #: each may still add a message to the queue's next commit
+        self.http_injections = 0
         self._ehlo: dict[bool, list[str]] = {tls: self._extensions(tls) for tls in (False, True)}
 
     def _extensions(self, tls: bool) -> list[str]:
@@ -283,6 +295,7 @@ async def serve_worker(
     index: int,
     sockets: Sequence[socket.socket] | None = None,
     ready_fd: int | None = None,
+    reporter: Reporter | None = None,
 ) -> int:
     """Serve every listener until SIGTERM (drain) or SIGUSR1 (retire); returns the exit code.
 
@@ -290,7 +303,8 @@ async def serve_worker(
     supervisor binds once and hands to each generation of workers (so a reload never
     leaves a port without a listener); None binds fresh SO_REUSEPORT sockets (a worker
     run on its own, as the perf check does). *ready_fd*: a pipe to which ``listening`` is
-    written once every listener accepts, then closed.
+    written once every listener accepts, then closed. *reporter*: the bounce report builder
+    of the HTTP API's queue bounce (the supervisor's; None: that endpoint answers 503).
     """
     loop = asyncio.get_running_loop()
     before, files = raise_open_files_limit()
@@ -318,7 +332,7 @@ async def serve_worker(
     # A lone client, or every client already waiting for this commit: nobody can join it,
     # so it starts at once instead of lingering (one session would otherwise wait 1 ms
     # per message for company that never comes).
-    committer.more_may_join = lambda pending: len(ctx.sessions) > pending
+    committer.more_may_join = lambda pending: len(ctx.sessions) + ctx.http_injections > pending
     # One mailbox environment per process (never across a fork), committed like intake
     # ([mailbox] commit): an LMTP 250 or a POP3 deletion waits for its synced batch.
     mailbox = MailboxStore(
@@ -341,7 +355,12 @@ async def serve_worker(
         observe=False,
     )
     servers = []
+    http_runners: list[web.AppRunner] = []
     for position, listener in enumerate(config.listeners):
+        if listener.role == "http":
+            sock = sockets[position] if sockets is not None else None
+            http_runners.append(await serve_http(ctx, listener, sock, reporter))
+            continue
         implicit = listener.role in IMPLICIT_TLS_ROLES
         role = listener.role
         mailauth = listener.mailauth_mode
@@ -399,7 +418,12 @@ async def serve_worker(
             if os.getppid() != parent:  # the supervisor is gone: do not linger as an orphan
                 log.warning("worker %d: supervisor died, shutting down", index)
                 break
-    await drain(ctx, servers, config.server.drain_timeout, keep_idle=retire)
+    # The HTTP API's requests in flight finish beside the SMTP sessions (runner.cleanup
+    # waits for them up to the drain timeout), while the committer still runs.
+    await asyncio.gather(
+        drain(ctx, servers, config.server.drain_timeout, keep_idle=retire),
+        *(runner.cleanup() for runner in http_runners),
+    )
     while not ctx.mailbox_committer.idle:  # an LMTP batch still lingering: let it commit
         await asyncio.sleep(0.01)
     ctx.mailbox_committer.close()
@@ -418,6 +442,34 @@ async def serve_worker(
         "worker %d (pid %d) stopped after accepting %d messages", index, os.getpid(), ctx.accepted
     )
     return 0
+
+
+async def serve_http(
+    ctx: WorkerContext,
+    listener: ListenerConfig,
+    sock: socket.socket | None,
+    reporter: Reporter | None,
+) -> web.AppRunner:
+    """Serve the HTTP API (tachymail.http.server) on *listener*'s socket *sock* (None: bind
+    one), with TLS when the listener says ``tls = true``; returns the runner to clean up."""
+    from aiohttp import web
+
+    from tachymail.http.server import build_app
+
+    runner = web.AppRunner(
+        build_app(ctx, reporter),
+        handle_signals=False,
+        access_log=None,  # the application logs each request itself, with its token name
+        shutdown_timeout=ctx.config.server.drain_timeout,
+    )
+    await runner.setup()
+    site = web.SockSite(
+        runner,
+        sock if sock is not None else reuseport_socket(listener.host, listener.port),
+        ssl_context=ctx.tls_context if listener.tls else None,
+    )
+    await site.start()
+    return runner
 
 
 async def drain(
@@ -460,6 +512,7 @@ def run_worker(
     index: int,
     sockets: Sequence[socket.socket] | None = None,
     ready_fd: int | None = None,
+    reporter: Reporter | None = None,
 ) -> int:
     """Entry point in the forked child (see :func:`serve_worker` for the arguments)."""
     # The commit thread sleeps in fsync and then needs the GIL back at once: with the
@@ -468,4 +521,4 @@ def run_worker(
     if sockets is None and ready_fd is None:
         # The two-argument call, which the perf check's wrapper of serve_worker expects.
         return uvloop.run(serve_worker(config, index))
-    return uvloop.run(serve_worker(config, index, sockets, ready_fd))
+    return uvloop.run(serve_worker(config, index, sockets, ready_fd, reporter))
