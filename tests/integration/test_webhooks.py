@@ -2,6 +2,8 @@
 peer (tests/smtp_peer.py) that accepts, defers and refuses recipients, and POSTs the events
 to a real aiohttp receiver on 127.0.0.1 that checks every body's HMAC. The receiver answers
 500, goes away and comes back; the server is killed with -9 while events wait in the outbox.
+`tachymail sink` with a seeded reply mix makes bounces and deferrals at random, checked
+against the sink's own counts.
 """
 
 from __future__ import annotations
@@ -286,3 +288,43 @@ def test_a_message_past_its_lifetime_expires_with_an_event(
     assert expired["type"] == "expiry" and expired["recipient"] == LATER
     assert (expired["code"], expired["enhanced_code"]) == (450, "4.4.7")
     assert "gave up after" in expired["reply"] and expired["attempt"] == 1
+
+
+def test_a_sink_reply_mix_gives_each_recipient_its_event(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """`tachymail sink` refuses recipients at random (seeded) with 550 and 450: every
+    recipient gets its reception event and one attempt event, and the events add up to what
+    the sink itself counted (accepted: delivery; refused: bounce or transient_failure)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_loadtest import sink
+
+    with sink("--rcpt-reply", "550:30", "--rcpt-reply", "450:30", "--seed", "11") as mix:
+        settings = config(mix.port, receiver.port, events=DELIVERY_EVENTS).replace(
+            "retry_schedule = [1]\ndelay_warning = 1", "retry_schedule = [3600]\ndelay_warning = 0"
+        )
+        recipients = [f"r{n}@dest.example" for n in range(40)]
+        with running_server(tmp_path, settings, hold=False, roles=("mx",)) as srv:
+            # NOTIFY=NEVER: no DSN goes back through the sink to blur its counts
+            ids = {r: send(srv.port, [r], rcpt_options=("NOTIFY=NEVER",)) for r in recipients}
+            attempts = ("delivery", "bounce", "transient_failure")
+            wait_until(
+                lambda: all(
+                    any(e["type"] in attempts for e in receiver.of(ids[r])) for r in recipients
+                ),
+                timeout=60,
+            )
+        counted = mix.stop()
+    kinds: Counter[str] = Counter()
+    for recipient in recipients:
+        events = receiver.of(ids[recipient])
+        assert events[0]["type"] == "reception", events
+        [attempt] = [e for e in events if e["type"] in attempts]
+        assert attempt["recipient"] == recipient and attempt["attempt"] == 1
+        expected_code = {"delivery": 250, "bounce": 550, "transient_failure": 450}
+        assert attempt["code"] == expected_code[attempt["type"]], attempt
+        kinds[attempt["type"]] += 1
+    assert kinds["delivery"] == counted["recipients"]
+    assert kinds["bounce"] + kinds["transient_failure"] == counted["recipients_rejected"]
+    assert kinds["bounce"] > 0 and kinds["transient_failure"] > 0  # the seeded mix has both
+    check_shape(receiver.got())
