@@ -62,3 +62,39 @@ def test_command_batch(benchmark: BenchmarkFixture, impl: str, size: str) -> Non
     benchmark.extra_info["items"] = COMMANDS * SIZES[size]
     result = benchmark(session_reader(imap), chunk)
     assert result == (COMMANDS * SIZES[size], 11 * SIZES[size])
+
+
+# --- the FETCH writers: a run of 2,048 messages, as the session's fast paths call them --------
+
+RUN = 2048
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fetch_flags_lines(benchmark: BenchmarkFixture, impl: str) -> None:
+    """``FETCH 1:* (UID FLAGS RFC822.SIZE MODSEQ)``: one call per run of messages."""
+    from array import array
+
+    imap = load_impl("imap", impl)
+    uids = array("I", range(100_001, 100_001 + RUN))
+    sizes = array("Q", (1000 + 37 * k for k in range(RUN)))
+    modseqs = array("Q", (5_000 + k for k in range(RUN)))
+    flags = [(b"(\\Seen)", b"()", b"(\\Seen \\Flagged $Work)")[k % 3] for k in range(RUN)]
+    benchmark.group = "imap fetch writers"
+    benchmark.extra_info["items"] = RUN
+    lines = benchmark(imap.fetch_flags_lines, 1, uids, flags, sizes, modseqs)
+    assert lines.count(b"\r\n") == RUN
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fetch_item_lines(benchmark: BenchmarkFixture, impl: str) -> None:
+    """``FETCH 1:* (BODYSTRUCTURE)`` from kept renderings: one call per run of messages."""
+    imap = load_impl("imap", impl)
+    part = (
+        b'BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT" 1234 30 '
+        b"NIL NIL NIL NIL)"
+    )
+    parts = [part] * RUN
+    benchmark.group = "imap fetch writers"
+    benchmark.extra_info["items"] = RUN
+    lines = benchmark(imap.fetch_item_lines, 1, parts)
+    assert lines.count(b"\r\n") == RUN

@@ -11,7 +11,7 @@ with memchr in the reader's buffer.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memchr
+from libc.string cimport memchr, memcpy
 
 from imap cimport (
     BACKSLASH,
@@ -72,6 +72,8 @@ __all__ = [
     "TooLarge",
     "parse_fetch_items",
     "fetch_flags_line",
+    "fetch_flags_lines",
+    "fetch_item_lines",
     "parse_sequence_set",
     "quote",
 ]
@@ -764,9 +766,7 @@ cdef inline Py_ssize_t put_number(char* out, Py_ssize_t i, unsigned long long va
 
 
 cdef inline Py_ssize_t put(char* out, Py_ssize_t i, const char* text, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t k
-    for k in range(n):
-        out[i + k] = text[k]
+    memcpy(out + i, text, n)
     return i + n
 
 
@@ -800,4 +800,84 @@ def fetch_flags_line(seq, uid, flags, size, internaldate, modseq):
         i = put_number(o, i, v_modseq)
         i = put(o, i, b")", 1)
     i = put(o, i, b")\r\n", 3)
+    return out[:i]
+
+
+def fetch_flags_lines(seq, uids, flags, sizes, modseqs):
+    """The FETCH fast path's lines for a run of messages; see the facade's docstring."""
+    cdef const unsigned int[::1] u = uids
+    cdef const unsigned long long[::1] z = sizes
+    cdef const unsigned long long[::1] q
+    cdef bint with_modseq = modseqs is not None
+    cdef Py_ssize_t n = u.shape[0]
+    cdef Py_ssize_t k, nf, total, i
+    cdef unsigned long long first, number
+    cdef object item
+    if with_modseq:
+        q = modseqs
+    if z.shape[0] != n or len(flags) != n or (with_modseq and q.shape[0] != n):
+        raise ValueError("columns of different lengths")
+    first = line_number(seq)
+    # fixed text (at most 42 octets) and four numbers of at most 20 digits each a line
+    total = 0
+    for k in range(n):
+        item = flags[k]
+        if type(item) is not bytes:
+            raise TypeError("flags must be bytes")
+        number = first + <unsigned long long>k
+        if number >= NUMBER_LIMIT:
+            raise ValueError(f"number out of range: {number}")
+        if z[k] >= NUMBER_LIMIT:
+            raise ValueError(f"number out of range: {z[k]}")
+        if with_modseq and q[k] >= NUMBER_LIMIT:
+            raise ValueError(f"number out of range: {q[k]}")
+        total += 42 + 80 + PyBytes_GET_SIZE(<bytes>item)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* o = PyBytes_AS_STRING(out)
+    i = 0
+    for k in range(n):
+        item = flags[k]
+        nf = PyBytes_GET_SIZE(<bytes>item)
+        i = put(o, i, b"* ", 2)
+        i = put_number(o, i, first + <unsigned long long>k)
+        i = put(o, i, b" FETCH (UID ", 12)
+        i = put_number(o, i, u[k])
+        i = put(o, i, b" FLAGS ", 7)
+        i = put(o, i, PyBytes_AS_STRING(<bytes>item), nf)
+        i = put(o, i, b" RFC822.SIZE ", 13)
+        i = put_number(o, i, z[k])
+        if with_modseq:
+            i = put(o, i, b" MODSEQ (", 9)
+            i = put_number(o, i, q[k])
+            i = put(o, i, b")", 1)
+        i = put(o, i, b")\r\n", 3)
+    return out[:i]
+
+
+def fetch_item_lines(seq, parts):
+    """``* n FETCH (part)`` lines of a run of messages; see the facade's docstring."""
+    cdef Py_ssize_t n = len(parts)
+    cdef Py_ssize_t k, i, total = 0
+    cdef unsigned long long first = line_number(seq)
+    cdef unsigned long long number
+    cdef object item
+    for k in range(n):
+        item = parts[k]
+        if type(item) is not bytes:
+            raise TypeError("parts must be bytes")
+        number = first + <unsigned long long>k
+        if number >= NUMBER_LIMIT:
+            raise ValueError(f"number out of range: {number}")
+        # "* ", at most 20 digits, " FETCH (", the part, ")\r\n"
+        total += 2 + 20 + 8 + 3 + PyBytes_GET_SIZE(<bytes>item)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* o = PyBytes_AS_STRING(out)
+    i = 0
+    for k in range(n):
+        item = parts[k]
+        i = put(o, i, b"* ", 2)
+        i = put_number(o, i, first + <unsigned long long>k)
+        i = put(o, i, b" FETCH (", 8)
+        i = put(o, i, PyBytes_AS_STRING(<bytes>item), PyBytes_GET_SIZE(<bytes>item))
+        i = put(o, i, b")\r\n", 3)
     return out[:i]

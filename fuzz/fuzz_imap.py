@@ -1,6 +1,6 @@
 """Fuzz the IMAP command tokenizer: CommandReader on fragmented input, then parse_sequence_set
-and parse_fetch_items on what it returns, quote and fetch_flags_line, compiled kernel against
-its pure twin.
+and parse_fetch_items on what it returns, quote and the FETCH writers (fetch_flags_line,
+fetch_flags_lines, fetch_item_lines), compiled kernel against its pure twin.
 
 Invariants: no exception but ValueError from the parsers; the same commands and events from
 both twins, however the stream is cut; ``pending < max(max_line, max_literal)`` whenever
@@ -10,6 +10,7 @@ both twins, however the stream is cut; ``pending < max(max_line, max_literal)`` 
 from __future__ import annotations
 
 import sys
+from array import array
 
 import atheris
 from _common import agree, as_buffer, fragments, load_twins, main, option, outcome
@@ -97,6 +98,27 @@ def test_one_input(data: bytes) -> None:
         "fetch_flags_line",
         outcome(lambda: COMPILED.fetch_flags_line(*args), (ValueError,)),
         outcome(lambda: PURE.fetch_flags_line(*args), (ValueError,)),
+        data,
+    )
+    # The run writer: columns cut from the stream (a short flags list or sizes column makes
+    # the lengths differ); both twins write the same lines or refuse alike.
+    count = len(head) // 8
+    uids = array("I", (int.from_bytes(head[i * 4 : i * 4 + 4], "big") for i in range(count)))
+    sizes = array("Q", (int.from_bytes(stream[i * 8 : i * 8 + 8], "big") for i in range(count)))
+    modseqs = array("Q", reversed(sizes)) if numbers[1] % 3 else None
+    flags = [head[i : i + numbers[1] % 9] for i in range(count - (numbers[0] % 7 == 0))]
+    run = (numbers[0], uids, flags, sizes, modseqs)
+    agree(
+        "fetch_flags_lines",
+        outcome(lambda: COMPILED.fetch_flags_lines(*run), (ValueError,)),
+        outcome(lambda: PURE.fetch_flags_lines(*run), (ValueError,)),
+        data,
+    )
+    parts = [head[i : i + 5] for i in range(0, len(head), 5)]
+    agree(
+        "fetch_item_lines",
+        outcome(lambda: COMPILED.fetch_item_lines(numbers[1], parts), (ValueError,)),
+        outcome(lambda: PURE.fetch_item_lines(numbers[1], parts), (ValueError,)),
         data,
     )
     # The sequence-set parser also sees raw text no tokenizer would hand it.

@@ -1,11 +1,13 @@
-"""The compiled writer of the common FETCH response line (``fetch_flags_line`` of
-ext/imap.pyx) and its pure-Python twin: the same bytes for every input, as a client reads them,
-and the same refusal of numbers out of range; and ``fetch_response`` gives the same line
-through it as through its general path."""
+"""The compiled writers of the common FETCH response line (``fetch_flags_line`` and, for a
+run of messages, ``fetch_flags_lines`` of ext/imap.pyx) and their pure-Python twins: the
+same bytes for every input, as a client reads them, and the same refusal of numbers out of
+range; ``fetch_flags_lines`` writes what ``fetch_flags_line`` writes line by line; and
+``fetch_response`` gives the same line through it as through its general path."""
 
 from __future__ import annotations
 
 import sys
+from array import array
 from pathlib import Path
 from types import ModuleType
 
@@ -125,3 +127,118 @@ def test_fetch_response_fast_path_is_the_general_path(
     if "INTERNALDATE" in names:
         fast_items.pop(b"INTERNALDATE")
     assert fast_items == general_items
+
+
+# --- fetch_flags_lines: a run of messages in one call ------------------------------------------
+
+
+def columns(
+    rows: list[tuple[int, frozenset[str], int, int]],
+) -> tuple[array[int], list[bytes], array[int], array[int]]:
+    """(uids, flag lists, sizes, modseqs) of rows (uid, flags, size, modseq)."""
+    return (
+        array("I", [uid for uid, _f, _s, _m in rows]),
+        [format_flags(flags) for _u, flags, _s, _m in rows],
+        array("Q", [size for _u, _f, size, _m in rows]),
+        array("Q", [modseq for _u, _f, _s, modseq in rows]),
+    )
+
+
+def test_lines_example(imap: ModuleType) -> None:
+    uids, flags, sizes, modseqs = columns(
+        [(4827, frozenset({"\\Seen", "$Junk"}), 3028, 9), (4830, frozenset(), 17, 12)]
+    )
+    assert imap.fetch_flags_lines(12, uids, flags, sizes, None) == (
+        b"* 12 FETCH (UID 4827 FLAGS (\\Seen $Junk) RFC822.SIZE 3028)\r\n"
+        b"* 13 FETCH (UID 4830 FLAGS () RFC822.SIZE 17)\r\n"
+    )
+    assert imap.fetch_flags_lines(1, uids, flags, sizes, modseqs) == (
+        b"* 1 FETCH (UID 4827 FLAGS (\\Seen $Junk) RFC822.SIZE 3028 MODSEQ (9))\r\n"
+        b"* 2 FETCH (UID 4830 FLAGS () RFC822.SIZE 17 MODSEQ (12))\r\n"
+    )
+    assert imap.fetch_flags_lines(1, array("I"), [], array("Q"), array("Q")) == b""
+
+
+def test_lines_refusals(imap: ModuleType) -> None:
+    uids, flags, sizes, modseqs = columns([(1, frozenset(), 1, 1), (2, frozenset(), 2, 2)])
+    with pytest.raises(ValueError, match="different lengths"):
+        imap.fetch_flags_lines(1, uids, flags[:1], sizes, None)
+    with pytest.raises(ValueError, match="different lengths"):
+        imap.fetch_flags_lines(1, uids, flags, sizes, modseqs[:1])
+    with pytest.raises(ValueError, match="out of range"):
+        imap.fetch_flags_lines(2**63 - 1, uids, flags, sizes, None)  # the second one's number
+    with pytest.raises(ValueError, match="out of range"):
+        imap.fetch_flags_lines(-1, array("I"), [], array("Q"), None)
+    with pytest.raises(ValueError, match="out of range"):
+        imap.fetch_flags_lines(1, uids, flags, array("Q", [1, 2**63]), None)
+    with pytest.raises(ValueError, match="out of range"):
+        imap.fetch_flags_lines(1, uids, flags, sizes, array("Q", [2**64 - 1, 1]))
+    with pytest.raises(TypeError):
+        imap.fetch_flags_lines(1, uids, [b"()", "()"], sizes, None)
+
+
+ROW = st.tuples(
+    st.integers(0, 2**32 - 1), st.frozensets(FLAG, max_size=4), NUMBER, st.integers(0, 2**64 - 1)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(0, 2**63 + 5), rows=st.lists(ROW, max_size=12), with_modseq=st.booleans())
+def test_lines_twins_agree_and_equal_the_single_lines(
+    seq: int, rows: list[tuple[int, frozenset[str], int, int]], with_modseq: bool
+) -> None:
+    compiled, pure = both_impls("imap")
+    uids, flags, sizes, modseqs = columns(rows)
+    args = (seq, uids, flags, sizes, modseqs if with_modseq else None)
+    results = []
+    for impl in (compiled, pure):
+        try:
+            results.append(("ok", impl.fetch_flags_lines(*args)))
+        except ValueError as exc:
+            results.append(("raised", exc.args))
+    assert results[0] == results[1]
+    if results[0][0] == "raised":
+        return
+    # Line by line, what fetch_flags_line writes for each message (modseq 0 aside: the single
+    # line leaves it out, the run writes what it is given).
+    expected = b""
+    for k, (uid, row_flags, size, modseq) in enumerate(rows):
+        line = pure.fetch_flags_line(seq + k, uid, format_flags(row_flags), size, None, 0)
+        if with_modseq:
+            line = line[:-3] + b" MODSEQ (%d))\r\n" % modseq
+        expected += line
+    assert results[0][1] == expected
+
+
+# --- fetch_item_lines: rendered items of a run of messages ------------------------------------
+
+
+def test_item_lines_example_and_refusals(imap: ModuleType) -> None:
+    parts = [b'BODYSTRUCTURE ("TEXT" "PLAIN" NIL NIL NIL "7BIT" 3 1)', b"UID 9 ENVELOPE NIL"]
+    assert imap.fetch_item_lines(41, parts) == (
+        b'* 41 FETCH (BODYSTRUCTURE ("TEXT" "PLAIN" NIL NIL NIL "7BIT" 3 1))\r\n'
+        b"* 42 FETCH (UID 9 ENVELOPE NIL)\r\n"
+    )
+    assert imap.fetch_item_lines(1, []) == b""
+    with pytest.raises(ValueError, match="out of range"):
+        imap.fetch_item_lines(2**63 - 1, [b"a", b"b"])
+    with pytest.raises(ValueError, match="out of range"):
+        imap.fetch_item_lines(-1, [])
+    with pytest.raises(TypeError):
+        imap.fetch_item_lines(1, [b"a", bytearray(b"b")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(-2, 2**63 + 2), parts=st.lists(st.binary(max_size=40), max_size=8))
+def test_item_lines_twins_agree(seq: int, parts: list[bytes]) -> None:
+    compiled, pure = both_impls("imap")
+    results = []
+    for impl in (compiled, pure):
+        try:
+            results.append(("ok", impl.fetch_item_lines(seq, parts)))
+        except ValueError as exc:
+            results.append(("raised", exc.args))
+    assert results[0] == results[1]
+    if results[0][0] == "ok":
+        lines = results[0][1]
+        assert lines == b"".join(b"* %d FETCH (%b)\r\n" % (seq + k, p) for k, p in enumerate(parts))

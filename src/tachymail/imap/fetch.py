@@ -56,6 +56,7 @@ __all__ = [
     "fetch_response",
     "format_flags",
     "format_internaldate",
+    "render_structures",
     "sets_seen",
 ]
 
@@ -524,6 +525,17 @@ def _body(part: dict[str, Any], extensible: bool, utf8: bool, rev2: bool, out: b
         out += b" " + _language(part, utf8)
         out += b" " + _nstring(part.get("location"), utf8)
     out += b")"
+
+
+def render_structures(summary: dict[str, Any], *, utf8: bool, rev2: bool) -> dict[bytes, bytes]:
+    """The BODYSTRUCTURE (key b"S"), BODY (b"B") and ENVELOPE (b"E") of a message's
+    summary, byte for byte what :func:`fetch_response` sends for those items."""
+    body = summary.get("body") or _EMPTY_TEXT
+    return {
+        b"S": bodystructure(body, extensible=True, utf8=utf8, rev2=rev2),
+        b"B": bodystructure(body, extensible=False, utf8=utf8, rev2=rev2),
+        b"E": envelope(summary.get("envelope") or {}, utf8=utf8),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,23 @@ there is no StreamReader and no await per line. Responses to a pipelined batch g
 one ``write``. FETCH streams the stored octets in pieces of 64 KiB and stops while the
 client reads nothing (``pause_writing``): a big message is never built whole in memory.
 
-The selected mailbox is a list of UIDs (sequence number = index + 1) and the last modseq
-seen. Before each tagged OK, and at once during IDLE when the store's change notifier
-fires, the session reads what changed since that modseq and sends untagged EXPUNGE (or
-VANISHED under QRESYNC), EXISTS and FETCH (FLAGS); EXPUNGE is held back during FETCH, STORE
-and SEARCH by sequence number (RFC 9051 §7.5.1). Writes go through the mailbox store's
-group commit: a tagged OK means synced.
+The selected mailbox is a ``MessageList`` (``tachymail.imap.index``: the index entries as
+arrays, sequence number = index + 1) and the last modseq seen. SELECT starts it from the
+worker process's cached columns of the mailbox (read on the event loop when they are
+current, else brought up to date or read off the loop, once for all the sessions that wait
+for them). Before each tagged OK, and at once during IDLE when the store's change notifier
+fires, the session learns what changed since that modseq (from the cache's log of its
+refreshes, else from the store) and sends untagged EXPUNGE (or VANISHED under QRESYNC),
+EXISTS and FETCH (FLAGS); EXPUNGE is held back during FETCH, STORE and SEARCH by sequence
+number (RFC 9051 §7.5.1). Writes go through the mailbox store's group commit: a tagged OK
+means synced.
+
+FETCH has two fast paths over runs of consecutive messages: ``UID FLAGS RFC822.SIZE
+[MODSEQ]`` is one call of the compiled ``fetch_flags_lines`` per run; items made of those,
+INTERNALDATE and the structures (BODYSTRUCTURE, BODY, ENVELOPE) are assembled column by
+column, the structures rendered once per stored message (from its summary, by
+``tachymail.imap.fetch``) and then kept in the store and in the process's
+``RenderedCache``, and the lines written by the compiled ``fetch_item_lines``.
 
 \\Recent (RFC 3501 §2.3.2) for sessions that did not ENABLE IMAP4rev2: a message is recent in
 exactly one session. SELECT claims the mailbox's unclaimed messages in the store's group
@@ -38,6 +49,7 @@ import binascii
 import calendar
 import logging
 import re
+import struct
 import time
 import zlib
 from bisect import bisect_left, bisect_right
@@ -56,7 +68,16 @@ from tachymail.frontend import (
     tls_handshake,
 )
 from tachymail.imap.binary import encode_binary_parts
-from tachymail.imap.fetch import ContentRange, FetchError, fetch_response, format_flags, sets_seen
+from tachymail.imap.fetch import (
+    ContentRange,
+    FetchError,
+    fetch_response,
+    format_flags,
+    format_internaldate,
+    render_structures,
+    sets_seen,
+)
+from tachymail.imap.index import CacheEntry, IndexCache, MessageList, RenderedCache, caches_for
 from tachymail.imap.mailboxes import (
     STATUS_ITEMS,
     ListError,
@@ -109,7 +130,7 @@ from tachymail.mailbox import (
     set_flags,
     subscribe,
 )
-from tachymail.mailbox.store import SYSTEM_FLAGS, ContentReader
+from tachymail.mailbox.store import SYSTEM_FLAGS, ContentReader, keep_rendered
 from tachymail.mailbox.summary import build_summary
 from tachymail.metrics import m
 from tachymail.protocol.imap import (
@@ -123,6 +144,8 @@ from tachymail.protocol.imap import (
     FetchAtt,
     String,
     TooLarge,
+    fetch_flags_lines,
+    fetch_item_lines,
     parse_fetch_items,
     parse_sequence_set,
 )
@@ -135,6 +158,8 @@ log = logging.getLogger(__name__)
 
 #: added to a message's flags where this session sees it as recent
 _RECENT = frozenset({"\\Recent"})
+_SEEN_BIT = 1 << SYSTEM_FLAGS.index(SEEN)
+_CONTENT_KEY = struct.Struct(">Q")
 
 
 class State(IntEnum):
@@ -201,8 +226,7 @@ class Selected:
     name: str
     readonly: bool
     uidvalidity: int
-    messages: list[MessageInfo]  # index = sequence number - 1
-    uids: list[int]  # the same order: ascending
+    messages: MessageList  # index = sequence number - 1, as columns
     modseq: int  # the highest modseq the view reflects
     exists: int  # the EXISTS the client was last told
     pending_expunge: set[int] = field(default_factory=set)
@@ -213,9 +237,13 @@ class Selected:
     #: the session never claims (EXAMINE, IMAP4rev2)
     claimed: int = 1 << 62
 
+    @property
+    def uids(self) -> Sequence[int]:
+        """The messages' UIDs, ascending (the view's column: read, never change it)."""
+        return self.messages.uids
+
     def index(self, uid: int) -> int | None:
-        i = bisect_left(self.uids, uid)
-        return i if i < len(self.uids) and self.uids[i] == uid else None
+        return self.messages.find(uid)
 
     def is_recent(self, uid: int) -> bool:
         return any(first <= uid < end for first, end in self.recent)
@@ -244,17 +272,100 @@ class FetchJob:
     left: int = 0
     failed: str = ""
     failed_code: str = ""
+    #: the fast paths: FAST_FLAGS (one kernel call per run of messages) or FAST_ITEMS
+    #: (items from the columns and the kept renderings), with the item names in order
+    fast: int = 0
+    plan: tuple[bytes, ...] = ()
+    #: renderings made by this FETCH, to keep in the store (content id, kind, octets), and
+    #: the commit keeping the last ones
+    keep: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    keeping: asyncio.Future[Any] | None = None
+
+
+#: FetchJob.fast: one fetch_flags_lines call per run / items assembled column by column
+FAST_FLAGS = 1
+FAST_ITEMS = 2
+#: messages per call of the FETCH fast paths
+FAST_RUN = 2048
+#: items the FAST_ITEMS path answers besides the structures
+_FAST_NAMES = frozenset({b"UID", b"FLAGS", b"RFC822.SIZE", b"MODSEQ", b"INTERNALDATE"})
+#: the structures, by their number in the process's RenderedCache and in the stored record
+_RENDERED = {b"BODYSTRUCTURE": 0, b"BODY": 1, b"ENVELOPE": 2}
+_STRUCTURE_KEYS = (b"S", b"B", b"E")  # render_structures' keys, in that order
+#: the kind of the store's record of a content's three structures (``keep_rendered``):
+#: the mark octet, three >I lengths, then BODYSTRUCTURE, BODY and ENVELOPE
+_STRUCTURES_KIND = b"I"
+_LENGTHS = struct.Struct(">III")
+#: the item sets of the FAST_FLAGS path (sent as UID FLAGS RFC822.SIZE [MODSEQ] in whatever
+#: order they were asked, as fetch_response's fetch_flags_line path sends them)
+_FLAGS_SETS = (
+    frozenset({b"UID", b"FLAGS", b"RFC822.SIZE"}),
+    frozenset({b"UID", b"FLAGS", b"RFC822.SIZE", b"MODSEQ"}),
+)
+#: the first octet of a kept rendering: valid for every session, or only for those without
+#: UTF8=ACCEPT and IMAP4rev2 (8-bit header text, message/global parts)
+_ANY_SESSION = b"\x01"
+_PLAIN_SESSION = b"\x00"
+
+
+def fast_plan(items: Sequence[FetchAtt], uid: bool, modseq: bool) -> tuple[int, tuple[bytes, ...]]:
+    """Which fast path answers *items* (0: none) and the item names in the order they are
+    sent, as ``fetch_response`` orders them (UID first when added, MODSEQ last)."""
+    wanted = list(dict.fromkeys(items))
+    names = [item.name for item in wanted]
+    if uid and b"UID" not in names:
+        names.insert(0, b"UID")
+    if modseq and b"MODSEQ" not in names:
+        names.append(b"MODSEQ")
+    if len(set(names)) != len(names):
+        return 0, ()
+    if frozenset(names) in _FLAGS_SETS:
+        return FAST_FLAGS, tuple(names)
+    for item in wanted:
+        if item.name in _FAST_NAMES:
+            continue
+        if item.name in _RENDERED and item.part is None:
+            continue
+        return 0, ()
+    if not any(name in _RENDERED for name in names):
+        return 0, ()
+    return FAST_ITEMS, tuple(names)
+
+
+def _unpack_structures(record: bytes) -> list[bytes] | None:
+    """The three structures of a stored record (see _STRUCTURES_KIND); None when it does
+    not parse (then they are rendered again)."""
+    if len(record) < 1 + _LENGTHS.size:
+        return None
+    lengths = _LENGTHS.unpack_from(record, 1)
+    texts: list[bytes] = []
+    at = 1 + _LENGTHS.size
+    for length in lengths:
+        texts.append(record[at : at + length])
+        at += length
+    return texts if at == len(record) else None
+
+
+def _same_for_all(summary: object) -> bool:
+    """Whether the renderings of a summary are the same for every session: no 8-bit text
+    (UTF8=ACCEPT sends it otherwise) and no message/global part (IMAP4rev2 does)."""
+    if isinstance(summary, str):
+        return summary.isascii()
+    if isinstance(summary, dict):
+        if summary.get("type") == "message" and summary.get("subtype") == "global":
+            return False
+        return all(_same_for_all(value) for value in summary.values())
+    if isinstance(summary, list):
+        return all(_same_for_all(value) for value in summary)
+    return True
 
 
 class _Opened(NamedTuple):
-    """What SELECT read off the loop: the mailbox and its messages (None: no such
-    mailbox), QRESYNC's vanished UIDs, the keywords in use, the first unseen message, the
-    first UID no session has claimed as \\Recent."""
+    """What SELECT found: the mailbox's current columns, QRESYNC's vanished UIDs, the first
+    UID no session has claimed as \\Recent."""
 
-    state: tuple[MailboxInfo, list[MessageInfo]] | None
+    entry: CacheEntry
     vanished: list[int]
-    keywords: set[str]
-    first_unseen: int
     first_recent: int = 0
 
 
@@ -1545,49 +1656,76 @@ class ImapSession(asyncio.Protocol):
         user, store = self.user, self.ctx.mailbox
 
         rev1 = not self.rev2
+        cache = self._index_cache()
+        info = store.mailbox(user, name)
+        if info is None:
+            self._no(tag, "No such mailbox", "NONEXISTENT")
+            return
+        entry = cache.entry(user, name, info)
+        if entry is not None:  # the process has the mailbox's columns as they are now
+            self._open(tag, name, readonly, qresync, entry, rev1)
+            return
 
-        def work() -> _Opened:
-            state = store.index_state(user, name)
-            vanished: list[int] = []
-            keywords: set[str] = set()
-            first_unseen = first_recent = 0
-            if state is not None:
-                if qresync is not None and qresync[0] == state[0].uidvalidity:
-                    vanished = store.expunged_since(user, name, qresync[1])
-                for seq, message in enumerate(state[1], 1):
-                    for flag in message.flags:
-                        if not flag.startswith("\\"):
-                            keywords.add(flag)
-                    if not first_unseen and SEEN not in message.flags:
-                        first_unseen = seq
-                if rev1:
-                    first_recent = store.first_recent(state[0].id)
-            return _Opened(state, vanished, keywords, first_unseen, first_recent)
-
-        def opened(found: _Opened) -> None:
-            state = found.state
-            if state is None or not rev1:
-                self._selected(tag, name, readonly, qresync, found, [], 1 << 62)
-            elif readonly:  # EXAMINE shows what is recent and claims nothing
-                recent = [(found.first_recent, state[0].uidnext)]
-                self._selected(tag, name, readonly, qresync, found, recent, 1 << 62)
-            elif found.first_recent >= state[0].uidnext:
-                self._selected(tag, name, readonly, qresync, found, [], state[0].uidnext)
+        def loaded(entry: CacheEntry | None) -> None:
+            if entry is None:
+                self._no(tag, "No such mailbox", "NONEXISTENT")
             else:
+                self._open(tag, name, readonly, qresync, entry, rev1)
 
-                def claimed(outcome: object) -> None:
-                    if isinstance(outcome, tuple) and outcome[1]:
-                        first, end = outcome
-                        recent = [(first, end)] if end > first else []
-                        self._selected(tag, name, readonly, qresync, found, recent, end)
-                    elif isinstance(outcome, NoSuchMailbox | tuple):
-                        self._no(tag, "No such mailbox", "NONEXISTENT")  # deleted meanwhile
-                    elif isinstance(outcome, Exception):
-                        raise outcome
+        # Read off the loop: a first read of a big mailbox takes a while (one read for
+        # every session of this process that selects it meanwhile).
+        self._wait(tag, cache.load_later(self.ctx.loop, user, name), loaded)
 
-                self._commit(tag, claim_recent(user, name, state[0].id), claimed)
+    def _index_cache(self) -> IndexCache:
+        config = self.config
+        return caches_for(
+            self.ctx.mailbox, config.index_cache_messages, config.rendered_cache_mb * 1024 * 1024
+        )[0]
 
-        self._off_loop(tag, work, opened)
+    def _rendered_cache(self) -> RenderedCache:
+        config = self.config
+        return caches_for(
+            self.ctx.mailbox, config.index_cache_messages, config.rendered_cache_mb * 1024 * 1024
+        )[1]
+
+    def _open(
+        self,
+        tag: bytes,
+        name: str,
+        readonly: bool,
+        qresync: tuple[int, int, list[tuple[int, int]] | None] | None,
+        entry: CacheEntry,
+        rev1: bool,
+    ) -> None:
+        """SELECT / EXAMINE of the mailbox whose current columns are *entry*: claim its
+        new messages as \\Recent (IMAP4rev1 SELECT), then answer."""
+        assert self.user is not None
+        user, store, info = self.user, self.ctx.mailbox, entry.info
+        vanished: list[int] = []
+        if qresync is not None and qresync[0] == info.uidvalidity:
+            vanished = store.expunged_since(user, name, qresync[1])
+        first_recent = store.first_recent(info.id) if rev1 else 0
+        found = _Opened(entry, vanished, first_recent)
+        if not rev1:
+            self._selected(tag, name, readonly, qresync, found, [], 1 << 62)
+        elif readonly:  # EXAMINE shows what is recent and claims nothing
+            recent = [(found.first_recent, info.uidnext)]
+            self._selected(tag, name, readonly, qresync, found, recent, 1 << 62)
+        elif found.first_recent >= info.uidnext:
+            self._selected(tag, name, readonly, qresync, found, [], info.uidnext)
+        else:
+
+            def claimed(outcome: object) -> None:
+                if isinstance(outcome, tuple) and outcome[1]:
+                    first, end = outcome
+                    recent = [(first, end)] if end > first else []
+                    self._selected(tag, name, readonly, qresync, found, recent, end)
+                elif isinstance(outcome, NoSuchMailbox | tuple):
+                    self._no(tag, "No such mailbox", "NONEXISTENT")  # deleted meanwhile
+                elif isinstance(outcome, Exception):
+                    raise outcome
+
+            self._commit(tag, claim_recent(user, name, info.id), claimed)
 
     def cmd_examine(self, tag: bytes, args: list[object]) -> None:
         self.cmd_select(tag, args, readonly=True)
@@ -1615,17 +1753,14 @@ class ImapSession(asyncio.Protocol):
         recent: list[tuple[int, int]],
         claimed: int,
     ) -> None:
-        state, vanished = found.state, found.vanished
-        if state is None:
-            self._no(tag, "No such mailbox", "NONEXISTENT")
-            return
-        info, messages = state
+        entry, vanished = found.entry, found.vanished
+        info = entry.info
+        messages = entry.view()
         selected = Selected(
             name=info.name,
             readonly=readonly,
             uidvalidity=info.uidvalidity,
             messages=messages,
-            uids=[message.uid for message in messages],
             modseq=info.highestmodseq,
             exists=len(messages),
             mailbox_id=info.id,
@@ -1635,8 +1770,8 @@ class ImapSession(asyncio.Protocol):
         self.selected = selected
         self.state = State.SELECTED
         self.saved = []
-        first_unseen = found.first_unseen
-        flags = format_flags([*SYSTEM_FLAGS, *sorted(found.keywords)])
+        first_unseen = entry.first_unseen()
+        flags = format_flags([*SYSTEM_FLAGS, *sorted(entry.keywords())])
         out = self.out
         out.append(b"* FLAGS " + flags + b"\r\n")
         if readonly:
@@ -1662,9 +1797,10 @@ class ImapSession(asyncio.Protocol):
                 gone = [uid for uid in gone if _in_set(uid, known)]
             if gone:
                 out.append(b"* VANISHED (EARLIER) %s\r\n" % number_list(gone))
-            for seq, message in enumerate(messages, 1):
-                if message.modseq > qresync[1]:
-                    out.append(self._flags_line(seq, message, uid=True))
+            since = qresync[1]
+            for index, modseq in enumerate(messages.modseqs):
+                if modseq > since:
+                    out.append(self._flags_line(index + 1, messages[index], uid=True))
         self.out.append(
             tagged(
                 tag,
@@ -1691,7 +1827,7 @@ class ImapSession(asyncio.Protocol):
         selected = self.selected
         assert selected is not None and self.user is not None
         self._sync(False)  # \Deleted set by others counts too; CLOSE sends no EXPUNGE
-        doomed = [m.uid for m in selected.messages if DELETED in m.flags]
+        doomed = selected.messages.deleted_uids()
         self._unselect()
         if selected.readonly or not doomed:
             self.out.append(tagged(tag, "OK", "CLOSE completed"))
@@ -1733,40 +1869,64 @@ class ImapSession(asyncio.Protocol):
             return
         changed: list[MessageInfo] = []
         if info.highestmodseq != selected.modseq:
-            changed = store.changed_since(self.user, selected.name, selected.modseq)
-            gone = store.expunged_since(self.user, selected.name, selected.modseq)
-            selected.modseq = info.highestmodseq  # read first: a change in between comes again
+            found = self._changes(selected, info)
+            if found is None:  # the process's columns cannot tell: ask the store
+                changed = store.changed_since(self.user, selected.name, selected.modseq)
+                gone = store.expunged_since(self.user, selected.name, selected.modseq)
+                selected.modseq = info.highestmodseq  # read first: a change in between comes again
+            else:
+                selected.modseq, changed, gone = found
             selected.pending_expunge.update(gone)
         if expunge and selected.pending_expunge:
             self._send_expunged(selected, selected.pending_expunge)
             selected.pending_expunge = set()
+        messages = selected.messages
         if changed:
-            last = selected.uids[-1] if selected.uids else 0
+            last = messages.uids[-1] if messages.uids else 0
             updates: list[int] = []
             for message in changed:
                 if message.uid > last:
                     if message.uid not in selected.pending_expunge:
-                        selected.messages.append(message)
-                        selected.uids.append(message.uid)
+                        messages.append(message)
                         last = message.uid
                     continue
-                index = selected.index(message.uid)
+                index = messages.find(message.uid)
                 if index is None:
                     continue
-                old = selected.messages[index]
+                old = messages[index]
                 if old.flags != message.flags or (self.condstore and old.modseq != message.modseq):
                     updates.append(index)
-                selected.messages[index] = message
-            if len(selected.messages) != selected.exists:
-                selected.exists = len(selected.messages)
+                    messages.put(index, message)
+                elif old.modseq != message.modseq:
+                    messages.put(index, message)
+            if len(messages) != selected.exists:
+                selected.exists = len(messages)
                 self.out.append(b"* %d EXISTS\r\n" % selected.exists)
             for index in updates:
-                self.out.append(
-                    self._flags_line(index + 1, selected.messages[index], uid=self.qresync)
-                )
-        elif len(selected.messages) != selected.exists:
-            selected.exists = len(selected.messages)
+                self.out.append(self._flags_line(index + 1, messages[index], uid=self.qresync))
+        elif len(messages) != selected.exists:
+            selected.exists = len(messages)
             self.out.append(b"* %d EXISTS\r\n" % selected.exists)
+
+    def _changes(
+        self, selected: Selected, info: MailboxInfo
+    ) -> tuple[int, list[MessageInfo], list[int]] | None:
+        """(modseq now, messages changed above the view's modseq, UIDs expunged above it)
+        from the process's shared columns, brought up to date first; None when they cannot
+        tell (not cached, or their log does not reach back to the view's modseq)."""
+        assert self.user is not None
+        cache = self._index_cache()
+        entry = cache.cached(self.user, selected.name)
+        if entry is None or entry.info.id != info.id:
+            return None
+        if entry.modseq != info.highestmodseq:
+            entry = cache.refresh(self.user, selected.name)
+            if entry is None or entry.info.id != info.id:
+                return None
+        found = entry.changes_since(selected.modseq)
+        if found is None:
+            return None
+        return entry.modseq, found[0], found[1]
 
     def _send_expunged(self, selected: Selected, uids: Iterable[int]) -> None:
         """Drop *uids* from the view, with EXPUNGE responses (highest first) or VANISHED."""
@@ -1779,9 +1939,7 @@ class ImapSession(asyncio.Protocol):
             self.out.append(b"* VANISHED %s\r\n" % number_list(selected.uids[i] for i in indexes))
         else:
             self.out.extend(b"* %d EXPUNGE\r\n" % (i + 1) for i in indexes)
-        doomed = set(indexes)
-        selected.messages = [msg for i, msg in enumerate(selected.messages) if i not in doomed]
-        selected.uids = [msg.uid for msg in selected.messages]
+        selected.messages.remove(indexes)
         selected.exists = len(selected.messages)
 
     def _resolve(self, token: object, uid: bool) -> list[int]:
@@ -1871,7 +2029,8 @@ class ImapSession(asyncio.Protocol):
             self._enable_condstore()
         if changedsince is not None:
             since = changedsince
-            indexes = [i for i in indexes if selected.messages[i].modseq > since]
+            modseqs = selected.messages.modseqs
+            indexes = [i for i in indexes if modseqs[i] > since]
             if vanished:
                 gone = self.ctx.mailbox.expunged_since(self.user, selected.name, since)
                 top = selected.uids[-1] if selected.uids else 0
@@ -1880,11 +2039,11 @@ class ImapSession(asyncio.Protocol):
                 if gone:
                     self.out.append(b"* VANISHED (EARLIER) %s\r\n" % number_list(gone))
         job = FetchJob(tag, "UID FETCH" if uid else "FETCH", indexes, items, uid, set())
+        job.fast, job.plan = fast_plan(items, uid or self.qresync, self.condstore)
         unseen = []
         if not selected.readonly and sets_seen(items):
-            unseen = [
-                selected.messages[i].uid for i in indexes if SEEN not in selected.messages[i].flags
-            ]
+            bits, uids = selected.messages.bits, selected.messages.uids
+            unseen = [uids[i] for i in indexes if not bits[i] & _SEEN_BIT]
         if not unseen:
             self._start_fetch(job)
             return
@@ -1902,7 +2061,7 @@ class ImapSession(asyncio.Protocol):
             for message in cast(list[MessageInfo], outcome):
                 index = selected.index(message.uid)
                 if index is not None:
-                    selected.messages[index] = message
+                    selected.messages.put(index, message)
                     job.seen_set.add(message.uid)
             self._start_fetch(job)
 
@@ -1920,6 +2079,13 @@ class ImapSession(asyncio.Protocol):
         selected = self.selected
         if job is None or selected is None or self.transport is None:
             return
+        if job.keeping is not None:
+            # The renderings of the last turn are being committed: read on once they are
+            # (a commit that grows the store's map invalidates a read transaction of this
+            # thread, so this session's own writes never overlap its reads).
+            if not job.keeping.done():
+                return  # its done callback pumps again
+            job.keeping = None
         reader: ContentReader | None = None
         store = self.ctx.mailbox
         source = _Source(store)
@@ -1930,7 +2096,7 @@ class ImapSession(asyncio.Protocol):
                     return
                 if self.write_paused:
                     return  # resume_writing pumps again
-                if sent >= TURN_BYTES or messages >= TURN_MESSAGES:
+                if sent >= TURN_BYTES or (messages >= TURN_MESSAGES and not job.fast):
                     self.transport.pause_reading()  # commands wait until the FETCH is out
                     if not self.pump_scheduled:
                         self.pump_scheduled = True
@@ -1961,6 +2127,21 @@ class ImapSession(asyncio.Protocol):
                     continue
                 if job.position >= len(job.indexes):
                     break
+                if job.fast:
+                    if reader is None:
+                        reader = store.reader()
+                    try:
+                        data, count = self._fast_run(job, reader)
+                    except Exception:
+                        log.exception("imap: FETCH of %s failed", self.user)
+                        job.failed = "Messages could not be served"
+                        job.failed_code = "SERVERBUG"
+                        break
+                    job.position += count
+                    messages += count
+                    sent += len(data)
+                    self._queue(data)
+                    continue
                 index = job.indexes[job.position]
                 job.position += 1
                 messages += 1
@@ -1973,9 +2154,25 @@ class ImapSession(asyncio.Protocol):
                     self._queue(pieces[0])
                 else:
                     job.pieces.extend(pieces)
+        except Exception:  # the store failed under us (never a traceback into the loop)
+            log.exception("imap session %s: FETCH failed", self.peer_ip)
+            if job.left or job.pieces:  # inside a message's response: it cannot be ended
+                self.outcome = "error"
+                self.mode = Mode.CLOSED
+                self.job = None
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            job.failed = "Messages could not be served"
+            job.failed_code = "SERVERBUG"
         finally:
             if reader is not None:
                 reader.close()
+            if job.keep:
+                self._keep_rendered(job)
+        if job.keeping is not None:
+            self.transport.pause_reading()  # commands wait until the FETCH is answered
+            return  # answered once the renderings are kept
         self.job = None
         self.mode = Mode.COMMAND
         if job.failed:
@@ -1983,6 +2180,130 @@ class ImapSession(asyncio.Protocol):
         else:
             self._ok(job.tag, f"{job.name} completed", expunge=job.uid)
         # The caller reads on: the command loop, _waited, resume_writing or _pump_later.
+
+    def _fast_run(self, job: FetchJob, reader: ContentReader) -> tuple[bytes, int]:
+        """The responses of the FETCH fast paths for the next run of consecutive messages
+        (at most FAST_RUN) and how many messages they answer."""
+        selected = self.selected
+        assert selected is not None
+        indexes, pos = job.indexes, job.position
+        end = min(pos + FAST_RUN, len(indexes))
+        lo = indexes[pos]
+        if indexes[end - 1] - lo != end - 1 - pos:  # a gap: up to it
+            k = pos + 1
+            while k < end and indexes[k] == indexes[k - 1] + 1:
+                k += 1
+            end = k
+        hi = lo + end - pos
+        messages = selected.messages
+        if job.fast == FAST_FLAGS:
+            data = fetch_flags_lines(
+                lo + 1,
+                messages.uids[lo:hi],
+                messages.flag_lists(lo, hi, selected.recent),
+                messages.sizes[lo:hi],
+                messages.modseqs[lo:hi] if b"MODSEQ" in job.plan else None,
+            )
+        else:
+            data = self._fast_items(job, selected, lo, hi, reader)
+        return data, end - pos
+
+    def _fast_items(
+        self, job: FetchJob, selected: Selected, lo: int, hi: int, reader: ContentReader
+    ) -> bytes:
+        """FETCH responses of messages lo <= index < hi, item by item over the run: from the
+        columns, and from the renderings this process or the store kept (made, and queued
+        to be kept, where missing)."""
+        messages = selected.messages
+        columns: list[list[bytes]] = []
+        for name in job.plan:
+            if name == b"UID":
+                columns.append([b"UID %d" % uid for uid in messages.uids[lo:hi]])
+            elif name == b"FLAGS":
+                flags = messages.flag_lists(lo, hi, selected.recent)
+                columns.append([b"FLAGS " + f for f in flags])
+            elif name == b"RFC822.SIZE":
+                columns.append([b"RFC822.SIZE %d" % size for size in messages.sizes[lo:hi]])
+            elif name == b"MODSEQ":
+                columns.append([b"MODSEQ (%d)" % modseq for modseq in messages.modseqs[lo:hi]])
+            elif name == b"INTERNALDATE":
+                columns.append(
+                    [b"INTERNALDATE " + format_internaldate(d) for d in messages.dates[lo:hi]]
+                )
+            else:
+                columns.append(self._rendered_column(job, name, messages.contents[lo:hi], reader))
+        if len(columns) == 1:
+            return fetch_item_lines(lo + 1, columns[0])
+        return fetch_item_lines(lo + 1, [b" ".join(parts) for parts in zip(*columns, strict=True)])
+
+    def _rendered_column(
+        self, job: FetchJob, name: bytes, contents: Sequence[int], reader: ContentReader
+    ) -> list[bytes]:
+        """``NAME (...)`` of the structure item *name* for each content id of *contents*."""
+        cache = self._rendered_cache()
+        code = _RENDERED[name]
+        found = list(map(cache.kinds[code].get, contents))
+        plain = not (self.utf8 or self.rev2)
+        if plain and None not in found:
+            return cast(list[bytes], found)
+        pack = _CONTENT_KEY.pack
+        plain_only = cache.plain_only[code]
+        for k, content in enumerate(contents):
+            if found[k] is not None and (plain or content not in plain_only):
+                continue
+            content_key = pack(content)
+            kept = reader.rendered(content_key, _STRUCTURES_KIND)
+            texts = None if kept is None else _unpack_structures(kept)
+            if kept is not None and texts is not None:
+                same = kept[:1] == _ANY_SESSION
+            else:
+                made, same = self._render(job, content_key)
+                if made is None:  # deleted meanwhile
+                    session = render_structures(_EMPTY_SUMMARY, utf8=self.utf8, rev2=self.rev2)
+                    found[k] = name + b" " + session[_STRUCTURE_KEYS[code]]
+                    continue
+                texts = [made[key] for key in _STRUCTURE_KEYS]
+            for other, other_name in enumerate(_RENDERED):
+                cache.put(other, content, other_name + b" " + texts[other], not same)
+            if plain or same:
+                found[k] = name + b" " + texts[code]
+            else:  # 8-bit text or message/global for a UTF8=ACCEPT or IMAP4rev2 session
+                summary = self.ctx.mailbox.summary(content_key) or _EMPTY_SUMMARY
+                session = render_structures(summary, utf8=self.utf8, rev2=self.rev2)
+                found[k] = name + b" " + session[_STRUCTURE_KEYS[code]]
+        return cast(list[bytes], found)
+
+    def _render(self, job: FetchJob, key: bytes) -> tuple[dict[bytes, bytes] | None, bool]:
+        """BODYSTRUCTURE, BODY and ENVELOPE of the content *key* for sessions without
+        UTF8=ACCEPT and IMAP4rev2, made from its summary and queued to be kept in the store,
+        and whether they suit every session; (None, False) when the content is gone."""
+        summary = self.ctx.mailbox.summary(key)
+        if summary is None:
+            return None, False
+        made = render_structures(summary, utf8=False, rev2=False)
+        same = _same_for_all(summary)
+        texts = [made[kind] for kind in _STRUCTURE_KEYS]
+        record = (_ANY_SESSION if same else _PLAIN_SESSION) + _LENGTHS.pack(
+            *(len(text) for text in texts)
+        )
+        job.keep.append((key, _STRUCTURES_KIND, record + b"".join(texts)))
+        return made, same
+
+    def _keep_rendered(self, job: FetchJob) -> None:
+        """Hand the renderings made by *job* to the group commit; the job goes on when they
+        are committed (a failure is logged: they are rendered again next time)."""
+        items, job.keep = job.keep, []
+        future = self.ctx.mailbox_committer.submit_operation(keep_rendered(items))
+        job.keeping = future
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("imap: could not keep renderings: %r", finished.exception())
+            if self.job is job and not self.pump_scheduled:
+                self.pump_scheduled = True
+                self.ctx.loop.call_soon(self._pump_later)
+
+        future.add_done_callback(done)
 
     def _fetch_one(self, job: FetchJob, index: int, source: _Source) -> list[bytes | ContentRange]:
         """The pieces of one message's FETCH response ([] when it cannot be served: the
@@ -2072,9 +2393,10 @@ class ImapSession(asyncio.Protocol):
         modified: list[int] = []
         if unchangedsince is not None:
             since = unchangedsince
-            modified = [i for i in indexes if selected.messages[i].modseq > since]
-            indexes = [i for i in indexes if selected.messages[i].modseq <= since]
-        uids = [selected.messages[i].uid for i in indexes]
+            modseqs = selected.messages.modseqs
+            modified = [i for i in indexes if modseqs[i] > since]
+            indexes = [i for i in indexes if modseqs[i] <= since]
+        uids = [selected.uids[i] for i in indexes]
         name = "UID STORE" if uid else "STORE"
 
         def stored(outcome: object) -> None:
@@ -2090,7 +2412,7 @@ class ImapSession(asyncio.Protocol):
             for message in cast(list[MessageInfo], outcome):
                 index = selected.index(message.uid)
                 if index is not None:
-                    selected.messages[index] = message
+                    selected.messages.put(index, message)
             for uid_ in uids:
                 index = selected.index(uid_)
                 if index is None:
@@ -2104,11 +2426,7 @@ class ImapSession(asyncio.Protocol):
                     self.out.append(b"* %d FETCH (%s)\r\n" % (index + 1, parts))
             code = ""
             if modified:
-                numbers = (
-                    [selected.messages[i].uid for i in modified]
-                    if uid
-                    else [i + 1 for i in modified]
-                )
+                numbers = [selected.uids[i] for i in modified] if uid else [i + 1 for i in modified]
                 code = "MODIFIED " + number_list(numbers).decode()
             self._ok(tag, f"{name} completed", code, expunge=uid)
 
@@ -2123,7 +2441,10 @@ class ImapSession(asyncio.Protocol):
         selected = self.selected
         assert selected is not None
         return _SearchView(
-            self.ctx.mailbox, list(selected.messages), list(self.saved), list(selected.recent)
+            self.ctx.mailbox,
+            selected.messages.snapshot(),
+            list(self.saved),
+            list(selected.recent),
         )
 
     def cmd_search(self, tag: bytes, args: list[object], uid: bool = False) -> None:
@@ -2206,7 +2527,7 @@ class ImapSession(asyncio.Protocol):
         if move and selected.readonly:
             self._no(tag, "The mailbox is read-only", "READ-ONLY")
             return
-        uids = [selected.messages[i].uid for i in indexes]
+        uids = [selected.uids[i] for i in indexes]
         if not uids:
             self._ok(tag, f"{verb} completed: nothing to do")
             return
@@ -2256,16 +2577,14 @@ class ImapSession(asyncio.Protocol):
         if uid:
             if len(args) != 1:
                 raise ArgumentError("UID EXPUNGE takes a UID set")
-            allowed = {selected.messages[i].uid for i in self._resolve(args[0], True)}
+            allowed = {selected.uids[i] for i in self._resolve(args[0], True)}
         elif args:
             raise ArgumentError("EXPUNGE takes no arguments")
         if selected.readonly:
             self._no(tag, "The mailbox is read-only", "READ-ONLY")
             return
         self._sync(True)  # \Deleted set by others counts too
-        doomed = [
-            m.uid for m in selected.messages if DELETED in m.flags and (not uid or m.uid in allowed)
-        ]
+        doomed = [u for u in selected.messages.deleted_uids() if not uid or u in allowed]
         name = "UID EXPUNGE" if uid else "EXPUNGE"
         if not doomed:
             self._ok(tag, f"{name} completed")

@@ -21,6 +21,11 @@ Layout (named databases of the environment at ``config.mailbox_path``):
 ``contents`` / ``summaries``
     content id (>Q) -> the message as delivered (CRLF, delivery headers first) / its
     summary (``tachymail.mailbox.summary``, orjson) for IMAP BODYSTRUCTURE and ENVELOPE.
+``rendered``
+    content id (>Q) + one kind byte -> octets derived from the message that a front end
+    keeps so as not to compute them again (IMAP keeps its BODYSTRUCTURE, BODY and ENVELOPE
+    there, as Dovecot's cache file does); opaque to the store, written by
+    :func:`keep_rendered`, deleted with the content.
 ``refs``
     content id (>Q) -> >I, how many index entries share the content, present only when
     more than one does (no record: exactly one; every store written before COPY existed
@@ -66,9 +71,11 @@ workers hand them to their ``tachymail.mailbox.notify.ChangeNotifier``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +192,37 @@ class MessageInfo:
 
 
 @dataclass(slots=True)
+class IndexColumns:
+    """Index entries of one mailbox as columns (UID order; position i of every column is
+    the same message), read in one read transaction with *info*, the mailbox record: the
+    compact form IMAP keeps per mailbox (about 37 octets a message, no object per message).
+
+    *bits*: the system-flag bits (``SYSTEM_FLAGS`` order, bit 0 ``\\Seen``); *keywords*: UID
+    -> its keywords, only for messages that have any; *contents*: the content ids (the
+    ``content_id`` of MessageInfo is their 8-octet big-endian form)."""
+
+    info: MailboxInfo
+    uids: array[int]  # "I"
+    sizes: array[int]  # "Q"
+    modseqs: array[int]  # "Q"
+    dates: array[float]  # "d"
+    bits: bytearray
+    contents: array[int]  # "Q"
+    keywords: dict[int, frozenset[str]]
+
+
+@dataclass(slots=True)
+class IndexChanges:
+    """What changed in a mailbox since a modseq (:meth:`MailboxStore.changes_since`), read in
+    one read transaction: *info* the record now, *changed* the entries whose modseq is above
+    it (new messages and flag changes), *expunged* the UIDs expunged above it, ascending."""
+
+    info: MailboxInfo
+    changed: IndexColumns
+    expunged: list[int]
+
+
+@dataclass(slots=True)
 class Delivered:
     """Where a delivery went; *duplicate*: its key was delivered before, nothing written."""
 
@@ -224,27 +262,56 @@ class Delivery:
 class ContentReader:
     """Reads of message contents in one read transaction: a pipelined batch of POP3 RETRs
     (or IMAP FETCHes) pays for one transaction, not one each. Close it before the event
-    loop turns: an open read transaction keeps LMDB from reusing the pages it sees."""
+    loop turns: an open read transaction keeps LMDB from reusing the pages it sees.
 
-    __slots__ = ("_db", "_txn")
+    A write in another thread of the process that grows the map invalidates the read
+    transaction (py-lmdb's set_mapsize): the read is then made again in a new one."""
 
-    def __init__(self, txn: lmdb.Transaction[memoryview], db: Any) -> None:
-        self._txn: lmdb.Transaction[memoryview] | None = txn
+    __slots__ = ("_begin", "_db", "_rendered", "_txn")
+
+    def __init__(
+        self,
+        begin: Callable[[], lmdb.Transaction[memoryview]],
+        db: Any,
+        rendered: Any = None,
+    ) -> None:
+        self._begin = begin
+        self._txn: lmdb.Transaction[memoryview] | None = begin()
         self._db = db
+        self._rendered = rendered
 
-    def read(self, content_id: bytes, offset: int, length: int) -> bytes:
-        """As :meth:`MailboxStore.read`."""
+    def _get(self, key: bytes, db: Any) -> memoryview | None:
         txn = self._txn
         if txn is None:
             raise ValueError("the reader is closed")
-        view = txn.get(content_id, db=self._db)
+        try:
+            return txn.get(key, db=db)
+        except lmdb.Error:  # invalidated by a map growth meanwhile: read in a new transaction
+            with contextlib.suppress(lmdb.Error):
+                txn.abort()
+            self._txn = txn = self._begin()
+            return txn.get(key, db=db)
+
+    def read(self, content_id: bytes, offset: int, length: int) -> bytes:
+        """As :meth:`MailboxStore.read`."""
+        view = self._get(content_id, self._db)
         if view is None:
             return b""
         return bytes(view[offset : offset + length])
 
+    def rendered(self, content_id: bytes, kind: bytes) -> bytes | None:
+        """As :meth:`MailboxStore.rendered`."""
+        if self._rendered is None:
+            if self._txn is None:
+                raise ValueError("the reader is closed")
+            return None
+        view = self._get(content_id + kind, self._rendered)
+        return None if view is None else bytes(view)
+
     def close(self) -> None:
         if self._txn is not None:
-            self._txn.abort()
+            with contextlib.suppress(lmdb.Error):
+                self._txn.abort()
             self._txn = None
 
 
@@ -345,6 +412,10 @@ class MailboxStore:
         self.delivered_age = db(b"delivered_age")
         self.expunged = db(b"expunged")
         try:
+            self.rendered_db: Any = db(b"rendered")
+        except lmdb.NotFoundError:  # read-only on a store no writer has opened since it came
+            self.rendered_db = None
+        try:
             self.refs = db(b"refs")
         except lmdb.NotFoundError:  # read-only on a store no writer has opened since COPY came
             self.refs = None
@@ -400,12 +471,20 @@ class MailboxStore:
         if raw is None:
             txn.delete(content_key, db=self.contents)
             txn.delete(content_key, db=self.summaries)
+            self._drop_rendered(txn, content_key)
             return
         count = _REFS.unpack(raw)[0] - 1
         if count <= 1:
             txn.delete(content_key, db=self.refs)
         else:
             txn.put(content_key, _REFS.pack(count), db=self.refs)
+
+    def _drop_rendered(self, txn: lmdb.Transaction, content_key: bytes) -> None:
+        """Delete what front ends kept for the content (every kind)."""
+        cursor = txn.cursor(db=self.rendered_db)
+        more = cursor.set_range(content_key)
+        while more and bytes(cursor.key()[:8]) == content_key:
+            more = cursor.delete()
 
     def _counter(self, txn: lmdb.Transaction, name: bytes, fmt: struct.Struct) -> int:
         """Take the next value of a meta counter (starting at 1)."""
@@ -656,6 +735,87 @@ class MailboxStore:
             )
         return found
 
+    def index_columns(self, user: str, name: str) -> IndexColumns | None:
+        """The mailbox record and all its index entries as columns, in one read transaction
+        (the counters are exactly those of the columns). None when the mailbox does not
+        exist (or the name is invalid)."""
+        try:
+            name = normalize_name(name)
+        except InvalidMailboxName:
+            return None
+        with self._read() as txn:
+            fields = self._get_mailbox(txn, user, name)
+            if fields is None:
+                return None
+            return self._columns(txn, _info(user.lower(), name, fields), -1)
+
+    def changes_since(self, user: str, name: str, modseq: int) -> IndexChanges | None:
+        """What changed in the mailbox above *modseq*, in one read transaction (see
+        :class:`IndexChanges`); None when the mailbox does not exist. Reads every index
+        entry's modseq (8 octets of each) when the mailbox changed, nothing else when not."""
+        try:
+            name = normalize_name(name)
+        except InvalidMailboxName:
+            return None
+        with self._read() as txn:
+            fields = self._get_mailbox(txn, user, name)
+            if fields is None:
+                return None
+            info = _info(user.lower(), name, fields)
+            if fields[3] <= modseq:  # nothing is newer than the mailbox
+                return IndexChanges(info, _empty_columns(info), [])
+            changed = self._columns(txn, info, modseq)
+            prefix = _ID.pack(fields[0])
+            gone: list[int] = []
+            cursor = txn.cursor(db=self.expunged)
+            if cursor.set_range(_EXPUNGED.pack(fields[0], modseq + 1, 0)):
+                for key in cursor.iternext(values=False):
+                    if key[:4] != prefix:
+                        break
+                    gone.append(_EXPUNGED.unpack(key)[2])
+        gone.sort()
+        return IndexChanges(info, changed, gone)
+
+    def _columns(self, txn: lmdb.Transaction[bytes], info: MailboxInfo, above: int) -> IndexColumns:
+        """The mailbox's index entries with a modseq above *above* (-1: all) as columns."""
+        columns = _empty_columns(info)
+        uids, sizes, modseqs = columns.uids, columns.sizes, columns.modseqs
+        dates, bits, contents = columns.dates, columns.bits, columns.contents
+        keywords = columns.keywords
+        unpack = _ENTRY.unpack_from
+        size = _ENTRY.size
+        uid_of = _KEY.unpack_from
+        modseq_of = _MODSEQ.unpack_from
+        prefix = _ID.pack(info.id)
+        cursor = txn.cursor(db=self.index)
+        if not cursor.set_range(prefix):
+            return columns
+        for key, value in cursor:
+            if key[:4] != prefix:
+                break
+            if above >= 0 and modseq_of(value, _MODSEQ_AT)[0] <= above:
+                continue
+            content_id, date, length, modseq, flag_bits = unpack(value)
+            uid = uid_of(key)[1]
+            uids.append(uid)
+            sizes.append(length)
+            modseqs.append(modseq)
+            dates.append(date)
+            bits.append(flag_bits)
+            contents.append(content_id)
+            if len(value) > size:
+                keywords[uid] = frozenset(value[size:].decode().split("\0"))
+        return columns
+
+    def rendered(self, content_id: bytes, kind: bytes) -> bytes | None:
+        """What a front end kept for the content under *kind* (:func:`keep_rendered`), or
+        None."""
+        if self.rendered_db is None:
+            return None
+        with self._read() as txn:
+            raw = txn.get(content_id + kind, db=self.rendered_db)
+        return None if raw is None else bytes(raw)
+
     def content(self, content_id: bytes) -> bytes | None:
         """The whole message, or None when it was deleted."""
         with self._read() as txn:
@@ -673,7 +833,7 @@ class MailboxStore:
 
     def reader(self) -> ContentReader:
         """A :class:`ContentReader` for a batch of reads in one transaction."""
-        return ContentReader(self._read_in_place(), self.contents)
+        return ContentReader(self._read_in_place, self.contents, self.rendered_db)
 
     def summary(self, content_id: bytes) -> dict[str, Any] | None:
         """The message's summary (see ``tachymail.mailbox.summary``), or None."""
@@ -776,6 +936,12 @@ class MailboxStore:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _empty_columns(info: MailboxInfo) -> IndexColumns:
+    return IndexColumns(
+        info, array("I"), array("Q"), array("Q"), array("d"), bytearray(), array("Q"), {}
+    )
 
 
 def _unpack_mailbox(raw: bytes | memoryview) -> list[Any]:
@@ -1289,6 +1455,24 @@ def claim_recent(user: str, name: str, mailbox_id: int) -> Operation:
             return (end, end)
         txn.put(key, _ID.pack(end), db=store.recent_db)
         return (first, end)
+
+    return operation
+
+
+def keep_rendered(items: Sequence[tuple[bytes, bytes, bytes]]) -> Operation:
+    """Keep (content id, kind, octets) for each item: derived data a front end computed once
+    and reads back with :meth:`MailboxStore.rendered` (IMAP's BODYSTRUCTURE and ENVELOPE).
+    Items of a content deleted meanwhile are skipped. Outcome: how many were kept. Changes
+    no mailbox: nobody is notified."""
+
+    def operation(store: MailboxStore, txn: lmdb.Transaction) -> object:
+        kept = 0
+        for content_id, kind, data in items:
+            if txn.get(content_id, db=store.contents) is None:
+                continue  # deleted since it was read: keep nothing that outlives it
+            txn.put(content_id + kind, data, db=store.rendered_db)
+            kept += 1
+        return kept
 
     return operation
 

@@ -1,4 +1,5 @@
 # Type stub of the compiled kernel built from ext/imap.pyx; imap_py.py is its twin.
+from collections.abc import Sequence
 from typing import Final
 
 from tachymail.protocol.imap_types import (
@@ -47,3 +48,11 @@ def quote(value: bytes) -> bytes: ...
 def fetch_flags_line(
     seq: int, uid: int, flags: bytes, size: int, internaldate: bytes | None, modseq: int
 ) -> bytes: ...
+def fetch_flags_lines(
+    seq: int,
+    uids: Sequence[int],
+    flags: Sequence[bytes],
+    sizes: Sequence[int],
+    modseqs: Sequence[int] | None,
+) -> bytes: ...
+def fetch_item_lines(seq: int, parts: Sequence[bytes]) -> bytes: ...

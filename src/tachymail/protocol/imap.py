@@ -80,6 +80,21 @@ RFC 5182 (``$``), RFC 7162 (MODSEQ).
     *flags* is the flag list as sent (``(\\Seen $Junk)``), *internaldate* the quoted
     date-time; both are copied as they are. ValueError for a number outside 0 .. 2^63-1.
 
+``fetch_flags_lines(seq, uids, flags, sizes, modseqs) -> bytes``
+    The lines of ``fetch_flags_line`` for a run of messages numbered from *seq*, in one
+    call: message k is ``* seq+k FETCH (UID uids[k] FLAGS flags[k] RFC822.SIZE sizes[k]``,
+    then `` MODSEQ (modseqs[k])`` unless *modseqs* is None, and ``)`` CRLF (no
+    INTERNALDATE). *uids* is an ``array("I")``, *sizes* and *modseqs* ``array("Q")`` (the
+    twin takes any sequences of ints), *flags* a list of flag lists as sent, all of one
+    length. ValueError when the lengths differ or a number is outside 0 .. 2^63-1 (checked
+    message by message: sequence number, size, modseq); TypeError when a flag list is not
+    bytes.
+
+``fetch_item_lines(seq, parts) -> bytes``
+    ``* seq+k FETCH (parts[k])`` and CRLF for each part of the list *parts* (the items of
+    message k, rendered already, e.g. ``BODYSTRUCTURE (...)``), in one call. ValueError
+    for a message number outside 0 .. 2^63-1; TypeError when a part is not bytes.
+
 ``quote(value) -> bytes``
     ``value`` as an IMAP string for a response: a quoted string (``"`` and ``\\`` escaped)
     when it is at most 1024 octets of 7-bit text without NUL, CR or LF, else a literal
@@ -104,6 +119,8 @@ if TYPE_CHECKING:
         String,
         TooLarge,
         fetch_flags_line,
+        fetch_flags_lines,
+        fetch_item_lines,
         parse_fetch_items,
         parse_sequence_set,
         quote,
@@ -127,6 +144,8 @@ __all__ = [
     "String",
     "TooLarge",
     "fetch_flags_line",
+    "fetch_flags_lines",
+    "fetch_item_lines",
     "parse_fetch_items",
     "parse_sequence_set",
     "quote",

@@ -6,6 +6,8 @@ is documented in ``tachymail/protocol/imap.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tachymail.protocol.imap_types import (
     SEARCHRES,
     STAR,
@@ -32,6 +34,8 @@ __all__ = [
     "String",
     "TooLarge",
     "fetch_flags_line",
+    "fetch_flags_lines",
+    "fetch_item_lines",
     "parse_fetch_items",
     "parse_sequence_set",
     "quote",
@@ -592,3 +596,54 @@ def fetch_flags_line(
     if modseq:
         line += b" MODSEQ (%d)" % modseq
     return line + b")\r\n"
+
+
+def fetch_flags_lines(
+    seq: int,
+    uids: Sequence[int],
+    flags: Sequence[bytes],
+    sizes: Sequence[int],
+    modseqs: Sequence[int] | None,
+) -> bytes:
+    """The lines of :func:`fetch_flags_line` for a run of messages numbered from *seq*:
+    message k is ``* seq+k FETCH (UID uids[k] FLAGS flags[k] RFC822.SIZE sizes[k]`` then
+    `` MODSEQ (modseqs[k])`` unless *modseqs* is None, and ``)`` CRLF.
+
+    ValueError when the columns differ in length or a number is outside 0 .. 2^63-1;
+    TypeError when a flag list is not bytes."""
+    n = len(uids)
+    if len(sizes) != n or len(flags) != n or (modseqs is not None and len(modseqs) != n):
+        raise ValueError("columns of different lengths")
+    if not 0 <= seq < _NUMBER_LIMIT:
+        raise ValueError(f"number out of range: {seq}")
+    for k in range(n):
+        if type(flags[k]) is not bytes:
+            raise TypeError("flags must be bytes")
+        for number in (seq + k, sizes[k], *(() if modseqs is None else (modseqs[k],))):
+            if not 0 <= number < _NUMBER_LIMIT:
+                raise ValueError(f"number out of range: {number}")
+    if modseqs is None:
+        return b"".join(
+            b"* %d FETCH (UID %d FLAGS %b RFC822.SIZE %d)\r\n"
+            % (seq + k, uids[k], flags[k], sizes[k])
+            for k in range(n)
+        )
+    return b"".join(
+        b"* %d FETCH (UID %d FLAGS %b RFC822.SIZE %d MODSEQ (%d))\r\n"
+        % (seq + k, uids[k], flags[k], sizes[k], modseqs[k])
+        for k in range(n)
+    )
+
+
+def fetch_item_lines(seq: int, parts: Sequence[bytes]) -> bytes:
+    """``* seq+k FETCH (parts[k])`` and CRLF for each part: the lines of a run of messages
+    whose items are rendered already. ValueError for a message number outside
+    0 .. 2^63-1; TypeError when a part is not bytes."""
+    if not 0 <= seq < _NUMBER_LIMIT:
+        raise ValueError(f"number out of range: {seq}")
+    for k, part in enumerate(parts):
+        if type(part) is not bytes:
+            raise TypeError("parts must be bytes")
+        if seq + k >= _NUMBER_LIMIT:
+            raise ValueError(f"number out of range: {seq + k}")
+    return b"".join(b"* %d FETCH (%b)\r\n" % (seq + k, part) for k, part in enumerate(parts))
