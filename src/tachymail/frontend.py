@@ -18,11 +18,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from tachymail.metrics import m
+from tachymail.queue.envelope import HELD
 
 if TYPE_CHECKING:
     from tachymail.auth.throttle import Lockout, Verdict
     from tachymail.config import AuthConfig
     from tachymail.protocol.commands import LineReader
+    from tachymail.queue.envelope import Envelope
 
 #: seconds a client has to finish the TLS handshake after STARTTLS / STLS
 HANDSHAKE_TIMEOUT = 30.0
@@ -128,3 +130,39 @@ def tarpit_delay(
                 f"client {peer_ip}" if scope == "ip" else f"user {shown!r}",
             )
     return min(auth.failure_delay * count, auth.max_failure_delay)
+
+
+def log_intake(
+    logger: logging.Logger, envelope: Envelope, message_id: str, auth: str | None = None
+) -> None:
+    """The line of one accepted message, whatever front end took it (event
+    ``message_accepted``; `tachymail log` reads it); *auth*: the inbound-authentication
+    results ("spf=pass dkim=pass dmarc=pass ..."), when the message was checked."""
+    rcpts = [r.address for r in envelope.recipients]
+    client = f"{envelope.client_ip}:{envelope.client_port}"
+    logger.info(
+        # The message-id stays last: `tachymail log` reads it to the end of the line.
+        "%s queued: from <%s> to %s; %d octets; client %s%s%s; message-id %s",
+        envelope.id,
+        envelope.sender,
+        ", ".join(f"<{r}>" for r in rcpts),
+        envelope.size,
+        client,
+        "; held" if envelope.state == HELD else "",
+        f"; {auth}" if auth else "",
+        message_id or "(none)",
+        extra={
+            "fields": {
+                "event": "message_accepted",
+                "queue_id": envelope.id,
+                "message_id": message_id or None,
+                "sender": envelope.sender,
+                "recipients": rcpts,
+                "size": envelope.size,
+                "client": client,
+                "listener": envelope.listener,
+                "user": envelope.auth,  # the SMTP AUTH user, or the HTTP token's name
+                "auth": auth,
+            }
+        },
+    )

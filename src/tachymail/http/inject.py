@@ -49,6 +49,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from typing_extensions import TypedDict
 
+from tachymail.frontend import log_intake
 from tachymail.http.compose import (
     ContentProblem,
     MessageFrame,
@@ -538,7 +539,7 @@ class Injection:
         self.worker.accepted += 1
         if log.isEnabledFor(logging.INFO):
             found = header_value(content, b"Message-ID")
-            _log_intake(envelope, found.decode("utf-8", "replace") if found else "")
+            log_intake(log, envelope, found.decode("utf-8", "replace") if found else "")
 
 
 def _sign_all(signer: Any, batch: list[tuple[Envelope, bytes]]) -> list[bytes]:
@@ -560,36 +561,6 @@ def _sign_all(signer: Any, batch: list[tuple[Envelope, bytes]]) -> list[bytes]:
             signed[id(content)] = signature
         out.append(signature)
     return out
-
-
-def _log_intake(envelope: Envelope, message_id: str) -> None:
-    """The intake line SMTP writes for each accepted message (read by `tachymail log`)."""
-    rcpts = [r.address for r in envelope.recipients]
-    client = f"{envelope.client_ip}:{envelope.client_port}"
-    log.info(
-        # The message-id stays last: `tachymail log` reads it to the end of the line.
-        "%s queued: from <%s> to %s; %d octets; client %s%s; message-id %s",
-        envelope.id,
-        envelope.sender,
-        ", ".join(f"<{r}>" for r in rcpts),
-        envelope.size,
-        client,
-        "; held" if envelope.state == HELD else "",
-        message_id or "(none)",
-        extra={
-            "fields": {
-                "event": "message_accepted",
-                "queue_id": envelope.id,
-                "message_id": message_id or None,
-                "sender": envelope.sender,
-                "recipients": rcpts,
-                "size": envelope.size,
-                "client": client,
-                "listener": "http",
-                "auth": envelope.auth,
-            }
-        },
-    )
 
 
 def _token_name(request: web.Request) -> str | None:

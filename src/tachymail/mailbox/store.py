@@ -705,6 +705,22 @@ class MailboxStore:
                 return []
             return self._index_entries(txn, fields[0], modseq)
 
+    def _index_walk(
+        self, txn: lmdb.Transaction[bytes], mailbox_id: int, above: int
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of the mailbox's index entries with a modseq above *above* (-1:
+        all), in UID order."""
+        modseq_of = _MODSEQ.unpack_from
+        prefix = _ID.pack(mailbox_id)
+        cursor = txn.cursor(db=self.index)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if key[:4] != prefix:
+                return
+            if above < 0 or modseq_of(value, _MODSEQ_AT)[0] > above:
+                yield key, value
+
     def _index_entries(
         self, txn: lmdb.Transaction[bytes], mailbox_id: int, above: int
     ) -> list[MessageInfo]:
@@ -712,16 +728,7 @@ class MailboxStore:
         found: list[MessageInfo] = []
         unpack = _ENTRY.unpack_from
         size = _ENTRY.size
-        modseq_of = _MODSEQ.unpack_from
-        prefix = _ID.pack(mailbox_id)
-        cursor = txn.cursor(db=self.index)
-        if not cursor.set_range(prefix):
-            return found
-        for key, value in cursor:
-            if key[:4] != prefix:
-                break
-            if above >= 0 and modseq_of(value, _MODSEQ_AT)[0] <= above:
-                continue
+        for key, value in self._index_walk(txn, mailbox_id, above):
             content_id, date, length, modseq, bits = unpack(value)
             found.append(
                 MessageInfo(
@@ -785,16 +792,7 @@ class MailboxStore:
         unpack = _ENTRY.unpack_from
         size = _ENTRY.size
         uid_of = _KEY.unpack_from
-        modseq_of = _MODSEQ.unpack_from
-        prefix = _ID.pack(info.id)
-        cursor = txn.cursor(db=self.index)
-        if not cursor.set_range(prefix):
-            return columns
-        for key, value in cursor:
-            if key[:4] != prefix:
-                break
-            if above >= 0 and modseq_of(value, _MODSEQ_AT)[0] <= above:
-                continue
+        for key, value in self._index_walk(txn, info.id, above):
             content_id, date, length, modseq, flag_bits = unpack(value)
             uid = uid_of(key)[1]
             uids.append(uid)

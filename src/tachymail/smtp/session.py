@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from tachymail.frontend import (
     is_trusted,
+    log_intake,
     log_locked_out,
     refusal_reason,
     stop_plaintext,
@@ -1529,7 +1530,7 @@ class SmtpSession(asyncio.Protocol):
         queue_id, size = envelope.id, envelope.size
         if error is None:
             if message_id is not None:
-                _log_intake(envelope, message_id, auth)
+                log_intake(log, envelope, message_id, auth)
             notifier = self.ctx.notifier
             if notifier is not None:
                 notifier.queued(queue_id, envelope.recipients)
@@ -1589,39 +1590,6 @@ class SmtpSession(asyncio.Protocol):
         if header_value(header_block, b"Message-ID") is None:
             added.append(f"Message-ID: <{queue_id}@{self.ctx.hostname}>\r\n".encode())
         return added
-
-
-def _log_intake(envelope: Envelope, message_id: str, auth: str | None = None) -> None:
-    """One line per accepted message (event ``message_accepted``; read by `tachymail log`);
-    *auth*: the inbound-authentication results ("spf=pass dkim=pass dmarc=pass ..."), when
-    the message was checked."""
-    rcpts = [r.address for r in envelope.recipients]
-    client = f"{envelope.client_ip}:{envelope.client_port}"
-    log.info(
-        # The message-id stays last: `tachymail log` reads it to the end of the line.
-        "%s queued: from <%s> to %s; %d octets; client %s%s%s; message-id %s",
-        envelope.id,
-        envelope.sender,
-        ", ".join(f"<{r}>" for r in rcpts),
-        envelope.size,
-        client,
-        "; held" if envelope.state == HELD else "",
-        f"; {auth}" if auth else "",
-        message_id or "(none)",
-        extra={
-            "fields": {
-                "event": "message_accepted",
-                "queue_id": envelope.id,
-                "message_id": message_id or None,
-                "sender": envelope.sender,
-                "recipients": rcpts,
-                "size": envelope.size,
-                "client": client,
-                "listener": envelope.listener,
-                "auth": auth,
-            }
-        },
-    )
 
 
 # Verb number -> handler, once for the class (a dict of bound methods per session would
