@@ -38,10 +38,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tachymail.auth.tokens import TokenStore, allows
 from tachymail.config import Config
@@ -119,6 +120,26 @@ def handler_modules() -> list[ModuleType]:
                 raise
             log.debug("http: no %s module, its routes are not served", full)
     return found
+
+
+class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The log aiohttp's connection handler writes to: a request it refuses before any
+    handler runs (a request line or header over its limits, bad framing: a 400 it answers
+    itself) is one INFO line naming the client and the reason, not a traceback; anything
+    else goes through as aiohttp logs it."""
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            self.logger.info("http: request refused before routing: %s: %s", str(msg) % args, exc)
+            m.http_requests.labels("unmatched", str(exc.code or 400)).inc()
+            return
+        self.logger.exception(msg, *args, **kwargs)
+
+
+def protocol_logger() -> logging.Logger:
+    """The ``logger`` to give aiohttp's AppRunner (see :class:`_ProtocolLog`)."""
+    return cast(logging.Logger, _ProtocolLog(log, {}))
 
 
 def build_app(worker: WorkerContext, reporter: Reporter | None = None) -> web.Application:

@@ -42,6 +42,7 @@ from tachymail.net import reuseport_socket
 from tachymail.pop3.session import Pop3Session
 from tachymail.protocol import replies as R
 from tachymail.queue.commit import GroupCommitter
+from tachymail.queue.journal import JournalCommitter, journal_directory, replay_journals
 from tachymail.queue.notify import Notifier
 from tachymail.queue.store import MiB, QueueStore
 from tachymail.queue.suppression import shared_list
@@ -320,15 +321,28 @@ async def serve_worker(
         config.data_path / "queue",
         map_size=config.queue.map_size_mb * MiB,
         max_map_size=config.queue.max_map_size_mb * MiB,
+        # the journal is the durable copy: one sync per LMDB commit (see JournalCommitter)
+        metasync=config.queue.commit != "journal",
     )
-    committer = GroupCommitter(
-        store,
-        max_batch=config.queue.max_batch,
-        linger=config.queue.commit_linger_ms / 1000 if config.queue.commit == "inline" else 0.0,
-        inline=config.queue.commit == "inline",
-    )
+    # A predecessor's journal (a crashed worker of journal mode): into LMDB first.
+    replay_journals(store, journal_directory(config.data_path))
+    committer: GroupCommitter
+    if config.queue.commit == "journal":
+        committer = JournalCommitter(
+            store, journal_directory(config.data_path), max_batch=config.queue.max_batch
+        )
+    else:
+        committer = GroupCommitter(
+            store,
+            max_batch=config.queue.max_batch,
+            linger=config.queue.commit_linger_ms / 1000 if config.queue.commit == "inline" else 0.0,
+            inline=config.queue.commit == "inline",
+        )
     tls = server_context(config)
     ctx = WorkerContext(config, loop, committer, tls)
+    if isinstance(committer, JournalCommitter):
+        # delivery hears of a journaled message once it is in LMDB, not before
+        committer.attach_notifier(ctx.notifier)
     # A lone client, or every client already waiting for this commit: nobody can join it,
     # so it starts at once instead of lingering (one session would otherwise wait 1 ms
     # per message for company that never comes).
@@ -454,12 +468,13 @@ async def serve_http(
     one), with TLS when the listener says ``tls = true``; returns the runner to clean up."""
     from aiohttp import web
 
-    from tachymail.http.server import build_app
+    from tachymail.http.server import build_app, protocol_logger
 
     runner = web.AppRunner(
         build_app(ctx, reporter),
         handle_signals=False,
         access_log=None,  # the application logs each request itself, with its token name
+        logger=protocol_logger(),
         shutdown_timeout=ctx.config.server.drain_timeout,
     )
     await runner.setup()
