@@ -31,9 +31,14 @@ import peers
 CASES = [(1024, 16), (1024, 100), (65536, 16), (65536, 100)]
 
 
+#: tachymail's delivery worker processes (--delivery-workers)
+DELIVERY_WORKERS = 1
+
+
 def tachymail_config(sink_port: int) -> str:
     return (
         f'[delivery]\nsmarthost = "127.0.0.1:{sink_port}"\nsmarthost_tls = "none"\n'
+        f"workers = {DELIVERY_WORKERS}\n"
         "[pool]\nmax_connections = 20\n"
     )
 
@@ -139,6 +144,33 @@ def run_paced(rate: float, messages: int) -> dict[str, float]:
     }
 
 
+def issue_table(results: list[dict[str, object]]) -> list[str]:
+    """The relay rows of issue 15's table (the columns of benchmarks/intake.py's): msgs/s of
+    Postfix and tachymail and their ratio, then CPU-seconds per 1000 messages of each relay,
+    intake and delivery together. The sink column stays empty: the sink is the destination."""
+    lines = [
+        "| cell | smtp-sink (stores nothing) | Postfix | Tachymail | ratio to Postfix "
+        "| ratio to sink |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        t, p = r["tachymail"], r["postfix"]
+        case = f"{int(r['size']) // 1024} KiB, {r['sessions']} sessions"  # type: ignore[call-overload]
+        lines.append(
+            f"| relay {case} | | {p['msgs_per_s']:,.0f} | {t['msgs_per_s']:,.0f} "  # type: ignore[index]
+            f"| {r['ratio']:.1f}x | |"
+        )
+    for r in results:
+        t, p = r["tachymail"], r["postfix"]
+        case = f"{int(r['size']) // 1024} KiB, {r['sessions']} sessions"  # type: ignore[call-overload]
+        lines.append(
+            f"| server CPU-s per 1000 msgs, relay {case} | | {p['cpu_s_per_1000']:.3f} "  # type: ignore[index]
+            f"| {t['cpu_s_per_1000']:.3f} "  # type: ignore[index]
+            f"| {t['cpu_s_per_1000'] / p['cpu_s_per_1000']:.2f}x | |"  # type: ignore[index]
+        )
+    return lines
+
+
 def median_row(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the repetitions."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
@@ -150,13 +182,29 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 KiB and 16 sessions only")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case (medians)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "relay.json"))
+    parser.add_argument(
+        "--delivery-workers",
+        type=int,
+        default=1,
+        help="tachymail's [delivery] workers (the SMTP workers get the other cores)",
+    )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated SIZExSESSIONS to run, e.g. 1024x16,65536x16; default: all",
+    )
     args = parser.parse_args()
+    global DELIVERY_WORKERS
+    DELIVERY_WORKERS = args.delivery_workers
     why = peers.postfix_available()
     if why:
         print(f"relay benchmark skipped: {why}", file=sys.stderr)
         return 0
     results = []
-    for size, sessions in CASES[:1] if args.quick else CASES:
+    cases = CASES[:1] if args.quick else CASES
+    if args.cases:
+        cases = [(int(a), int(b)) for a, _, b in (c.partition("x") for c in args.cases.split(","))]
+    for size, sessions in cases:
         runs: dict[str, list[dict[str, float]]] = {"tachymail": [], "postfix": []}
         for _ in range(max(1, args.repeat)):
             for relay in ("tachymail", "postfix"):
@@ -182,8 +230,8 @@ def main() -> int:
     out.write_text(json.dumps({"cases": results, "paced": paced}, indent=2))
     lines = [
         "| case | tachymail msgs/s | Postfix msgs/s | ratio | p50 / p99 accept→delivery "
-        "| sink connections tachymail / Postfix |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| sink connections tachymail / Postfix | CPU-s per 1000 msgs tachymail / Postfix |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         t, p = r["tachymail"], r["postfix"]
@@ -192,8 +240,10 @@ def main() -> int:
             f"| {t['msgs_per_s']:,.0f} | {p['msgs_per_s']:,.0f} "  # type: ignore[index]
             f"| {r['ratio']:.1f}x "
             f"| {t.get('p50_ms', 0):.0f} / {t.get('p99_ms', 0):.0f} ms "  # type: ignore[attr-defined]
-            f"| {t['connections']:.0f} / {p['connections']:.0f} |"  # type: ignore[index]
+            f"| {t['connections']:.0f} / {p['connections']:.0f} "  # type: ignore[index]
+            f"| {t['cpu_s_per_1000']:.2f} / {p['cpu_s_per_1000']:.2f} |"  # type: ignore[index]
         )
+    lines += ["", *issue_table(results)]
     lines.append("")
     lines.append(
         f"At half the maximum 1 KiB rate ({paced['rate']:,.0f} msgs/s, `tachymail bench "

@@ -86,6 +86,8 @@ class _Session(asyncio.Protocol):
         self.upgrading = False
         peer.connections += 1
         self.number = peer.connections
+        peer.open_now += 1
+        peer.max_open = max(peer.max_open, peer.open_now)
 
     def reset(self) -> None:
         self.sender: str | None = None
@@ -99,6 +101,9 @@ class _Session(asyncio.Protocol):
         self.reply(self.peer.script.greeting)
         if self.peer.script.greeting.startswith(("421", "554")):
             self.transport.close()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.peer.open_now -= 1
 
     async def upgrade(self, context: ssl.SSLContext) -> None:
         """STARTTLS on the server side; a failed handshake just ends the connection."""
@@ -280,6 +285,9 @@ class SmtpPeer:
         self.script = script or Script()
         self.messages: list[Received] = []
         self.connections = 0
+        #: connections open now, and the most ever open at once
+        self.open_now = 0
+        self.max_open = 0
         self.reads: list[int] = []
         #: (under TLS, the AUTH command line) for every AUTH received
         self.auth_lines: list[tuple[bool, str]] = []

@@ -337,8 +337,9 @@ class QueueConfig:
     #: most messages in one group commit
     max_batch: int = 512
     #: where intake commits run: "inline" in the SMTP worker's event loop (least CPU; the
-    #: loop waits for each sync) or "thread" (the loop runs on while a thread syncs: for
-    #: disks whose sync takes milliseconds)
+    #: loop waits for each sync), "thread" (the loop runs on while a thread syncs: for
+    #: disks whose sync takes milliseconds) or "journal" (each worker appends to its own
+    #: journal in data_dir/journal with one fdatasync per batch; LMDB follows behind)
     commit: str = "inline"
     #: inline commits wait this long for more messages to join a batch, in milliseconds
     commit_linger_ms: float = 1.0
@@ -353,7 +354,8 @@ TLS_POLICIES = ("none", "opportunistic", "required")
 
 @dataclass(slots=True)
 class DeliveryConfig:
-    #: delivery worker processes; destinations are sharded across them
+    #: delivery worker processes; messages are sharded across them by queue id, each worker
+    #: keeping its own pool per destination with its share of the [pool] limits
     workers: int = 1
     #: "HOST:PORT" to send everything through (routes still win); empty: DNS MX
     smarthost: str = ""
@@ -890,8 +892,8 @@ def validate(config: Config) -> list[str]:
         problems.append("queue: need 1 <= map_size_mb <= max_map_size_mb")
     if config.queue.max_batch < 1:
         problems.append("queue.max_batch: must be at least 1")
-    if config.queue.commit not in ("inline", "thread"):
-        problems.append(f"queue.commit: {config.queue.commit!r} is not inline or thread")
+    if config.queue.commit not in ("inline", "thread", "journal"):
+        problems.append(f"queue.commit: {config.queue.commit!r} is not inline, thread or journal")
     if not 0 <= config.queue.commit_linger_ms <= 100:
         problems.append("queue.commit_linger_ms: must be between 0 and 100")
     if not 0 <= config.queue.reserve_mb <= 1024:

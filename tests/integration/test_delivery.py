@@ -335,12 +335,15 @@ def test_a_peer_slower_than_the_timeout_defers(tmp_path: Path) -> None:
             wait_until(lambda: srv.queue_count() == 0)
 
 
-def test_a_reload_during_delivery_sends_each_message_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_during_delivery_sends_each_message_once(tmp_path: Path, workers: int) -> None:
     """SIGHUP starts a new delivery worker while the old one finishes what it holds: the
-    new one must not take those messages too."""
+    new one must not take those messages too (with two workers, each shard's successor
+    waits for its own predecessor while both deliver to the one destination)."""
     script = Script(delay=0.003)  # a slow peer: many messages are under way at the reload
     with SmtpPeer(script) as peer:
-        with running_server(tmp_path, relay_config(peer.port), hold=True, roles=("mx",)) as srv:
+        config = relay_config(peer.port, f"workers = {workers}\n")
+        with running_server(tmp_path, config, hold=True, roles=("mx",)) as srv:
             for i in range(150):
                 send(srv.port, [f"h{i}@dest.example"])
         config = srv.config_path.read_text().replace("hold = true", "hold = false")

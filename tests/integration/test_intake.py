@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import free_port, run_cli, running_server, start, write_config
+from server import free_port, run_cli, running_server, start, wait_until, write_config
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -129,6 +129,9 @@ def run_kill_round(
     clients = [AckingClient(port, f"r{seed}c{i}", acked, stop) for i in range(16)]
     for client in clients:
         client.start()
+    # the random moment counts from the first acknowledgement: on a busy machine the
+    # workers may take over a second to start listening
+    wait_until(lambda: len(acked) > before, 60)
     time.sleep(rng.uniform(0.5, 2.0))
     srv.kill()
     stop.set()

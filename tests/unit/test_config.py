@@ -70,10 +70,13 @@ def test_commit_modes_are_checked() -> None:
     for section in ("queue", "mailbox"):
         for mode in ("inline", "thread"):
             assert getattr(from_dict({section: {"commit": mode}}), section).commit == mode
+    assert from_dict({"queue": {"commit": "journal"}}).queue.commit == "journal"
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"mailbox": {"commit": "journal"}})  # the queue's intake only
     with pytest.raises(ConfigError) as caught:
         from_dict({"queue": {"commit": "later"}, "mailbox": {"commit": "Thread"}})
     text = "\n".join(caught.value.problems)
-    assert "queue.commit: 'later' is not inline or thread" in text
+    assert "queue.commit: 'later' is not inline, thread or journal" in text
     assert "mailbox.commit: 'Thread' is not inline or thread" in text
 
 

@@ -14,19 +14,21 @@ from tachymail.queue.notify import Listener, Notifier, channel_address, shard_of
 from tachymail.queue.store import QueueStore, put_message
 
 
-def test_ids_reach_the_shard_that_owns_each_recipient(tmp_path: Path) -> None:
+def test_each_message_reaches_the_one_shard_that_owns_it(tmp_path: Path) -> None:
+    """A message goes to one delivery worker whatever its recipients' domains, and the
+    messages of one domain spread over both (a hot destination is not one worker's)."""
+
     async def run() -> tuple[list[str], list[str]]:
         got: list[list[str]] = [[], []]
         listeners = [Listener(tmp_path, k, got[k].extend) for k in (0, 1)]
         assert all(listener.bind() for listener in listeners)
         notifier = Notifier(tmp_path, 2)
-        domains = [f"d{n}.test" for n in range(20)]
-        for n, domain in enumerate(domains):
-            notifier.queued(f"id{n}", [Recipient(f"user@{domain}")])
-        notifier.queued("both", [Recipient(f"a@{d}") for d in domains])
+        for n in range(20):
+            notifier.queued(f"id{n}", [Recipient("user@hot.test")])
+        notifier.queued("both", [Recipient(f"a@d{n}.test") for n in range(20)])
         for _ in range(100):
             await asyncio.sleep(0.01)
-            if sum(map(len, got)) == 22:
+            if sum(map(len, got)) == 21:
                 break
         for listener in listeners:
             listener.close()
@@ -34,11 +36,11 @@ def test_ids_reach_the_shard_that_owns_each_recipient(tmp_path: Path) -> None:
         return got[0], got[1]
 
     shard0, shard1 = uvloop.run(run())
-    domains = [f"d{n}.test" for n in range(20)]
-    expected0 = [f"id{n}" for n, d in enumerate(domains) if shard_of(f"u@{d}", 2) == 0]
-    expected1 = [f"id{n}" for n, d in enumerate(domains) if shard_of(f"u@{d}", 2) == 1]
-    assert expected0 and expected1, "the test domains must fall on both shards"
-    assert shard0 == [*expected0, "both"] and shard1 == [*expected1, "both"]
+    ids = [f"id{n}" for n in range(20)] + ["both"]
+    expected0 = [queue_id for queue_id in ids if shard_of(queue_id, 2) == 0]
+    expected1 = [queue_id for queue_id in ids if shard_of(queue_id, 2) == 1]
+    assert len(expected0) >= 3 and len(expected1) >= 3, "one domain's messages on both shards"
+    assert shard0 == expected0 and shard1 == expected1
 
 
 def test_a_second_listener_waits_until_the_first_lets_go(tmp_path: Path) -> None:

@@ -6,9 +6,6 @@ tests/conftest.py, once without and once with the variable.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,18 +103,3 @@ def test_module_importorskip_fails_collection(
     result = project.runpytest()
     assert result.ret == pytest.ExitCode.INTERRUPTED  # a collection error stops the run
     result.stdout.fnmatch_lines(["*this would have skipped*no_such_module_tachymail_test*"])
-
-
-PERFCHECK = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "perfcheck.py"
-
-
-@pytest.mark.parametrize(("require_all", "code"), [("", 0), ("1", 1)])
-def test_perfcheck_without_valgrind(tmp_path: Path, require_all: str, code: int) -> None:
-    """The performance check skips without valgrind, except under CI, where it fails."""
-    env = {**os.environ, "PATH": str(tmp_path), "TACHYMAIL_REQUIRE_ALL": require_all}
-    env.pop("TACHYMAIL_PURE", None)
-    done = subprocess.run(
-        [sys.executable, str(PERFCHECK)], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode == code, done.stdout + done.stderr
-    assert "valgrind is not installed" in done.stdout + done.stderr

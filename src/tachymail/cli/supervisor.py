@@ -28,6 +28,7 @@ from tachymail.lmdbenv import open_side_store
 from tachymail.mailbox import MailboxStore
 from tachymail.metrics import endpoint as metrics_endpoint
 from tachymail.net import reuseport_socket, split_hostport
+from tachymail.queue.journal import journal_directory, replay_journals
 from tachymail.queue.store import MiB, QueueStore
 from tachymail.smtp.tls import server_context
 
@@ -97,6 +98,9 @@ class Supervisor:
             reserve=self.config.queue.reserve_mb * MiB,
         )
         store.ensure_reserve()  # the room `tachymail queue delete` needs on a full disk
+        # Journals left by a crash ([queue] commit = "journal"): into LMDB before any
+        # delivery worker starts, so that nothing acknowledged waits for a later restart.
+        replay_journals(store, journal_directory(self.config.data_path))
         store.close()
         # The mailbox store likewise: made, and its lock file allocated, before any fork.
         MailboxStore(

@@ -13,8 +13,14 @@ many messages' updates share one synced transaction. A crash between the remote
 lost. Recipients of local domains go to the mailbox store instead of a pool
 (:mod:`tachymail.delivery.local`), exactly once, under the same retry and DSN rules.
 
-With several delivery workers, worker *k* of *n* delivers the recipients whose
-domain hashes to *k*, so each destination's connections live in one process.
+With several delivery workers, worker *k* of *n* delivers the messages whose queue id
+hashes to *k* (:func:`tachymail.queue.notify.shard_of`): a hot destination's messages
+spread over every worker, each with its own pool to it and its share of the destination's
+limits (``max_connections``, ``initial_connections`` and ``rate`` divided by *n*, at least
+one connection each), so the node as a whole stays within them (a limit below *n*
+connections is the exception: every worker still gets one). A message lives in one
+worker, so no recipient is attempted by two at once, and its finished record is removed
+without decoding.
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ LOCAL_HOP = "local"
 #: the event (tachymail.queue.events) of an attempt's outcome; a failure that is a deferral
 #: past the message's lifetime is an "expiry"
 _EVENT_TYPES = {DELIVERED: "delivery", DEFERRED: "transient_failure", FAILED: "bounce"}
+#: the delivery log's "result" of each outcome
+_RESULTS = {DELIVERED: "delivered", FAILED: "bounced", DEFERRED: "deferred"}
 
 
 @dataclass(slots=True)
@@ -280,10 +288,13 @@ class DeliveryWorker:
         now = time.time()
         limit = min(room * 2, 2000)
         entries = self.store.due_ids(now, self.cursor, limit)
+        count, index = self.count, self.index
         wanted = [
             (key, queue_id)
             for key, queue_id in entries
-            if queue_id not in self.active and key not in self.skipped
+            if queue_id not in self.active
+            and key not in self.skipped
+            and (count == 1 or shard_of(queue_id, count) == index)  # others' messages unread
         ]
         full = len(wanted) > room
         del wanted[room:]
@@ -309,7 +320,12 @@ class DeliveryWorker:
         if self.stopping:
             return
         room = self.config.delivery.max_active - len(self.active)
-        wanted = [queue_id for queue_id in ids if queue_id not in self.active]
+        count, index = self.count, self.index
+        wanted = [
+            queue_id
+            for queue_id in ids
+            if queue_id not in self.active and (count == 1 or shard_of(queue_id, count) == index)
+        ]
         if len(wanted) > room:
             self.starved = True  # the scan takes the rest when slots free up
             del wanted[max(room, 0) :]
@@ -341,9 +357,7 @@ class DeliveryWorker:
         mine = [
             (i, r)
             for i, r in enumerate(envelope.recipients)
-            if r.state == QUEUED
-            and r.next_attempt <= now
-            and shard_of(r.address, self.count) == self.index
+            if r.state == QUEUED and r.next_attempt <= now
         ]
         if not mine or envelope.state != "active":
             if key is not None:
@@ -509,6 +523,14 @@ class DeliveryWorker:
                         setattr(limits, name, value)
                 if override.rate >= 0:
                     limits.rate = override.rate
+        if self.count > 1:
+            # Every worker has a pool to this destination: each takes its share of the
+            # node's limits, so that together they stay within them.
+            limits.max_connections = max(1, limits.max_connections // self.count)
+            limits.initial_connections = min(
+                max(1, limits.initial_connections // self.count), limits.max_connections
+            )
+            limits.rate /= self.count
         return limits
 
     # --- results --------------------------------------------------------------------------
@@ -534,6 +556,12 @@ class DeliveryWorker:
         latency = now - envelope.arrival
         until = envelope.arrival + lifetime
         verbose = log.isEnabledFor(logging.INFO)
+        # Reports of deferrals are built only when they may make the delay warning (once
+        # per message, to a sender: see _reports); most deferrals need none.
+        warn_after = delivery.delay_warning
+        may_warn = bool(
+            envelope.sender and warn_after and not envelope.warned and latency >= warn_after
+        )
         changes: dict[int, Recipient] = {}
         failed: list[RecipientReport] = []
         delayed: list[RecipientReport] = []
@@ -589,7 +617,8 @@ class DeliveryWorker:
                     hard.append((rcpt.address, bounce_class, outcome))
             else:
                 updated.next_attempt = now + self._retry_delay(updated.attempts)
-                delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
+                if may_warn:
+                    delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
             changes[attempt.index] = updated
             self.attempts += 1
             # The log line is the event (tachymail.queue.events) and a few fields more.
@@ -613,9 +642,7 @@ class DeliveryWorker:
             records[-1].update(
                 {
                     "next_hop": attempt.hop,
-                    "result": {DELIVERED: "delivered", FAILED: "bounced", DEFERRED: "deferred"}[
-                        kind
-                    ],
+                    "result": _RESULTS[kind],
                     "tls": attempt.tls,
                     "latency": round(latency, 4),
                 }
@@ -637,7 +664,12 @@ class DeliveryWorker:
                         "fields": {"event": "delivery_attempt", "queue_id": envelope.id, **record}
                     },
                 )
-        reports = self._reports(envelope, content, failed, delayed, succeeded, now)
+        # Nothing to report (the common case: delivered, no NOTIFY=SUCCESS): no DSN work.
+        reports = (
+            self._reports(envelope, content, failed, delayed, succeeded, now)
+            if failed or delayed or succeeded
+            else []
+        )
         finished = len(changes) == len(envelope.recipients) and all(
             r.state != QUEUED for r in changes.values()
         )

@@ -135,7 +135,7 @@ def merge(
             if seen is None:
                 reported[name] = dict(entry)
                 continue
-            # Two workers on one domain only across a reload: add up, keep the newest error.
+            # Every delivery worker may deliver to a domain: add up, keep the newest error.
             seen["in_flight"] = seen.get("in_flight", 0) + entry.get("in_flight", 0)
             seen["attempts"] = seen.get("attempts", 0) + entry.get("attempts", 0)
             error, other = seen.get("last_error"), entry.get("last_error")

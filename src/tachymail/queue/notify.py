@@ -32,11 +32,13 @@ MAX_IDS = 2000
 GATHER = 0.002
 
 
-def shard_of(address: str, shards: int) -> int:
-    """The delivery worker (of *shards*) that owns this recipient's domain."""
+def shard_of(queue_id: str, shards: int) -> int:
+    """The delivery worker (of *shards*) that owns message *queue_id*: all its recipients,
+    whatever their domains, so a hot destination's messages spread over every worker and
+    no recipient is ever held by two. Stable for a given id and number of workers."""
     if shards == 1:
         return 0
-    return zlib.crc32(address.rpartition("@")[2].lower().encode()) % shards
+    return zlib.crc32(queue_id.encode()) % shards
 
 
 def channel_address(data_path: Path, shard: int) -> bytes:
@@ -58,14 +60,20 @@ class Notifier:
         self.scheduled = False
         #: datagrams that could not be sent (receiver absent or full), for tests
         self.dropped = 0
+        #: asked first by :meth:`queued`; True: the message is not in LMDB yet, and the
+        #: gate's owner (the journal committer) calls :meth:`send` once it is
+        self.gate: Callable[[str, Sequence[Recipient]], bool] | None = None
 
-    def queued(self, queue_id: str, recipients: Sequence[Recipient]) -> None:
-        """*queue_id* is committed; tell the shards of its *recipients*, soon."""
-        if self.shards == 1:
-            self.pending[0].append(queue_id)
-        else:
-            for shard in {shard_of(r.address, self.shards) for r in recipients}:
-                self.pending[shard].append(queue_id)
+    def queued(self, queue_id: str, recipients: Sequence[Recipient] = ()) -> None:
+        """*queue_id* is committed; tell its shard, soon. *recipients* is not needed (a
+        message belongs to one shard whatever its recipients) and kept for the callers."""
+        if self.gate is not None and self.gate(queue_id, recipients):
+            return
+        self.send(queue_id, recipients)
+
+    def send(self, queue_id: str, recipients: Sequence[Recipient] = ()) -> None:
+        """*queue_id* is in LMDB; tell its shard, soon (:meth:`queued` without the gate)."""
+        self.pending[shard_of(queue_id, self.shards)].append(queue_id)
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_later(GATHER, self.flush)
