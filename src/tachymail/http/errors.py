@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["ApiError", "error_body", "json_response", "read_json"]
+__all__ = ["ApiError", "error_body", "json_response", "read_body", "read_json"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,13 +45,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-async def read_json(request: web.Request, model: type[M], max_bytes: int) -> M:
-    """The request's JSON body as *model*: 413 ``too_large`` beyond *max_bytes* (read no
-    further), 415 ``unsupported_media_type`` unless it says JSON, 400 ``bad_json`` when it
-    does not parse, 422 ``invalid_body`` naming each field that is wrong (unknown fields
-    included: the models forbid extras)."""
-    if request.content_type not in ("application/json", ""):
-        raise ApiError(415, "unsupported_media_type", "the body must be application/json")
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The request's body; 413 ``too_large`` beyond *max_bytes*, declared or streamed (read
+    no further)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, "too_large", f"the body is over {max_bytes} octets")
     chunks: list[bytes] = []
@@ -61,8 +57,19 @@ async def read_json(request: web.Request, model: type[M], max_bytes: int) -> M:
         if size > max_bytes:
             raise ApiError(413, "too_large", f"the body is over {max_bytes} octets")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request, model: type[M], max_bytes: int) -> M:
+    """The request's JSON body as *model*: 413 ``too_large`` beyond *max_bytes* (read no
+    further), 415 ``unsupported_media_type`` unless it says JSON, 400 ``bad_json`` when it
+    does not parse, 422 ``invalid_body`` naming each field that is wrong (unknown fields
+    included: the models forbid extras)."""
+    if request.content_type not in ("application/json", ""):
+        raise ApiError(415, "unsupported_media_type", "the body must be application/json")
+    body = await read_body(request, max_bytes)
     try:
-        data = orjson.loads(b"".join(chunks))
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
     try:

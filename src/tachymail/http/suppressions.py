@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from tachymail.http.errors import ApiError, json_response, read_json
+from tachymail.http.errors import ApiError, json_response, read_body, read_json
 from tachymail.http.openapi import error_response, json_content, model_schemas
 from tachymail.http.server import HTTP, HttpContext
 from tachymail.queue.events import events_wanted, make_event, record_events
@@ -246,18 +246,9 @@ async def import_suppressions(request: web.Request) -> web.Response:
     ctx = request.app[HTTP]
     if request.content_type not in ("text/csv", "text/plain"):
         raise ApiError(415, "unsupported_media_type", "the body must be text/csv")
-    limit = ctx.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "too_large", f"the body is over {limit} octets")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the body is over {limit} octets")
-        chunks.append(chunk)
+    body = await read_body(request, ctx.max_body_bytes)
     try:
-        text = b"".join(chunks).decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, "invalid_csv", f"the body is not UTF-8: {exc}") from None
     now = time.time()
