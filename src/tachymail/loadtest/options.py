@@ -12,16 +12,21 @@ Syntax, as docs/load-testing.md documents it:
 * an address template may use ``{n}`` (the message number, from 0, unique
   across processes) and ``{r}`` (the recipient's index in its message);
 * a reply mix entry is ``CODE:PERCENT`` (``451:5%`` or ``451:5``), CODE a 4xx
-  or 5xx reply; the entries of one command add up to at most 100%.
+  or 5xx reply; the entries of one command add up to at most 100%;
+* a scripted reply is ``ADDR[@STAGE]=REPLY``: ADDR an IP address or a network
+  (``127.0.0.2``, ``127.0.0.0/24``), STAGE the command answered (``mail``, the
+  default, ``rcpt`` or ``data`` for the end of data), REPLY one reply line,
+  ``CODE[ TEXT]`` (``421 4.7.28 Our system has detected an unusual rate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import string
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -89,6 +94,66 @@ def parse_reply_mix(values: list[str] | None) -> list[tuple[int, float]]:
     if total > 100:
         raise ValueError(f"the reply mix adds up to {total:g}%, more than 100%")
     return mix
+
+
+_SCRIPTED_REPLY = re.compile(r"([2-5]\d\d)(?: +([\x20-\x7e]*))?")
+#: the commands a --reply-for may answer (the greeting has its own option)
+SCRIPT_STAGES = ("mail", "rcpt", "data")
+
+
+class ScriptedReply(NamedTuple):
+    network: str  # "127.0.0.2/32"
+    stage: str  # greeting, mail, rcpt or data
+    code: int
+    line: str  # the reply line without its CRLF
+
+
+def parse_scripted_reply(text: str, greeting: bool = False) -> ScriptedReply:
+    """``ADDR[@STAGE]=REPLY`` → a ScriptedReply; ValueError naming the mistake.
+
+    ``127.0.0.2=421 4.7.28 Slow down`` → ("127.0.0.2/32", "mail", 421, "421 4.7.28 Slow
+    down"). CODE must be 4xx or 5xx (or 220 for a *greeting*, which takes no STAGE); a
+    REPLY of a bare code gets the text ``X.0.0 Sink says CODE``.
+    """
+    target, sep, reply = text.partition("=")
+    if not sep:
+        raise ValueError(f"{text!r} is not ADDR=REPLY (example: 127.0.0.2=421 4.7.28 Slow down)")
+    addr, at, stage = target.partition("@")
+    stage = stage.strip().lower()
+    if greeting:
+        if at:
+            raise ValueError(f"{text!r}: a greeting takes no @STAGE")
+        stage = "greeting"
+    elif not at:
+        stage = "mail"
+    elif stage not in SCRIPT_STAGES:
+        raise ValueError(f"{text!r}: the stage must be one of {', '.join(SCRIPT_STAGES)}")
+    try:
+        network = ipaddress.ip_network(addr.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r}: {addr.strip()!r} is not an IP address or network") from None
+    match = _SCRIPTED_REPLY.fullmatch(reply.strip())
+    if match is None:
+        raise ValueError(f"{text!r}: the reply must be CODE[ TEXT], one line of printable ASCII")
+    code = int(match.group(1))
+    if not (400 <= code <= 599 or (greeting and code == 220)):
+        allowed = "220, 4xx or 5xx" if greeting else "4xx or 5xx"
+        raise ValueError(f"{text!r}: the reply code must be {allowed}")
+    rest = (match.group(2) or "").strip() or f"{code // 100}.0.0 Sink says {code}"
+    line = f"{code} {rest}"
+    if len(line) > 510:  # RFC 5321 4.5.3.1.5: 512 octets with the CRLF
+        raise ValueError(f"{text!r}: the reply is longer than 510 characters")
+    return ScriptedReply(str(network), stage, code, line)
+
+
+def _checked_greeting(text: str) -> str:
+    parse_scripted_reply(text, greeting=True)
+    return text
+
+
+def _checked_scripted(text: str) -> str:
+    parse_scripted_reply(text)
+    return text
 
 
 def check_address_template(text: str) -> str:
@@ -320,6 +385,29 @@ def add_sink_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics",
         metavar="HOST:PORT",
         help="serve the counters as Prometheus metrics (tachymail_sink_*_total) here",
+    )
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append one JSON line per connection, EHLO, refusal, accepted message and close "
+        "to FILE (see docs/load-testing.md)",
+    )
+    parser.add_argument(
+        "--reply-for",
+        action="append",
+        type=_argtype(_checked_scripted),
+        metavar="ADDR[@STAGE]=REPLY",
+        help="answer MAIL FROM (or STAGE: rcpt, data) with REPLY (4xx/5xx; a 421 closes) for "
+        "clients connecting from ADDR, an IP address or network (repeatable; the first match "
+        "per stage wins)",
+    )
+    parser.add_argument(
+        "--greeting-for",
+        action="append",
+        type=_argtype(_checked_greeting),
+        metavar="ADDR=REPLY",
+        help="greet clients from ADDR with REPLY instead of 220 (a 421 closes; another 4xx/5xx "
+        "answers 503 to everything until QUIT) (repeatable; the first match wins)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the counters on exit as one JSON object"

@@ -12,6 +12,12 @@ counters meet in a shared memory page that the parent sums.
 ``--store DIR`` writes each accepted message into a real tachymail queue in
 ``DIR/queue`` (``QueueStore`` with the ``GroupCommitter`` the server uses), so
 storage can be measured without the rest of the server.
+
+For tests of delivery: ``--record FILE`` appends one JSON line per event
+(connection, EHLO, refusal, accepted message, close) to FILE, and
+``--reply-for ADDR=REPLY`` / ``--greeting-for ADDR=REPLY`` script the answer to
+MAIL FROM or the greeting for clients connecting from one address or network.
+Without those options the per-command path is unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import array
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -38,7 +45,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from tachymail.loadtest.options import parse_reply_mix
+from tachymail.loadtest.options import ScriptedReply, parse_reply_mix, parse_scripted_reply
 from tachymail.net import reuseport_socket, split_hostport
 from tachymail.protocol import commands as C
 from tachymail.protocol import replies as R
@@ -62,7 +69,7 @@ COUNTERS = (
 )
 _DOCS = {
     "connections": "Connections accepted (including refused ones)",
-    "connections_refused": "Connections refused with 421 over --max-connections",
+    "connections_refused": "Connections refused with 421 (--max-connections, --greeting-for)",
     "messages": "Messages accepted with 250 at the end of data",
     "messages_rejected": "Messages refused at the end of data (reply mix, or too big)",
     "recipients": "Recipients accepted",
@@ -72,6 +79,10 @@ _DOCS = {
 _SLOTS = len(COUNTERS) + 1  # and the open-connections gauge
 PUBLISH_INTERVAL = 0.2
 _BDAT_ARGS = re.compile(rb"(\d{1,18})(?: +(LAST))? *", re.IGNORECASE)
+#: the header block kept in a recorded message event, at most
+RECORD_HEADERS_MAX = 16 * 1024
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(slots=True)
@@ -93,6 +104,11 @@ class SinkConfig:
     hostname: str = "sink.tachymail.invalid"
     store: str | None = None
     metrics: tuple[str, int] | None = None
+    #: the JSON-lines event file (--record), appended to by every process
+    record: str | None = None
+    #: replies scripted per client network (--reply-for, --greeting-for), first match wins
+    reply_for: list[ScriptedReply] = field(default_factory=list)
+    greeting_for: list[ScriptedReply] = field(default_factory=list)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SinkConfig:
@@ -113,6 +129,9 @@ class SinkConfig:
             hostname=args.hostname,
             store=args.store,
             metrics=split_hostport(args.metrics) if args.metrics else None,
+            record=args.record,
+            reply_for=[parse_scripted_reply(v) for v in args.reply_for or []],
+            greeting_for=[parse_scripted_reply(v, greeting=True) for v in args.greeting_for or []],
         )
 
 
@@ -151,8 +170,9 @@ class SinkCounters:
 class ReplyMix:
     """Refusals drawn at random for one command: (code, percent) -> the reply, or None (ok)."""
 
-    def __init__(self, mix: list[tuple[int, float]], rng: random.Random) -> None:
+    def __init__(self, mix: list[tuple[int, float]], rng: random.Random, stage: str = "") -> None:
         self.rng = rng
+        self.stage = stage  # mail, rcpt or data, for the record
         self.table: list[tuple[float, bytes, bool]] = []
         bound = 0.0
         for code, pct in mix:
@@ -170,6 +190,94 @@ class ReplyMix:
             if x < bound:
                 return reply, close
         return None
+
+
+#: a scripted reply as sent: the line with its CRLF, and whether the connection closes after it
+Script = dict[str, tuple[bytes, bool]]
+
+
+class ScriptedReplies:
+    """Replies scripted per client address (--reply-for, --greeting-for).
+
+    ``lookup`` gives a client's script: stage (greeting, mail, rcpt, data) -> (reply,
+    close after it); for each stage the first entry whose network holds the client wins.
+    """
+
+    def __init__(self, entries: list[ScriptedReply]) -> None:
+        self.table: list[tuple[_Network, str, bytes, bool]] = [
+            (ipaddress.ip_network(e.network), e.stage, f"{e.line}\r\n".encode(), e.code == 421)
+            for e in entries
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def lookup(self, peer: str) -> Script | None:
+        """The script for a client at *peer*, or None when nothing is scripted for it."""
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return None  # not an IP peer (a Unix socket): nothing can match
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener sees IPv4 clients so
+        script: Script = {}
+        for network, stage, reply, close in self.table:
+            if stage not in script and address in network:
+                script[stage] = (reply, close)
+        return script or None
+
+
+class Recorder:
+    """Events as JSON lines appended to one file; several processes may share it.
+
+    Events are buffered and written once per loop turn (and by ``close``) with a
+    single ``os.write`` of whole lines to an ``O_APPEND`` descriptor, so lines of
+    different processes never interleave, and a reader sees each event within a
+    loop turn of it. A write error is logged and the lines it held are dropped:
+    the record is a test aid and must not stop the sink.
+    """
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.fd = fd
+        self.loop = loop
+        self.pending: list[str] = []
+        self.scheduled = False
+        self.failed = False
+
+    def add(self, event: dict[str, object]) -> None:
+        self.pending.append(json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if not self.pending:
+            return
+        data = ("\n".join(self.pending) + "\n").encode("utf-8", "surrogateescape")
+        self.pending.clear()
+        view = memoryview(data)
+        try:
+            while view:  # one write unless the disk fills or a signal interrupts it
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            if not self.failed:
+                log.error("sink: cannot write the record: %s", exc)
+            self.failed = True
+
+
+def open_record(path: str) -> int:
+    """An O_APPEND descriptor for --record FILE (created 0644 if missing); OSError if not."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def header_block(content: bytes) -> str:
+    """The header block of *content* (through the CRLF before the blank line), at most 16 KiB."""
+    if content.startswith(b"\r\n"):
+        return ""  # no header at all: the message starts with the blank line
+    end = content.find(b"\r\n\r\n", 0, RECORD_HEADERS_MAX + 4)
+    block = content[: end + 2] if end >= 0 else content
+    return block[:RECORD_HEADERS_MAX].decode("utf-8", "replace")
 
 
 class State(IntEnum):
@@ -191,15 +299,23 @@ class SinkServer:
     """What the sessions of one sink process share."""
 
     def __init__(
-        self, config: SinkConfig, index: int, committer: GroupCommitter | None = None
+        self,
+        config: SinkConfig,
+        index: int,
+        committer: GroupCommitter | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
+        self.index = index
+        self.recorder = recorder
+        self.connection_seq = 0
+        self.scripts = ScriptedReplies([*config.greeting_for, *config.reply_for])
         self.counters = SinkCounters()
         seed = None if config.seed is None else config.seed * 1000 + index
         rng = random.Random(seed)
-        self.mail_mix = ReplyMix(config.mail_mix, rng)
-        self.rcpt_mix = ReplyMix(config.rcpt_mix, rng)
-        self.data_mix = ReplyMix(config.data_mix, rng)
+        self.mail_mix = ReplyMix(config.mail_mix, rng, "mail")
+        self.rcpt_mix = ReplyMix(config.rcpt_mix, rng, "rcpt")
+        self.data_mix = ReplyMix(config.data_mix, rng, "data")
         self.committer = committer
         self.max_open = (
             math.ceil(config.max_connections / config.procs) if config.max_connections else 0
@@ -214,6 +330,11 @@ class SinkServer:
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
         ]
+
+    def connection_id(self) -> int:
+        """A number for a recorded connection, unique across the --procs processes."""
+        self.connection_seq += 1
+        return self.connection_seq * self.config.procs + self.index
 
 
 class SinkSession(asyncio.Protocol):
@@ -231,6 +352,9 @@ class SinkSession(asyncio.Protocol):
         self.helo: str | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.resume_state = State.COMMAND
+        self.recorder = server.recorder
+        self.conn = 0  # the connection's number in the record
+        self.script: Script | None = None  # what --reply-for/--greeting-for say to this client
         self._reset()
         self.handlers: dict[int, Callable[[bytes], None]] = {
             C.VERB_EHLO: self.cmd_ehlo,
@@ -269,21 +393,95 @@ class SinkSession(asyncio.Protocol):
         self.peer = (str(peer[0]), int(peer[1]))
         if server.max_open and counters.open >= server.max_open:
             counters.connections_refused += 1
-            transport.write(R.reply(421, "4.7.0", "Error: too many connections, try again later"))
+            reply = R.reply(421, "4.7.0", "Error: too many connections, try again later")
+            transport.write(reply)
+            if self.recorder is not None:
+                self._record_connect(refused=True)
+                self._record_refusal("greeting", reply)
             self.state = State.CLOSED
             self.transport = None
             transport.close()
             return
         counters.open += 1
         server.sessions.add(self)
+        if self.recorder is not None:
+            self._record_connect(refused=False)
+        if server.scripts:
+            self.script = script = server.scripts.lookup(self.peer[0])
+            if script is not None and "greeting" in script:
+                self._scripted_greeting(*script["greeting"])
+                return
         transport.write(server.greeting)
+
+    def _scripted_greeting(self, reply: bytes, close: bool) -> None:
+        assert self.transport is not None
+        self.transport.write(reply)
+        if reply.startswith(b"220"):
+            return  # only the text differs: a normal session follows
+        if self.recorder is not None:
+            self._record_refusal("greeting", reply)
+        if close:  # 421: the service is not available, close (RFC 5321 3.8)
+            self.counters.connections_refused += 1
+            self.state = State.CLOSED
+            self.transport.close()
+            return
+        # Any other refusal (554): wait for QUIT, 503 to everything else (RFC 5321 3.1).
+        refuse = self.cmd_refused_at_greeting
+        self.handlers = dict.fromkeys(self.handlers, refuse)
+        self.handlers[C.VERB_QUIT] = self.cmd_quit
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.server.sessions:
             self.server.sessions.discard(self)
             self.counters.open -= 1
+        if self.recorder is not None:
+            self.recorder.add({"event": "close", "t": time.time(), "conn": self.conn})
         self.state = State.CLOSED
         self.transport = None
+
+    # --- the record (--record) -------------------------------------------------------------
+
+    def _record_connect(self, refused: bool) -> None:
+        assert self.recorder is not None
+        self.conn = self.server.connection_id()
+        event: dict[str, object] = {
+            "event": "connect",
+            "t": time.time(),
+            "conn": self.conn,
+            "peer": self.peer[0],
+            "port": self.peer[1],
+            "open": self.counters.open,
+        }
+        if refused:
+            event["refused"] = True
+        self.recorder.add(event)
+
+    def _record_refusal(self, stage: str, reply: bytes) -> None:
+        assert self.recorder is not None
+        self.recorder.add(
+            {
+                "event": "refused",
+                "t": time.time(),
+                "conn": self.conn,
+                "stage": stage,
+                "reply": reply.decode("ascii", "replace").rstrip("\r\n"),
+            }
+        )
+
+    def _message_event(self, reader: DataReader | BdatReader) -> dict[str, object]:
+        """The record of the message being accepted; before ``_reset``."""
+        return {
+            "event": "message",
+            "t": time.time(),
+            "conn": self.conn,
+            "peer": self.peer[0],
+            "ehlo": self.helo,
+            "sender": self.mail_from,
+            "rcpts": [address for address, _ in self.rcpts],
+            "size": reader.size,
+            "headers": header_block(reader.content()),
+            "open": self.counters.open,
+        }
 
     def _flush(self) -> None:
         transport = self.transport
@@ -373,6 +571,8 @@ class SinkSession(asyncio.Protocol):
             return
         self._reset()
         self.helo = name
+        if self.recorder is not None:
+            self._record_helo("EHLO", name)
         server = self.server
         self.out.append(
             R.multiline(250, [f"{server.config.hostname} greets {name}", *server.ehlo_lines])
@@ -385,7 +585,15 @@ class SinkSession(asyncio.Protocol):
             return
         self._reset()
         self.helo = name
+        if self.recorder is not None:
+            self._record_helo("HELO", name)
         self.out.append(R.reply(250, "", self.server.config.hostname))
+
+    def _record_helo(self, verb: str, name: str) -> None:
+        assert self.recorder is not None
+        self.recorder.add(
+            {"event": "helo", "t": time.time(), "conn": self.conn, "verb": verb, "name": name}
+        )
 
     def cmd_mail(self, args: bytes) -> None:
         if self.helo is None:
@@ -399,6 +607,8 @@ class SinkSession(asyncio.Protocol):
         except SmtpSyntaxError as exc:
             self.out.append(R.reply(exc.code, exc.status, exc.text))
             return
+        if self.script is not None and self._scripted("mail"):
+            return
         size = params.get("SIZE")
         if size is not None and int(size) > self.config.max_size:
             self.out.append(R.MESSAGE_TOO_BIG)
@@ -408,12 +618,29 @@ class SinkSession(asyncio.Protocol):
         self.mail_from, self.mail_params = sender, params
         self.out.append(_OK_MAIL)
 
+    def _scripted(self, stage: str) -> bool:
+        """Send the reply scripted for *stage*, if any (True); a 421 closes (RFC 5321 3.8)."""
+        assert self.script is not None
+        scripted = self.script.get(stage)
+        if scripted is None:
+            return False
+        reply, close = scripted
+        self.out.append(reply)
+        if self.recorder is not None:
+            self._record_refusal(stage, reply)
+        if close:
+            self.close_after_flush = True
+            self.state = State.CLOSED
+        return True
+
     def _refused(self, mix: ReplyMix) -> bool:
         picked = mix.pick()
         if picked is None:
             return False
         reply, close = picked
         self.out.append(reply)
+        if self.recorder is not None:
+            self._record_refusal(mix.stage, reply)
         if close:
             self.close_after_flush = True
             self.state = State.CLOSED
@@ -431,7 +658,9 @@ class SinkSession(asyncio.Protocol):
         if len(self.rcpts) >= 1000:
             self.out.append(R.TOO_MANY_RECIPIENTS)
             return
-        if self.server.rcpt_mix and self._refused(self.server.rcpt_mix):
+        if (self.script is not None and self._scripted("rcpt")) or (
+            self.server.rcpt_mix and self._refused(self.server.rcpt_mix)
+        ):
             self.counters.recipients_rejected += 1
             return
         self.counters.recipients += 1
@@ -448,7 +677,9 @@ class SinkSession(asyncio.Protocol):
         if args.strip():
             self.out.append(R.reply(501, "5.5.4", "Syntax: DATA"))
             return
-        self.body = DataReader(self.config.max_size, store=self.server.committer is not None)
+        server = self.server
+        keep = server.committer is not None or server.recorder is not None
+        self.body = DataReader(self.config.max_size, store=keep)
         self.state = State.DATA
         self.out.append(R.DATA_GO_AHEAD)
 
@@ -463,7 +694,9 @@ class SinkSession(asyncio.Protocol):
         count, last = int(match.group(1)), match.group(2) is not None
         if self.bdat is None:
             refused = self.mail_from is None or not self.rcpts
-            store = self.server.committer is not None and not refused
+            server = self.server
+            keep = server.committer is not None or server.recorder is not None
+            store = keep and not refused
             self.bdat = BdatReader(self.config.max_size, store=store)
             self.bdat_refused = refused
         self.bdat.start_chunk(count, last)
@@ -491,6 +724,9 @@ class SinkSession(asyncio.Protocol):
 
     def cmd_unknown(self, args: bytes) -> None:
         self.out.append(R.UNKNOWN_COMMAND)
+
+    def cmd_refused_at_greeting(self, args: bytes) -> None:
+        self.out.append(R.reply(503, "5.5.1", "Error: no service here, only QUIT"))
 
     # --- bodies ----------------------------------------------------------------------------
 
@@ -528,7 +764,9 @@ class SinkSession(asyncio.Protocol):
         if reader.oversize:
             counters.messages_rejected += 1
             self.out.append(R.MESSAGE_TOO_BIG)
-        elif server.data_mix and self._refused(server.data_mix):
+        elif (self.script is not None and self._scripted("data")) or (
+            server.data_mix and self._refused(server.data_mix)
+        ):
             counters.messages_rejected += 1
         elif server.committer is not None:
             self._store(reader)
@@ -537,6 +775,8 @@ class SinkSession(asyncio.Protocol):
             counters.messages += 1
             counters.bytes += reader.size
             self.out.append(_OK_DATA)
+            if self.recorder is not None:
+                self.recorder.add(self._message_event(reader))
         self._reset()
         if self.config.latency and self.state == State.COMMAND:
             self._hold(self.config.latency)
@@ -547,6 +787,7 @@ class SinkSession(asyncio.Protocol):
         committer = self.server.committer
         assert committer is not None and self.mail_from is not None
         content = reader.content()
+        event = self._message_event(reader) if self.recorder is not None else None
         queue_id = new_queue_id()
         envelope = Envelope(
             id=queue_id,
@@ -568,11 +809,16 @@ class SinkSession(asyncio.Protocol):
         self.transport.pause_reading()
         future = committer.submit(envelope, content)
         future.add_done_callback(
-            lambda done: self._committed(queue_id, len(content), started, done)
+            lambda done: self._committed(queue_id, len(content), started, done, event)
         )
 
     def _committed(
-        self, queue_id: str, size: int, started: float, done: asyncio.Future[None]
+        self,
+        queue_id: str,
+        size: int,
+        started: float,
+        done: asyncio.Future[None],
+        event: dict[str, object] | None = None,
     ) -> None:
         from tachymail.queue.store import StorageFull
 
@@ -581,6 +827,9 @@ class SinkSession(asyncio.Protocol):
             self.counters.messages += 1
             self.counters.bytes += size
             self.out.append(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+            if event is not None and self.recorder is not None:
+                event["queue_id"] = queue_id
+                self.recorder.add(event)
         else:
             self.counters.messages_rejected += 1
             log.error("sink: queue commit failed: %s", error)
@@ -650,13 +899,22 @@ async def serve(
     index: int = 0,
     publish: Callable[[SinkCounters], None] | None = None,
     on_start: Callable[[SinkCounters], None] | None = None,
+    record_fd: int | None = None,
 ) -> SinkCounters:
     """Serve on *sock* until SIGTERM or SIGINT; returns this process's counters.
 
     *publish* is called every 0.2 s and once at the end (to share the counters
-    with the parent); *on_start* once the server is listening.
+    with the parent); *on_start* once the server is listening. With
+    ``config.record`` the events go to *record_fd* (opened here when None; the
+    caller closes its own descriptor), flushed before this returns.
     """
     loop = asyncio.get_running_loop()
+    recorder = None
+    own_fd = False
+    if config.record:
+        if record_fd is None:
+            record_fd, own_fd = open_record(config.record), True
+        recorder = Recorder(record_fd, loop)
     store = committer = None
     if config.store:
         from tachymail.queue.commit import GroupCommitter
@@ -664,7 +922,7 @@ async def serve(
 
         store = QueueStore(Path(config.store) / "queue")
         committer = GroupCommitter(store)
-    server_state = SinkServer(config, index, committer)
+    server_state = SinkServer(config, index, committer, recorder)
     server = await loop.create_server(lambda: SinkSession(server_state), sock=sock)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -690,6 +948,9 @@ async def serve(
         for session in list(server_state.sessions):
             if session.transport is not None:
                 session.transport.abort()
+        if recorder is not None:
+            await asyncio.sleep(0)  # the aborted sessions' connection_lost (their close events)
+            await asyncio.sleep(0)
         if committer is not None:
             deadline = time.monotonic() + 10
             while not committer.idle and time.monotonic() < deadline:
@@ -699,18 +960,39 @@ async def serve(
             store.close()
         if publish is not None:
             publish(counters)
+        if recorder is not None:
+            recorder.flush()
+            if own_fd:
+                assert record_fd is not None
+                os.close(record_fd)
     return counters
 
 
 def run_sink(config: SinkConfig) -> dict[str, int]:
     """Run the sink until SIGTERM or SIGINT; returns the counters of all processes.
 
-    Raises OSError when the address cannot be bound (before anything forks).
+    Raises OSError when the address cannot be bound or the record file cannot be
+    opened (before anything forks).
     """
-    import uvloop
-
     # SO_REUSEPORT, as the server's workers bind: the sink processes share the port.
     sockets = [reuseport_socket(config.host, config.port) for _ in range(config.procs)]
+    # Opened before the fork, so a bad path fails at once; O_APPEND keeps lines whole.
+    try:
+        record_fd = open_record(config.record) if config.record else None
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    try:
+        return _run(config, sockets, record_fd)
+    finally:
+        if record_fd is not None:
+            os.close(record_fd)
+
+
+def _run(config: SinkConfig, sockets: list[socket.socket], record_fd: int | None) -> dict[str, int]:
+    import uvloop
+
     log.info("sink listening on %s:%d (%d process(es))", config.host, config.port, config.procs)
     if config.procs == 1:
         live: list[SinkCounters] = []
@@ -721,15 +1003,19 @@ def run_sink(config: SinkConfig) -> dict[str, int]:
                 host, port, lambda: live[0].snapshot() if live else SinkCounters().snapshot()
             )
         try:
-            counters = uvloop.run(serve(config, sockets[0], on_start=live.append))
+            counters = uvloop.run(
+                serve(config, sockets[0], on_start=live.append, record_fd=record_fd)
+            )
         finally:
             if stop_metrics is not None:
                 stop_metrics()
         return counters.snapshot()
-    return _run_forked(config, sockets)
+    return _run_forked(config, sockets, record_fd)
 
 
-def _run_forked(config: SinkConfig, sockets: list[socket.socket]) -> dict[str, int]:
+def _run_forked(
+    config: SinkConfig, sockets: list[socket.socket], record_fd: int | None
+) -> dict[str, int]:
     import uvloop
 
     shared = SharedCounters(config.procs)
@@ -746,7 +1032,8 @@ def _run_forked(config: SinkConfig, sockets: list[socket.socket]) -> dict[str, i
                 for other in sockets:
                     if other is not sock:
                         other.close()
-                uvloop.run(serve(config, sock, index, functools.partial(shared.publish, index)))
+                publish = functools.partial(shared.publish, index)
+                uvloop.run(serve(config, sock, index, publish, record_fd=record_fd))
                 code = 0
             except BaseException:
                 log.exception("sink process %d failed", index)
