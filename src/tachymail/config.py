@@ -9,6 +9,7 @@ errors, each naming the setting it is about. The reference of every setting is
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import ipaddress
 import os
@@ -600,6 +601,72 @@ class BounceConfig:
     rules_file: str = ""
 
 
+@dataclass(slots=True)
+class ClusterConfig:
+    """Several nodes sharing limits, suppressions and suspensions through Redis
+    (tachymail.cluster). Without ``redis`` the node is on its own."""
+
+    #: "redis://HOST:PORT/DB" (or rediss://); "" = no cluster
+    redis: str = ""
+    #: this node's name in the cluster (leases, logs); "" = server.hostname
+    node: str = ""
+    #: the expected node count: each node's fallback share of a cluster limit is 1/nodes
+    nodes: int = 1
+    #: the share of a cluster limit a node uses while Redis is away; 0 = 1/nodes
+    fallback_share: float = 0.0
+    #: seconds a connection lease lives unless renewed: a dead node's connections free
+    #: themselves within this time
+    lease_ttl: float = 30.0
+    #: seconds to wait for Redis before falling back to the local share
+    timeout: float = 0.5
+    #: seconds between attempts to reach Redis again after it failed
+    retry_interval: float = 5.0
+    #: prefix of every key this cluster writes (several clusters may share one Redis)
+    key_prefix: str = "tachymail"
+
+
+@dataclass(slots=True)
+class ShapingConfig:
+    """Traffic shaping per provider, destination and source (tachymail.delivery.shaping)."""
+
+    #: TOML files of [[provider]], [[rule]] and [[reaction]] tables, read in order after
+    #: the built-in set (re-read on SIGHUP; a broken file keeps the running rules)
+    files: list[str] = field(default_factory=list)
+    #: use the built-in rules for the big mailbox providers (delivery/shaping.toml)
+    builtin: bool = True
+
+
+@dataclass(slots=True)
+class EgressSourceConfig:
+    """A local address to send from, with the name it gives in EHLO."""
+
+    name: str = ""
+    #: the local IP address connections bind to
+    address: str = ""
+    #: the EHLO name from this source; "" = delivery.helo_name or server.hostname
+    ehlo_name: str = ""
+    #: connections from this source to all destinations together; 0 = no limit
+    max_connections: int = 0
+    #: messages per time from this source to all destinations ("N/s", "N/min", "N/h"); "" = none
+    rate: str = ""
+    #: warm-up: the first day of the schedule (YYYY-MM-DD, UTC); "" = no warm-up
+    warmup_start: str = ""
+    #: warm-up: messages allowed on day 1, day 2, ... of the schedule; after its last
+    #: day the source is warm and has no daily cap
+    warmup_daily: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EgressPoolConfig:
+    """A named set of sources, used in proportion to their weights."""
+
+    name: str = ""
+    #: [{ name = SOURCE, weight = N }]
+    sources: list[dict[str, str | int]] = field(default_factory=list)
+    #: sender domains whose mail uses this pool unless the message names another
+    sender_domains: list[str] = field(default_factory=list)
+
+
 def default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig("127.0.0.1:2525", "mx"),
@@ -639,6 +706,10 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     webhooks: list[WebhookConfig] = field(default_factory=list)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    egress_sources: list[EgressSourceConfig] = field(default_factory=list)
+    egress_pools: list[EgressPoolConfig] = field(default_factory=list)
     #: the file it was read from, if any (SIGHUP re-reads it)
     source: str = ""
 
@@ -721,6 +792,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "suppression": SuppressionConfig,
     "bounce": BounceConfig,
     "http": HttpConfig,
+    "cluster": ClusterConfig,
+    "shaping": ShapingConfig,
 }
 # [[name]] arrays of tables -> (Config attribute, element type)
 _ARRAYS: dict[str, tuple[str, type[Any]]] = {
@@ -730,6 +803,8 @@ _ARRAYS: dict[str, tuple[str, type[Any]]] = {
     "header_check": ("header_checks", ContentCheckConfig),
     "body_check": ("body_checks", ContentCheckConfig),
     "webhook": ("webhooks", WebhookConfig),
+    "egress_source": ("egress_sources", EgressSourceConfig),
+    "egress_pool": ("egress_pools", EgressPoolConfig),
 }
 
 
@@ -914,6 +989,8 @@ def validate(config: Config) -> list[str]:
     problems.extend(_validate_delivery(config))
     problems.extend(_validate_mailauth(config))
     problems.extend(_validate_webhooks(config.webhooks))
+    problems.extend(_validate_cluster(config.cluster))
+    problems.extend(_validate_egress(config))
     if not 1024 <= config.http.max_body_bytes <= 1 << 31:
         problems.append("http.max_body_bytes: between 1024 and 2147483648")
     return problems
@@ -1235,6 +1312,97 @@ def _validate_delivery(config: Config) -> list[str]:
                 f"pool_override[{i}].initial_connections: {first} is more than "
                 f"max_connections {most}"
             )
+    return problems
+
+
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE_UNITS |= {"d": 86400.0, "day": 86400.0}
+
+
+def parse_rate(text: str) -> float:
+    """Messages per second of a rate written "N/s", "N/min", "N/h" or "N/day" (N may have a
+    fraction). Raises ValueError naming the mistake."""
+    count, slash, unit = text.strip().partition("/")
+    if not slash:
+        raise ValueError(f'bad rate {text!r}: write it as "N/s", "N/min", "N/h" or "N/day"')
+    try:
+        value = float(count)
+    except ValueError:
+        raise ValueError(f"bad rate {text!r}: {count.strip()!r} is not a number") from None
+    seconds = _RATE_UNITS.get(unit.strip().lower())
+    if seconds is None:
+        raise ValueError(f"bad rate {text!r}: unit {unit.strip()!r} is not one of s, min, h, day")
+    if not 0 < value < 1e9 or value != value:
+        raise ValueError(f"bad rate {text!r}: the count must be more than 0")
+    return value / seconds
+
+
+def _validate_cluster(cluster: ClusterConfig) -> list[str]:
+    problems: list[str] = []
+    if cluster.redis and not cluster.redis.startswith(("redis://", "rediss://", "unix://")):
+        problems.append('cluster.redis: a URL such as "redis://127.0.0.1:6379/0"')
+    if cluster.nodes < 1:
+        problems.append("cluster.nodes: at least 1")
+    if not 0 <= cluster.fallback_share <= 1:
+        problems.append("cluster.fallback_share: between 0 (1/nodes) and 1")
+    for name in ("lease_ttl", "timeout", "retry_interval"):
+        if getattr(cluster, name) <= 0:
+            problems.append(f"cluster.{name}: must be more than 0 seconds")
+    return problems
+
+
+def _validate_egress(config: Config) -> list[str]:
+    problems: list[str] = []
+    names: set[str] = set()
+    for i, source in enumerate(config.egress_sources):
+        where = f"egress_source[{i}]"
+        if not source.name:
+            problems.append(f"{where}.name: required")
+        elif source.name in names:
+            problems.append(f"{where}.name: {source.name!r} is defined twice")
+        names.add(source.name)
+        try:
+            ipaddress.ip_address(source.address)
+        except ValueError:
+            problems.append(f"{where}.address: {source.address!r} is not an IP address")
+        if source.max_connections < 0:
+            problems.append(f"{where}.max_connections: 0 (no limit) or more")
+        if source.rate:
+            try:
+                parse_rate(source.rate)
+            except ValueError as exc:
+                problems.append(f"{where}.rate: {exc}")
+        if source.warmup_start:
+            try:
+                datetime.date.fromisoformat(source.warmup_start)
+            except ValueError:
+                problems.append(f"{where}.warmup_start: a date written YYYY-MM-DD")
+            if not source.warmup_daily or any(n < 1 for n in source.warmup_daily):
+                problems.append(f"{where}.warmup_daily: a list of positive daily message counts")
+        elif source.warmup_daily:
+            problems.append(f"{where}.warmup_daily: needs warmup_start")
+    pools: set[str] = set()
+    for i, pool in enumerate(config.egress_pools):
+        where = f"egress_pool[{i}]"
+        if not pool.name:
+            problems.append(f"{where}.name: required")
+        elif pool.name in pools:
+            problems.append(f"{where}.name: {pool.name!r} is defined twice")
+        pools.add(pool.name)
+        if not pool.sources:
+            problems.append(f"{where}.sources: at least one {{ name, weight }}")
+        for j, member in enumerate(pool.sources):
+            unknown = set(member) - {"name", "weight"}
+            if unknown:
+                problems.append(f"{where}.sources[{j}]: unknown key {', '.join(sorted(unknown))}")
+            name, weight = member.get("name"), member.get("weight", 1)
+            if not isinstance(name, str) or name not in names:
+                known = ", ".join(sorted(names)) or "none defined"
+                problems.append(
+                    f"{where}.sources[{j}].name: {name!r} is not an egress_source ({known})"
+                )
+            if not isinstance(weight, int) or weight < 1:
+                problems.append(f"{where}.sources[{j}].weight: a whole number of at least 1")
     return problems
 
 

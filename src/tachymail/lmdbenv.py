@@ -197,13 +197,15 @@ def open_side_store(directory: Path, map_size: int = SIDE_MAP_SIZE) -> lmdb.Envi
     return env
 
 
-def delete_where(env: lmdb.Environment, doomed: Callable[[bytes], bool], batch: int = 1000) -> int:
-    """Delete every record whose value *doomed* picks; how many went (the side stores'
-    sweeps of expired entries). At most *batch* records are visited per write transaction:
-    LMDB has one writer per environment for the whole node, and another worker's event loop
-    may be waiting for it."""
+def delete_where(
+    env: lmdb.Environment, doomed: Callable[[bytes], bool], batch: int = 1000, start: bytes = b""
+) -> int:
+    """Delete every record (from key *start* on) whose value *doomed* picks; how many went
+    (the side stores' sweeps of expired entries). At most *batch* records are visited per
+    write transaction: LMDB has one writer per environment for the whole node, and another
+    worker's event loop may be waiting for it."""
     removed = 0
-    after = b""
+    after = start
     while True:
         with env.begin(write=True) as txn:
             cursor = txn.cursor()

@@ -81,6 +81,8 @@ def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str
     extra = (
         "[limits]\nmax_message_size = 200000\n[http]\nmax_body_bytes = 2000000\n"
         f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n'
+        '[[egress_source]]\nname = "ip2"\naddress = "127.0.0.2"\n'
+        '[[egress_pool]]\nname = "bulk-pool"\nsources = [{ name = "ip2", weight = 1 }]\n'
     )
     with running_server(tmp, extra, roles=("mx", "http")) as server:
         server.extra["metrics"] = str(metrics_port)
@@ -280,6 +282,7 @@ def _with(**changes: Any) -> dict[str, Any]:
             "recipients",
         ),
         (_with(recipients=[]), None, "application/json", 422, "invalid_body", "recipients"),
+        (_with(pool="no-such-pool"), None, "application/json", 422, "invalid_body", "pool"),
         (
             _with(
                 content={"from": "a@x.test", "subject": "{{ ''.__class__ }}", "text_body": "t"},

@@ -34,6 +34,10 @@ FORBIDDEN = {
     "http": {"delivery", "lmtp", "pop3", "imap", "cli"},
     # the suppression list is read by smtp, http and delivery alike: it needs none of them
     "queue/suppression": {"smtp", "http", "delivery", "mailbox", "mailauth", "cli", "config"},
+    # the cluster's Redis link and list replication: below delivery and the front ends
+    "cluster": {"smtp", "lmtp", "pop3", "imap", "http", "delivery", "mailbox", "cli"},
+    # the replicated lists' outbox knows nothing of Redis or of who writes the lists
+    "queue/changes": {"cluster", "smtp", "http", "delivery", "mailbox", "cli", "config"},
     # bounce classes are plain rules over a reply: no queue, no front end
     "delivery/classify": {"smtp", "http", "queue", "mailbox", "mailauth", "cli"},
 }  # fmt: skip

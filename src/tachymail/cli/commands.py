@@ -61,8 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
     from tachymail.delivery.classify import rules_problems
+    from tachymail.delivery.shaping import problems as shaping_problems
 
-    if problems := rules_problems(config):
+    if problems := rules_problems(config) + shaping_problems(config):
         return _fail("invalid configuration:\n" + "\n".join(problems))
     from tachymail.metrics.logs import configure
 
@@ -88,9 +89,10 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 1
     from tachymail.delivery.classify import rules_problems
+    from tachymail.delivery.shaping import problems as shaping_problems
 
-    # The rules file is read by the delivery layer, which config may not import.
-    problems = rules_problems(config)
+    # The rules and shaping files are read by the delivery layer, which config may not import.
+    problems = rules_problems(config) + shaping_problems(config)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tachymail import metrics
 from tachymail.config import RELOAD_READY_TIMEOUT, Config, ConfigError, load
+from tachymail.delivery import shaping
 from tachymail.lmdbenv import open_side_store
 from tachymail.mailbox import MailboxStore
 from tachymail.metrics import endpoint as metrics_endpoint
@@ -88,7 +89,10 @@ class Supervisor:
                     raise OSError(f"cannot listen on {name}: {exc.strerror}") from exc
 
     def prepare(self) -> None:
-        """Everything the workers would otherwise race for: directories, TLS pair, queue."""
+        """Everything the workers would otherwise race for: directories, TLS pair, queue;
+        and the shaping files, read and checked once (a broken one raises ShapingError,
+        so a reload keeps the running rules) for the workers forked after."""
+        rules = shaping.load(self.config)
         self.config.data_path.mkdir(parents=True, exist_ok=True)
         server_context(self.config)  # makes the self-signed pair once, before the fork
         store = QueueStore(
@@ -119,6 +123,7 @@ class Supervisor:
         side.append("suppression")  # read at RCPT and injection (tachymail.queue.suppression)
         for name in side:
             open_side_store(self.config.data_path / name).close()
+        shaping.install(rules)  # last: a failure above keeps the running rules too
 
     def spawn(self, slot: Slot, report: bool = False) -> int | None:
         """Fork the worker of *slot*. With *report* (SMTP workers only), return the read

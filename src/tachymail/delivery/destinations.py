@@ -30,7 +30,7 @@ from tachymail.metrics import m
 from tachymail.queue.destinations import RATE_WINDOW, remove_status, write_status
 from tachymail.queue.envelope import QUEUED, Recipient
 from tachymail.queue.store import Operation, QueueStore
-from tachymail.queue.suspensions import Suspension, Suspensions, match
+from tachymail.queue.suspensions import Suspension, Suspensions, match, match_source
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ FORGET_AFTER = 600.0
 
 
 def _key(suspension: Suspension) -> tuple[str, float]:
-    return suspension.destination, suspension.created
+    return suspension.key, suspension.created
 
 
 class DestinationGate:
@@ -66,6 +66,7 @@ class DestinationGate:
         #: suspensions already logged, and the destinations whose gauge is 1
         self.logged: dict[tuple[str, float], Suspension] = {}
         self.gauged: set[str] = set()
+        self.sourced: set[tuple[str, str]] = set()
 
     def check(self, names: Iterable[str], now: float) -> Suspension | None:
         """The suspension in force for any of *names* (a domain, next-hop hosts), or None;
@@ -78,6 +79,28 @@ class DestinationGate:
             log.error("suspensions unreadable: %s", exc)
             return None
         return match(table, names, now)
+
+    def check_source(self, names: Iterable[str], source: str, now: float) -> Suspension | None:
+        """The suspension in force for mail from egress *source* to any of *names*."""
+        if self.suspensions is None:
+            return None
+        try:
+            table = self.suspensions.cached(now)
+        except lmdb.Error as exc:
+            log.error("suspensions unreadable: %s", exc)
+            return None
+        return match_source(table, names, source, now)
+
+    def suspend_all(
+        self, destinations: Iterable[str], until: float, reason: str, source: str = ""
+    ) -> None:
+        """Suspend each of *destinations* (of *source* only, if given) until *until*: a
+        shaping reaction. Blocks on a synced write: call it off the event loop."""
+        if self.suspensions is None:
+            return
+        for destination in destinations:
+            self.suspensions.suspend(destination, until, reason, source=source)
+        self.suspensions.invalidate()
 
     def postpone(
         self,
@@ -126,7 +149,13 @@ class DestinationGate:
             log.error("suspensions unreadable: %s", exc)
             return []
         live = {_key(s) for s in table.values() if s.active(now)}
-        names = {key[0] for key in live}
+        names = {s.destination for s in table.values() if s.active(now) and not s.source}
+        sourced = {(s.source, s.destination) for s in table.values() if s.active(now) and s.source}
+        for source, name in sourced - self.sourced:
+            m.source_suspended.labels(source, name).set(1)
+        for source, name in self.sourced - sourced:
+            m.source_suspended.labels(source, name).set(0)
+        self.sourced = sourced
         for name in names - self.gauged:
             m.destination_suspended.labels(name).set(1)
         for name in self.gauged - names:
@@ -243,9 +272,11 @@ class DestinationStats:
         if not ok:
             entry.last_error = {"code": code, "reply": reply[:500], "time": round(now, 3)}
 
-    def publish(self, connections: dict[str, int], now: float) -> None:
-        """Write the status file (*connections*: open connections per next hop) if a
-        second has passed since the last one."""
+    def publish(
+        self, connections: dict[str, int], now: float, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Write the status file (*connections*: open connections per next hop; *extra*:
+        more top-level fields, the shaping state) if a second has passed since the last."""
         if now - self.published < PUBLISH_EVERY:
             return
         self.published = now
@@ -268,6 +299,7 @@ class DestinationStats:
                 for name, d in self.domains.items()
             },
             "hops": {key: {"connections": n} for key, n in connections.items() if n},
+            **(extra or {}),
         }
         try:
             write_status(self.data_path, self.index, status)

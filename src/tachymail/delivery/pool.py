@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from tachymail.cluster.limits import Rate, Slots
 from tachymail.config import PoolConfig
 from tachymail.delivery.eightbit import downgrade
 from tachymail.dns.resolver import Resolver, TemporaryDnsError
@@ -153,6 +154,10 @@ class DeliveryPool:
     open_connections: int = 0
     #: our own listeners: a next hop among them is a mail loop (None: not checked)
     own: OwnEndpoints | None = None
+    #: shaping budgets this pool draws on (tachymail.delivery.shaping): a message waits for
+    #: each rate, a connection for each slot (a rule's, its egress source's)
+    rates: tuple[Rate, ...] = ()
+    slots: tuple[Slots, ...] = ()
     loop: asyncio.AbstractEventLoop = field(init=False)
 
     def __post_init__(self) -> None:
@@ -207,6 +212,9 @@ class DeliveryPool:
             else:
                 await asyncio.sleep(self.next_send - now)
         self.next_send = time.monotonic() + self.pace
+        for budget in self.rates:
+            if await budget.take():
+                m.shaping_waits.labels(budget.rule).inc()
         rate = self.limits.rate
         if rate > 0:
             while True:
@@ -246,7 +254,7 @@ class DeliveryPool:
                 if job is None:
                     break
                 yielded = False
-                waits = self.pace or self.limits.rate > 0
+                waits = self.pace or self.limits.rate > 0 or self.rates
                 renew = (
                     conn is None
                     or not conn.usable
@@ -263,9 +271,16 @@ class DeliveryPool:
                         m.outbound_connections_open.dec()
                         self.open_connections -= 1
                         conn = None
+                        self._release()
+                    try:
+                        await self._acquire()
+                    except BaseException:
+                        self.jobs.appendleft(job)  # cancelled while waiting: not lost
+                        raise
                     try:
                         conn = await self._connect()
                     except SmtpClientError as exc:
+                        self._release()
                         if not isinstance(exc, RoutingLoop):  # no connection was tried
                             m.outbound_connection_failures.inc()
                         self._complete(job, self._connect_failure(job, exc))
@@ -306,10 +321,27 @@ class DeliveryPool:
                 self.loop.create_task(conn.quit())
                 m.outbound_connections_open.dec()
                 self.open_connections -= 1
+                self._release()
             # Jobs left behind by a shrinking runner still need one to carry them.
             if self.jobs and self.runners == 0:
                 self.runners += 1
                 self.loop.create_task(self._runner())
+
+    async def _acquire(self) -> None:
+        """A slot of each connection budget, in order (every pool takes them in the same
+        order, rule before source, so two pools never wait for each other's)."""
+        for taken, slots in enumerate(self.slots):
+            try:
+                if await slots.acquire():
+                    m.shaping_waits.labels(slots.rule).inc()
+            except BaseException:
+                for held in self.slots[:taken]:
+                    held.release()
+                raise
+
+    def _release(self) -> None:
+        for slots in self.slots:
+            slots.release()
 
     def _complete(self, job: Job, result: JobResult) -> None:
         """Hand *job* its result and let the outcome steer the pool's concurrency."""

@@ -33,6 +33,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ from typing import Any
 import lmdb
 import orjson
 
+from tachymail.cluster.client import Cluster
+from tachymail.cluster.limits import Limits, Rate, Slots
 from tachymail.config import RELOAD_READY_TIMEOUT, Config, PoolConfig
+from tachymail.delivery import shaping
 from tachymail.delivery.bounce import RecipientReport, notifications
 from tachymail.delivery.classify import (
     BounceClassifier,
@@ -49,6 +53,7 @@ from tachymail.delivery.classify import (
     load_classifier,
 )
 from tachymail.delivery.destinations import DestinationGate, DestinationStats
+from tachymail.delivery.egress import DEFAULT_SOURCE, Egress, Source, pool_header
 from tachymail.delivery.eightbit import needs_8bit
 from tachymail.delivery.local import LocalDelivery, LocalOutcome
 from tachymail.delivery.pool import (
@@ -119,6 +124,8 @@ class Attempt:
     dsn_passed: bool = False
     #: local delivery found the message already in the mailbox (an earlier attempt's)
     duplicate: bool = False
+    #: the retry schedule of the shaping rule that applied (empty: [delivery]'s)
+    retry: tuple[int, ...] = ()
 
 
 class DeliveryLog:
@@ -208,6 +215,17 @@ class DeliveryWorker:
         self.bounced = 0
         #: the class of each failure's reply (tachymail.delivery.classify)
         self.classifier = _classifier(config)
+        #: traffic shaping, egress sources and the limiters they share (cluster-wide ones
+        #: through Redis when [cluster] redis is set)
+        self.shaping = shaping.current(config)
+        self.egress = Egress(config, index, count)
+        self.cluster = Cluster(config)
+        self.limits = Limits(self.cluster, count)
+        #: reactions in force: (reaction, shape, source) -> when it ends
+        self.reacting: dict[tuple[str, str, str], float] = {}
+        self._bases: dict[str, PoolConfig] = {}
+        #: throttle reactions in force, for the status: (rule, source) -> description
+        self.throttles: dict[tuple[str, str], dict[str, Any]] = {}
         #: classes of permanent failures that put the recipient on the suppression list
         self.suppress_classes = frozenset(config.suppression.on_bounce_classes)
         self.test_fault = os.environ.get(TEST_FAULT_ENV, "").lower()
@@ -257,6 +275,9 @@ class DeliveryWorker:
         self.listener.close()
         self.stats.close()
         self.gate.close()
+        self.egress.save()
+        await self.limits.close()
+        await self.cluster.close()
 
     def _destinations(self) -> None:
         """Once a second: publish the destination status, and make due at once what was
@@ -267,7 +288,12 @@ class DeliveryWorker:
         connections: dict[str, int] = defaultdict(int)
         for key, pool in self.pools.items():
             connections[key] += pool.open_connections
-        self.stats.publish(connections, now)
+        shaping_state = {
+            **self.shaping.describe(),
+            "throttles": [t for t in self.throttles.values() if t["until"] > now],
+            "limits": self.limits.snapshot(),
+        }
+        self.stats.publish(connections, now, {"shaping": shaping_state})
         released = self.gate.lifted(now)
         if released and not self.stopping:
             self.loop.create_task(self._release(released))
@@ -422,8 +448,16 @@ class DeliveryWorker:
         for index, rcpt in mine:
             by_domain[rcpt.address.rpartition("@")[2].lower()].append((index, rcpt))
         attempts: list[Attempt] = []
-        groups: dict[str, tuple[NextHop, list[tuple[int, Recipient]]]] = {}
+        # One group per next hop, shape and egress source: one pool each.
+        groups: dict[
+            tuple[str, str, str],
+            tuple[NextHop, shaping.Shape, Source, list[tuple[int, Recipient]]],
+        ] = {}
         local_rcpts: list[tuple[int, Recipient]] = []
+        # The header is removed whether or not pools are configured: it is ours, not the
+        # recipient's. The API's pool field wins over it.
+        requested, content = pool_header(content)
+        pool_name = self.egress.pool_of(envelope.pool or requested, envelope.sender)
         # Recipients of suspended destinations: not attempted, postponed (no attempt counted).
         held: list[tuple[Suspension, list[tuple[int, Recipient]]]] = []
         now = time.time()
@@ -446,14 +480,33 @@ class DeliveryWorker:
             elif hop.local:
                 local_rcpts.extend(rcpts)
             else:
-                groups.setdefault(hop.key, (hop, []))[1].extend(rcpts)
+                names = (domain, *hop.hosts)
+                source = self.egress.pick(pool_name, self._source_free(names, now))
+                if source is None:
+                    held.append((self._no_source(pool_name, names, domain, now), rcpts))
+                    continue
+                shape = self.shaping.shape(
+                    domain, hop.key, hop.hosts, source.name, self._base_limits(hop)
+                )
+                group = groups.setdefault(
+                    (hop.key, shape.key, source.name), (hop, shape, source, [])
+                )
+                group[3].extend(rcpts)
         if held:
             await self._commit(envelope.id, self.gate.postpone(envelope.id, held, now))
         eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
         loop = self.loop
-        waits: list[tuple[NextHop, list[tuple[int, Recipient]], asyncio.Future[JobResult]]] = []
-        for hop, rcpts in groups.values():
-            pool = self._pool(hop)
+        waits: list[
+            tuple[
+                NextHop,
+                shaping.Shape,
+                Source,
+                list[tuple[int, Recipient]],
+                asyncio.Future[JobResult],
+            ]
+        ] = []
+        for hop, shape, source, rcpts in groups.values():
+            pool = self._pool(hop, shape, source)
             step = pool.limits.max_recipients
             for start in range(0, len(rcpts), step):
                 chunk = rcpts[start : start + step]
@@ -468,7 +521,9 @@ class DeliveryWorker:
                     flushed=any(flushed_by_operator(r) for _, r in chunk),
                 )
                 pool.submit(job)
-                waits.append((hop, chunk, future))
+                self.egress.sent(source)
+                m.egress_messages.labels(source.name).inc()
+                waits.append((hop, shape, source, chunk, future))
         if local_rcpts:
             # Into the mailboxes while the remote transactions are under way.
             if self.local is None:
@@ -477,8 +532,9 @@ class DeliveryWorker:
             for (i, rcpt), outcome in zip(local_rcpts, outcomes, strict=True):
                 duplicate = isinstance(outcome, LocalOutcome) and outcome.duplicate
                 attempts.append(Attempt(i, rcpt, outcome, LOCAL_HOP, duplicate=duplicate))
-        for hop, chunk, future in waits:
+        for hop, shape, source, chunk, future in waits:
             result = await future
+            reacted = False
             for (i, rcpt), outcome in zip(chunk, result.outcomes, strict=True):
                 attempts.append(
                     Attempt(
@@ -489,22 +545,184 @@ class DeliveryWorker:
                         result.remote_ip,
                         result.tls,
                         result.dsn,
+                        retry=shape.retry_schedule,
                     )
                 )
+                if outcome.kind != DELIVERED and not reacted and self.shaping.reactions:
+                    reacted = await self._react(shape, source, hop, outcome)
         if self.test_fault and any(
             a.recipient.address.lower() == self.test_fault for a in attempts
         ):
             raise RuntimeError(f"test fault injection ({TEST_FAULT_ENV})")
         return attempts
 
-    def _pool(self, hop: NextHop) -> DeliveryPool:
-        pool = self.pools.get(hop.key)
+    def _pool(self, hop: NextHop, shape: shaping.Shape, source: Source) -> DeliveryPool:
+        key = f"{hop.key}|{shape.key}|{source.name}"
+        pool = self.pools.get(key)
         if pool is None:
-            pool = DeliveryPool(hop, self._limits(hop), self.resolver, own=self.own)
-            self.pools[hop.key] = pool
+            settings = hop.settings
+            if source is not DEFAULT_SOURCE or shape.tls:
+                settings = dataclasses.replace(
+                    settings,
+                    helo=source.helo or settings.helo,
+                    local_address=source.address,
+                    tls=shape.tls or settings.tls,
+                )
+                hop = dataclasses.replace(hop, settings=settings)
+            limits = self._worker_share(shape.limits)
+            rates: list[Rate] = []
+            slots: list[Slots] = []
+            if shape.rate_budget is not None:
+                budget = shape.rate_budget
+                rates.append(
+                    self.limits.rate(
+                        budget.key, shape.rate, shape.burst, budget.shared, budget.rule
+                    )
+                )
+            if shape.connection_budget is not None:
+                budget = shape.connection_budget
+                slots.append(
+                    self.limits.slots(
+                        budget.key, shape.connection_limit, budget.shared, budget.rule
+                    )
+                )
+            if source.rate:
+                rates.append(
+                    self.limits.rate(f"source:{source.name}", source.rate, 1, False, source.name)
+                )
+            if source.max_connections:
+                slots.append(
+                    self.limits.slots(
+                        f"source:{source.name}", source.max_connections, False, source.name
+                    )
+                )
+            pool = DeliveryPool(
+                hop, limits, self.resolver, own=self.own, rates=tuple(rates), slots=tuple(slots)
+            )
+            self.pools[key] = pool
         return pool
 
-    def _limits(self, hop: NextHop) -> PoolConfig:
+    def _source_free(self, names: tuple[str, ...], now: float) -> Callable[[Source], bool]:
+        """Whether a source may send to *names* now (no suspension of it there)."""
+        gate = self.gate
+        return lambda source: gate.check_source(names, source.name, now) is None
+
+    def _no_source(
+        self, pool_name: str, names: tuple[str, ...], domain: str, now: float
+    ) -> Suspension:
+        """Why no source of *pool_name* may send to *names* now, as the suspension that
+        holds the recipients back: the first source's own suspension, or the end of the
+        day for a warm-up cap."""
+        for source, _ in self.egress.pools[pool_name].members:
+            suspension = self.gate.check_source(names, source.name, now)
+            if suspension is not None:
+                return suspension
+        for source, _ in self.egress.pools[pool_name].members:
+            m.warmup_deferred.labels(source.name).inc()
+        reason = f"every source of egress pool {pool_name} reached its warm-up cap for today"
+        return Suspension(domain, self.egress.next_day(), reason, now)
+
+    async def _react(
+        self, shape: shaping.Shape, source: Source, hop: NextHop, outcome: Outcome
+    ) -> bool:
+        """Apply the shaping reaction *outcome* matches, once while it is in force:
+        suspend the destination (or only *source* towards it), or throttle the shape's
+        rate. True when one matched."""
+        reaction = self.shaping.reaction(outcome.code, outcome.status, outcome.text, shape.provider)
+        if reaction is None:
+            return False
+        now = time.time()
+        key = (reaction.name, shape.key, source.name)
+        if self.reacting.get(key, 0.0) > now:
+            return True
+        self.reacting[key] = now + reaction.seconds
+        m.shaping_reactions.labels(reaction.action).inc()
+        fields = {
+            "event": "shaping_reaction",
+            "reaction": reaction.name,
+            "action": reaction.action,
+            "source": source.name,
+            "destination": hop.key,
+            "reply": outcome.reply,
+            "seconds": reaction.seconds,
+        }
+        if reaction.action == "throttle":
+            budget = shape.rate_budget
+            if budget is None:
+                log.info("shaping reaction %s to %s: no rate to throttle", reaction.name, hop.key)
+                return True
+            rate = self.limits.rate(budget.key, shape.rate, shape.burst, budget.shared, budget.rule)
+            rate.set_factor(reaction.rate_factor)
+            m.shaping_rate_factor.labels(budget.rule, source.name).set(reaction.rate_factor)
+            self.throttles[(budget.rule, source.name)] = {
+                "rule": budget.rule,
+                "source": source.name,
+                "reaction": reaction.name,
+                "factor": reaction.rate_factor,
+                "until": round(now + reaction.seconds, 3),
+                "reply": outcome.reply[:200],
+            }
+            log.warning(
+                "shaping reaction %s: rate of %s from %s x%.2f for %.0fs (%s)",
+                reaction.name,
+                budget.rule,
+                source.name,
+                reaction.rate_factor,
+                reaction.seconds,
+                outcome.reply,
+                extra={"fields": fields},
+            )
+
+            def lift() -> None:
+                self.throttles.pop((budget.rule, source.name), None)
+                rate.set_factor(1.0)
+                m.shaping_rate_factor.labels(budget.rule, source.name).set(1.0)
+                log.info("shaping reaction %s lifted: rate of %s", reaction.name, budget.rule)
+
+            self.loop.call_later(reaction.seconds, lift)
+            return True
+        only = source.name if reaction.action == "suspend_source" else ""
+        until = now + reaction.seconds
+        reason = f"shaping reaction {reaction.name}: {outcome.reply}"[:400]
+        log.warning(
+            "shaping reaction %s: %s %s%s for %.0fs (%s)",
+            reaction.name,
+            "suspending source" if only else "suspending",
+            f"{only} towards " if only else "",
+            ", ".join(shape.suspend_targets),
+            reaction.seconds,
+            outcome.reply,
+            extra={"fields": fields},
+        )
+        try:
+            await self.loop.run_in_executor(
+                None, self.gate.suspend_all, shape.suspend_targets, until, reason, only
+            )
+        except Exception as exc:  # the reply is deferred all the same; retried next time
+            log.error("shaping reaction %s not recorded: %s", reaction.name, exc)
+            self.reacting.pop(key, None)
+        return True
+
+    def _base_limits(self, hop: NextHop) -> PoolConfig:
+        """[pool] with the ``[[pool_override]]`` of *hop* applied (shaping rules go on it)."""
+        cached = self._bases.get(hop.key)
+        if cached is None:
+            cached = self._bases[hop.key] = self._overridden(hop)
+        return cached
+
+    def _worker_share(self, limits: PoolConfig) -> PoolConfig:
+        limits = dataclasses.replace(limits)
+        if self.count > 1:
+            # Every worker has a pool to this destination: each takes its share of the
+            # node's limits, so that together they stay within them.
+            limits.max_connections = max(1, limits.max_connections // self.count)
+            limits.initial_connections = min(
+                max(1, limits.initial_connections // self.count), limits.max_connections
+            )
+            limits.rate /= self.count
+        return limits
+
+    def _overridden(self, hop: NextHop) -> PoolConfig:
         limits = dataclasses.replace(self.config.pool)
         names = {h.lower() for h in hop.hosts} | {hop.key.partition(":")[2].lower()}
         for override in self.config.pool_overrides:
@@ -523,20 +741,12 @@ class DeliveryWorker:
                         setattr(limits, name, value)
                 if override.rate >= 0:
                     limits.rate = override.rate
-        if self.count > 1:
-            # Every worker has a pool to this destination: each takes its share of the
-            # node's limits, so that together they stay within them.
-            limits.max_connections = max(1, limits.max_connections // self.count)
-            limits.initial_connections = min(
-                max(1, limits.initial_connections // self.count), limits.max_connections
-            )
-            limits.rate /= self.count
         return limits
 
     # --- results --------------------------------------------------------------------------
 
-    def _retry_delay(self, attempts: int) -> float:
-        schedule = self.config.delivery.retry_schedule
+    def _retry_delay(self, attempts: int, schedule: tuple[int, ...] | list[int] = ()) -> float:
+        schedule = schedule or self.config.delivery.retry_schedule
         base = schedule[min(attempts, len(schedule)) - 1] if attempts else schedule[0]
         return base * random.uniform(0.9, 1.1)
 
@@ -616,7 +826,7 @@ class DeliveryWorker:
                 if attempt.outcome.kind == FAILED and bounce_class in self.suppress_classes:
                     hard.append((rcpt.address, bounce_class, outcome))
             else:
-                updated.next_attempt = now + self._retry_delay(updated.attempts)
+                updated.next_attempt = now + self._retry_delay(updated.attempts, attempt.retry)
                 if may_warn:
                     delayed.append(_report(updated, "delayed", outcome, attempt, now, until))
             changes[attempt.index] = updated

@@ -12,6 +12,7 @@ import sys
 import uvloop
 
 from tachymail import metrics
+from tachymail.cluster.replication import replicate
 from tachymail.config import Config
 from tachymail.delivery.local import LocalDelivery
 from tachymail.delivery.scheduler import DeliveryWorker
@@ -51,6 +52,10 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
     # One webhook sender per node keeps each message's events in order: worker 0's.
     sender = WebhookSender(config, store, committer) if index == 0 and config.webhooks else None
     sending = loop.create_task(sender.run(stop)) if sender is not None else None
+    # One replicator per node shares the suppression list and suspensions: worker 0's.
+    replicating = (
+        loop.create_task(replicate(config, worker.gate.suspensions, stop)) if index == 0 else None
+    )
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
@@ -71,6 +76,9 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
     if sending is not None:  # unacknowledged events stay in the outbox for the next start
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sending, 5.0)
+    if replicating is not None:  # what it did not push stays in the outbox for the next start
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(replicating, 5.0)
     while not (committer.idle and local.idle):
         await asyncio.sleep(0.01)
     committer.close()

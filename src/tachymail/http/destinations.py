@@ -6,7 +6,13 @@
   ``{"until": <epoch seconds> | "<duration: 30m, 2h, 1d>", "reason": "..."}``: deliveries to
   the destination (a domain, a mail host, ``*.domain``; tachymail.queue.suspensions) stop
   until resumed or until ``until``; the delivery workers see it within a second;
-- ``POST /api/v1/destinations/{destination}/resume``: 404 when it was not suspended.
+- ``POST /api/v1/destinations/{destination}/resume``: 404 when it was not suspended
+  (``?source=NAME``: the suspension of that egress source only);
+- ``GET /api/v1/shaping``: the providers, rules and reactions in force (the built-in set
+  and the ``[shaping] files``), the throttles reactions have put on (rule, source, factor,
+  until), the suspensions of one egress source towards a destination, and each delivery
+  worker's limiters (rate, connections in use, cluster-wide or not, on the local share
+  while Redis is away), as the delivery workers publish them once a second.
 
 The queue's counts come from a scan of the queue in a thread, shared by the requests of the
 next :data:`COUNT_TTL` seconds (a listing of a huge queue costs one scan, not one per page).
@@ -56,6 +62,12 @@ class SuspendRequest(BaseModel):
         'now ("90s", "30m", "2h", "1d", "1w"); absent, null or 0: until resumed.',
     )
     reason: str = Field(default="", max_length=MAX_REASON, description="Why (for people).")
+    source: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="Stop only the mail leaving from this egress source ([[egress_source]] "
+        'name; "default" for the host\'s own address); absent: from every source.',
+    )
 
 
 class SuspensionModel(BaseModel):
@@ -63,6 +75,7 @@ class SuspensionModel(BaseModel):
     until: float = Field(description="epoch seconds; 0: until resumed")
     reason: str
     created: float
+    source: str = Field(default="", description='the egress source it stops; "": every one')
 
 
 class SuspendReply(BaseModel):
@@ -89,6 +102,9 @@ class Destination(BaseModel):
     last_error: LastError | None
     next_hop: str = Field(description='the pool key ("mx:...", "route:host:port"); "" unknown')
     suspension: SuspensionModel | None
+    source_suspensions: list[SuspensionModel] = Field(
+        default=[], description="suspensions of one egress source towards it (shaping reactions)"
+    )
 
 
 class DestinationList(BaseModel):
@@ -117,6 +133,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/v1/destinations", list_destinations)
     app.router.add_post("/api/v1/destinations/{destination}/suspend", suspend)
     app.router.add_post("/api/v1/destinations/{destination}/resume", resume)
+    app.router.add_get("/api/v1/shaping", show_shaping)
     app.on_cleanup.append(_close)
 
 
@@ -216,7 +233,7 @@ async def suspend(request: web.Request) -> web.Response:
     suspensions = _suspensions(request)
     try:
         made: Suspension = await asyncio.to_thread(
-            suspensions.suspend, destination, until, body.reason
+            suspensions.suspend, destination, until, body.reason, None, body.source
         )
     except SuspensionError as exc:  # the table is full
         raise ApiError(409, "too_many", str(exc)) from None
@@ -227,14 +244,45 @@ async def suspend(request: web.Request) -> web.Response:
 
 async def resume(request: web.Request) -> web.Response:
     destination = _destination(request)
+    source = request.query.get("source", "")
     suspensions = _suspensions(request)
     try:
-        resumed = await asyncio.to_thread(suspensions.resume, destination)
+        resumed = await asyncio.to_thread(suspensions.resume, destination, source)
     except (lmdb.Error, OSError) as exc:
         raise ApiError(503, "unavailable", f"cannot store the resumption: {exc}") from None
     if not resumed:
-        raise ApiError(404, "not_found", f"{destination} is not suspended")
+        what = f"{destination} (source {source})" if source else destination
+        raise ApiError(404, "not_found", f"{what} is not suspended")
     return json_response({"destination": destination, "resumed": True})
+
+
+async def show_shaping(request: web.Request) -> web.Response:
+    data_path = request.app[HTTP].config.data_path
+    now = time.time()
+    try:
+        statuses = await asyncio.to_thread(read_statuses, data_path, now)
+        table = await asyncio.to_thread(_suspensions(request).active, now)
+    except (lmdb.Error, OSError) as exc:
+        raise ApiError(503, "unavailable", f"cannot read the delivery status: {exc}") from None
+    workers = [
+        {
+            "index": status.get("index", 0),
+            "throttles": status.get("shaping", {}).get("throttles", []),
+            "limits": status.get("shaping", {}).get("limits", {}),
+        }
+        for status in statuses
+    ]
+    rules: dict[str, Any] = next((s["shaping"] for s in statuses if "shaping" in s), {})
+    return json_response(
+        {
+            "files": rules.get("files", []),
+            "providers": rules.get("providers", []),
+            "rules": rules.get("rules", []),
+            "reactions": rules.get("reactions", []),
+            "source_suspensions": [s.as_dict() for s in table.values() if s.source],
+            "workers": workers,
+        }
+    )
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------
@@ -247,6 +295,8 @@ _DESTINATION_PARAM = {
     "description": "a recipient domain, a mail host (or IP address) or *.domain",
     "schema": {"type": "string"},
 }
+
+_OBJECT_LIST = {"type": "array", "items": {"type": "object"}}
 
 #: the OpenAPI 3.1 fragment of these routes (merged by tachymail.http.server)
 OPENAPI: dict[str, Any] = {
@@ -311,12 +361,59 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/v1/shaping": {
+            "get": {
+                "operationId": "showShaping",
+                "summary": "Shaping rules and reactions in force, throttles, source "
+                "suspensions and limiter states",
+                "tags": ["shaping"],
+                "responses": {
+                    "200": {
+                        "description": "the shaping state (rules as the delivery workers "
+                        "published them within the last seconds; empty while none runs)",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": [
+                                        "files",
+                                        "providers",
+                                        "rules",
+                                        "reactions",
+                                        "source_suspensions",
+                                        "workers",
+                                    ],
+                                    "properties": {
+                                        "files": {"type": "array", "items": {"type": "string"}},
+                                        "providers": _OBJECT_LIST,
+                                        "rules": _OBJECT_LIST,
+                                        "reactions": _OBJECT_LIST,
+                                        "source_suspensions": _OBJECT_LIST,
+                                        "workers": _OBJECT_LIST,
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "503": error_response(503, "the status or the suspensions cannot be read"),
+                },
+            }
+        },
         "/api/v1/destinations/{destination}/resume": {
             "post": {
                 "operationId": "resumeDestination",
                 "summary": "Resume deliveries to a suspended destination",
                 "tags": ["destinations"],
-                "parameters": [_DESTINATION_PARAM],
+                "parameters": [
+                    _DESTINATION_PARAM,
+                    {
+                        "name": "source",
+                        "in": "query",
+                        "required": False,
+                        "description": "resume only the suspension of this egress source",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{0,64}$"},
+                    },
+                ],
                 "responses": {
                     "200": json_content("ResumeReply", "resumed"),
                     "400": error_response(400, "not a destination"),

@@ -235,6 +235,13 @@ class Injection:
 
     async def run(self) -> _Outcome:
         body = self.body
+        pools = {p.name for p in self.config.egress_pools}
+        if body.pool and body.pool != "default" and body.pool not in pools:
+            known = ", ".join(sorted(pools | {"default"}))
+            problem = f"no egress pool {body.pool!r} is configured (known: {known})"
+            raise ApiError(
+                422, "invalid_body", f"pool: {problem}", [{"field": "pool", "problem": problem}]
+            )
         recipients, problems = self._check_recipients()
         if problems:
             first = problems[0]

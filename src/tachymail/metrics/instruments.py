@@ -254,6 +254,15 @@ webhook_posts: Counter
 webhook_failures: Counter
 bounce_classes: Counter
 suppressions_added: Counter
+cluster_redis_up: Gauge
+cluster_redis_errors: Counter
+cluster_fallbacks: Counter
+shaping_waits: Counter
+shaping_reactions: Counter
+source_suspended: Gauge
+shaping_rate_factor: Gauge
+egress_messages: Counter
+warmup_deferred: Counter
 
 _destinations: dict[str, str] = {}
 _attempts: dict[tuple[str, str], CounterTally] = {}
@@ -280,6 +289,9 @@ def build() -> None:
     global http_requests, http_auth_failures
     global webhook_outbox_depth, webhook_posts, webhook_failures
     global bounce_classes, suppressions_added
+    global cluster_redis_up, cluster_redis_errors, cluster_fallbacks
+    global shaping_waits, shaping_reactions, source_suspended, shaping_rate_factor
+    global egress_messages, warmup_deferred
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, labels, registry=None)
@@ -678,6 +690,61 @@ def build() -> None:
         "tachymail_suppressions_added_total",
         "Recipients put on the suppression list by the delivery worker, by bounce class.",
         ("class",),
+    )
+    cluster_redis_up = Gauge(
+        "tachymail_cluster_redis_up",
+        "1 while this process reaches the cluster's Redis ([cluster] redis), 0 while it "
+        "works on its local share of cluster limits.",
+        registry=None,
+        multiprocess_mode="livemin",
+    )
+    cluster_redis_errors = counter(
+        "tachymail_cluster_redis_errors_total",
+        "Redis calls that failed or timed out (each one makes the node use its local share).",
+    )
+    # what: "rate", "connections" or "replication" (a bounded set)
+    cluster_fallbacks = counter(
+        "tachymail_cluster_fallbacks_total",
+        "Grants of a cluster-wide limit taken from the node's local share because Redis "
+        "was away, and list changes that waited for it.",
+        ("what",),
+    )
+    # rule: a shaping rule's name (the operator's and the built-in ones: a bounded set)
+    shaping_waits = counter(
+        "tachymail_shaping_waits_total",
+        "Messages that waited for a shaping rule's rate or connection limit, by rule.",
+        ("rule",),
+    )
+    # action: suspend_destination, suspend_source or throttle
+    shaping_reactions = counter(
+        "tachymail_shaping_reactions_total",
+        "Automatic reactions to replies (a shaping [[reaction]] matched), by action.",
+        ("action",),
+    )
+    source_suspended = Gauge(
+        "tachymail_source_suspended",
+        "1 while an egress source is suspended towards a destination by a shaping "
+        "reaction, 0 once lifted.",
+        ["source", "destination"],
+        registry=None,
+        multiprocess_mode="livemax",
+    )
+    shaping_rate_factor = Gauge(
+        "tachymail_shaping_rate_factor",
+        "The factor a throttle reaction applies to a rule's rate now (1: the rule's rate).",
+        ["rule", "source"],
+        registry=None,
+        multiprocess_mode="livemin",
+    )
+    egress_messages = counter(
+        "tachymail_egress_messages_total",
+        'Transactions sent from each egress source (the default source is "default").',
+        ("source",),
+    )
+    warmup_deferred = counter(
+        "tachymail_warmup_deferred_total",
+        "Messages held back because their source's warm-up cap for the day was reached.",
+        ("source",),
     )
     # route: the route's path template (a bounded set; "unmatched" for any other path)
     http_requests = counter(

@@ -119,11 +119,13 @@ def merge(
 
         {"destination", "queued", "in_flight", "connections", "attempts_per_second",
          "last_error": {"code", "reply", "time"} | None, "next_hop",
-         "suspension": {"destination", "until", "reason", "created"} | None}
+         "suspension": {"destination", "until", "reason", "created", "source"} | None,
+         "source_suspensions": [{... "source": SOURCE}, ...]}
 
     ``connections`` are those of the domain's next hop (shared by the domains routed
     there); ``suspension`` is the one in force for the domain or for a host of its next
-    hop (a pattern's own entry shows it too)."""
+    hop (a pattern's own entry shows it too); ``source_suspensions`` are those that stop
+    only one egress source (a shaping reaction's)."""
     stamp = time.time() if now is None else now
     reported: dict[str, dict[str, Any]] = {}
     hops: dict[str, int] = {}
@@ -141,13 +143,18 @@ def merge(
             error, other = seen.get("last_error"), entry.get("last_error")
             if other and (not error or other.get("time", 0) > error.get("time", 0)):
                 seen["last_error"] = other
-    names = set(counts.domains) | set(reported) | set(suspensions)
+    plain = {key: s for key, s in suspensions.items() if not s.source}
+    sourced = [s for s in suspensions.values() if s.source and s.active(stamp)]
+    names = set(counts.domains) | set(reported) | {s.destination for s in suspensions.values()}
     out: list[dict[str, Any]] = []
     for name in sorted(names):
         entry = reported.get(name, {})
         next_hop = str(entry.get("next_hop", ""))
         hosts = [str(h) for h in entry.get("hosts", [])]
-        suspension = match(suspensions, [name, *hosts], stamp)
+        suspension = match(plain, [name, *hosts], stamp)
+        by_source = [
+            s.as_dict() for s in sourced if match({s.destination: s}, [name, *hosts], stamp)
+        ]
         out.append(
             {
                 "destination": name,
@@ -158,6 +165,7 @@ def merge(
                 "last_error": entry.get("last_error") or None,
                 "next_hop": next_hop,
                 "suspension": suspension.as_dict() if suspension is not None else None,
+                "source_suspensions": by_source,
             }
         )
     return out

@@ -18,8 +18,12 @@ read transaction and at most two key look-ups, decoding nothing unless there is 
 :meth:`is_empty` reads the environment's statistics without a transaction, so an empty list
 costs a front end nothing. Writes sync the environment before they return: an operator's
 "do not mail" must survive a power cut. Expired entries are ignored at once and removed
-lazily (every :data:`SWEEP_EVERY` additions, and by :meth:`sweep`). A cluster would share
-the list through Redis; this one is per node.
+lazily (every :data:`SWEEP_EVERY` additions, and by :meth:`sweep`).
+
+In a cluster (``[cluster] redis``) every node keeps its own copy: each addition and removal
+is also written, in the same transaction, to the store's outbox (tachymail.queue.changes),
+which the node's replicator hands to Redis and the other nodes apply
+(tachymail.cluster.replication); expiry needs no message, it is part of the entry.
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
 from tachymail.lmdbenv import delete_where, open_side_store
+from tachymail.queue import changes
+from tachymail.queue.changes import FIRST_ENTRY, Change
 
 #: the list's environment, in data_dir
 SUPPRESSION_DIR = "suppression"
@@ -55,6 +63,8 @@ MAX_ADDRESS = 254
 #: the longest reason kept (a remote reply can be long; the list keeps its gist)
 MAX_REASON = 500
 GLOBAL = "global"
+#: changes the outbox holds while Redis is away before the whole list is resent instead
+MAX_OUTBOX = changes.MAX_OUTBOX
 
 # created, expires, source index; the reason (UTF-8) follows
 _VALUE = struct.Struct("<ddB")
@@ -250,9 +260,15 @@ class SuppressionList:
 
     def is_empty(self) -> bool:
         """Whether the list has no entry at all (expired ones count until swept): a
-        look at the environment's statistics, no transaction."""
+        look at the environment's statistics, and in a cluster (whose bookkeeping records
+        share the environment) one cursor step."""
         entries: int = self.env.stat()["entries"]
-        return entries == 0
+        if entries == 0:
+            return True
+        if entries > 64:
+            return False  # the bookkeeping is a handful of records, or a backlog: look once
+        with self.env.begin() as txn:
+            return not txn.cursor().set_range(FIRST_ENTRY)
 
     def check(
         self, address: str, sender_domain: str = "", now: float | None = None
@@ -308,8 +324,8 @@ class SuppressionList:
         last = b""
         with self.env.begin() as txn:
             walk = txn.cursor()
-            start = max(after, prefix)
-            more = walk.set_range(start) if start else walk.first()
+            start = max(after, prefix, FIRST_ENTRY)
+            more = walk.set_range(start)
             if more and after and walk.key() == after:
                 more = walk.next()
             while more:
@@ -329,8 +345,8 @@ class SuppressionList:
 
     def count(self) -> int:
         """Entries stored (expired ones included until swept)."""
-        entries: int = self.env.stat()["entries"]
-        return entries
+        with self.env.begin() as txn:
+            return changes.entry_count(txn)
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -374,6 +390,7 @@ class SuppressionList:
         with self.env.begin(write=True) as txn:
             for entry in batch:
                 txn.put(_key(entry.scope, entry.address), _encode(entry))
+            changes.record(txn, (_change(entry) for entry in batch))
         return len(batch)
 
     def import_csv(
@@ -390,6 +407,8 @@ class SuppressionList:
         key = _key(normalize_scope(scope), normalize_address(address))
         with self.env.begin(write=True) as txn:
             found: bool = txn.delete(key)
+            if found:
+                changes.record(txn, [Change(key, time.time(), None)])
         if found:
             self.env.sync(True)
         return found
@@ -402,10 +421,83 @@ class SuppressionList:
             lapses = _VALUE.unpack_from(value)[1]
             return bool(lapses) and lapses <= stamp
 
-        removed = delete_where(self.env, expired)
+        removed = delete_where(self.env, expired, start=FIRST_ENTRY)
         if removed:
             self.env.sync(True)
         return removed
+
+    # --- the cluster's side (tachymail.cluster.replication) --------------------------------
+
+    def apply_changes(self, batch: builtins.list[Change], at_least: bool) -> int:
+        """Apply other nodes' changes (see tachymail.queue.changes.ReplicatedStore): an
+        entry is written or removed where the change is newer than the local entry (or as
+        new, with *at_least*), never recorded in the outbox; synced. A change that is not
+        a valid entry is skipped. How many changed the list."""
+        applied = 0
+        for start in range(0, len(batch), BATCH):
+            with self.env.begin(write=True) as txn:
+                for change in batch[start : start + BATCH]:
+                    applied += _apply(txn, change, at_least)
+        if applied:
+            self.env.sync(True)
+        return applied
+
+    def snapshot(self, after: bytes, limit: int) -> tuple[builtins.list[Change], bytes | None]:
+        """Up to *limit* stored entries after key *after* as changes, and the key to go on
+        from (None at the end)."""
+        out: builtins.list[Change] = []
+        with self.env.begin() as txn:
+            walk = txn.cursor()
+            more = walk.set_range(max(after, FIRST_ENTRY))
+            if more and after and walk.key() == after:
+                more = walk.next()
+            while more:
+                if len(out) >= limit:
+                    return out, out[-1].key
+                out.append(_change(_decode(bytes(walk.key()), bytes(walk.value()))))
+                more = walk.next()
+        return out, None
+
+
+def _change(entry: Suppression) -> Change:
+    """*entry* as a change for the cluster (its key says the address and scope)."""
+    value: dict[str, object] = {
+        "reason": entry.reason,
+        "source": entry.source,
+        "created": entry.created,
+        "expires": entry.expires,
+    }
+    return Change(_key(entry.scope, entry.address), entry.created, value, entry.expires)
+
+
+def _apply(txn: lmdb.Transaction, change: Change, at_least: bool) -> int:
+    """Apply one remote *change* in the write transaction *txn*: 1 when it changed the list."""
+    if b"\x00" not in change.key or len(change.key) > 511:
+        return 0
+    current = txn.get(change.key)
+    if current is not None:
+        held = _VALUE.unpack_from(current)[0]
+        if change.stamp < held or (change.stamp == held and not at_least):
+            return 0
+    if change.value is None:
+        return 1 if current is not None and txn.delete(change.key) else 0
+    scope, _, address = change.key.partition(b"\x00")
+    try:
+        entry = make_entry(
+            address.decode("utf-8", "surrogateescape"),
+            scope.decode("utf-8", "surrogateescape"),
+            str(change.value.get("reason", "")),
+            str(change.value.get("source", "import")),
+            float(change.value.get("expires", 0.0)),
+            change.stamp,
+        )
+    except (SuppressionError, TypeError, ValueError):
+        return 0
+    encoded = _encode(entry)
+    if current is not None and bytes(current) == encoded:
+        return 0
+    txn.put(_key(entry.scope, entry.address), encoded)
+    return 1
 
 
 _shared: dict[Path, SuppressionList] = {}

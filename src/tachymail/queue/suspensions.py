@@ -20,9 +20,18 @@ queued: no attempt is counted and no DSN goes out (see tachymail.delivery.destin
 The suspensions live in a small LMDB environment of their own in ``data_dir/suspensions``,
 shared by every process of the node (delivery workers read it, the CLI and the HTTP API
 write it beside a running server). Writes are synced: an operator's "stop" survives a power
-cut. Each write bumps a generation counter, so a reader that caches the table
-(:meth:`Suspensions.suspended`) re-reads it only when it changed, at most once a second. A
-cluster would share suspensions through Redis; these are per node.
+cut. A suspension may name an egress *source* (tachymail.delivery.egress): it then stops
+only the mail leaving from that source towards the destination (a shaping reaction to a
+provider's "421 4.7.28" does that), and is stored under ``DESTINATION/SOURCE``. Each write
+bumps a generation counter, so a reader that caches the table
+(:meth:`Suspensions.suspended`) re-reads it only when it changed, at most once a second.
+
+In a cluster (``[cluster] redis``) each suspend and resume of a destination is also
+written, in the same transaction, to the store's outbox (tachymail.queue.changes); the
+node's replicator hands it to Redis and applies the other nodes'
+(tachymail.cluster.replication), so a destination suspended on one node is held on all. The
+expiry is part of the suspension: it lifts everywhere with no message. A suspension of one
+egress source stays on its node (sources are per node: each has its own addresses).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -39,6 +48,8 @@ import lmdb
 import orjson
 
 from tachymail.lmdbenv import open_side_store
+from tachymail.queue import changes
+from tachymail.queue.changes import FIRST_ENTRY, Change
 
 __all__ = [
     "MAX_SUSPENSIONS",
@@ -47,6 +58,7 @@ __all__ = [
     "SuspensionError",
     "Suspensions",
     "match",
+    "match_source",
     "normalize_destination",
     "parse_until",
 ]
@@ -55,6 +67,8 @@ __all__ = [
 SUSPENSIONS_DIR = "suspensions"
 #: active suspensions a node keeps at most (each is a gauge label and a cache entry)
 MAX_SUSPENSIONS = 1000
+#: changes the outbox holds while Redis is away before the whole table is resent instead
+MAX_OUTBOX = 10_000
 #: the longest reason kept
 MAX_REASON = 500
 #: how long a cached table is trusted before its generation is looked at again (seconds)
@@ -66,6 +80,7 @@ _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SOURCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _T = TypeVar("_T")
 
 
@@ -76,12 +91,19 @@ class SuspensionError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Suspension:
     """One suspension: the *destination* as stored (see the module doc), ``until`` epoch
-    seconds (0: until resumed), the operator's *reason*, and when it was made."""
+    seconds (0: until resumed), the operator's *reason*, when it was made, and the egress
+    *source* it stops ("" = every source)."""
 
     destination: str
     until: float
     reason: str
     created: float
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        """Its key in the table: the destination, or ``DESTINATION/SOURCE``."""
+        return f"{self.destination}/{self.source}" if self.source else self.destination
 
     def active(self, now: float) -> bool:
         return not self.until or self.until > now
@@ -93,6 +115,7 @@ class Suspension:
             "until": self.until,
             "reason": self.reason,
             "created": self.created,
+            "source": self.source,
         }
 
 
@@ -178,6 +201,20 @@ def match(table: dict[str, Suspension], names: Iterable[str], now: float) -> Sus
     return None
 
 
+def match_source(
+    table: dict[str, Suspension], names: Iterable[str], source: str, now: float
+) -> Suspension | None:
+    """Like :func:`match`, for the suspensions that stop only egress *source*."""
+    if not table:
+        return None
+    for name in names:
+        for candidate in _candidates(name):
+            found = table.get(f"{candidate}/{source}")
+            if found is not None and found.active(now):
+                return found
+    return None
+
+
 def _bump(txn: lmdb.Transaction) -> None:
     """Count one change in the generation counter (readers' caches look at it)."""
     generation = txn.get(_GENERATION)
@@ -191,7 +228,57 @@ def _decode(raw: bytes) -> Suspension:
         float(data["until"]),
         str(data.get("reason", "")),
         float(data.get("created", 0.0)),
+        str(data.get("source", "")),
     )
+
+
+def _entries(txn: lmdb.Transaction, after: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) records of the suspensions after *after*, none of the bookkeeping."""
+    cursor = txn.cursor()
+    more = cursor.set_range(max(after, FIRST_ENTRY))
+    if more and after and cursor.key() == after:
+        more = cursor.next()
+    while more:
+        yield bytes(cursor.key()), bytes(cursor.value())
+        more = cursor.next()
+
+
+def _change(suspension: Suspension) -> Change:
+    """A destination's *suspension* as a change for the cluster."""
+    return Change(
+        suspension.destination.encode(), suspension.created, suspension.as_dict(), suspension.until
+    )
+
+
+def _apply(txn: lmdb.Transaction, change: Change, at_least: bool) -> int:
+    """Apply one remote *change* in *txn*: 1 when it changed the table."""
+    if b"/" in change.key:
+        return 0  # a source's suspension: never shared
+    current = txn.get(change.key)
+    if current is not None:
+        try:
+            held = _decode(bytes(current)).created
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            held = float("-inf")
+        if change.stamp < held or (change.stamp == held and not at_least):
+            return 0
+    if change.value is None:
+        return 1 if current is not None and txn.delete(change.key) else 0
+    try:
+        value = change.value
+        suspension = Suspension(
+            normalize_destination(change.key.decode()),
+            float(value.get("until") or 0.0),
+            " ".join(str(value.get("reason", "")).split())[:MAX_REASON],
+            change.stamp,
+        )
+    except (SuspensionError, UnicodeDecodeError, TypeError, ValueError):
+        return 0
+    encoded = orjson.dumps(suspension.as_dict())
+    if current is not None and bytes(current) == encoded:
+        return 0
+    txn.put(suspension.key.encode(), encoded)
+    return 1
 
 
 class Suspensions:
@@ -217,36 +304,43 @@ class Suspensions:
         until: float = 0.0,
         reason: str = "",
         now: float | None = None,
+        source: str = "",
     ) -> Suspension:
         """Suspend *destination* until *until* (epoch seconds; 0: until resumed) for
         *reason* (cut to MAX_REASON characters), replacing any suspension of the same
-        destination. Raises SuspensionError for a bad destination, an expiry already past,
-        or a table already holding MAX_SUSPENSIONS active suspensions."""
+        destination (and *source*: "" = mail from every source). Raises SuspensionError
+        for a bad destination or source name, an expiry already past, or a table already
+        holding MAX_SUSPENSIONS active suspensions."""
         stamp = time.time() if now is None else now
         name = normalize_destination(destination)
+        if source and not _SOURCE.fullmatch(source):
+            raise SuspensionError(f"not a source name: {source!r}")
         if until and until <= stamp:
             raise SuspensionError(f"the end of the suspension ({until:.0f}) is already past")
         reason = " ".join(reason.split())[:MAX_REASON]
-        suspension = Suspension(name, float(until), reason, round(stamp, 3))
-        key = name.encode()
+        suspension = Suspension(name, float(until), reason, round(stamp, 3), source)
+        key = suspension.key.encode()
 
         def work(txn: lmdb.Transaction) -> None:
             self._sweep(txn, stamp)
-            if txn.get(key) is None and txn.stat()["entries"] > MAX_SUSPENSIONS:
+            if txn.get(key) is None and changes.entry_count(txn) >= MAX_SUSPENSIONS:
                 raise SuspensionError(
                     f"{MAX_SUSPENSIONS} destinations are suspended already; resume some first"
                 )
             txn.put(key, orjson.dumps(suspension.as_dict()))
+            if not source:
+                changes.record(txn, [_change(suspension)], MAX_OUTBOX)
             _bump(txn)
 
         self._write(work)
         return suspension
 
-    def resume(self, destination: str) -> bool:
+    def resume(self, destination: str, source: str = "") -> bool:
         """End the suspension of *destination* (as it was suspended: a pattern by its
-        pattern); False when it was not suspended (or its suspension had run out). Raises
-        SuspensionError for a name that is no destination."""
-        key = normalize_destination(destination).encode()
+        pattern; of *source* only, if given); False when it was not suspended (or its
+        suspension had run out). Raises SuspensionError for a name that is no destination."""
+        name = normalize_destination(destination)
+        key = (f"{name}/{source}" if source else name).encode()
         now = time.time()
 
         def work(txn: lmdb.Transaction) -> bool:
@@ -254,6 +348,8 @@ class Suspensions:
             if raw is None:
                 return False
             txn.delete(key)
+            if not source:
+                changes.record(txn, [Change(key, now, None)], MAX_OUTBOX)
             _bump(txn)
             return _decode(bytes(raw)).active(now)
 
@@ -272,13 +368,39 @@ class Suspensions:
     @staticmethod
     def _sweep(txn: lmdb.Transaction, now: float) -> None:
         """Remove the suspensions that ran out (the table stays small: no batching)."""
-        doomed = [
-            bytes(key)
-            for key, raw in txn.cursor()
-            if bytes(key) != _GENERATION and not _decode(bytes(raw)).active(now)
-        ]
+        doomed = [key for key, raw in _entries(txn) if not _decode(raw).active(now)]
         for key in doomed:
             txn.delete(key)
+
+    # --- the cluster's side (tachymail.cluster.replication) --------------------------------
+
+    def apply_changes(self, batch: list[Change], at_least: bool) -> int:
+        """Apply other nodes' changes (see tachymail.queue.changes.ReplicatedStore): a
+        destination's suspension is written or removed where the change is newer than the
+        local one (or as new, with *at_least*), never recorded in the outbox; synced, and
+        the generation bumped when anything changed. A change that is no valid suspension
+        is skipped. How many changed the table."""
+
+        def work(txn: lmdb.Transaction) -> int:
+            applied = sum(_apply(txn, change, at_least) for change in batch)
+            if applied:
+                _bump(txn)
+            return applied
+
+        return self._write(work) if batch else 0
+
+    def snapshot(self, after: bytes, limit: int) -> tuple[list[Change], bytes | None]:
+        """Up to *limit* destination suspensions after key *after* as changes (those of
+        one source stay on the node), and the key to go on from (None at the end)."""
+        out: list[Change] = []
+        with self.env.begin() as txn:
+            for _, raw in _entries(txn, after):
+                if len(out) >= limit:
+                    return out, out[-1].key
+                suspension = _decode(raw)
+                if not suspension.source:
+                    out.append(_change(suspension))
+        return out, None
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -289,17 +411,20 @@ class Suspensions:
         return int(raw) if raw is not None else 0
 
     def active(self, now: float | None = None) -> dict[str, Suspension]:
-        """Every suspension in force at *now*, by destination, read from the store."""
+        """Every suspension in force at *now*, by key (destination, or destination/source),
+        read from the store."""
         stamp = time.time() if now is None else now
         out: dict[str, Suspension] = {}
         with self.env.begin() as txn:
-            for key, raw in txn.cursor():
-                if bytes(key) == _GENERATION:
-                    continue
-                suspension = _decode(bytes(raw))
+            for _, raw in _entries(txn):
+                suspension = _decode(raw)
                 if suspension.active(stamp):
-                    out[suspension.destination] = suspension
+                    out[suspension.key] = suspension
         return out
+
+    def invalidate(self) -> None:
+        """Make the next :meth:`cached` read the table again (after this process wrote)."""
+        self._cache_checked = float("-inf")
 
     def cached(self, now: float | None = None) -> dict[str, Suspension]:
         """The table as :meth:`active` read it last, looked at again (one key read) when

@@ -12,6 +12,7 @@ sessions may run to their natural end).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -423,6 +424,13 @@ async def serve_worker(
     # SIGUSR1: replaced after a reload; sessions may go on to their natural end.
     loop.add_signal_handler(signal.SIGUSR1, retire_gently)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor handles reloads
+    # A held node runs no delivery worker 0 to share the lists (tachymail.cluster.replication):
+    # worker 0 shares the suppression list its RCPT checks read; suspensions wait for delivery.
+    replicating = None
+    if index == 0 and config.server.hold and config.cluster.redis:
+        from tachymail.cluster.replication import replicate  # redis: only for a cluster
+
+        replicating = loop.create_task(replicate(config, None, stop))
     parent = os.getppid()
     while not stop.is_set():
         try:
@@ -438,6 +446,10 @@ async def serve_worker(
         drain(ctx, servers, config.server.drain_timeout, keep_idle=retire),
         *(runner.cleanup() for runner in http_runners),
     )
+    if replicating is not None:  # what it did not push stays in the outbox for the next start
+        stop.set()  # also when the loop above ended because the supervisor died
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(replicating, 5.0)
     while not ctx.mailbox_committer.idle:  # an LMTP batch still lingering: let it commit
         await asyncio.sleep(0.01)
     ctx.mailbox_committer.close()

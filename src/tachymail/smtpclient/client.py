@@ -129,8 +129,15 @@ class _ReplyProtocol(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         self.lost = self.lost or exc
         while self.waiters:
-            waiter = self.waiters.popleft()[0]
-            if not waiter.done():
+            waiter, count, got = self.waiters.popleft()
+            if waiter.done():
+                continue
+            if got and got[-1].code == 421:
+                # The server said 421 and closed (RFC 5321 §3.8): that is the answer to
+                # the rest of the pipelined commands too, not "connection closed" (a
+                # provider's "421 4.7.28" must reach the shaping reactions).
+                waiter.set_result(got + [got[-1]] * (count - len(got)))
+            else:
                 waiter.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
@@ -146,6 +153,8 @@ class _ReplyProtocol(asyncio.Protocol):
             got.append(ready.popleft())
         if len(got) == count:
             future.set_result(got)
+        elif self.lost is not None and got and got[-1].code == 421:
+            future.set_result(got + [got[-1]] * (count - len(got)))  # see _fail
         elif self.lost is not None:
             future.set_exception(self.lost)
         else:
@@ -167,6 +176,8 @@ class ClientSettings:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     server_name: str = ""  # for certificate verification (SNI and hostname check)
+    #: the local address to send from (an egress source); "" = the host's default
+    local_address: str = ""
 
 
 @dataclass(slots=True)
@@ -241,7 +252,12 @@ class SmtpConnection:
         conn = cls(host, address, port, settings)
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: conn.protocol, address, port),
+                loop.create_connection(
+                    lambda: conn.protocol,
+                    address,
+                    port,
+                    local_addr=(settings.local_address, 0) if settings.local_address else None,
+                ),
                 settings.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
@@ -444,6 +460,8 @@ class SmtpConnection:
 
     def _reset_after_failure(self) -> None:
         # RSET pipelined; its reply is consumed before the next transaction's replies.
+        if not self.usable:
+            return  # closed (after a 421): the connection is not used again
         self.transport.write(b"RSET\r\n")
         self.protocol.replies(1).add_done_callback(_ignore)
 
