@@ -53,7 +53,7 @@ from tachymail.delivery.classify import (
     load_classifier,
 )
 from tachymail.delivery.destinations import DestinationGate, DestinationStats
-from tachymail.delivery.egress import DEFAULT_SOURCE, Egress, Source, pool_header
+from tachymail.delivery.egress import DEFAULT, DEFAULT_SOURCE, Egress, Source, pool_header
 from tachymail.delivery.eightbit import needs_8bit
 from tachymail.delivery.local import LocalDelivery, LocalOutcome
 from tachymail.delivery.pool import (
@@ -101,6 +101,8 @@ TEST_FAULT_ENV = "TACHYMAIL_TEST_DELIVERY_FAULT"
 COMMIT_TRIES = 3
 #: the outcome of an attempt that raised: a temporary failure like any other (RFC 3463 X.3.0)
 INTERNAL_ERROR = Outcome(DEFERRED, 451, "4.3.0", "4.3.0 internal error during delivery")
+#: lanes a worker remembers (recipient domains times sources) before starting afresh
+MAX_LANES = 100_000
 #: the hop of recipients in local domains: the mailbox store (tachymail.delivery.local)
 LOCAL_HOP = "local"
 #: the event (tachymail.queue.events) of an attempt's outcome; a failure that is a deferral
@@ -108,6 +110,18 @@ LOCAL_HOP = "local"
 _EVENT_TYPES = {DELIVERED: "delivery", DEFERRED: "transient_failure", FAILED: "bounce"}
 #: the delivery log's "result" of each outcome
 _RESULTS = {DELIVERED: "delivered", FAILED: "bounced", DEFERRED: "deferred"}
+
+
+@dataclass(slots=True)
+class Lane:
+    """Where mail to one domain through one next hop from one egress source goes."""
+
+    key: str
+    pool: DeliveryPool
+    shape: shaping.Shape
+    source: Source
+    #: the source's transactions (tachymail_egress_messages_total)
+    sent: Any = None
 
 
 @dataclass(slots=True)
@@ -226,6 +240,9 @@ class DeliveryWorker:
         self._bases: dict[str, PoolConfig] = {}
         #: throttle reactions in force, for the status: (rule, source) -> description
         self.throttles: dict[tuple[str, str], dict[str, Any]] = {}
+        self.described: dict[str, Any] | None = None
+        #: (domain, next hop key, source) -> its lane (see _lane)
+        self.lanes: dict[tuple[str, str, Source], Lane] = {}
         #: classes of permanent failures that put the recipient on the suppression list
         self.suppress_classes = frozenset(config.suppression.on_bounce_classes)
         self.test_fault = os.environ.get(TEST_FAULT_ENV, "").lower()
@@ -286,10 +303,12 @@ class DeliveryWorker:
         if now - self.stats.published < 1.0:
             return
         connections: dict[str, int] = defaultdict(int)
-        for key, pool in self.pools.items():
-            connections[key] += pool.open_connections
+        for pool in self.pools.values():
+            connections[pool.hop.key] += pool.open_connections
+        if self.described is None:
+            self.described = self.shaping.describe()  # the rules do not change in a worker
         shaping_state = {
-            **self.shaping.describe(),
+            **self.described,
             "throttles": [t for t in self.throttles.values() if t["until"] > now],
             "limits": self.limits.snapshot(),
         }
@@ -448,16 +467,16 @@ class DeliveryWorker:
         for index, rcpt in mine:
             by_domain[rcpt.address.rpartition("@")[2].lower()].append((index, rcpt))
         attempts: list[Attempt] = []
-        # One group per next hop, shape and egress source: one pool each.
-        groups: dict[
-            tuple[str, str, str],
-            tuple[NextHop, shaping.Shape, Source, list[tuple[int, Recipient]]],
-        ] = {}
+        # One group per lane (next hop, shape and egress source): one pool each.
+        groups: dict[str, tuple[NextHop, Lane, list[tuple[int, Recipient]]]] = {}
         local_rcpts: list[tuple[int, Recipient]] = []
-        # The header is removed whether or not pools are configured: it is ours, not the
-        # recipient's. The API's pool field wins over it.
-        requested, content = pool_header(content)
-        pool_name = self.egress.pool_of(envelope.pool or requested, envelope.sender)
+        egress = self.egress
+        if egress.active:
+            # The API's pool field wins over the header, which goes either way.
+            requested, content = pool_header(content)
+            pool_name = egress.pool_of(envelope.pool or requested, envelope.sender)
+        else:
+            pool_name = DEFAULT
         # Recipients of suspended destinations: not attempted, postponed (no attempt counted).
         held: list[tuple[Suspension, list[tuple[int, Recipient]]]] = []
         now = time.time()
@@ -480,33 +499,30 @@ class DeliveryWorker:
             elif hop.local:
                 local_rcpts.extend(rcpts)
             else:
-                names = (domain, *hop.hosts)
-                source = self.egress.pick(pool_name, self._source_free(names, now))
-                if source is None:
-                    held.append((self._no_source(pool_name, names, domain, now), rcpts))
-                    continue
-                shape = self.shaping.shape(
-                    domain, hop.key, hop.hosts, source.name, self._base_limits(hop)
-                )
-                group = groups.setdefault(
-                    (hop.key, shape.key, source.name), (hop, shape, source, [])
-                )
-                group[3].extend(rcpts)
+                source = DEFAULT_SOURCE  # the default pool: no choice to make
+                if pool_name != DEFAULT:
+                    names = (domain, *hop.hosts)
+                    picked = egress.pick(pool_name, self._source_free(names, now))
+                    if picked is None:
+                        held.append((self._no_source(pool_name, names, domain, now), rcpts))
+                        continue
+                    source = picked
+                lane = self.lanes.get((domain, hop.key, source))
+                if lane is None:
+                    lane = self._lane(domain, hop, source)
+                group = groups.get(lane.key)
+                if group is None:
+                    group = groups[lane.key] = (hop, lane, [])
+                group[2].extend(rcpts)
         if held:
             await self._commit(envelope.id, self.gate.postpone(envelope.id, held, now))
         eight_bit = envelope.mail_params.get("BODY") == "8BITMIME" or needs_8bit(content)
         loop = self.loop
         waits: list[
-            tuple[
-                NextHop,
-                shaping.Shape,
-                Source,
-                list[tuple[int, Recipient]],
-                asyncio.Future[JobResult],
-            ]
+            tuple[NextHop, Lane, list[tuple[int, Recipient]], asyncio.Future[JobResult]]
         ] = []
-        for hop, shape, source, rcpts in groups.values():
-            pool = self._pool(hop, shape, source)
+        for hop, lane, rcpts in groups.values():
+            pool = lane.pool
             step = pool.limits.max_recipients
             for start in range(0, len(rcpts), step):
                 chunk = rcpts[start : start + step]
@@ -521,9 +537,10 @@ class DeliveryWorker:
                     flushed=any(flushed_by_operator(r) for _, r in chunk),
                 )
                 pool.submit(job)
-                self.egress.sent(source)
-                m.egress_messages.labels(source.name).inc()
-                waits.append((hop, shape, source, chunk, future))
+                lane.sent.pending += 1
+                if lane.source.warmup_daily:
+                    egress.sent(lane.source)
+                waits.append((hop, lane, chunk, future))
         if local_rcpts:
             # Into the mailboxes while the remote transactions are under way.
             if self.local is None:
@@ -532,8 +549,9 @@ class DeliveryWorker:
             for (i, rcpt), outcome in zip(local_rcpts, outcomes, strict=True):
                 duplicate = isinstance(outcome, LocalOutcome) and outcome.duplicate
                 attempts.append(Attempt(i, rcpt, outcome, LOCAL_HOP, duplicate=duplicate))
-        for hop, shape, source, chunk, future in waits:
+        for hop, lane, chunk, future in waits:
             result = await future
+            retry = lane.shape.retry_schedule
             reacted = False
             for (i, rcpt), outcome in zip(chunk, result.outcomes, strict=True):
                 attempts.append(
@@ -545,19 +563,31 @@ class DeliveryWorker:
                         result.remote_ip,
                         result.tls,
                         result.dsn,
-                        retry=shape.retry_schedule,
+                        False,
+                        retry,
                     )
                 )
                 if outcome.kind != DELIVERED and not reacted and self.shaping.reactions:
-                    reacted = await self._react(shape, source, hop, outcome)
+                    reacted = await self._react(lane.shape, lane.source, hop, outcome)
         if self.test_fault and any(
             a.recipient.address.lower() == self.test_fault for a in attempts
         ):
             raise RuntimeError(f"test fault injection ({TEST_FAULT_ENV})")
         return attempts
 
-    def _pool(self, hop: NextHop, shape: shaping.Shape, source: Source) -> DeliveryPool:
-        key = f"{hop.key}|{shape.key}|{source.name}"
+    def _lane(self, domain: str, hop: NextHop, source: Source) -> Lane:
+        """The lane of mail to *domain* through *hop* from *source*: its shape and pool
+        (made on first use, kept: a dict lookup per recipient domain after that)."""
+        if len(self.lanes) > MAX_LANES:
+            self.lanes.clear()  # bounded; pools themselves stay in self.pools
+        shape = self.shaping.shape(domain, hop.key, hop.hosts, source.name, self._base_limits(hop))
+        pool_key = f"{hop.key}|{shape.key}|{source.name}"
+        lane = Lane(pool_key, self._pool(pool_key, hop, shape, source), shape, source)
+        lane.sent = m.egress_tally(source.name)
+        self.lanes[(domain, hop.key, source)] = lane
+        return lane
+
+    def _pool(self, key: str, hop: NextHop, shape: shaping.Shape, source: Source) -> DeliveryPool:
         pool = self.pools.get(key)
         if pool is None:
             settings = hop.settings

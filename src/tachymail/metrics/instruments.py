@@ -266,6 +266,7 @@ warmup_deferred: Counter
 
 _destinations: dict[str, str] = {}
 _attempts: dict[tuple[str, str], CounterTally] = {}
+_egress_tallies: dict[str, CounterTally] = {}
 
 
 def build() -> None:
@@ -770,6 +771,7 @@ def build() -> None:
     )
     _destinations.clear()
     _attempts.clear()
+    _egress_tallies.clear()
 
 
 def destination(key: str) -> str:
@@ -803,6 +805,14 @@ def auth_result(method: str, result: str) -> None:
         if child is None:
             child = auth_results[key] = auth_results_total.labels(*key)
     child.inc()
+
+
+def egress_tally(source: str) -> CounterTally:
+    """The tally of egress *source*'s transactions (``.pending += 1`` per transaction)."""
+    tally = _egress_tallies.get(source)
+    if tally is None:
+        tally = _egress_tallies[source] = CounterTally(egress_messages.labels(source))
+    return tally
 
 
 def flush() -> None:
