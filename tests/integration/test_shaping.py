@@ -249,3 +249,38 @@ def test_config_check_names_every_shaping_mistake_and_a_reload_keeps_the_rules(
             sink.wait_for_messages(3, timeout=30)
             assert srv.proc.poll() is None
             assert "bad rate 'fast'" in srv.log()
+
+
+def test_a_throttle_reaction_slows_one_source_and_lifts_by_itself(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    shaping = tmp_path / "shaping.toml"
+    shaping.write_text(
+        '[[rule]]\nname = "dest"\ndomain = "dest.test"\nrate = "50/s"\n\n'
+        '[[reaction]]\nname = "slow-down"\ntext = "slow down"\naction = "throttle"\n'
+        'rate_factor = 0.2\nduration = "4s"\n'
+    )
+    extra = (
+        f'[shaping]\nfiles = ["{shaping}"]\n\n'
+        '[[egress_pool]]\nname = "mixed"\n'
+        'sources = [{ name = "ip2", weight = 1 }, { name = "ip3", weight = 1 }]\n'
+        'sender_domains = ["sender.test"]\n\n'
+        f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n'
+    )
+
+    def factor(source: str) -> float:
+        return metric(metrics_port, "tachymail_shaping_rate_factor", rule="dest", source=source)
+
+    reply = "127.0.0.2@rcpt=451 4.7.0 please slow down"
+    with (
+        recording_sink(tmp_path, "--reply-for", reply) as sink,
+        running_server(tmp_path, config(sink.port, extra), hold=False, roles=("mx",)) as srv,
+    ):
+        send(srv.port, 6)
+        wait_until(lambda: factor("ip2") == 0.2, timeout=30)
+        assert "shaping reaction slow-down: rate of dest from ip2 x0.20 for 4s" in srv.log()
+        # ip3's budget is its own: untouched
+        assert factor("ip3") in (0.0, 1.0)
+        wait_until(lambda: factor("ip2") == 1.0, timeout=30)
+        wait_until(lambda: "shaping reaction slow-down lifted" in srv.log(), timeout=10)
+        sink.wait_for_messages(3, timeout=30)
+    assert {m["peer"] for m in sink.messages()} == {"127.0.0.3"}
