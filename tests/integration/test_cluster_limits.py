@@ -152,7 +152,8 @@ def test_two_nodes_share_one_rate_whatever_the_split(redis_server: RedisServer, 
     assert len(steady) == pytest.approx(50 * 4, rel=0.1)  # 50/s together over 4 s
     assert windows_ok(busy + other, 50 + 5)
     if split == "even":
-        assert min(len(busy), len(other)) > 0.3 * (len(busy) + len(other))
+        # neither node starves (the split follows when each asks, not a strict half)
+        assert min(len(busy), len(other)) > 0.15 * (len(busy) + len(other))
     else:
         assert len(other) > 0.6 * 50  # the quiet node still gets most of what it asks for
 
@@ -190,6 +191,37 @@ def test_a_shared_connection_limit_is_never_exceeded(redis_server: RedisServer) 
     assert state["most"] == 4  # reached, never more
     assert min(counts) > max(counts) / 2, counts  # the nodes take turns, in order
     assert redis_server.command("ZCARD", "tachymail:conn:dest.test") == b":0\r\n"
+
+
+def test_a_holder_learns_that_another_node_waits(redis_server: RedisServer) -> None:
+    async def scenario() -> list[bool]:
+        holder = Limits(cluster(redis_server.url, "holder", lease_ttl=1.5), workers=1)
+        waiter = Limits(cluster(redis_server.url, "waiter", lease_ttl=1.5), workers=1)
+        held = holder.slots("dest.test", 2, shared=True, rule="dest")
+        wanted = waiter.slots("dest.test", 2, shared=True, rule="dest")
+        await held.acquire()
+        await held.acquire()
+        await holder.renew_now()
+        seen = [held.contended]
+        waiting = asyncio.create_task(wanted.acquire())
+        await asyncio.sleep(0.2)  # the waiter is in the cluster's queue now
+        await holder.renew_now()
+        seen.append(held.contended)
+        local = asyncio.create_task(held.acquire())  # a waiter here too
+        await asyncio.sleep(0.05)
+        held.release()  # the other node waited first: the slot goes there, not to `local`
+        assert await asyncio.wait_for(waiting, 2) is True
+        assert not local.done()
+        held.release()  # now only this node waits: handed over here
+        assert await asyncio.wait_for(local, 2) is True
+        wanted.release()
+        held.release()
+        for limits in (holder, waiter):
+            await limits.close()
+            await limits.cluster.close()
+        return seen
+
+    assert run(scenario) == [False, True]
 
 
 HOLDER = """
@@ -279,7 +311,9 @@ def test_redis_away_falls_back_to_the_local_share_and_comes_back(
         taken = await measure(2.0)  # takes go on, at the local share (25/s)
         assert taken == pytest.approx(50, rel=0.15)
         assert rate.mode == "fallback"
-        assert fallbacks("rate") - before >= taken - 2
+        # all from the fallback share but the stock granted before Redis went (<= 100 ms);
+        # each taker's last take, after the end of the window, is not in `taken`
+        assert taken - 6 <= fallbacks("rate") - before <= taken + 3
         # connections: the fallback share is 2 (4 * 1/2), counting the one already held
         connections = fallbacks("connections")
         assert await asyncio.wait_for(slots.acquire(), 1) is False

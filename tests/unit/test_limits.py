@@ -177,3 +177,14 @@ def test_a_higher_limit_on_reload_wakes_waiters() -> None:
         return slots.in_use
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_try_take_grants_only_what_needs_no_wait() -> None:
+    async def scenario() -> list[bool]:
+        rate = limits().rate("d", 10, 2, shared=False, rule="d")
+        seen = [rate.try_take(), rate.try_take(), rate.try_take()]
+        assert await rate.take() is True  # the third had to wait its interval
+        unlimited = limits().rate("none", 0, 1, shared=False, rule="none")
+        return [*seen, unlimited.try_take()]
+
+    assert asyncio.run(scenario()) == [True, True, False, True]

@@ -154,20 +154,22 @@ return 0
 """
 )
 
-#: Renew held leases. KEYS[1]: the sorted set. ARGV: lease ttl (ms), member, member...
-#: A member that expired meanwhile (Redis restarted, or was away too long) is added again:
-#: the connection is still open, so it counts. Returns the number of leases held now.
-RENEW_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+#: Renew held leases. ARGV: lease ttl (ms), process, member, member... A member that
+#: expired meanwhile (Redis restarted, or was away too long) is added again: the connection
+#: is still open, so it counts. Returns {leases held now, other processes waiting}.
+RENEW_SCRIPT = (
+    _LEASE_PRELUDE
+    + """
 local ttl = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], ttl + 1000)
-return redis.call('ZCARD', KEYS[1])
+local others = redis.call('ZCARD', KEYS[2])
+if redis.call('ZSCORE', KEYS[2], ARGV[2]) then others = others - 1 end
+return {redis.call('ZCARD', KEYS[1]), others}
 """
+)
 
 #: a batch of shared grants is about this much of the worker's recent use (seconds)
 BATCH_SECONDS = 0.1
@@ -242,6 +244,8 @@ class Rate:
         self._spacing = Gcra(1.0, 1)
         self._stock = 0
         self._stock_until = 0.0
+        #: the size of the last batch Redis granted
+        self._batch = 0
         self._used = 0
         self._last_fetch = 0.0
         self._recent = 0.0
@@ -291,22 +295,30 @@ class Rate:
 
     # -- taking ----------------------------------------------------------------------
 
+    def try_take(self) -> bool:
+        """One message may go now, without waiting: True (and it is counted), or False
+        and the caller awaits :meth:`take` instead. Never asks Redis, never waits."""
+        if self.per_second <= 0:
+            return True
+        if self._queued:
+            return False  # others wait: in order
+        now = time.monotonic()
+        if not self.shared:
+            if self._local.due(now) <= now:
+                self._local.commit(now)
+                return True
+        elif self._stock and now <= self._stock_until and self._spacing.due(now) <= now:
+            self._stock -= 1
+            self._used += 1
+            self._spacing.commit(now)
+            return True
+        return False
+
     async def take(self) -> bool:
         """Wait until one message may go; True if it had to wait."""
-        if self.per_second <= 0:
-            return False
-        if self._queued == 0:
+        if self.try_take():
             # The common case of a limit that does not bind: no lock, no await.
-            now = time.monotonic()
-            if not self.shared:
-                if self._local.due(now) <= now:
-                    self._local.commit(now)
-                    return False
-            elif self._stock and now <= self._stock_until and self._spacing.due(now) <= now:
-                self._stock -= 1
-                self._used += 1
-                self._spacing.commit(now)
-                return False
+            return False
         self._queued += 1
         try:
             async with self._lock:
@@ -326,21 +338,22 @@ class Rate:
             if self._stock:
                 self._stock -= 1
                 self._used += 1
-                if self._queued > 1 and self._stock * self.interval < BATCH_SECONDS / 2:
+                if self._queued > 1 and self._stock * 2 < self._batch:
                     # More takers wait: ask for the next batch while this one waits for its
                     # turn, so the node keeps its place on the cluster's schedule.
                     self._refill()
                 return await _take_gcra(self._spacing) or waited
-            if self._probe is not None:
-                await asyncio.shield(self._probe)
-                continue
             if not cluster.up:
                 # Redis is away: this worker's fallback share at once; a probe (when the
-                # cluster says it is time) runs beside it and refills the stock if it answers.
+                # cluster says it is time) runs beside it and refills the stock if it
+                # answers. Nobody waits for the probe.
                 if cluster.usable:
                     self._refill()
                 m.cluster_fallbacks.labels("rate").inc()
                 return await _take_gcra(self._local) or waited
+            if self._probe is not None:
+                await asyncio.shield(self._probe)  # the next batch, already asked for
+                continue
             result = await self._fetch()
             if result is None:
                 continue  # Redis failed just now: the fallback, next time round
@@ -382,6 +395,7 @@ class Rate:
             first = time.monotonic() + micros / 1e6
             self._spacing.tat = max(self._spacing.tat, first)
             self._stock += granted
+            self._batch = granted
             self._stock_until = first + granted * interval + STOCK_GRACE
             return granted, 0.0
         # Until one grant fits: waiting longer would let a node that keeps asking (its
@@ -442,6 +456,10 @@ class Slots:
         self._poller: asyncio.Task[None] | None = None
         #: slots given back whose lease is on its way to a local waiter or to Redis
         self._handing = 0
+        #: other nodes (or workers) wait for a slot of this limit, as Redis said at the
+        #: last renewal or hand-over: a pool may close an idle connection rather than keep
+        #: its slot for the idle timeout
+        self.contended = False
         self.redis_key = limits.cluster.key("conn", key) if self.shared else ""
         #: the leases, the queue of waiting processes, their heartbeats
         self.redis_keys = [self.redis_key, f"{self.redis_key}:wait", f"{self.redis_key}:beat"]
@@ -526,6 +544,8 @@ class Slots:
             kept = await self.limits.run(self.limits.handover_script, self.redis_keys, args)
         finally:
             self._handing -= 1
+        if kept is not None:
+            self.contended = not int(kept)
         # Kept when no other node waits (or Redis is away): the next waiter here takes it;
         # else the lease went back for another node's waiter, and ours wait in the queue.
         if (kept is None or int(kept)) and not self._hand(member):
@@ -586,6 +606,7 @@ class Slots:
             "shared": self.shared,
             "in_use": self.in_use,
             "waiting": self.waiting,
+            "contended": self.contended,
             "local_limit": self.fallback_limit if self.shared else self.local_limit,
         }
 
@@ -722,9 +743,11 @@ class Limits:
             if not slots.shared or not slots.held:
                 continue
             busy = True
-            args = [self.lease_ms, *slots.held]
-            if await self.run(self.renew_script, [slots.redis_key], args) is None:
+            args = [self.lease_ms, self.proc, *slots.held]
+            result = await self.run(self.renew_script, slots.redis_keys, args)
+            if result is None:
                 return
+            slots.contended = int(result[1]) > 0
         if not busy and not cluster.up:
             await cluster.call(lambda client: client.ping())
 

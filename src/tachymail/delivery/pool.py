@@ -190,15 +190,18 @@ class DeliveryPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.runners > self.concurrency:
                 return None  # idle too long, or one too many since the pool shrank
+            if any(slots.contended for slots in self.slots):
+                return None  # another node waits for the slot this idle connection holds
             waiter: asyncio.Future[None] = self.loop.create_future()
             self.idle.append(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                # With connection budgets, look again every second whether others wait.
+                await asyncio.wait_for(waiter, min(remaining, 1.0) if self.slots else remaining)
             except TimeoutError:
-                return None
+                continue
         return self.jobs.popleft()
 
-    async def _wait_turn(self, job: Job) -> None:
+    async def _wait_turn(self, job: Job, pending: list[Rate] | None = None) -> None:
         """Rate limit (token bucket) and the back-off pace after trouble.
 
         The first job `queue flush` made due goes without waiting for the pace (the
@@ -212,9 +215,9 @@ class DeliveryPool:
             else:
                 await asyncio.sleep(self.next_send - now)
         self.next_send = time.monotonic() + self.pace
-        for budget in self.rates:
-            if await budget.take():
-                m.shaping_waits.labels(budget.rule).inc()
+        for budget in pending or ():
+            await budget.take()
+            m.shaping_waits.labels(budget.rule).inc()
         rate = self.limits.rate
         if rate > 0:
             while True:
@@ -254,7 +257,10 @@ class DeliveryPool:
                 if job is None:
                     break
                 yielded = False
-                waits = self.pace or self.limits.rate > 0 or self.rates
+                # Budgets that do not bind now are taken without waiting, and the message
+                # goes out pipelined with the one under way; only a binding one makes it wait.
+                pending = [r for r in self.rates if not r.try_take()] if self.rates else None
+                waits = self.pace or self.limits.rate > 0 or pending
                 renew = (
                     conn is None
                     or not conn.usable
@@ -264,7 +270,7 @@ class DeliveryPool:
                     self._complete(inflight[0], await self._finish(conn, *inflight))
                     inflight = None
                 if waits:
-                    await self._wait_turn(job)
+                    await self._wait_turn(job, pending)
                 if renew:
                     if conn is not None:
                         self.loop.create_task(conn.quit())
