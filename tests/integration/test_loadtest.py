@@ -30,6 +30,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from recording_sink import wait_listening
 from server import free_port, run_cli, running_server, tachymail_cmd
 from tachymail.loadtest.options import (
     check_address_template,
@@ -56,19 +57,6 @@ SUMMARY_KEYS = {
     "octets",
     "latency_s",
 }
-
-
-def wait_listening(port: int, timeout: float = 15.0) -> None:
-    """Wait until something listens on 127.0.0.1:port, without connecting (which would count)."""
-    wanted = f"0100007F:{port:04X}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
-                return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
 @dataclass

@@ -68,28 +68,24 @@ class DestinationGate:
         self.gauged: set[str] = set()
         self.sourced: set[tuple[str, str]] = set()
 
+    def _table(self, now: float) -> dict[str, Suspension]:
+        """The cached suspensions table (empty when it cannot be read: logged)."""
+        if self.suspensions is None:
+            return {}
+        try:
+            return self.suspensions.cached(now)
+        except lmdb.Error as exc:
+            log.error("suspensions unreadable: %s", exc)
+            return {}
+
     def check(self, names: Iterable[str], now: float) -> Suspension | None:
         """The suspension in force for any of *names* (a domain, next-hop hosts), or None;
         reads the cached table (one key read a second at most)."""
-        if self.suspensions is None:
-            return None
-        try:
-            table = self.suspensions.cached(now)
-        except lmdb.Error as exc:
-            log.error("suspensions unreadable: %s", exc)
-            return None
-        return match(table, names, now)
+        return match(self._table(now), names, now)
 
     def check_source(self, names: Iterable[str], source: str, now: float) -> Suspension | None:
         """The suspension in force for mail from egress *source* to any of *names*."""
-        if self.suspensions is None:
-            return None
-        try:
-            table = self.suspensions.cached(now)
-        except lmdb.Error as exc:
-            log.error("suspensions unreadable: %s", exc)
-            return None
-        return match_source(table, names, source, now)
+        return match_source(self._table(now), names, source, now)
 
     def suspend_all(
         self, destinations: Iterable[str], until: float, reason: str, source: str = ""
