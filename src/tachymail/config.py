@@ -535,6 +535,27 @@ class HttpConfig:
     tokens_file: str = ""
 
 
+@dataclass(slots=True)
+class JmapConfig:
+    """JMAP (RFC 8620/8621) on the ``http`` listener: the limits announced in the session
+    object and enforced, and the lifetime of the web page's bearer tokens."""
+
+    #: largest blob upload in octets (a bigger one gets 413 with the JMAP "limit" problem)
+    max_size_upload: int = 50_000_000
+    #: largest API request body in octets
+    max_size_request: int = 10_000_000
+    #: API requests one user may have running at once, per worker process
+    max_concurrent_requests: int = 8
+    #: method calls in one API request
+    max_calls_in_request: int = 64
+    #: ids one /get may ask for (and the largest Email/query page)
+    max_objects_in_get: int = 1000
+    #: creates, updates and destroys one /set may ask for
+    max_objects_in_set: int = 1000
+    #: seconds a bearer token from POST /jmap/login stays valid
+    token_lifetime: int = 7 * 86400
+
+
 #: the event types a ``[[webhook]]`` may subscribe to (tachymail.queue.events.EVENT_TYPES)
 EVENT_TYPES = (
     "reception",
@@ -705,6 +726,7 @@ class Config:
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     bounce: BounceConfig = field(default_factory=BounceConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    jmap: JmapConfig = field(default_factory=JmapConfig)
     webhooks: list[WebhookConfig] = field(default_factory=list)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
@@ -792,6 +814,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "suppression": SuppressionConfig,
     "bounce": BounceConfig,
     "http": HttpConfig,
+    "jmap": JmapConfig,
     "cluster": ClusterConfig,
     "shaping": ShapingConfig,
 }
@@ -993,6 +1016,18 @@ def validate(config: Config) -> list[str]:
     problems.extend(_validate_egress(config))
     if not 1024 <= config.http.max_body_bytes <= 1 << 31:
         problems.append("http.max_body_bytes: between 1024 and 2147483648")
+    jmap = config.jmap
+    for name in (
+        "max_size_upload",
+        "max_size_request",
+        "max_concurrent_requests",
+        "max_calls_in_request",
+        "max_objects_in_get",
+        "max_objects_in_set",
+        "token_lifetime",
+    ):
+        if not 1 <= getattr(jmap, name) <= 1 << 31:
+            problems.append(f"jmap.{name}: between 1 and 2147483648")
     return problems
 
 

@@ -28,10 +28,13 @@ FORBIDDEN = {
     "queue": {"smtp", "lmtp", "pop3", "imap", "http", "delivery", "mailauth", "cli"},
     # delivery (the scheduler, DSNs, the webhook sender) meets intake only in the queue
     "delivery": {"smtp", "lmtp", "pop3", "imap", "http", "cli"},
-    "mailbox": {"smtp", "lmtp", "pop3", "imap", "delivery", "mailauth", "cli"},
+    "mailbox": {"smtp", "lmtp", "pop3", "imap", "jmap", "delivery", "mailauth", "cli"},
     "smtpclient": {"smtp", "lmtp", "pop3", "imap", "delivery", "cli"},
     # the HTTP API is a front end like smtp (smtp: the worker's context, its intake checks)
-    "http": {"delivery", "lmtp", "pop3", "imap", "cli"},
+    "http": {"delivery", "lmtp", "pop3", "imap", "cli", "jmap"},
+    # JMAP is a front end like IMAP: the store through mailbox, sending through the queue
+    # (smtp: the worker's context, for types), the http package's app plumbing
+    "jmap": {"delivery", "lmtp", "pop3", "imap", "cli", "cluster", "smtpclient"},
     # the suppression list is read by smtp, http and delivery alike: it needs none of them
     "queue/suppression": {"smtp", "http", "delivery", "mailbox", "mailauth", "cli", "config"},
     # the cluster's Redis link and list replication: below delivery and the front ends

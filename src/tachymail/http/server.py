@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 #: the handler modules, in the order their routes are added (tachymail.http.<name>)
 HANDLER_MODULES = ("admin", "inject", "suppressions", "destinations")
+#: front ends served by the same application, each with ``setup(app)`` and no OpenAPI
+#: part (imported by name: http never depends on them; one that is missing is skipped)
+FRONT_END_MODULES = ("tachymail.jmap.routes",)
 
 #: the error code of each HTTP status aiohttp itself may answer
 _CODES = {
@@ -155,6 +158,14 @@ def build_app(worker: WorkerContext, reporter: Reporter | None = None) -> web.Ap
     modules = handler_modules()
     for module in modules:
         module.setup(app)
+    for name in FRONT_END_MODULES:
+        try:
+            front_end = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        front_end.setup(app)
     body = orjson.dumps(openapi.document(module.OPENAPI for module in modules))
 
     async def serve_document(request: web.Request) -> web.Response:

@@ -38,8 +38,9 @@ Layout (named databases of the environment at ``config.mailbox_path``):
     the sweep order. Entries older than :data:`DELIVERED_TTL` are dropped a few at a time
     by later deliveries, so the table stays bounded.
 ``expunged``
-    mailbox id (>I) + modseq (>Q) + uid (>I) -> b"": what an expunge removed, for IMAP
-    QRESYNC's VANISHED (EARLIER); dropped with the mailbox.
+    mailbox id (>I) + modseq (>Q) + uid (>I) -> the content id (>Q; b"" in records written
+    before it was kept): what an expunge removed, for IMAP QRESYNC's VANISHED (EARLIER) and
+    JMAP's Email/changes; dropped with the mailbox.
 ``recent``
     mailbox id (>I) -> >I, the first UID no IMAP4rev1 session has claimed as \\Recent yet
     (RFC 3501 §2.3.2; no record: 0, every message is recent); dropped with the mailbox.
@@ -876,6 +877,24 @@ class MailboxStore:
                 found.append(_EXPUNGED.unpack(key)[2])
         return sorted(found)
 
+    def expunged_contents_since(self, mailbox_id: int, modseq: int) -> list[int] | None:
+        """The content ids of the messages expunged (or moved away) from the mailbox
+        *mailbox_id* at a modseq above *modseq* (JMAP Email/changes), in expunge order; None
+        when one of those records was written before they named their content."""
+        found: list[int] = []
+        prefix = _ID.pack(mailbox_id)
+        with self._read() as txn:
+            cursor = txn.cursor(db=self.expunged)
+            if not cursor.set_range(_EXPUNGED.pack(mailbox_id, modseq + 1, 0)):
+                return found
+            for key, value in cursor:
+                if key[:4] != prefix:
+                    break
+                if len(value) != _CONTENT.size:
+                    return None
+                found.append(_CONTENT.unpack(value)[0])
+        return found
+
     def first_recent(self, mailbox_id: int) -> int:
         """The first UID of the mailbox no IMAP4rev1 session has claimed as \\Recent (see
         :func:`claim_recent`): every message from it on is recent; 0 when none was claimed."""
@@ -1177,7 +1196,10 @@ def expunge(user: str, name: str, uids: Sequence[int]) -> Operation:
             content_id, _date, size, _modseq, bits = _ENTRY.unpack_from(raw)
             store._release_content(txn, _CONTENT.pack(content_id))
             txn.delete(key, db=store.index)
-            txn.put(_EXPUNGED.pack(fields[0], modseq, uid), b"", db=store.expunged)
+            # the value names the content: JMAP's Email/changes reports the email gone
+            txn.put(
+                _EXPUNGED.pack(fields[0], modseq, uid), _CONTENT.pack(content_id), db=store.expunged
+            )
             freed += size
             removed.append(uid)
             fields[4] -= 1
@@ -1277,7 +1299,11 @@ def move_messages(user: str, source: str, dest: str, uids: Sequence[int]) -> Ope
         source_modseq = source_fields[3] + 1
         for uid, key, raw in entries:
             txn.delete(key, db=store.index)
-            txn.put(_EXPUNGED.pack(source_fields[0], source_modseq, uid), b"", db=store.expunged)
+            txn.put(
+                _EXPUNGED.pack(source_fields[0], source_modseq, uid),
+                raw[: _CONTENT.size],  # the content id (the entry's first field), as expunge
+                db=store.expunged,
+            )
             size, bits = _ENTRY.unpack_from(raw)[2], raw[_ENTRY.size - 1]
             source_fields[4] -= 1
             source_fields[5] -= 0 if bits & _SEEN_BIT else 1
