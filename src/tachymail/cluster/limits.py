@@ -311,6 +311,11 @@ class Rate:
             self._stock -= 1
             self._used += 1
             self._spacing.commit(now)
+            if self._stock * 2 < self._batch and self._probe is None and self.limits.cluster.up:
+                # The next batch on its way before this one runs out: takers never find the
+                # stock empty while a busy worker waits for Redis (each such wait would
+                # break every pool's pipelining for a round trip).
+                self._refill()
             return True
         return False
 
