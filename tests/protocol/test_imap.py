@@ -24,7 +24,7 @@ import pytest
 from conftest import LineClient, unverified_tls
 from server import Server, free_port, metric, running_server, wait_until
 from tachymail.auth.users import UsersFile
-from tachymail.mailbox import MailboxStore, deliver, prepare_delivery
+from tachymail.mailbox import MailboxStore, deliver, prepare_delivery, set_flags
 
 DOMAIN = "example.test"
 PASSWORD = "correct horse"
@@ -349,6 +349,79 @@ def test_two_sessions_see_each_others_changes(imap: Server) -> None:
             b"* 1 FETCH (UID 3)",
             b"* 2 FETCH (UID 4)",
         ]
+    finally:
+        one.close()
+        two.close()
+
+
+def set_stored_flags(
+    server: Server, user: str, uid: int, add: list[str], remove: list[str]
+) -> None:
+    """Change one message's flags through the store's own operation, as JMAP Email/set does,
+    from outside the server (another process)."""
+    store = MailboxStore(server.data_dir / "mailbox")
+    try:
+        outcomes = store.apply(
+            [
+                set_flags(user, "INBOX", [uid], add, "add"),
+                set_flags(user, "INBOX", [uid], remove, "remove"),
+            ]
+        )
+    finally:
+        store.close()
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+
+
+def test_a_flag_change_elsewhere_is_seen_by_the_next_command(imap: Server) -> None:
+    """RFC 9051 §5.2: a command that reads flags answers with the store's flags as they are
+    when it runs, whoever changed them (another process, another session), without a NOOP
+    first; EXPUNGE stays held back during FETCH, STORE and SEARCH by sequence number."""
+    user = add_user(imap, "samestore")
+    fill(imap, user, message(1), message(2), message(3))
+    one, two = logged_in_raw(imap, user), logged_in_raw(imap, user)
+    try:
+        assert b"* 3 EXISTS" in one.cmd(b"a", b"SELECT INBOX")
+        assert b"* 3 EXISTS" in two.cmd(b"b", b"SELECT INBOX")
+        one.cmd(b"c", b"STORE 2 +FLAGS.SILENT (\\Seen)")
+        # Another process (the test, through the store) flags message 2 and unsees it.
+        set_stored_flags(imap, user, 2, ["\\Flagged", "$Important"], ["\\Seen"])
+        reply = one.cmd(b"d", b"UID FETCH 2 (FLAGS)")
+        fetched = [line for line in reply if line.startswith(b"* ") and b" FETCH " in line]
+        assert fetched, reply
+        # every FETCH response of the command shows the new flags, none the old ones
+        assert all(b"\\Flagged" in line and b"\\Seen" not in line for line in fetched), reply
+        assert all(b"$Important" in line for line in fetched), reply
+        assert len(fetched) == 1, reply  # its own answer carries them: no second line
+        assert reply[-1].startswith(b"d OK")
+        # Another session's STORE: the next SEARCH on flags finds it.
+        assert two.cmd(b"e", b"STORE 3 +FLAGS.SILENT (\\Answered)")[-1].startswith(b"e OK")
+        reply = one.cmd(b"f", b"SEARCH ANSWERED")
+        assert b"* SEARCH 3" in reply, reply
+        # STORE UNCHANGEDSINCE judges by the store's modseqs now: message 1 changed after the
+        # modseq the first session last saw for it.
+        [line] = [x for x in one.cmd(b"g", b"FETCH 1 (MODSEQ)") if x.startswith(b"* 1 FETCH")]
+        before = int(re.search(rb"MODSEQ \((\d+)\)", line).group(1))  # type: ignore[union-attr]
+        assert two.cmd(b"h", b"STORE 1 +FLAGS.SILENT (\\Draft)")[-1].startswith(b"h OK")
+        reply = one.cmd(b"i", b"STORE 1 (UNCHANGEDSINCE %d) +FLAGS (\\Flagged)" % before)
+        assert reply[-1].startswith(b"i OK [MODIFIED 1]"), reply
+        assert "\\Flagged" not in stored(imap, user)[0][1]
+        # An expunge elsewhere is not announced during FETCH by sequence number (RFC 9051
+        # §7.5.1), but flag changes are: the FETCH of message 3 shows the new flags.
+        two.cmd(b"j", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+        two.cmd(b"k", b"EXPUNGE")
+        set_stored_flags(imap, user, 3, ["$Later"], [])
+        reply = one.cmd(b"l", b"FETCH 3 (FLAGS)")
+        assert not any(b"EXPUNGE" in line for line in reply), reply
+        fetched = [line for line in reply if line.startswith(b"* ") and b" FETCH " in line]
+        assert fetched and all(b"$Later" in line for line in fetched), reply
+        reply = one.cmd(b"m", b"NOOP")
+        assert reply[:-1] == [b"* 1 EXPUNGE"], reply
+        # A UID command may announce expunges (§7.5.1): before its own answers.
+        two.cmd(b"n", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+        two.cmd(b"o", b"EXPUNGE")
+        reply = one.cmd(b"p", b"UID FETCH 1:* (FLAGS)")
+        assert reply[0] == b"* 1 EXPUNGE", reply
+        assert [line.split(b" (")[0] for line in reply[1:-1]] == [b"* 1 FETCH"], reply
     finally:
         one.close()
         two.close()
@@ -732,7 +805,8 @@ def test_recent_belongs_to_the_first_session_to_select(imap: Server) -> None:
         assert one.cmd(b"f", b"SEARCH RECENT")[0] == b"* SEARCH 1 2"
         assert one.cmd(b"g", b"SEARCH NEW")[0] == b"* SEARCH 2"
         assert one.cmd(b"h", b"SEARCH OLD")[0] == b"* SEARCH"
-        assert two.cmd(b"c", b"SEARCH OLD")[0] == b"* SEARCH 1 2"
+        # the first session's \Seen comes first (the search sees the store's flags now)
+        assert two.cmd(b"c", b"SEARCH OLD")[:-1] == [b"* 1 FETCH (FLAGS (\\Seen))", b"* SEARCH 1 2"]
         assert two.cmd(b"d", b"FETCH 2 (FLAGS)")[0] == b"* 2 FETCH (FLAGS ())"
         # new mail is recent in the first session that finds it, even with both selected
         fill(imap, user, message(3))

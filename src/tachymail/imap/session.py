@@ -16,12 +16,14 @@ The selected mailbox is a ``MessageList`` (``tachymail.imap.index``: the index e
 arrays, sequence number = index + 1) and the last modseq seen. SELECT starts it from the
 worker process's cached columns of the mailbox (read on the event loop when they are
 current, else brought up to date or read off the loop, once for all the sessions that wait
-for them). Before each tagged OK, and at once during IDLE when the store's change notifier
-fires, the session learns what changed since that modseq (from the cache's log of its
-refreshes, else from the store) and sends untagged EXPUNGE (or VANISHED under QRESYNC),
-EXISTS and FETCH (FLAGS); EXPUNGE is held back during FETCH, STORE and SEARCH by sequence
-number (RFC 9051 §7.5.1). Writes go through the mailbox store's group commit: a tagged OK
-means synced.
+for them). Before each tagged OK, when a command that reads flags (FETCH, STORE, SEARCH,
+SORT, THREAD) begins, and at once during IDLE when the store's change notifier fires, the
+session learns what changed since that modseq (one read of the mailbox's record when
+nothing did; else from the cache's log of its refreshes, else from the store) and sends
+untagged EXPUNGE (or VANISHED under QRESYNC), EXISTS and FETCH (FLAGS): a flag set over
+JMAP, by another session or in another process is in the very next FETCH's answer. EXPUNGE
+is held back during FETCH, STORE and SEARCH by sequence number (RFC 9051 §7.5.1). Writes go
+through the mailbox store's group commit: a tagged OK means synced.
 
 FETCH has two fast paths over runs of consecutive messages: ``UID FLAGS RFC822.SIZE
 [MODSEQ]`` is one call of the compiled ``fetch_flags_lines`` per run; items made of those,
@@ -861,11 +863,15 @@ class ImapSession(asyncio.Protocol):
     def _no(self, tag: bytes, text: str, code: str = "") -> None:
         self.out.append(tagged(tag, "NO", text, code))
 
-    def _ok(self, tag: bytes, text: str, code: str = "", expunge: bool = True) -> None:
+    def _ok(
+        self, tag: bytes, text: str, code: str = "", expunge: bool = True, look: bool = True
+    ) -> None:
         """The tagged OK, after the untagged updates the client is owed (and, when new
-        messages came into the view, after claiming them as \\Recent: a group commit)."""
+        messages came into the view, after claiming them as \\Recent: a group commit).
+        *look* False: the command caught up with the store when it began; only what it
+        held back is sent (see :meth:`_sync`)."""
         if self.state == State.SELECTED:
-            self._sync(expunge)
+            self._sync(expunge, look)
             selected = self.selected
             if (
                 selected is not None
@@ -1854,19 +1860,43 @@ class ImapSession(asyncio.Protocol):
             parts.append(b"MODSEQ (%d)" % message.modseq)
         return b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
 
-    def _sync(self, expunge: bool) -> None:
+    def _sync(self, expunge: bool, look: bool = True) -> None:
         """Send the untagged updates owed for the selected mailbox: what others (and our
-        own writes) changed since the view's modseq. *expunge*: EXPUNGE may be sent."""
+        own writes) changed since the view's modseq. *expunge*: EXPUNGE may be sent.
+        *look* False: the command caught the view up when it began (:meth:`_catch_up`), so
+        the store is not read again; only the expunges it held back are sent (if allowed)."""
+        if look:
+            updates = self._catch_up(expunge)
+            if updates:
+                self._announce(updates)
+            return
+        selected = self.selected
+        if selected is None:
+            return
+        if expunge and selected.pending_expunge:
+            self._send_expunged(selected, selected.pending_expunge)
+            selected.pending_expunge = set()
+        if len(selected.messages) != selected.exists:
+            selected.exists = len(selected.messages)
+            self.out.append(b"* %d EXISTS\r\n" % selected.exists)
+
+    def _catch_up(self, expunge: bool = False) -> list[int] | None:
+        """Bring the view to the store's state now (one read of the mailbox's record when
+        nothing changed): new messages join it (with EXISTS), flags and modseqs are the
+        store's, expunges wait in ``pending_expunge`` unless *expunge* (RFC 9051 §7.5.1:
+        then they are sent first). Returns the UIDs whose flags the client has not been told
+        (:meth:`_announce` them, or answer them in the command's own FETCH responses); None
+        when the mailbox is gone (a BYE is queued and the session ends)."""
         selected = self.selected
         if selected is None or self.user is None:
-            return
+            return []
         store = self.ctx.mailbox
         info = store.mailbox(self.user, selected.name)
         if info is None or info.uidvalidity != selected.uidvalidity:
             self.out.append(untagged("BYE", "The selected mailbox was deleted or renamed"))
             self.outcome = "mailbox_gone"
             self.close_after_flush = True
-            return
+            return None
         changed: list[MessageInfo] = []
         if info.highestmodseq != selected.modseq:
             found = self._changes(selected, info)
@@ -1881,9 +1911,9 @@ class ImapSession(asyncio.Protocol):
             self._send_expunged(selected, selected.pending_expunge)
             selected.pending_expunge = set()
         messages = selected.messages
+        updates: list[int] = []
         if changed:
             last = messages.uids[-1] if messages.uids else 0
-            updates: list[int] = []
             for message in changed:
                 if message.uid > last:
                     if message.uid not in selected.pending_expunge:
@@ -1895,18 +1925,39 @@ class ImapSession(asyncio.Protocol):
                     continue
                 old = messages[index]
                 if old.flags != message.flags or (self.condstore and old.modseq != message.modseq):
-                    updates.append(index)
+                    updates.append(message.uid)
                     messages.put(index, message)
                 elif old.modseq != message.modseq:
                     messages.put(index, message)
-            if len(messages) != selected.exists:
-                selected.exists = len(messages)
-                self.out.append(b"* %d EXISTS\r\n" % selected.exists)
-            for index in updates:
-                self.out.append(self._flags_line(index + 1, messages[index], uid=self.qresync))
-        elif len(messages) != selected.exists:
+        if len(messages) != selected.exists:
             selected.exists = len(messages)
             self.out.append(b"* %d EXISTS\r\n" % selected.exists)
+        return updates
+
+    def _announce(self, uids: Iterable[int]) -> None:
+        """Untagged FETCH (FLAGS) of the messages *uids* as the view has them now."""
+        selected = self.selected
+        if selected is None:
+            return
+        messages = selected.messages
+        for uid in uids:
+            index = messages.find(uid)
+            if index is not None:
+                self.out.append(self._flags_line(index + 1, messages[index], uid=self.qresync))
+
+    def _reads_flags(self, tag: bytes, uid: bool) -> bool:
+        """Before a command that answers from the view's flags (STORE, SEARCH, SORT,
+        THREAD): catch the view up and announce what changed, so that the command sees what
+        the store has now, whoever changed it (RFC 9051 §5.2); a UID command may send the
+        EXPUNGEs held back first (§7.5.1). False when the mailbox is gone (answered: BYE,
+        then ``tag NO``)."""
+        updates = self._catch_up(expunge=uid)
+        if updates is None:
+            self._no(tag, "The mailbox is gone", "NONEXISTENT")
+            return False
+        if updates:
+            self._announce(updates)
+        return True
 
     def _changes(
         self, selected: Selected, info: MailboxInfo
@@ -1999,7 +2050,6 @@ class ImapSession(asyncio.Protocol):
             raise ArgumentError("FETCH takes a sequence set, items and optional modifiers")
         selected = self.selected
         assert selected is not None and self.user is not None
-        indexes = self._resolve(args[0], uid)
         try:
             items = list(parse_fetch_items([args[1]]))
         except ValueError as exc:
@@ -2027,6 +2077,16 @@ class ImapSession(asyncio.Protocol):
                 raise ArgumentError("VANISHED needs UID FETCH, QRESYNC and CHANGEDSINCE")
         if changedsince is not None or any(item.name == b"MODSEQ" for item in items):
             self._enable_condstore()
+        # The flags answered are the store's now, whoever changed them (RFC 9051 §5.2).
+        updates = self._catch_up(expunge=uid)
+        if updates is None:
+            self._no(tag, "The mailbox is gone", "NONEXISTENT")
+            return
+        try:
+            indexes = self._resolve(args[0], uid)
+        except ArgumentError:
+            self._announce(updates)
+            raise
         if changedsince is not None:
             since = changedsince
             modseqs = selected.messages.modseqs
@@ -2038,6 +2098,12 @@ class ImapSession(asyncio.Protocol):
                 gone = [u for u in gone if _in_set(u, ranges, top)]
                 if gone:
                     self.out.append(b"* VANISHED (EARLIER) %s\r\n" % number_list(gone))
+        if updates:
+            if any(item.name == b"FLAGS" for item in items):
+                # this FETCH's own responses carry those flags (and MODSEQ, UID as owed)
+                fetched = {selected.uids[i] for i in indexes}
+                updates = [u for u in updates if u not in fetched]
+            self._announce(updates)
         job = FetchJob(tag, "UID FETCH" if uid else "FETCH", indexes, items, uid, set())
         job.fast, job.plan = fast_plan(items, uid or self.qresync, self.condstore)
         unseen = []
@@ -2178,7 +2244,7 @@ class ImapSession(asyncio.Protocol):
         if job.failed:
             self._no(job.tag, job.failed, job.failed_code)
         else:
-            self._ok(job.tag, f"{job.name} completed", expunge=job.uid)
+            self._ok(job.tag, f"{job.name} completed", expunge=job.uid, look=False)
         # The caller reads on: the command loop, _waited, resume_writing or _pump_later.
 
     def _fast_run(self, job: FetchJob, reader: ContentReader) -> tuple[bytes, int]:
@@ -2362,6 +2428,8 @@ class ImapSession(asyncio.Protocol):
         assert selected is not None and self.user is not None
         if len(args) < 3:
             raise ArgumentError("STORE takes a sequence set, an item and flags")
+        if not self._reads_flags(tag, uid):  # UNCHANGEDSINCE and the answer: the flags now
+            return
         indexes = self._resolve(args[0], uid)
         rest = list(args[1:])
         unchangedsince: int | None = None
@@ -2455,6 +2523,8 @@ class ImapSession(asyncio.Protocol):
             return
         if query.uses_modseq:
             self._enable_condstore()
+        if not self._reads_flags(tag, uid):
+            return
         view = self._view()
 
         def work() -> list[int]:
@@ -2468,7 +2538,9 @@ class ImapSession(asyncio.Protocol):
             saved = saved_uids(query, seqs, view)
             if saved is not None:
                 self.saved = saved
-            self._ok(tag, "UID SEARCH completed" if uid else "SEARCH completed", expunge=uid)
+            self._ok(
+                tag, "UID SEARCH completed" if uid else "SEARCH completed", expunge=uid, look=False
+            )
 
         self._off_loop(tag, work, found)
 
@@ -2484,6 +2556,8 @@ class ImapSession(asyncio.Protocol):
         except SearchError as exc:
             self._search_error(tag, exc)
             return
+        if not self._reads_flags(tag, uid):
+            return
         view = self._view()
 
         def work() -> list[int]:
@@ -2491,7 +2565,9 @@ class ImapSession(asyncio.Protocol):
 
         def found(seqs: list[int]) -> None:
             self.out.append(sort_response(query, seqs, view, uid=uid))
-            self._ok(tag, "UID SORT completed" if uid else "SORT completed", expunge=uid)
+            self._ok(
+                tag, "UID SORT completed" if uid else "SORT completed", expunge=uid, look=False
+            )
 
         self._off_loop(tag, work, found)
 
@@ -2501,6 +2577,8 @@ class ImapSession(asyncio.Protocol):
         except SearchError as exc:
             self._search_error(tag, exc)
             return
+        if not self._reads_flags(tag, uid):
+            return
         view = self._view()
 
         def work() -> bytes:
@@ -2508,7 +2586,9 @@ class ImapSession(asyncio.Protocol):
 
         def found(result: bytes) -> None:
             self.out.append(result)
-            self._ok(tag, "UID THREAD completed" if uid else "THREAD completed", expunge=uid)
+            self._ok(
+                tag, "UID THREAD completed" if uid else "THREAD completed", expunge=uid, look=False
+            )
 
         self._off_loop(tag, work, found)
 
