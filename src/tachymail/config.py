@@ -284,6 +284,9 @@ class MailboxConfig:
     commit: str = "thread"
     #: inline commits wait this long (ms) for more deliveries to join a batch
     commit_linger_ms: float = 1.0
+    #: a user on vacation (JMAP VacationResponse) answers each sender at most once in this
+    #: many days (RFC 3834 §2)
+    vacation_reply_days: float = 7.0
 
 
 @dataclass(slots=True)
@@ -1135,6 +1138,8 @@ def _validate_mailbox(config: Config) -> list[str]:
         problems.append(f"mailbox.commit: {mailbox.commit!r} is not inline or thread")
     if mailbox.commit_linger_ms < 0:
         problems.append("mailbox.commit_linger_ms: must not be negative")
+    if not 0 < mailbox.vacation_reply_days <= 365:
+        problems.append("mailbox.vacation_reply_days: must be above 0 and at most 365")
     delimiter = mailbox.recipient_delimiter
     if delimiter and (len(delimiter) > 1 or delimiter in '@"\\ '):
         problems.append(

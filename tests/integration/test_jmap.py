@@ -64,7 +64,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             f'[[route]]\ndomain = "dest.test"\nhost = "127.0.0.1:{sink.port}"\ntls = "none"\n\n'
             f'[[listener]]\naddress = "127.0.0.1:{tls_port}"\nrole = "http"\ntls = true\n'
         )
-        with running_server(tmp_path, extra, roles=("mx", "imap", "http"), hold=False) as srv:
+        roles = ("mx", "imap", "http", "lmtp")
+        with running_server(tmp_path, extra, roles=roles, hold=False) as srv:
             yield Env(srv, sink, tls_port)
 
 
@@ -549,10 +550,11 @@ def test_imap_and_jmap_see_the_same_flags_and_states(env: Env) -> None:
                 "update": {email["id"]: {"keywords/$seen": None, "keywords/$flagged": True}},
             },
         )
-        imap.noop()  # the session learns of the change (untagged FETCH), then reads it
+        # no NOOP first: the FETCH itself answers with the flags JMAP just set
         typ, data = imap.uid("FETCH", "1", "(FLAGS)")
-        flags = str(data[-1])
-        assert "\\Flagged" in flags and "\\Seen" not in flags and "$Important" in flags
+        assert typ == "OK" and data and data[0] is not None
+        for flags in map(str, data):  # every FETCH response of it, none with the old flags
+            assert "\\Flagged" in flags and "\\Seen" not in flags and "$Important" in flags
         # a move over JMAP is a move in IMAP; Email/changes reports it as an update
         state = one(env, user, "Email/get", {"accountId": account, "ids": []})["state"]
         boxes = one(env, user, "Mailbox/get", {"accountId": account})["list"]
@@ -563,8 +565,7 @@ def test_imap_and_jmap_see_the_same_flags_and_states(env: Env) -> None:
             "Email/set",
             {"accountId": account, "update": {email["id"]: {"mailboxIds": {trash: True}}}},
         )
-        imap.noop()
-        typ, data = imap.uid("SEARCH", "ALL")
+        typ, data = imap.uid("SEARCH", "ALL")  # a UID command may announce the expunge
         assert data[0] == b""
         imap.select("Trash")
         typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
@@ -888,3 +889,197 @@ def test_passwords_only_over_tls_for_untrusted_clients(tmp_path: Path) -> None:
             f"{plain}/.well-known/jmap", headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
         assert bearer.status_code == 200
+
+
+# --- threads ------------------------------------------------------------------------------
+
+
+def test_threads_group_a_conversation_across_mailboxes(env: Env) -> None:
+    """Original, a reply with In-Reply-To, a reply to the reply with References naming only
+    its parent, all by SMTP, and an unrelated message: one Thread of three (and a reply
+    imported into Sent joins it), one of one; collapseThreads gives one per thread."""
+    user = make_user(env, "threads")
+    account = session(env, user)["primaryAccounts"][MAIL]
+    state = one(env, user, "Thread/get", {"accountId": account, "ids": []})["state"]
+    send(env, user, "thread root")
+    inbox_emails(env, user, account, 1)  # the original first: receivedAt orders the thread
+    send(env, user, "re root", extra="In-Reply-To: <thread.root@example.org>\r\n")
+    inbox_emails(env, user, account, 2)
+    send(env, user, "re re root", extra="References: <re.root@example.org>\r\n")
+    send(env, user, "unrelated", extra="References: <somewhere@else.example>\r\n")
+    emails = inbox_emails(env, user, account, 4)
+    by_subject = {e["subject"]: e for e in emails}
+    conversation = [by_subject[s] for s in ("thread root", "re root", "re re root")]
+    thread = conversation[0]["threadId"]
+    assert all(e["threadId"] == thread for e in conversation), emails
+    assert by_subject["unrelated"]["threadId"] != thread
+    got = one(
+        env,
+        user,
+        "Thread/get",
+        {"accountId": account, "ids": [thread, by_subject["unrelated"]["threadId"], "tnope"]},
+    )
+    assert got["list"][0] == {"id": thread, "emailIds": [e["id"] for e in conversation]}
+    assert got["list"][1]["emailIds"] == [by_subject["unrelated"]["id"]]
+    assert got["notFound"] == ["tnope"]
+    # a reply kept in Sent (another mailbox) is in the same thread
+    message = (
+        f"From: {user}\r\nTo: alice@example.org\r\nSubject: Re: thread root\r\n"
+        "Message-ID: <my.reply@example.test>\r\nIn-Reply-To: <re.re.root@example.org>\r\n"
+        "References: <thread.root@example.org> <re.root@example.org> <re.re.root@example.org>"
+        "\r\n\r\nMy answer.\r\n"
+    ).encode()
+    blob = requests.post(
+        f"{env.base}/jmap/upload/{account}",
+        headers={**basic(user), "Content-Type": "message/rfc822"},
+        data=message,
+        timeout=30,
+    ).json()["blobId"]
+    boxes = one(env, user, "Mailbox/get", {"accountId": account})["list"]
+    sent = next(b["id"] for b in boxes if b["role"] == "sent")
+    imported = one(
+        env,
+        user,
+        "Email/import",
+        {"accountId": account, "emails": {"r": {"blobId": blob, "mailboxIds": {sent: True}}}},
+    )["created"]["r"]
+    assert imported["threadId"] == thread
+    got = one(env, user, "Thread/get", {"accountId": account, "ids": [thread]})["list"][0]
+    assert got["emailIds"] == [*(e["id"] for e in conversation), imported["id"]]
+    # Thread/changes: the conversation's thread and the unrelated one were made since
+    changes = one(env, user, "Thread/changes", {"accountId": account, "sinceState": state})
+    assert sorted(changes["created"]) == sorted([thread, by_subject["unrelated"]["threadId"]])
+    assert changes["destroyed"] == []
+    # collapseThreads: one email per thread, the newest of each (the sort's first)
+    query = {
+        "accountId": account,
+        "sort": [{"property": "receivedAt", "isAscending": False}],
+        "collapseThreads": True,
+        "calculateTotal": True,
+    }
+    collapsed = one(env, user, "Email/query", query)
+    assert collapsed["total"] == 2
+    assert set(collapsed["ids"]) == {imported["id"], by_subject["unrelated"]["id"]}
+    plain = one(env, user, "Email/query", {**query, "collapseThreads": False})
+    assert plain["total"] == 5
+    # the thread keyword filters look at the whole conversation
+    one(
+        env,
+        user,
+        "Email/set",
+        {
+            "accountId": account,
+            "update": {by_subject["re root"]["id"]: {"keywords/$flagged": True}},
+        },
+    )
+    members = {*(e["id"] for e in conversation), imported["id"]}
+
+    def matching(condition: dict[str, str]) -> set[str]:
+        return set(
+            one(env, user, "Email/query", {"accountId": account, "filter": condition})["ids"]
+        )
+
+    assert matching({"someInThreadHaveKeyword": "$flagged"}) == members
+    assert matching({"allInThreadHaveKeyword": "$flagged"}) == set()
+    assert matching({"noneInThreadHaveKeyword": "$flagged"}) == {by_subject["unrelated"]["id"]}
+    assert matching({"hasKeyword": "$flagged"}) == {by_subject["re root"]["id"]}
+
+
+# --- vacation replies -----------------------------------------------------------------------
+
+
+def _send_from(
+    env: Env, sender: str, user: str, subject: str, extra: str = "", lmtp: bool = False
+) -> None:
+    data = (
+        f"From: {sender}\r\nTo: {user}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@dest.test>\r\n{extra}\r\nHi.\r\n"
+    ).encode()
+    if lmtp:
+        with smtplib.LMTP("127.0.0.1", env.server.ports["lmtp"], timeout=30) as client:
+            client.sendmail(sender, [user], data)
+        return
+    with smtplib.SMTP("127.0.0.1", env.server.ports["mx"], timeout=30) as smtp:
+        smtp.sendmail(sender, [user], data)
+
+
+def _header(block: str, name: str) -> str | None:
+    unfolded = block.replace("\r\n ", " ").replace("\r\n\t", " ")
+    for line in unfolded.split("\r\n"):
+        field, _, value = line.partition(":")
+        if field.lower() == name.lower():
+            return value.strip()
+    return None
+
+
+def test_vacation_replies_once_per_sender_and_never_to_automatic_mail(env: Env) -> None:
+    """A VacationResponse set over JMAP: mail delivered by SMTP (and by LMTP) from outside
+    gets one reply, with RFC 3834's fields, to the recording peer; a second message from
+    the same sender gets none, and neither do bulk, list or auto-generated mail."""
+    user = make_user(env, "away")
+    account = session(env, user)["primaryAccounts"][MAIL]
+    using = [CORE, MAIL, "urn:ietf:params:jmap:vacationresponse"]
+    now = time.time()
+    window = {
+        "fromDate": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 3600)),
+        "toDate": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 86400)),
+    }
+    bad = one(
+        env,
+        user,
+        "VacationResponse/set",
+        {"accountId": account, "update": {"singleton": {"fromDate": "next monday"}}},
+        using,
+    )
+    assert bad["notUpdated"]["singleton"]["properties"] == ["fromDate"]
+    patch = {"isEnabled": True, "subject": "Out of office", "textBody": "Back Monday."}
+    done = one(
+        env,
+        user,
+        "VacationResponse/set",
+        {"accountId": account, "update": {"singleton": {**patch, **window}}},
+        using,
+    )
+    assert "singleton" in done["updated"], done
+
+    def replies_to(address: str) -> list[dict[str, Any]]:
+        return [m for m in env.sink.messages() if m["rcpts"] == [address]]
+
+    _send_from(env, "friend@dest.test", user, "first note")
+    wait_until(lambda: replies_to("friend@dest.test"), timeout=60)
+    [reply] = replies_to("friend@dest.test")
+    headers = reply["headers"]
+    assert reply["sender"] == ""  # the null sender: its bounces go nowhere (RFC 3834 §3.3)
+    assert _header(headers, "Auto-Submitted") == "auto-replied"
+    assert _header(headers, "Subject") == "Out of office"
+    assert _header(headers, "From") == f"<{user}>"
+    assert _header(headers, "To") == "friend@dest.test"
+    assert _header(headers, "In-Reply-To") == "<first.note@dest.test>"
+    assert _header(headers, "References") == "<first.note@dest.test>"
+    # none of these gets a reply: the same sender again, bulk, a list, a robot, the null sender
+    _send_from(env, "friend@dest.test", user, "second note")
+    _send_from(env, "news@dest.test", user, "bulk news", "Precedence: bulk\r\n")
+    _send_from(env, "member@dest.test", user, "list post", "List-Id: <l.dest.test>\r\n")
+    _send_from(env, "robot@dest.test", user, "robot", "Auto-Submitted: auto-generated\r\n")
+    _send_from(env, "", user, "bounce")
+    # and a new sender over LMTP does (a reply queued after these were delivered)
+    _send_from(env, "other@dest.test", user, "over lmtp", lmtp=True)
+    inbox_emails(env, user, account, 7)
+    wait_until(lambda: replies_to("other@dest.test"), timeout=60)
+    assert _header(replies_to("other@dest.test")[0]["headers"], "Subject") == "Out of office"
+    time.sleep(1.0)  # what a wrongly queued reply would need to arrive as well
+    assert len(replies_to("friend@dest.test")) == 1
+    for address in ("news@dest.test", "member@dest.test", "robot@dest.test"):
+        assert replies_to(address) == [], address
+    # disabled: no reply any more
+    one(
+        env,
+        user,
+        "VacationResponse/set",
+        {"accountId": account, "update": {"singleton": {"isEnabled": False}}},
+        using,
+    )
+    _send_from(env, "third@dest.test", user, "after vacation")
+    inbox_emails(env, user, account, 8)
+    time.sleep(1.0)
+    assert replies_to("third@dest.test") == []

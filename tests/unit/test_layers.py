@@ -28,7 +28,13 @@ FORBIDDEN = {
     "queue": {"smtp", "lmtp", "pop3", "imap", "http", "delivery", "mailauth", "cli"},
     # delivery (the scheduler, DSNs, the webhook sender) meets intake only in the queue
     "delivery": {"smtp", "lmtp", "pop3", "imap", "http", "cli"},
-    "mailbox": {"smtp", "lmtp", "pop3", "imap", "jmap", "delivery", "mailauth", "cli"},
+    # the store knows nothing of the queue: its callers queue what a delivery asks for
+    # (vacation replies)
+    "mailbox": {
+        "smtp", "lmtp", "pop3", "imap", "jmap", "delivery", "mailauth", "cli", "queue"
+    },
+    # what local delivery and LMTP both queue (vacation replies), built from plain values
+    "queue/autoreply": {"mailbox", "jmap", "http", "smtp", "lmtp", "delivery", "cli"},
     "smtpclient": {"smtp", "lmtp", "pop3", "imap", "delivery", "cli"},
     # the HTTP API is a front end like smtp (smtp: the worker's context, its intake checks)
     "http": {"delivery", "lmtp", "pop3", "imap", "cli", "jmap"},

@@ -5,11 +5,13 @@ and the group committer in front of it."""
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import os
 import struct
 import subprocess
 import sys
 import time
+from email.parser import BytesParser
 from pathlib import Path
 
 import lmdb
@@ -46,6 +48,14 @@ from tachymail.mailbox import (
 )
 from tachymail.mailbox.store import DELIVERED_TTL, MiB
 from tachymail.mailbox.summary import build_summary
+from tachymail.mailbox.threads import MAX_PARENTS, ThreadRefs, id_key, thread_refs
+from tachymail.mailbox.vacation import (
+    auto_reply,
+    load_vacation,
+    may_reply,
+    parse_utc_date,
+    vacation_path,
+)
 from tachymail.queue.commit import GroupCommitter
 
 ALICE = "alice@example.test"
@@ -503,3 +513,110 @@ def test_a_summary_never_fails_and_always_encodes(pieces: list[bytes]) -> None:
     assert orjson.loads(orjson.dumps(summary)) == summary
     body = summary["body"]
     assert 0 <= body["start"] <= body["body_start"] <= body["end"] <= len(content)
+
+
+def _threaded(subject: str, headers: str = "") -> bytes:
+    return (
+        f"From: bob@example.test\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n"
+        f"{headers}\r\nHello.\r\n"
+    ).encode()
+
+
+def test_threads_come_from_message_ids_whatever_the_order(store: MailboxStore) -> None:
+    """A reply arriving before its original, a reply naming only its parent, a message
+    without a Message-ID and one of another user: each finds its conversation; an
+    expunge removes the thread records with the content."""
+    put(store, _threaded("b", "In-Reply-To: <a@x>\r\n"))  # before its parent
+    put(store, _threaded("a"))
+    put(store, _threaded("c", "References: <B@x>\r\n"))  # only the parent, another case
+    put(store, b"Subject: no id\r\n\r\nx\r\n")
+    put(store, _threaded("d", "References: <elsewhere@y>\r\n"))
+    put(store, _threaded("a"), user="carol@example.test")  # same id, another user
+    contents = [int.from_bytes(m.content_id, "big") for m in store.messages(ALICE)]
+    threads = store.threads_of(contents)
+    b, a, c, no_id, d = (threads[x] for x in contents)
+    assert a == b == c and len({a, no_id, d}) == 3
+    assert no_id == contents[3]  # a thread of its own, keyed by its content
+    assert store.thread_members(ALICE, a) == sorted(contents[:3])
+    assert store.thread_members("carol@example.test", a) != store.thread_members(ALICE, a)
+    store.apply([expunge(ALICE, "INBOX", [1])])
+    assert store.thread_members(ALICE, a) == sorted(contents[1:3])
+    assert contents[0] not in store.threads_of(contents)
+
+
+def test_thread_refs_are_lenient_and_bounded() -> None:
+    own = thread_refs(b"Message-ID: <Me@x>\r\nReferences: <r1@x>\r\n <me@x> junk <r2@x>\r\n\r\n")
+    assert own.own == id_key(b"<me@x>")
+    assert own.parents == (id_key(b"<r1@x>"), id_key(b"<r2@x>"))
+    many = " ".join(f"<r{i}@x>" for i in range(1000))
+    refs = thread_refs(f"References: {many}\r\n\r\n".encode())
+    assert refs.own == 0 and len(refs.parents) == MAX_PARENTS
+    assert refs.parents[0] == id_key(b"<r0@x>") and refs.fallback == refs.parents[0]
+    assert thread_refs(b"\xff\xfe garbage") == ThreadRefs(0, ())
+
+
+def test_vacation_reply_is_due_once_per_sender_per_interval(store: MailboxStore) -> None:
+    def with_reply(sender: str, days: float = 7.0) -> Delivered:
+        delivery = prepare_delivery(ALICE, message("away"))
+        delivery.reply = (sender, b"reply")
+        delivery.reply_days = days
+        outcome = store.apply([deliver(delivery)])[0]
+        assert isinstance(outcome, Delivered)
+        return outcome
+
+    assert with_reply("bob@x.test").reply_due
+    assert not with_reply("bob@x.test").reply_due
+    assert with_reply("carol@x.test").reply_due
+    time.sleep(0.01)
+    assert with_reply("bob@x.test", days=1e-7).reply_due  # the interval is over
+    assert not put(store, message("plain")).reply_due  # type: ignore[union-attr]
+
+
+def test_vacation_rules_of_rfc_3834(tmp_path: Path) -> None:
+    own = {"alice@example.test"}
+    plain = b"From: bob@x.test\r\nSubject: hi\r\nMessage-ID: <m1@x>\r\n\r\nbody\r\n"
+    assert may_reply(plain, "bob@x.test", own)
+    assert not may_reply(plain, "", own)
+    assert not may_reply(plain, "alice@example.test", own)
+    assert not may_reply(plain, "MAILER-DAEMON@x.test", own)
+    assert not may_reply(plain, "list-request@x.test", own)
+    for field in (
+        b"Auto-Submitted: auto-generated",
+        b"Auto-Submitted: auto-replied; owner-email=x",
+        b"Precedence: bulk",
+        b"Precedence: JUNK",
+        b"List-Unsubscribe: <mailto:u@x>",
+    ):
+        assert not may_reply(field + b"\r\n" + plain, "bob@x.test", own), field
+    assert may_reply(b"Auto-Submitted: no\r\n" + plain, "bob@x.test", own)
+    # the setting's window and state
+    path = vacation_path(tmp_path, ALICE)
+    assert load_vacation(tmp_path, ALICE) is None  # never set
+    path.parent.mkdir(parents=True)
+    path.write_bytes(
+        orjson.dumps(
+            {
+                "isEnabled": True,
+                "fromDate": "2030-01-01T00:00:00Z",
+                "toDate": "2030-01-08T00:00:00Z",
+                "subject": None,
+                "textBody": "Away, back soon.",
+                "htmlBody": "<p>Away</p>",
+            }
+        )
+    )
+    start = parse_utc_date("2030-01-01T00:00:00Z")
+    assert start is not None
+    assert load_vacation(tmp_path, ALICE, now=start - 1) is None
+    assert load_vacation(tmp_path, ALICE, now=start + 7 * 86400) is None
+    vacation = load_vacation(tmp_path, ALICE, now=start)
+    assert vacation is not None
+    reply = auto_reply(vacation, ALICE, b"Reply-To: Bob <b@x.test>\r\n" + plain, "mx.test")
+    parsed = BytesParser(policy=email.policy.default).parsebytes(reply)
+    assert parsed["Subject"] == "Auto: hi" and parsed["To"] == "Bob <b@x.test>"
+    assert parsed["Auto-Submitted"] == "auto-replied"
+    assert parsed["In-Reply-To"] == "<m1@x>" and parsed["References"] == "<m1@x>"
+    assert parsed.get_body(("plain",)).get_content().strip() == "Away, back soon."  # type: ignore[union-attr]
+    assert parsed.get_body(("html",)).get_content().strip() == "<p>Away</p>"  # type: ignore[union-attr]
+    path.write_bytes(b"{broken")
+    assert load_vacation(tmp_path, ALICE) is None

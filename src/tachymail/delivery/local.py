@@ -39,6 +39,7 @@ from tachymail.mailbox import (
 from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.mailbox.notify import DIRECTORY as MAILBOX_NOTIFY_DIRECTORY
 from tachymail.metrics import m
+from tachymail.queue.autoreply import auto_reply_message
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.envelope import Envelope, Recipient
 from tachymail.queue.store import MiB
@@ -90,6 +91,10 @@ class LocalDelivery:
         self.slots = asyncio.Semaphore(max(1, config.mailbox.local_concurrency))
         self._gauges_read = 0.0
         self._dirty = False
+        #: the queue's committer, for vacation replies (set by the delivery worker; None:
+        #: a due reply is logged and dropped)
+        self.queue: GroupCommitter | None = None
+        self.replies_queued = 0
 
     def open(self) -> bool:
         """Open the store, its committer and the directory if not yet open; False (the
@@ -169,6 +174,8 @@ class LocalDelivery:
             return STORE_FULL
         m.local_delivery_seconds.observe(time.perf_counter() - started)
         self._dirty = True
+        if isinstance(result, Delivered) and result.reply_due and delivery.reply is not None:
+            await self._queue_reply(envelope.id, user, *delivery.reply)
         if isinstance(result, Delivered) and result.duplicate:
             log.info(
                 "%s to <%s>: already in the mailbox of %s (uid %d): not stored again",
@@ -179,6 +186,29 @@ class LocalDelivery:
             )
             return ALREADY_STORED
         return STORED
+
+    async def _queue_reply(self, queue_id: str, user: str, recipient: str, reply: bytes) -> None:
+        """Queue *user*'s vacation reply to *recipient* (the message it answers is stored
+        already: a reply that cannot be queued is logged and dropped, never retried)."""
+        if self.queue is None:
+            log.warning(
+                "%s: vacation reply of %s to <%s> dropped: no queue", queue_id, user, recipient
+            )
+            return
+        envelope, operation = auto_reply_message(recipient, reply, user=user, listener="vacation")
+        try:
+            refused = await self.queue.submit_operation(operation)
+        except Exception as exc:  # the queue is full or failing: the delivery stands
+            refused = exc
+        if refused is not None:
+            log.error(
+                "%s: vacation reply of %s to <%s> dropped: %s", queue_id, user, recipient, refused
+            )
+            return
+        self.replies_queued += 1
+        log.info(
+            "%s: vacation reply %s of %s queued to <%s>", queue_id, envelope.id, user, recipient
+        )
 
     def update_gauges(self, force: bool = False) -> None:
         """Read the node's mailbox totals into the gauges: after deliveries (at most once a

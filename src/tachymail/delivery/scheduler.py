@@ -545,6 +545,7 @@ class DeliveryWorker:
             # Into the mailboxes while the remote transactions are under way.
             if self.local is None:
                 self.local = LocalDelivery(self.config)
+                self.local.queue = self.committer  # vacation replies
             outcomes = await self.local.deliver(envelope, content, [r for _, r in local_rcpts])
             for (i, rcpt), outcome in zip(local_rcpts, outcomes, strict=True):
                 duplicate = isinstance(outcome, LocalOutcome) and outcome.duplicate

@@ -37,6 +37,7 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
     # The mailbox store opens now when some domain is local, else when one appears (made
     # by LMTP or the CLI) or on the first local hop; its gauges read 0 until then.
     local = LocalDelivery(config)
+    local.queue = committer  # vacation replies
     if config.local_delivery_domains:
         local.open()
     else:

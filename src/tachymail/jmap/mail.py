@@ -3,7 +3,8 @@
 Every read comes from one snapshot of the user's emails (``tachymail.jmap.view``) and the
 summaries the store keeps; every write is a store operation through the worker's group
 committer, so it is synced when the response is sent, and IMAP sessions of any process
-see it at once (the store's change notification). Threads: one per message (see view).
+see it at once (the store's change notification). Threads: the conversation the store
+recorded at delivery (``tachymail.mailbox.threads``), read through ``Views.threads_of``.
 """
 
 from __future__ import annotations
@@ -450,9 +451,11 @@ def email_object(
     opts: dict[str, Any],
     email: Email | None,
     by_id: dict[int, MailboxInfo] | None = None,
+    threads: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """The Email object (the properties in *opts*) of one message; *email* None for a
-    message that is not in a mailbox (Email/parse): its metadata are null."""
+    message that is not in a mailbox (Email/parse): its metadata are null. *threads*:
+    content id -> thread key (``Views.threads_of``), needed for ``threadId``."""
     out: dict[str, Any] = {}
     body = summary.get("body") or {}
     fields: list[tuple[str, str]] | None = None
@@ -485,7 +488,8 @@ def email_object(
         elif prop == "blobId":
             out[prop] = f"B{content:x}"
         elif prop == "threadId":
-            out[prop] = thread_id(content) if email is not None else None
+            key = (threads or {}).get(content, content)
+            out[prop] = thread_id(key) if email is not None else None
         elif prop == "mailboxIds":
             out[prop] = {f"m{box:x}": True for box in email.places} if email is not None else None
         elif prop == "keywords":
@@ -580,6 +584,12 @@ async def email_get(account: Account, call: Call) -> dict[str, Any]:
         p in ("id", "threadId", "mailboxIds", "keywords", "size", "receivedAt", "blobId")
         for p in opts["properties"]
     )
+    threads: dict[int, int] = {}
+    if "threadId" in opts["properties"]:
+        wanted_contents = (parse_id(wanted, "e") for wanted in ids)
+        threads = account.jmap.views.threads_of(
+            c for c in wanted_contents if c is not None and c in snap.emails
+        )
     reader = store.reader()
     try:
         for wanted in dict.fromkeys(ids):
@@ -596,7 +606,9 @@ async def email_get(account: Account, call: Call) -> dict[str, Any]:
                     continue
                 summary = loaded
             found.append(
-                email_object(content, summary, _Reader(reader, content), opts, email, snap.by_id)
+                email_object(
+                    content, summary, _Reader(reader, content), opts, email, snap.by_id, threads
+                )
             )
     finally:
         reader.close()
@@ -637,6 +649,16 @@ class _Matcher:
         self.snap = snap
         self.summaries: dict[int, dict[str, Any]] = {}
         self.texts: dict[int, str] = {}
+
+    def thread_keyword(self, word: str) -> tuple[set[int], set[int], dict[int, int]]:
+        """(threads where some email has *word*, threads where all have it, content ->
+        thread) over the whole snapshot (RFC 8621 §4.4.1: the thread in every mailbox)."""
+        threads = self.account.jmap.views.threads_of(self.snap.emails)
+        some: set[int] = set()
+        lacking: set[int] = set()
+        for email in self.snap.emails.values():
+            (some if word in email.keywords() else lacking).add(threads[email.content])
+        return some, some - lacking, threads
 
     def summary(self, content: int) -> dict[str, Any]:
         found = self.summaries.get(content)
@@ -711,12 +733,19 @@ class _Matcher:
         if key == "maxSize":
             size = need(int)
             return lambda e: e.size < size
-        if key in ("hasKeyword", "allInThreadHaveKeyword", "someInThreadHaveKeyword"):
+        if key == "hasKeyword":
             word = need(str).lower()
             return lambda e: word in e.keywords()
-        if key in ("notKeyword", "noneInThreadHaveKeyword"):
+        if key == "notKeyword":
             word = need(str).lower()
             return lambda e: word not in e.keywords()
+        if key in ("allInThreadHaveKeyword", "someInThreadHaveKeyword"):
+            some, every, threads = self.thread_keyword(need(str).lower())
+            wanted = every if key.startswith("all") else some
+            return lambda e: threads[e.content] in wanted
+        if key == "noneInThreadHaveKeyword":
+            some, _, threads = self.thread_keyword(need(str).lower())
+            return lambda e: threads[e.content] not in some
         if key == "hasAttachment":
             want = need(bool)
             return lambda e: (
@@ -854,7 +883,7 @@ def query_ids(account: Account, snap: Snapshot, args: dict[str, Any]) -> list[in
     (memoised on the snapshot: a page of the same query costs a slice)."""
     condition = args.get("filter")
     comparators = _comparators(args)
-    memo_key = _memo_key(condition, comparators)
+    memo_key = (*_memo_key(condition, comparators), args.get("collapseThreads") is True)
     found: list[int] | None = snap.memo.get(memo_key)
     if found is not None:
         return found
@@ -879,6 +908,17 @@ def query_ids(account: Account, snap: Snapshot, args: dict[str, Any]) -> list[in
                     reverse=comparator.get("isAscending", True) is False,
                 )
         found = [e.content for e in emails]
+    if args.get("collapseThreads") is True:
+        # the first email of each thread in the sort order (RFC 8621 §4.4.3)
+        threads = account.jmap.views.threads_of(found)
+        seen: set[int] = set()
+        collapsed = []
+        for content in found:
+            thread = threads[content]
+            if thread not in seen:
+                seen.add(thread)
+                collapsed.append(content)
+        found = collapsed
     if len(snap.memo) > 16:
         snap.memo.clear()
     snap.memo[memo_key] = found
@@ -889,9 +929,11 @@ async def _query_ids_off_loop(account: Account, snap: Snapshot, args: dict[str, 
     """:func:`query_ids`, in an executor thread when it may read many messages (a text
     search over a big mailbox must not hold the event loop): it reads only the snapshot,
     taken on the loop, and the store, whose reads are thread-safe."""
-    if len(snap.emails) <= _OFF_LOOP or _memo_key(args.get("filter"), _comparators(args)) in (
-        snap.memo
-    ):
+    memo_key = (
+        *_memo_key(args.get("filter"), _comparators(args)),
+        args.get("collapseThreads") is True,
+    )
+    if len(snap.emails) <= _OFF_LOOP or memo_key in snap.memo:
         return query_ids(account, snap, args)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, query_ids, account, snap, args)
@@ -992,7 +1034,10 @@ async def email_changes(account: Account, call: Call) -> dict[str, Any]:
     created, updated, destroyed, snap = email_changes_since(account, since)
     if max_changes is not None and len(created) + len(updated) + len(destroyed) > max_changes:
         raise MethodError("cannotCalculateChanges", "more changes than maxChanges")
-    prefix = "t" if call.name.startswith("Thread") else "e"
+    prefix = "e"
+    if call.name.startswith("Thread"):
+        prefix = "t"
+        created, updated, destroyed = _thread_changes(account, snap, created, updated, destroyed)
     return {
         "accountId": account.id,
         "oldState": since,
@@ -1002,6 +1047,28 @@ async def email_changes(account: Account, call: Call) -> dict[str, Any]:
         "updated": [f"{prefix}{c:x}" for c in updated],
         "destroyed": [f"{prefix}{c:x}" for c in destroyed],
     }
+
+
+def _thread_changes(
+    account: Account, snap: Snapshot, created: list[int], updated: list[int], destroyed: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Email changes as Thread changes (thread keys): a thread all of whose emails are new
+    was created, one with none left was destroyed, any other touched one was updated (its
+    emailIds changed, RFC 8621 §3.2)."""
+    views = account.jmap.views
+    new = set(created)
+    threads = views.threads_of([*created, *updated, *destroyed])
+    made, changed, gone = set(), set(), set()
+    for key in {threads[c] for c in created} | {threads[c] for c in destroyed}:
+        members = views.thread_members(account.user, snap, key)
+        if not members:
+            gone.add(key)
+        elif new.issuperset(members):
+            made.add(key)
+        else:
+            changed.add(key)
+    # flag changes do not change a Thread (its only property is emailIds)
+    return sorted(made), sorted(changed - made - gone), sorted(gone - made)
 
 
 async def email_query_changes(account: Account, call: Call) -> dict[str, Any]:
@@ -1230,11 +1297,11 @@ async def store_message(
     return content, None
 
 
-def _created_email(content: int, size: int) -> dict[str, Any]:
+def _created_email(account: Account, content: int, size: int) -> dict[str, Any]:
     return {
         "id": email_id(content),
         "blobId": f"B{content:x}",
-        "threadId": thread_id(content),
+        "threadId": thread_id(account.jmap.views.threads_of([content])[content]),
         "size": size,
     }
 
@@ -1282,7 +1349,7 @@ async def email_set(account: Account, call: Call) -> dict[str, Any]:
             out["notCreated"][creation_id] = error
             continue
         call.created_ids[creation_id] = email_id(content)
-        out["created"][creation_id] = _created_email(content, len(data))
+        out["created"][creation_id] = _created_email(account, content, len(data))
     for target, props in update.items():
         if target.startswith("#"):
             target = call.created_ids.get(target[1:], target)
@@ -1349,7 +1416,7 @@ async def email_import(account: Account, call: Call) -> dict[str, Any]:
             out["notCreated"][creation_id] = error
             continue
         call.created_ids[creation_id] = email_id(content)
-        out["created"][creation_id] = _created_email(content, len(data))
+        out["created"][creation_id] = _created_email(account, content, len(data))
     out["newState"] = account.snapshot(fresh=True).state
     return out
 
@@ -1400,16 +1467,23 @@ async def thread_get(account: Account, call: Call) -> dict[str, Any]:
     ids = id_list(args, "ids")
     snap = account.snapshot(fresh=True)
     if ids is None:
-        ids = [thread_id(c) for c in snap.emails]
+        if len(snap.emails) > account.jmap.limits.max_objects_in_get:
+            # as Email/get: listing every thread of a big mailbox is not a /get
+            raise MethodError("requestTooLarge", "more emails than maxObjectsInGet: pass ids")
+        ids = list(
+            dict.fromkeys(map(thread_id, account.jmap.views.threads_of(snap.emails).values()))
+        )
     if len(ids) > account.jmap.limits.max_objects_in_get:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
     found, missing = [], []
+    views = account.jmap.views
     for wanted in ids:
-        content = parse_id(wanted, "t")
-        if content is None or content not in snap.emails:
+        key = parse_id(wanted, "t")
+        members = views.thread_members(account.user, snap, key) if key is not None else []
+        if not members:
             missing.append(wanted)
         else:
-            found.append({"id": wanted, "emailIds": [email_id(content)]})
+            found.append({"id": wanted, "emailIds": [email_id(c) for c in members]})
     return {"accountId": account.id, "state": snap.state, "list": found, "notFound": missing}
 
 

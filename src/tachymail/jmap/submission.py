@@ -24,6 +24,7 @@ from tachymail.jmap.core import Call, MethodError, arg, id_list
 from tachymail.jmap.mail import content_key, email_set
 from tachymail.jmap.render import as_addresses, header_fields
 from tachymail.jmap.view import parse_id
+from tachymail.mailbox.vacation import parse_utc_date, vacation_path
 from tachymail.queue.envelope import ACTIVE, Envelope, Recipient, new_queue_id
 from tachymail.queue.store import put_message
 
@@ -267,7 +268,8 @@ async def submission_set(account: Account, call: Call) -> dict[str, Any]:
 
 
 def _vacation_path(account: Account) -> Path:
-    return account.jmap.settings / f"{account.id}.vacation.json"
+    # the file local delivery and LMTP read to send the replies (tachymail.mailbox.vacation)
+    return vacation_path(Path(account.worker.config.data_path), account.user)
 
 
 def vacation(account: Account) -> dict[str, Any]:
@@ -330,6 +332,10 @@ async def vacation_set(account: Account, call: Call) -> dict[str, Any]:
             bad.append("isEnabled")
         for key in ("fromDate", "toDate", "subject", "textBody", "htmlBody"):
             if key in patch and patch[key] is not None and not isinstance(patch[key], str):
+                bad.append(key)
+        for key in ("fromDate", "toDate"):  # UTCDate (RFC 8620 §1.4): delivery compares them
+            value = patch.get(key)
+            if isinstance(value, str) and (parse_utc_date(value) is None or value[-1:] != "Z"):
                 bad.append(key)
         if bad:
             out["notUpdated"][target] = {"type": "invalidProperties", "properties": bad}

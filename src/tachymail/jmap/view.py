@@ -5,8 +5,11 @@ Ids (stable, what clients keep):
 - a Mailbox is ``m<id>`` (the store's mailbox id, hex: kept across renames);
 - an Email is ``e<content id>`` (hex): the store's content id, which IMAP MOVE keeps and
   COPY shares, so a message copied to a second mailbox is one Email with two mailboxIds,
-  as RFC 8621 models it; its Thread is ``t<content id>`` (one thread per message: the
-  store has no cheap thread index), and its whole-message blob ``B<content id>``.
+  as RFC 8621 models it; its whole-message blob is ``B<content id>``;
+- a Thread is ``t<thread key>`` (hex), the key the store recorded at delivery
+  (``tachymail.mailbox.threads``: from Message-ID / References / In-Reply-To, the same in
+  every mailbox and every process); a message stored before the thread index existed is a
+  thread of its own, ``t<content id>``.
 
 States come from the store's per-mailbox MODSEQs (the counter IMAP CONDSTORE shows), so a
 change over IMAP changes the JMAP state and the reverse. The Email state is the vector of
@@ -25,7 +28,7 @@ import hashlib
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,8 @@ ROLES = {
     "\\important": "important",
 }
 _SYSTEM_BITS = ("$seen", "$answered", "$flagged", None, "$draft")  # store bit order
+#: thread keys a process keeps (about 100 bytes each)
+_THREAD_CACHE = 1_000_000
 
 
 def mailbox_id(info: MailboxInfo) -> str:
@@ -67,8 +72,9 @@ def email_id(content: int) -> str:
     return f"e{content:x}"
 
 
-def thread_id(content: int) -> str:
-    return f"t{content:x}"
+def thread_id(key: int) -> str:
+    """The Thread id of a thread key (see :meth:`Views.threads_of`)."""
+    return f"t{key:x}"
 
 
 def parse_id(value: object, prefix: str) -> int | None:
@@ -260,6 +266,37 @@ class Views:
         self.capacity = capacity
         self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self._columns: dict[int, IndexColumns] = {}
+        # content id -> thread key: a content's thread never changes, so this only grows
+        # (up to _THREAD_CACHE entries, then starts again)
+        self._threads: dict[int, int] = {}
+
+    def threads_of(self, contents: Iterable[int]) -> dict[int, int]:
+        """content id -> thread key of each of *contents* (the content id itself for one
+        with no thread record): cached, the rest read from the store in one transaction."""
+        cache = self._threads
+        out: dict[int, int] = {}
+        missing = []
+        for content in contents:
+            key = cache.get(content)
+            if key is None:
+                missing.append(content)
+            else:
+                out[content] = key
+        if missing:
+            if len(cache) + len(missing) > _THREAD_CACHE:
+                cache.clear()
+            found = self.store.threads_of(missing)
+            for content in missing:
+                out[content] = cache[content] = found.get(content, content)
+        return out
+
+    def thread_members(self, user: str, snap: Snapshot, key: int) -> list[int]:
+        """The content ids of the thread *key* in *snap*, sorted by receivedAt (then id)."""
+        members = [c for c in self.store.thread_members(user, key) if c in snap.emails]
+        if not members and key in snap.emails and self.threads_of([key])[key] == key:
+            members = [key]  # stored before the thread index, or a thread of one
+        emails = snap.emails
+        return sorted(members, key=lambda c: (emails[c].received, c))
 
     def _columns_now(self, user: str, info: MailboxInfo) -> IndexColumns | None:
         """The mailbox's columns now: the cached ones patched with what changed since

@@ -36,10 +36,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tachymail.mailbox import (
     Delivered,
+    Delivery,
     OverQuota,
     Resolution,
     deliver,
@@ -49,6 +51,7 @@ from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.metrics import m
 from tachymail.protocol import replies as R
 from tachymail.protocol.mime import header_value
+from tachymail.queue.autoreply import auto_reply_message
 from tachymail.queue.envelope import Envelope, Recipient
 from tachymail.queue.store import StorageFull as QueueFull
 from tachymail.smtp.session import SmtpSession, State
@@ -272,6 +275,40 @@ class LmtpSession(SmtpSession):
 
         gathered.add_done_callback(answer)
 
+    def _reply(self, queue_id: str, delivery: Delivery, done: asyncio.Future[Any]) -> None:
+        """Queue the vacation reply *delivery* carried when its commit says it is due (the
+        message is stored already: a reply that cannot be queued is logged and dropped)."""
+        if done.cancelled() or done.exception() is not None or delivery.reply is None:
+            return
+        result = done.result()
+        if not isinstance(result, Delivered) or not result.reply_due:
+            return
+        recipient, reply = delivery.reply
+        envelope, operation = auto_reply_message(
+            recipient, reply, user=delivery.user, listener="vacation"
+        )
+
+        def queued(committed: asyncio.Future[Any]) -> None:
+            failure = None if committed.cancelled() else committed.exception()
+            refused = failure or (None if committed.cancelled() else committed.result())
+            if committed.cancelled() or refused is not None:
+                log.error(
+                    "%s: vacation reply of %s to <%s> dropped: %s",
+                    queue_id, delivery.user, recipient, refused or "cancelled",
+                )  # fmt: skip
+                return
+            if self.ctx.notifier is not None:
+                self.ctx.notifier.queued(envelope.id, envelope.recipients)
+            log.info(
+                "%s: vacation reply %s of %s queued to <%s>",
+                queue_id, envelope.id, delivery.user, recipient,
+            )  # fmt: skip
+
+        try:
+            self.ctx.committer.submit_operation(operation).add_done_callback(queued)
+        except Exception as exc:  # the committer is closing: the delivery stands
+            log.error("%s: vacation reply of %s dropped: %s", queue_id, delivery.user, exc)
+
     def _submit(self, submit: Callable[[], asyncio.Future[Any]]) -> asyncio.Future[object]:
         """*submit*'s future, or a failed one when submitting itself raised."""
         try:
@@ -309,7 +346,10 @@ class LmtpSession(SmtpSession):
                         )
                         if delivery is None:
                             raise LookupError(f"<{target}> is no local user any more")
-                        return committer.submit_operation(deliver(delivery))
+                        stored = committer.submit_operation(deliver(delivery))
+                        if delivery.reply is not None:
+                            stored.add_done_callback(partial(self._reply, queue_id, delivery))
+                        return stored
 
                     submitted[key] = len(futures)
                     futures.append(self._submit(submit))

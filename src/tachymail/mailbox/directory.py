@@ -26,6 +26,7 @@ from tachymail.auth.users import UserEntry, UsersFile, replace_file
 from tachymail.config import Config
 from tachymail.mailbox.headers import delivery_headers
 from tachymail.mailbox.store import Delivery, prepare_delivery
+from tachymail.mailbox.vacation import auto_reply, load_vacation, may_reply
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,10 @@ class Directory:
         self.aliases_file = AliasesFile(config.aliases_path)
         self.local_domains = config.local_delivery_domains
         self.delimiter = config.mailbox.recipient_delimiter
+        # vacation replies: where the settings are, the From domain's host, the interval
+        self.data_path = config.data_path
+        self.hostname = config.server.hostname
+        self.reply_days = config.mailbox.vacation_reply_days
         self._entries: dict[str, UserEntry] | None = None
         self._lowered: dict[str, UserEntry] = {}
 
@@ -330,13 +335,24 @@ class Directory:
     def delivery(self, target: str, sender: str, content: bytes, key: bytes) -> Delivery | None:
         """The mailbox delivery of *content* from *sender* to local recipient *target*, with
         its Return-Path and Delivered-To, the user's quota and the idempotency *key*; None
-        when *target* is no user (any more). The MIME scan runs here, not in the commit."""
+        when *target* is no user (any more). The MIME scan runs here, not in the commit.
+        When the user is on vacation and RFC 3834 allows an answer, it carries the reply
+        (``Delivery.reply``): the caller queues it if the outcome says ``reply_due``."""
         user = self.user_of(target)
         if user is None:
             return None
-        return prepare_delivery(
+        delivery = prepare_delivery(
             user, delivery_headers(sender, target) + content, key=key, quota=self.quota(user)
         )
+        vacation = load_vacation(self.data_path, user)
+        if vacation is not None:
+            own = {user.lower(), target.lower()}
+            address = sender.strip().strip("<>")
+            if may_reply(content, address, own) and self.user_of(address) != user:
+                reply = auto_reply(vacation, user, content, self.hostname)
+                delivery.reply = (address.lower(), reply)
+                delivery.reply_days = self.reply_days
+        return delivery
 
     def quota(self, user: str) -> int:
         """*user*'s quota in bytes (any case); 0 for unlimited or an unknown user."""

@@ -49,6 +49,16 @@ Layout (named databases of the environment at ``config.mailbox_path``):
     §6.3.7: a subscription survives DELETE and may name a mailbox that does not exist).
     A mailbox's own subscription is the flag of its record; DELETE moves a set flag here
     and CREATE takes it back.
+``threads``
+    conversations (``tachymail.mailbox.threads``), three kinds of keys: ``c`` + content id
+    (>Q) -> thread key (>Q), own Message-ID key (>Q), user; ``m`` + user \\0 + thread key
+    (>Q) + content id (>Q) -> b"" (the thread's messages); ``i`` + user \\0 + Message-ID key
+    (>Q) -> thread key (>Q) (where a later reply goes). Written by every delivery, removed
+    with the content; contents delivered before it existed have none.
+``replies``
+    whom vacation replies went to (``tachymail.mailbox.vacation``): ``r`` + user \\0 +
+    sender -> when (>d); ``a`` + when in ms (>Q) + user \\0 + sender -> b"", the sweep
+    order (records older than the reply interval go a few per reply).
 
 UIDs start at 1 per mailbox and are never reused within a UIDVALIDITY. A new mailbox's
 UIDVALIDITY is above every earlier one of the node (the larger of the last one + 1 and
@@ -87,6 +97,7 @@ import orjson
 
 from tachymail.lmdbenv import GrowingMap, open_store
 from tachymail.mailbox.summary import encode_summary
+from tachymail.mailbox.threads import ThreadRefs, thread_refs
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +143,7 @@ _PAIR = struct.Struct(">QQ")
 _DELIVERED = struct.Struct(">IIId")
 _EXPUNGED = struct.Struct(">IQI")
 _REFS = struct.Struct(">I")
+_WHEN = struct.Struct(">d")
 # where an index entry's modseq is (CONDSTORE reads only that field of most entries)
 _MODSEQ = struct.Struct(">Q")
 _MODSEQ_AT = struct.calcsize(">QdQ")
@@ -231,6 +243,9 @@ class Delivered:
     uid: int
     uidvalidity: int
     duplicate: bool
+    #: the delivery carried an automatic reply (:attr:`Delivery.reply`) and its sender was
+    #: not answered within the delivery's ``reply_days``: queue the reply now (recorded)
+    reply_due: bool = False
 
 
 @dataclass(slots=True)
@@ -258,6 +273,12 @@ class Delivery:
     key: bytes
     quota: int
     create: bool = True
+    #: where its conversation is (None: no thread record, e.g. a Delivery made by hand)
+    thread: ThreadRefs | None = None
+    #: an automatic (vacation) reply to send if its sender was not answered in the last
+    #: *reply_days* days: (the sender to answer, lower case; the reply's octets)
+    reply: tuple[str, bytes] | None = None
+    reply_days: float = 7.0
 
 
 class ContentReader:
@@ -425,6 +446,11 @@ class MailboxStore:
             self.subscriptions_db: Any = db(b"subscriptions")
         except lmdb.NotFoundError:  # read-only on a store no writer has opened since they came
             self.recent_db = self.subscriptions_db = None
+        try:
+            self.threads_db: Any = db(b"threads")
+            self.replies_db: Any = db(b"replies")
+        except lmdb.NotFoundError:  # read-only on a store no writer has opened since they came
+            self.threads_db = self.replies_db = None
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -473,12 +499,78 @@ class MailboxStore:
             txn.delete(content_key, db=self.contents)
             txn.delete(content_key, db=self.summaries)
             self._drop_rendered(txn, content_key)
+            self._unthread(txn, content_key)
             return
         count = _REFS.unpack(raw)[0] - 1
         if count <= 1:
             txn.delete(content_key, db=self.refs)
         else:
             txn.put(content_key, _REFS.pack(count), db=self.refs)
+
+    def _thread(
+        self, txn: lmdb.Transaction, user: str, content_key: bytes, refs: ThreadRefs
+    ) -> None:
+        """Record the conversation of the new content *content_key* (module docstring of
+        ``tachymail.mailbox.threads``: a known parent's thread, else the root's key)."""
+        prefix = b"i" + _user(user) + b"\0"
+        thread = 0
+        for key in (refs.own, *refs.parents) if refs.own else refs.parents:
+            raw = txn.get(prefix + _CONTENT.pack(key), db=self.threads_db)
+            if raw is not None:
+                thread = _CONTENT.unpack(raw)[0]
+                break
+        if not thread:
+            thread = refs.fallback or _CONTENT.unpack(content_key)[0]
+        if refs.own:
+            txn.put(prefix + _CONTENT.pack(refs.own), _CONTENT.pack(thread), db=self.threads_db)
+        record = _PAIR.pack(thread, refs.own) + _user(user)
+        txn.put(b"c" + content_key, record, db=self.threads_db)
+        member = b"m" + _user(user) + b"\0" + _CONTENT.pack(thread) + content_key
+        txn.put(member, b"", db=self.threads_db)
+
+    def _note_reply(
+        self, txn: lmdb.Transaction, user: str, sender: str, days: float, now: float
+    ) -> bool:
+        """Whether *user* may answer *sender* now (not answered in the last *days*); if so
+        it is recorded. Records older than *days* are swept a few at a time."""
+        key = b"r" + _user(user) + b"\0" + sender.lower().encode()
+        horizon = now - days * 86400
+        raw = txn.get(key, db=self.replies_db)
+        if raw is not None and _WHEN.unpack(raw)[0] > horizon:
+            return False
+        if raw is not None:
+            txn.delete(
+                b"a" + _CONTENT.pack(int(_WHEN.unpack(raw)[0] * 1000)) + key[1:], db=self.replies_db
+            )
+        txn.put(key, _WHEN.pack(now), db=self.replies_db)
+        txn.put(b"a" + _CONTENT.pack(int(now * 1000)) + key[1:], b"", db=self.replies_db)
+        cursor = txn.cursor(db=self.replies_db)
+        more = cursor.set_range(b"a")
+        for _ in range(_SWEEP_PER_DELIVERY):
+            if not more:
+                break
+            aged = bytes(cursor.key())
+            if aged[:1] != b"a" or _CONTENT.unpack(aged[1:9])[0] > horizon * 1000:
+                break
+            txn.delete(b"r" + aged[9:], db=self.replies_db)
+            more = cursor.delete()
+        return True
+
+    def _unthread(self, txn: lmdb.Transaction, content_key: bytes) -> None:
+        """Forget the conversation records of the deleted content *content_key*."""
+        if self.threads_db is None:
+            return
+        raw = txn.get(b"c" + content_key, db=self.threads_db)
+        if raw is None:
+            return
+        thread, own = _PAIR.unpack(raw[: _PAIR.size])
+        user = bytes(raw[_PAIR.size :])
+        txn.delete(b"c" + content_key, db=self.threads_db)
+        txn.delete(b"m" + user + b"\0" + _CONTENT.pack(thread) + content_key, db=self.threads_db)
+        if own:
+            # a copy of the same Message-ID elsewhere loses the entry: its later replies
+            # fall back to the References root, which is the same key for a normal thread
+            txn.delete(b"i" + user + b"\0" + _CONTENT.pack(own), db=self.threads_db)
 
     def _drop_rendered(self, txn: lmdb.Transaction, content_key: bytes) -> None:
         """Delete what front ends kept for the content (every kind)."""
@@ -843,6 +935,37 @@ class MailboxStore:
         decoded: dict[str, Any] = orjson.loads(raw)
         return decoded
 
+    def threads_of(self, contents: Iterable[int]) -> dict[int, int]:
+        """content id -> thread key of each of *contents* that has a thread record (those
+        delivered before the thread index existed, or gone, have none), one read
+        transaction."""
+        out: dict[int, int] = {}
+        if self.threads_db is None:
+            return out
+        with self._read_in_place() as txn:
+            for content in contents:
+                raw = txn.get(b"c" + _CONTENT.pack(content), db=self.threads_db)
+                if raw is not None:
+                    out[content] = _CONTENT.unpack(raw[:8])[0]
+        return out
+
+    def thread_members(self, user: str, thread: int, limit: int = 100_000) -> list[int]:
+        """The content ids of *user*'s thread *thread* (at most *limit*), ascending."""
+        if self.threads_db is None:
+            return []
+        prefix = b"m" + _user(user.lower()) + b"\0" + _CONTENT.pack(thread)
+        found: list[int] = []
+        with self._read_in_place() as txn:
+            cursor = txn.cursor(db=self.threads_db)
+            more = cursor.set_range(prefix)
+            while more and len(found) < limit:
+                key = bytes(cursor.key())
+                if not key.startswith(prefix):
+                    break
+                found.append(_CONTENT.unpack(key[len(prefix) :])[0])
+                more = cursor.next()
+        return found
+
     def delivered(self, key: bytes) -> Delivered | None:
         """The idempotency record of *key* (duplicate=True), or None."""
         with self._read() as txn:
@@ -1014,6 +1137,7 @@ def prepare_delivery(
         key=key,
         quota=quota,
         create=create,
+        thread=thread_refs(content),
     )
 
 
@@ -1057,6 +1181,8 @@ def deliver(delivery: Delivery) -> Operation:
         content_key = _CONTENT.pack(content_id)
         txn.put(content_key, delivery.content, db=store.contents)
         txn.put(content_key, delivery.summary, db=store.summaries)
+        if delivery.thread is not None:
+            store._thread(txn, delivery.user, content_key, delivery.thread)
         entry = _ENTRY.pack(content_id, delivery.internaldate, size, modseq, delivery.flag_bits)
         txn.put(_KEY.pack(mailbox_id, uid), entry + delivery.keywords, db=store.index)
         fields[2] = uid + 1
@@ -1076,7 +1202,10 @@ def deliver(delivery: Delivery) -> Operation:
             stamp = _CONTENT.pack(int(now * 1000))
             txn.put(stamp + delivery.key, b"", db=store.delivered_age)
             store._sweep_delivered(txn, now, _SWEEP_PER_DELIVERY)
-        return Delivered(mailbox_id, uid, uidvalidity, False)
+        reply_due = delivery.reply is not None and store._note_reply(
+            txn, delivery.user, delivery.reply[0], delivery.reply_days, now
+        )
+        return Delivered(mailbox_id, uid, uidvalidity, False, reply_due)
 
     return operation
 
