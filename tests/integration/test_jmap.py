@@ -18,6 +18,7 @@ import imaplib
 import json
 import smtplib
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recording_sink import RecordingSink, recording_sink
-from server import Server, free_port, running_server, wait_until
+from server import Server, free_port, running_server, tachymail_cmd, wait_until
 from tachymail.auth.users import UsersFile
 
 requests = pytest.importorskip("requests")
@@ -63,6 +64,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             f'[delivery]\nresolver = "127.0.0.1:9"\n'
             f'[[route]]\ndomain = "dest.test"\nhost = "127.0.0.1:{sink.port}"\ntls = "none"\n\n'
             f'[[listener]]\naddress = "127.0.0.1:{tls_port}"\nrole = "http"\ntls = true\n'
+            '[[body_check]]\npattern = "XYZZY-FORBIDDEN"\naction = "reject"\n'
+            'text = "No magic words here"\n'
+            "[[header_check]]\npattern = '^Subject: .*HOLD-ME'\naction = \"hold\"\n"
         )
         roles = ("mx", "imap", "http", "lmtp")
         with running_server(tmp_path, extra, roles=roles, hold=False) as srv:
@@ -1083,3 +1087,52 @@ def test_vacation_replies_once_per_sender_and_never_to_automatic_mail(env: Env) 
     inbox_emails(env, user, account, 8)
     time.sleep(1.0)
     assert replies_to("third@dest.test") == []
+
+
+def _submit(env: Env, user: str, subject: str, body: str) -> dict[str, Any]:
+    """Create a draft and submit it in one request; the EmailSubmission/set response."""
+    account = session(env, user)["primaryAccounts"][MAIL]
+    boxes = one(env, user, "Mailbox/get", {"accountId": account})["list"]
+    drafts = next(b["id"] for b in boxes if b["role"] == "drafts")
+    draft = {
+        "mailboxIds": {drafts: True},
+        "keywords": {"$draft": True},
+        "from": [{"name": None, "email": user}],
+        "to": [{"name": None, "email": "checked@dest.test"}],
+        "subject": subject,
+        "textBody": [{"partId": "t", "type": "text/plain"}],
+        "bodyValues": {"t": {"value": body}},
+    }
+    submission = {"identityId": "i0", "emailId": "#d"}
+    responses = call(
+        env,
+        user,
+        [
+            ["Email/set", {"accountId": account, "create": {"d": draft}}, "0"],
+            ["EmailSubmission/set", {"accountId": account, "create": {"s": submission}}, "1"],
+        ],
+        [CORE, MAIL, SUBMISSION],
+    )
+    assert responses[1][0] == "EmailSubmission/set", responses
+    result: dict[str, Any] = responses[1][1]
+    return result
+
+
+def test_submissions_pass_the_operators_content_checks(env: Env) -> None:
+    user = make_user(env, "checked")
+    refused = _submit(env, user, "Hello", "This has XYZZY-FORBIDDEN in it.\n")
+    assert "s" not in (refused.get("created") or {}), refused
+    error = refused["notCreated"]["s"]
+    assert error["type"] == "forbiddenToSend" and "No magic words here" in error["description"]
+    held = _submit(env, user, "Please HOLD-ME for review", "Fine words.\n")
+    queue_id = held["created"]["s"]["id"]
+    listing = subprocess.run(
+        [*tachymail_cmd(), "queue", "list", "--state", "held", "-c", str(env.server.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert queue_id in listing.stdout, listing.stdout + listing.stderr
+    time.sleep(1)  # a held message is not delivered; the refused one was never queued
+    sent = [m for m in env.sink.messages() if "checked@dest.test" in m["rcpts"]]
+    assert sent == []

@@ -25,8 +25,9 @@ from tachymail.jmap.mail import content_key, email_set
 from tachymail.jmap.render import as_addresses, header_fields
 from tachymail.jmap.view import parse_id
 from tachymail.mailbox.vacation import parse_utc_date, vacation_path
-from tachymail.queue.envelope import ACTIVE, Envelope, Recipient, new_queue_id
+from tachymail.queue.envelope import ACTIVE, HELD, Envelope, Recipient, new_queue_id
 from tachymail.queue.store import put_message
+from tachymail.smtp.checks import DISCARD, HOLD, REJECT, checks_for
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,17 @@ async def _send(
         return None, {"type": "tooLarge", "maxSize": limits.max_message_size}
     now = time.time()
     queue_id = new_queue_id()
+    # The operator's [[header_check]]/[[body_check]] rules, as for SMTP submission and the
+    # HTTP API: reject (nothing queued), hold, discard (reported sent, not queued).
+    verdict = checks_for(worker.config).check(content)
+    if verdict.action == REJECT:
+        reason = verdict.reply.decode("utf-8", "replace").strip()
+        log.warning("jmap: submission by %s refused by content checks: %s", account.user, reason)
+        return None, {"type": "forbiddenToSend", "description": f"refused: {reason}"}
+    if verdict.action == DISCARD:
+        log.info("jmap: %s discarded, not queued: %s", queue_id, verdict.reason)
+        return _created(queue_id, content_id, now, sender, recipients), None
+    content = verdict.content
     params: dict[str, str] = {}
     if not content.isascii():
         params["BODY"] = "8BITMIME"
@@ -165,7 +177,7 @@ async def _send(
         client_ip=client_ip,
         listener="http",
         auth=account.user,
-        state=ACTIVE,
+        state=HELD if verdict.action == HOLD else ACTIVE,
     )
     signature = b""
     signer = worker.dkim
@@ -201,6 +213,13 @@ async def _send(
         sender,
         len(recipients),
     )
+    return _created(queue_id, content_id, now, sender, recipients), None
+
+
+def _created(
+    queue_id: str, content_id: int, now: float, sender: str, recipients: list[str]
+) -> dict[str, Any]:
+    """The EmailSubmission a successful /set create returns."""
     return {
         "id": queue_id,
         "threadId": f"t{content_id:x}",
@@ -210,7 +229,7 @@ async def _send(
             "mailFrom": {"email": sender, "parameters": None},
             "rcptTo": [{"email": r, "parameters": None} for r in recipients],
         },
-    }, None
+    }
 
 
 async def submission_set(account: Account, call: Call) -> dict[str, Any]:
