@@ -326,7 +326,9 @@ class Side:
 
 
 @contextmanager
-def tachymail(work: Path, maildir: Path) -> Iterator[Side]:
+def tachymail(work: Path, maildir: Path, role: str = "imap") -> Iterator[Side]:
+    """A tachymail serving the user's imported *maildir* on one listener of *role* (imap,
+    or http for the JMAP benchmark), stopped by PID afterwards."""
     binary = Path(sys.executable).with_name("tachymail")
     data = work / "tachymail-data"
     users = work / "users"
@@ -334,7 +336,7 @@ def tachymail(work: Path, maildir: Path) -> Iterator[Side]:
     config = work / "tachymail.toml"
     config.write_text(
         f'[server]\nhostname = "tachymail.bench.test"\ndata_dir = "{data}"\n\n'
-        f'[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "imap"\n\n'
+        f'[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "{role}"\n\n'
         '[policy]\nlocal_domains = ["example.test"]\n\n'
         f'[auth]\nusers_file = "{users}"\n\n[imap]\nplaintext_auth = true\n\n'
         '[delivery]\nresolver = "127.0.0.1:9"\n\n[metrics]\naddress = ""\n'

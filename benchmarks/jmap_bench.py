@@ -34,13 +34,11 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -49,53 +47,13 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import peers  # noqa: E402
 from dovecot import dovecot_unavailable  # noqa: E402
-from imap_bench import PASSWORD, USER, Client, Side, dovecot, write_maildir  # noqa: E402
+from imap_bench import PASSWORD, USER, Client, Side, dovecot, tachymail, write_maildir  # noqa: E402
 
 LIST_PROPERTIES = [
     "id", "threadId", "mailboxIds", "keywords", "size", "receivedAt", "from", "subject",
     "preview", "hasAttachment",
 ]  # fmt: skip
 TARGET = 2.0
-
-
-@contextmanager
-def tachymail(work: Path, maildir: Path) -> Iterator[Side]:
-    binary = Path(sys.executable).with_name("tachymail")
-    data = work / "tachymail-data"
-    users = work / "users"
-    port = peers.free_port()
-    config = work / "tachymail.toml"
-    config.write_text(
-        f'[server]\nhostname = "tachymail.bench.test"\ndata_dir = "{data}"\n\n'
-        f'[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "http"\n\n'
-        '[policy]\nlocal_domains = ["example.test"]\n\n'
-        f'[auth]\nusers_file = "{users}"\n\n'
-        '[delivery]\nresolver = "127.0.0.1:9"\n\n[metrics]\naddress = ""\n'
-    )
-    run = {"capture_output": True, "text": True, "timeout": 3600, "check": True}
-    subprocess.run(
-        [str(binary), "user", "add", "-c", str(config), "--password-stdin", USER],
-        input=PASSWORD + "\n",
-        **run,  # type: ignore[arg-type]
-    )
-    subprocess.run(
-        [str(binary), "mailbox", "import", "-c", str(config), USER, str(maildir)],
-        **run,  # type: ignore[arg-type]
-    )
-    log = open(work / "tachymail.log", "ab")  # noqa: SIM115 - kept open by the child
-    proc = subprocess.Popen(
-        [str(binary), "--log-level", "WARNING", "serve", "-c", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    peer = peers.Peer("tachymail", port, proc.pid, proc=proc)
-    try:
-        peers.wait_port(port)
-        yield Side("tachymail", port, proc.pid, peer.stop)
-    finally:
-        peer.stop()
 
 
 class JmapPage:
@@ -283,7 +241,7 @@ def main() -> int:
             print("dovecot", json.dumps(results["dovecot"]), flush=True)
         work = Path(tmp) / "tachymail"
         work.mkdir()
-        with tachymail(work, maildir) as side:
+        with tachymail(work, maildir, role="http") as side:
             results["tachymail"] = measure(side, JmapPage, p)
             print("tachymail", json.dumps(results["tachymail"]), flush=True)
     print(table(results, p.clients))
