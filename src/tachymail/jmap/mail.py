@@ -1341,15 +1341,7 @@ async def email_set(account: Account, call: Call) -> dict[str, Any]:
                 "type": "invalidProperties", "description": str(exc)
             }  # fmt: skip
             continue
-        received = _parse_utc(props["receivedAt"], "receivedAt") if "receivedAt" in props else None
-        content, error = await store_message(
-            account, data, props.get("mailboxIds"), props.get("keywords", {}), received, call
-        )
-        if error is not None or content is None:
-            out["notCreated"][creation_id] = error
-            continue
-        call.created_ids[creation_id] = email_id(content)
-        out["created"][creation_id] = _created_email(account, content, len(data))
+        await _store_created(account, call, out, creation_id, data, props)
     for target, props in update.items():
         if target.startswith("#"):
             target = call.created_ids.get(target[1:], target)
@@ -1408,17 +1400,30 @@ async def email_import(account: Account, call: Call) -> dict[str, Any]:
         if data is None:
             out["notCreated"][creation_id] = {"type": "blobNotFound", "notFound": [props["blobId"]]}
             continue
-        received = _parse_utc(props["receivedAt"], "receivedAt") if "receivedAt" in props else None
-        content, error = await store_message(
-            account, data, props.get("mailboxIds"), props.get("keywords", {}), received, call
-        )
-        if error is not None or content is None:
-            out["notCreated"][creation_id] = error
-            continue
-        call.created_ids[creation_id] = email_id(content)
-        out["created"][creation_id] = _created_email(account, content, len(data))
+        await _store_created(account, call, out, creation_id, data, props)
     out["newState"] = account.snapshot(fresh=True).state
     return out
+
+
+async def _store_created(
+    account: Account,
+    call: Call,
+    out: dict[str, Any],
+    creation_id: str,
+    data: bytes,
+    props: dict[str, Any],
+) -> None:
+    """Store one created or imported message and record it in *out* (created or
+    notCreated), as Email/set create and Email/import both do."""
+    received = _parse_utc(props["receivedAt"], "receivedAt") if "receivedAt" in props else None
+    content, error = await store_message(
+        account, data, props.get("mailboxIds"), props.get("keywords", {}), received, call
+    )
+    if error is not None or content is None:
+        out["notCreated"][creation_id] = error
+        return
+    call.created_ids[creation_id] = email_id(content)
+    out["created"][creation_id] = _created_email(account, content, len(data))
 
 
 async def email_parse(account: Account, call: Call) -> dict[str, Any]:
