@@ -246,9 +246,10 @@ def order_violations(events: list[Event], acks: list[Ack], queue_file: Path) -> 
     """Every acknowledged message whose 250 was not preceded by a completed sync of its batch.
 
     For each ack: the shim must have seen the 250 written (in process P), and P must have
-    run a flush of *queue_file* (or an msync) and a synchronous (O_DSYNC) write to it that
-    both started after the dot was sent and returned before the 250 was written and before
-    it was received.
+    run a flush of *queue_file* (or an msync) that started after the dot was sent, and
+    either a synchronous (O_DSYNC) write to it (LMDB's meta page with metasync) or a
+    second flush that started after the first returned (the meta page written between
+    them, without metasync), all returned before the 250 was written and received.
     """
     written: dict[str, Event] = {}
     for event in events:
@@ -263,24 +264,35 @@ def order_violations(events: list[Event], acks: list[Ack], queue_file: Path) -> 
             problems.append(f"{ack.queue_id}: the shim saw no write of its 250 (extend the shim)")
             continue
         deadline = min(reply.start, ack.reply_received)
-        if not _synced(events, FLUSHES, reply.pid, target, ack.dot_sent, deadline):
+        first = _first_synced(events, FLUSHES, reply.pid, target, ack.dot_sent, deadline)
+        if first is None:
             problems.append(f"{ack.queue_id}: no data sync between its dot and its 250")
-        if not _synced(events, {"dsync-write"}, reply.pid, target, ack.dot_sent, deadline):
+            continue
+        # the meta page: written synchronously (metasync), or by plain write after that data
+        # sync and made durable by another sync of the file (the inline chain)
+        meta = _first_synced(events, {"dsync-write"}, reply.pid, target, ack.dot_sent, deadline)
+        again = _first_synced(events, FLUSHES, reply.pid, target, first.end, deadline)
+        if meta is None and again is None:
             problems.append(f"{ack.queue_id}: no synced meta-page write between its dot and 250")
     return problems
 
 
-def _synced(
+def _first_synced(
     events: list[Event], kinds: set[str], pid: int, target: str, after: float, before: float
-) -> bool:
-    """Whether *pid* ran one of *kinds* on *target* entirely within (after, before)."""
-    return any(
-        e.kind in kinds
-        and e.pid == pid
-        and (e.detail == target or e.kind == "msync")  # msync names an address, not a file
-        and after < e.start
-        and e.end < before
-        for e in events
+) -> Event | None:
+    """The first event of *kinds* that *pid* ran on *target* entirely within (after,
+    before), or None."""
+    return next(
+        (
+            e
+            for e in events
+            if e.kind in kinds
+            and e.pid == pid
+            and (e.detail == target or e.kind == "msync")  # msync names an address, not a file
+            and after < e.start
+            and e.end < before
+        ),
+        None,
     )
 
 
@@ -368,10 +380,13 @@ def test_no_250_before_its_batch_is_synced(tmp_path: Path, commit: str) -> None:
 # --- mutations: the check above must be able to fail -----------------------------------------
 
 
-def mutated_package(tmp_path: Path, path: str, old: str, new: str) -> Path:
-    """A copy of the package under test with *old* replaced by *new* in *path*.
+def mutated_package(
+    tmp_path: Path, path: str, old: str, new: str, *more: tuple[str, str, str]
+) -> Path:
+    """A copy of the package under test with *old* replaced by *new* in *path* (and each
+    further (path, old, new) of *more*).
 
-    Returns the directory to put on PYTHONPATH. Fails loudly if *old* is not found once,
+    Returns the directory to put on PYTHONPATH. Fails loudly if an *old* is not found once,
     so that the mutation cannot silently stop applying when the code moves.
     """
     import tachymail
@@ -380,10 +395,11 @@ def mutated_package(tmp_path: Path, path: str, old: str, new: str) -> Path:
     root = tmp_path / "mutant"
     copy = root / "tachymail"
     shutil.copytree(installed, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    target = copy / path
-    text = target.read_text()
-    assert text.count(old) == 1, f"mutation does not apply: {old!r} not found once in {path}"
-    target.write_text(text.replace(old, new))
+    for where, before, after in ((path, old, new), *more):
+        target = copy / where
+        text = target.read_text()
+        assert text.count(before) == 1, f"mutation does not apply: {before!r} not once in {where}"
+        target.write_text(text.replace(before, after))
     probe = subprocess.run(
         [sys.executable, "-c", "import tachymail; print(tachymail.__file__)"],
         capture_output=True,
@@ -398,8 +414,15 @@ def mutated_package(tmp_path: Path, path: str, old: str, new: str) -> Path:
 @pytest.mark.parametrize("commit", ["inline", "thread"])
 def test_order_check_catches_a_removed_sync(tmp_path: Path, commit: str) -> None:
     """With LMDB opened with sync=False, no ack is preceded by a sync: all are reported."""
-    # lmdbenv.open_store opens the queue's (and the mailbox store's) environment.
-    root = mutated_package(tmp_path, "lmdbenv.py", "sync=True,", "sync=False,")
+    # lmdbenv.open_store opens the queue's (and the mailbox store's) environment; the
+    # inline chain's own sync of a lone batch (env.sync(True) forces one even then) goes too
+    root = mutated_package(
+        tmp_path,
+        "lmdbenv.py",
+        "sync=True,",
+        "sync=False,",
+        ("queue/commit.py", "self.store.env.sync(True)", "self.store.env.sync(False)"),
+    )
     violations, _ = send_and_trace(tmp_path, commit, pythonpath=root)
     reported = {v.split(":")[0] for v in violations}
     assert len(reported) == CLIENTS * MESSAGES_PER_CLIENT, "\n".join(violations)

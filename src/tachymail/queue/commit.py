@@ -9,6 +9,16 @@ Inline commits (the default for intake, ``queue.commit``) run in the event
 loop's thread after a short ``linger`` that lets concurrent messages join: the
 loop stops for the sync, but no second thread competes with it for the GIL.
 
+With ``chain`` (intake's inline commits, on an environment opened without metasync) a
+commit costs one sync, not LMDB's two. LMDB writes the data pages, syncs them, then writes
+the meta page that makes the commit visible; without metasync that write is not synced,
+so a power cut could undo that one commit (never corrupt: LMDB keeps the previous meta
+page's pages intact). The next commit of the file, ours or another process's, syncs the
+file again and with it that meta page. So the batch is confirmed (its 250s go out) when
+the environment's last transaction id shows a later commit, and the next batch starts at
+once when messages wait; when none wait, one ``env.sync`` confirms it. Under load every
+batch then costs one sync of the loop's time, and each message still waits for two.
+
 Delivery results are not waited for by any client, so the delivery workers
 commit with a ``linger``: the first result waits that long for others to join
 it. Fewer, larger commits leave more of the queue's single write lock (shared by
@@ -64,9 +74,18 @@ class GroupCommitter:
         linger: float = 0.0,
         inline: bool = False,
         observe: bool = True,
+        chain: bool = False,
     ) -> None:
         self.store: QueueStore = store
         self.observe = observe
+        #: inline commits on an environment without metasync: a batch is confirmed by the
+        #: next commit's sync (see the module doc); *store* needs ``env``
+        self.chain = chain and inline
+        #: the last committed batch whose meta page may not be on disk yet, with its
+        #: outcomes and the environment's last transaction id after it
+        self._unconfirmed: (
+            tuple[list[tuple[AnyOperation, asyncio.Future[Any]]], list[Any], int] | None
+        ) = None
         self.max_batch = max_batch
         self.linger = linger
         self.inline = inline
@@ -111,7 +130,8 @@ class GroupCommitter:
             return
         pending = len(self._pending)
         if (
-            self.linger > 0
+            self._unconfirmed is None
+            and self.linger > 0
             and pending < self.max_batch
             and (self.more_may_join is None or self.more_may_join(pending))
         ):
@@ -180,6 +200,55 @@ class GroupCommitter:
             if self.observe:
                 m.commit_failures.inc()
             log.error("commit of %d operations failed: %s", len(batch), error)
+        if self.chain:
+            self._chain(batch, error, outcomes)
+        else:
+            self._resolve(batch, error, outcomes)
+        self._schedule()
+
+    def _chain(
+        self,
+        batch: list[tuple[AnyOperation, asyncio.Future[Any]]],
+        error: BaseException | None,
+        outcomes: list[Any],
+    ) -> None:
+        """Confirm what the commit just made durable; keep *batch* for the next commit's
+        sync when messages wait, else sync it now (see the module doc)."""
+        env = self.store.env
+        last = env.info()["last_txnid"]
+        previous, self._unconfirmed = self._unconfirmed, None
+        if previous is not None:
+            older, older_outcomes, txnid = previous
+            # a later commit synced the file, and with it that batch's meta page
+            sync_error = None if last > txnid else self._sync()
+            self._resolve(older, sync_error, older_outcomes)
+        if error is not None or not batch:
+            self._resolve(batch, error, outcomes)
+        elif self._pending:
+            self._unconfirmed = (batch, outcomes, last)
+            # its sync confirms this batch: no linger, but the sessions ready now run first
+            # (their messages join it) rather than the loop stopping for two syncs in a row
+            self._busy = True
+            self._loop.call_soon(self._start)
+        else:
+            self._resolve(batch, self._sync(), outcomes)
+
+    def _sync(self) -> BaseException | None:
+        """Sync the environment (the last commit's meta page); the error, if it fails."""
+        try:
+            self.store.env.sync(True)
+        except Exception as exc:
+            log.error("sync of the last commit failed: %s", exc)
+            return exc
+        return None
+
+    def _resolve(
+        self,
+        batch: list[tuple[AnyOperation, asyncio.Future[Any]]],
+        error: BaseException | None,
+        outcomes: list[Any],
+    ) -> None:
+        """Resolve *batch*'s futures: *error* fails them all, else each gets its outcome."""
         for index, (_operation, future) in enumerate(batch):
             if future.cancelled():
                 continue
@@ -190,7 +259,6 @@ class GroupCommitter:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        self._schedule()
 
     @property
     def idle(self) -> bool:

@@ -322,8 +322,9 @@ async def serve_worker(
         config.data_path / "queue",
         map_size=config.queue.map_size_mb * MiB,
         max_map_size=config.queue.max_map_size_mb * MiB,
-        # the journal is the durable copy: one sync per LMDB commit (see JournalCommitter)
-        metasync=config.queue.commit != "journal",
+        # one sync per LMDB commit: in journal mode the journal is the durable copy (see
+        # JournalCommitter); inline, a batch waits for the next sync (GroupCommitter chain)
+        metasync=config.queue.commit == "thread",
     )
     # A predecessor's journal (a crashed worker of journal mode): into LMDB first.
     replay_journals(store, journal_directory(config.data_path))
@@ -338,6 +339,7 @@ async def serve_worker(
             max_batch=config.queue.max_batch,
             linger=config.queue.commit_linger_ms / 1000 if config.queue.commit == "inline" else 0.0,
             inline=config.queue.commit == "inline",
+            chain=config.queue.commit == "inline",
         )
     tls = server_context(config)
     ctx = WorkerContext(config, loop, committer, tls)
