@@ -74,6 +74,7 @@ TARGETS = {
     "fetch-bodystructure": 2.0,
     "search-text": 1.0,
     "fetch-random": 2.0,
+    "fetch-random-pipelined": 2.0,
 }
 WORDS = [
     "mail",
@@ -301,15 +302,25 @@ class RandomFetcher(asyncio.Protocol):
         if not (await self._expect(b"s")).startswith(b"s OK"):
             raise RuntimeError("SELECT failed")
 
-    async def fetch_until(self, uids: int, until: float) -> None:
+    async def fetch_until(self, uids: int, until: float, depth: int = 1) -> None:
+        """Fetch until *until*; *depth* commands are sent at once (RFC 9051 §5.5 lets a
+        client send its next commands before the answers, as mbsync and other
+        synchronising clients do) and all their answers awaited before the next batch."""
         transport = self.transport
         assert transport is not None
+        tags = [b"f%d" % n for n in range(depth)]
         while time.monotonic() < until:
-            transport.write(b"f UID FETCH %d BODY.PEEK[]\r\n" % self.rng.randint(1, uids))
-            line = await self._expect(b"f")
-            if not line.startswith(b"f OK"):
-                raise RuntimeError(line)
-            self.done += 1
+            transport.write(
+                b"".join(
+                    b"%s UID FETCH %d BODY.PEEK[]\r\n" % (tag, self.rng.randint(1, uids))
+                    for tag in tags
+                )
+            )
+            for tag in tags:
+                line = await self._expect(tag)
+                if not line.startswith(tag + b" OK"):
+                    raise RuntimeError(line)
+                self.done += 1
         transport.write(b"z LOGOUT\r\n")
         transport.close()
 
@@ -326,16 +337,17 @@ class Side:
 
 
 @contextmanager
-def tachymail(work: Path, maildir: Path, role: str = "imap") -> Iterator[Side]:
+def tachymail(work: Path, maildir: Path, role: str = "imap", workers: int = 0) -> Iterator[Side]:
     """A tachymail serving the user's imported *maildir* on one listener of *role* (imap,
-    or http for the JMAP benchmark), stopped by PID afterwards."""
+    or http for the JMAP benchmark) with *workers* SMTP worker processes (0: the default
+    layout), stopped by PID afterwards."""
     binary = Path(sys.executable).with_name("tachymail")
     data = work / "tachymail-data"
     users = work / "users"
     port = peers.free_port()
     config = work / "tachymail.toml"
     config.write_text(
-        f'[server]\nhostname = "tachymail.bench.test"\ndata_dir = "{data}"\n\n'
+        f'[server]\nhostname = "tachymail.bench.test"\ndata_dir = "{data}"\nworkers = {workers}\n\n'
         f'[[listener]]\naddress = "127.0.0.1:{port}"\nrole = "{role}"\n\n'
         '[policy]\nlocal_domains = ["example.test"]\n\n'
         f'[auth]\nusers_file = "{users}"\n\n[imap]\nplaintext_auth = true\n\n'
@@ -437,18 +449,21 @@ def measure(side: Side, p: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     # uvloop, as the server's workers use: the client's share of the cores stays small
     cells["fetch-random"] = uvloop.run(fetch_random(side, p))
+    if p.pipeline > 1:
+        cells["fetch-random-pipelined"] = uvloop.run(fetch_random(side, p, p.pipeline))
     return cells
 
 
-async def fetch_random(side: Side, p: argparse.Namespace) -> dict[str, float]:
-    """--clients sessions log in and select first; then the clock runs for --seconds."""
+async def fetch_random(side: Side, p: argparse.Namespace, depth: int = 1) -> dict[str, float]:
+    """--clients sessions log in and select first; then the clock runs for --seconds, each
+    session with *depth* commands in flight."""
     fetchers = [RandomFetcher(seed) for seed in range(p.clients)]
     await asyncio.gather(*(f.open(side.port) for f in fetchers))
     cpu = peers.tree_cpu_seconds(side.root)
     client = time.process_time()
     start = time.perf_counter()
     until = time.monotonic() + p.seconds
-    await asyncio.gather(*(f.fetch_until(p.messages, until) for f in fetchers))
+    await asyncio.gather(*(f.fetch_until(p.messages, until, depth) for f in fetchers))
     wall = time.perf_counter() - start
     total = max(sum(f.done for f in fetchers), 1)
     used = peers.tree_cpu_seconds(side.root) - cpu
@@ -483,7 +498,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         d, t = dove.get(name), tachy.get(name)
         if d is None or t is None:
             continue
-        if name == "fetch-random":
+        if name.startswith("fetch-random"):
             show = (f"{d['rate']:,.0f}/s", f"{t['rate']:,.0f}/s")
             ratio = t["rate"] / d["rate"]
         else:
@@ -509,6 +524,20 @@ def main() -> int:
     )
     parser.add_argument(
         "--sides", default="dovecot,tachymail", help="which servers to run (comma-separated)"
+    )
+    parser.add_argument(
+        "--pipeline",
+        type=int,
+        default=8,
+        help="commands each random-fetch session keeps in flight in the pipelined cell "
+        "(1: no pipelined cell)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="tachymail's worker processes (0: its default layout, one SMTP worker beside "
+        "the delivery worker on 2 cores)",
     )
     parser.add_argument("--out", default=str(HERE / "results" / "imap.json"))
     p = parser.parse_args()
@@ -541,7 +570,7 @@ def main() -> int:
         if "tachymail" in sides:
             work = Path(tmp) / "tachymail"
             work.mkdir()
-            with tachymail(work, maildir) as side:
+            with tachymail(work, maildir, workers=p.workers) as side:
                 results["tachymail"] = measure(side, p)
                 print("tachymail", json.dumps(results["tachymail"]), flush=True)
         if len(results) < 2:
