@@ -557,6 +557,13 @@ class JmapConfig:
     max_objects_in_set: int = 1000
     #: seconds a bearer token from POST /jmap/login stays valid
     token_lifetime: int = 7 * 86400
+    #: MiB of Email properties made from the messages' octets (from, subject, preview,
+    #: hasAttachment...) each worker process keeps for Email/get; 0 keeps none
+    property_cache_mb: int = 16
+    #: EmailSubmission records kept per user (RFC 8621 §7), the oldest removed first
+    submission_records: int = 1000
+    #: days an EmailSubmission record is kept after it was sent
+    submission_days: float = 30.0
 
 
 #: the event types a ``[[webhook]]`` may subscribe to (tachymail.queue.events.EVENT_TYPES)
@@ -1031,6 +1038,12 @@ def validate(config: Config) -> list[str]:
     ):
         if not 1 <= getattr(jmap, name) <= 1 << 31:
             problems.append(f"jmap.{name}: between 1 and 2147483648")
+    if not 0 <= jmap.property_cache_mb <= 64 * 1024:
+        problems.append("jmap.property_cache_mb: between 0 and 65536")
+    if not 1 <= jmap.submission_records <= 100_000:
+        problems.append("jmap.submission_records: between 1 and 100000")
+    if not 0 < jmap.submission_days <= 3650:
+        problems.append("jmap.submission_days: above 0, at most 3650")
     return problems
 
 

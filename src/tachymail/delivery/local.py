@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from tachymail.config import Config
 from tachymail.delivery.pool import DEFERRED, DELIVERED, FAILED, Outcome
+from tachymail.mailauth.dkim import DkimSigner
 from tachymail.mailbox import (
     ChangeNotifier,
     Delivered,
@@ -39,7 +40,7 @@ from tachymail.mailbox import (
 from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.mailbox.notify import DIRECTORY as MAILBOX_NOTIFY_DIRECTORY
 from tachymail.metrics import m
-from tachymail.queue.autoreply import auto_reply_message
+from tachymail.queue.autoreply import auto_reply_message, reply_signature
 from tachymail.queue.commit import GroupCommitter
 from tachymail.queue.envelope import Envelope, Recipient
 from tachymail.queue.store import MiB
@@ -95,6 +96,13 @@ class LocalDelivery:
         #: a due reply is logged and dropped)
         self.queue: GroupCommitter | None = None
         self.replies_queued = 0
+        #: signs vacation replies as the user's own mail is signed ([dkim]); None: unsigned
+        self.signer: DkimSigner | None = None
+        if config.dkim.domains:
+            try:
+                self.signer = DkimSigner(config.data_path, config.dkim.domains)
+            except ValueError as exc:  # the SMTP workers refuse to start on this already
+                log.error("vacation replies will not be DKIM-signed: %s", exc)
 
     def open(self) -> bool:
         """Open the store, its committer and the directory if not yet open; False (the
@@ -195,7 +203,13 @@ class LocalDelivery:
                 "%s: vacation reply of %s to <%s> dropped: no queue", queue_id, user, recipient
             )
             return
-        envelope, operation = auto_reply_message(recipient, reply, user=user, listener="vacation")
+        # signing is RSA work: off the event loop
+        signature = await asyncio.get_running_loop().run_in_executor(
+            None, reply_signature, self.signer, reply
+        )
+        envelope, operation = auto_reply_message(
+            recipient, reply, user=user, listener="vacation", signature=signature
+        )
         try:
             refused = await self.queue.submit_operation(operation)
         except Exception as exc:  # the queue is full or failing: the delivery stands

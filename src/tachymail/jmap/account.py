@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tachymail.jmap.core import Limits, MethodError
-from tachymail.jmap.view import Snapshot, Views
+from tachymail.jmap.view import PropertyCache, Snapshot, Views
 from tachymail.mailbox import MailboxStore, Operation
 
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ class JmapContext:
         self.worker = worker
         self.limits = limits
         self.views = Views(worker.mailbox)
+        #: content-derived Email properties (see PropertyCache)
+        self.properties = PropertyCache(worker.config.jmap.property_cache_mb << 20)
+        #: user -> the state of the user's session object (``routes.session_state``)
+        self.session_states: dict[str, str] = {}
         self.directory = Path(worker.config.data_path) / "jmap"
         self.blobs = self.directory / "blobs"
         self.settings = self.directory / "settings"

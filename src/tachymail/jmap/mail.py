@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -41,6 +41,7 @@ from tachymail.jmap.render import (
     plain_text,
     preview,
 )
+from tachymail.jmap.threadcounts import COUNTS
 from tachymail.jmap.view import (
     FLAG_KEYWORDS,
     KEYWORD_FLAGS,
@@ -102,8 +103,18 @@ def content_key(content: int) -> bytes:
     return content.to_bytes(8, "big")
 
 
+#: formatted receivedAt dates by timestamp (each email of each page needs one)
+_UTC_MEMO: dict[float, str] = {}
+
+
 def _utc(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    found = _UTC_MEMO.get(when)
+    if found is None:
+        if len(_UTC_MEMO) >= 50_000:  # about 8 MB at most
+            _UTC_MEMO.clear()
+        # time.gmtime is about three times faster than datetime
+        found = _UTC_MEMO[when] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return found
 
 
 def _parse_utc(value: Any, name: str) -> float:
@@ -122,7 +133,15 @@ def _parents(infos: list[MailboxInfo]) -> dict[str, MailboxInfo]:
     return {info.name: info for info in infos}
 
 
-def mailbox_object(info: MailboxInfo, by_name: dict[str, MailboxInfo]) -> dict[str, Any]:
+def mailbox_object(
+    info: MailboxInfo,
+    by_name: dict[str, MailboxInfo],
+    threads: dict[int, tuple[int, int, int]] | None = None,
+) -> dict[str, Any]:
+    """The Mailbox object of *info*; *threads*: mailbox id -> (totalThreads,
+    unreadThreads, unreadEmails) (``tachymail.jmap.threadcounts``); without it the thread
+    counts are 0 and unreadEmails is the store's unseen count (drafts included)."""
+    total_threads, unread_threads, unread_emails = (threads or {}).get(info.id, (0, 0, info.unseen))
     parent_name, slash, leaf = info.name.rpartition("/")
     parent = by_name.get(parent_name) if slash else None
     role = role_of(info)
@@ -133,9 +152,9 @@ def mailbox_object(info: MailboxInfo, by_name: dict[str, MailboxInfo]) -> dict[s
         "role": role,
         "sortOrder": 1 if role == "inbox" else (10 if role else 100),
         "totalEmails": info.messages,
-        "unreadEmails": info.unseen,
-        "totalThreads": info.messages,
-        "unreadThreads": info.unseen,
+        "unreadEmails": unread_emails,
+        "totalThreads": total_threads,
+        "unreadThreads": unread_threads,
         "myRights": dict(_RIGHTS, mayRename=role != "inbox", mayDelete=role != "inbox"),
         "isSubscribed": info.subscribed,
     }
@@ -156,7 +175,14 @@ async def mailbox_get(account: Account, call: Call) -> dict[str, Any]:
     account.check_account(args)
     ids = id_list(args, "ids")
     props = _properties(args, MAILBOX_PROPERTIES)
-    infos = account.store.mailboxes(account.user)
+    threads = None
+    if "totalThreads" in props or "unreadThreads" in props or "unreadEmails" in props:
+        # from the index, memoised per state (tachymail.jmap.threadcounts)
+        snap = account.snapshot(fresh=True)
+        infos = snap.infos
+        threads = COUNTS.counts(account.jmap.views, snap)
+    else:
+        infos = account.store.mailboxes(account.user)
     by_name = _parents(infos)
     by_id = {mailbox_id(info): info for info in infos}
     if ids is not None and len(ids) > account.jmap.limits.max_objects_in_get:
@@ -167,7 +193,7 @@ async def mailbox_get(account: Account, call: Call) -> dict[str, Any]:
         if info is None:
             missing.append(wanted)
             continue
-        whole = mailbox_object(info, by_name)
+        whole = mailbox_object(info, by_name, threads)
         found.append({p: whole[p] for p in props})
     return {
         "accountId": account.id,
@@ -194,10 +220,15 @@ async def mailbox_changes(account: Account, call: Call) -> dict[str, Any]:
     created = [mailbox_id(i) for box, i in current.items() if box not in old]
     destroyed = [f"m{box:x}" for box in old if box not in current]
     names_changed = digest != now.partition("-")[0]
+    moved = {
+        box for box, info in current.items() if old.get(box) != (info.highestmodseq, info.uidnext)
+    }
+    # a change in one mailbox may change the thread counts of any other that has emails
+    # (unreadThreads looks at the whole thread, RFC 8621 §2): those are reported too
     updated = [
         mailbox_id(info)
         for box, info in current.items()
-        if box in old and (names_changed or old[box] != (info.highestmodseq, info.uidnext))
+        if box in old and (names_changed or box in moved or (moved and info.messages))
     ]
     return {
         "accountId": account.id,
@@ -416,6 +447,11 @@ class _Reader:
         return data
 
 
+def _no_read(offset: int, length: int) -> bytes:
+    """The reader of an Email/get that needs no octets (every property known)."""
+    raise AssertionError("no read expected: every property is known")
+
+
 def _get_options(args: dict[str, Any]) -> dict[str, Any]:
     props = arg(args, "properties", list)
     if props is None:
@@ -444,6 +480,15 @@ def _get_options(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Email properties read from the snapshot's index columns alone
+_INDEX_PROPERTIES = frozenset(
+    ("id", "threadId", "mailboxIds", "keywords", "size", "receivedAt", "blobId")
+)
+#: Email properties made from the message's octets alone, kept per process by
+#: ``PropertyCache`` (the header conveniences, preview, hasAttachment)
+CONTENT_PROPERTIES = frozenset((*HEADER_CONVENIENCE, "preview", "hasAttachment"))
+
+
 def email_object(
     content: int,
     summary: dict[str, Any],
@@ -452,11 +497,51 @@ def email_object(
     email: Email | None,
     by_id: dict[int, MailboxInfo] | None = None,
     threads: dict[int, int] | None = None,
+    known: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Email object (the properties in *opts*) of one message; *email* None for a
     message that is not in a mailbox (Email/parse): its metadata are null. *threads*:
-    content id -> thread key (``Views.threads_of``), needed for ``threadId``."""
+    content id -> thread key (``Views.threads_of``), needed for ``threadId``. *known*:
+    values of CONTENT_PROPERTIES computed before (``PropertyCache``), taken as they are;
+    when they and the index give every property, *summary* and *read* are not used."""
     out: dict[str, Any] = {}
+    rest: list[str] = []
+    threads = threads or {}
+    for prop in opts["properties"]:
+        if known is not None and prop in known:
+            out[prop] = known[prop]
+        elif prop == "id":
+            out[prop] = email_id(content) if email is not None else None
+        elif prop == "blobId":
+            out[prop] = f"B{content:x}"
+        elif prop == "threadId":
+            out[prop] = thread_id(threads.get(content, content)) if email is not None else None
+        elif prop == "mailboxIds":
+            out[prop] = {f"m{box:x}": True for box in email.places} if email is not None else None
+        elif prop == "keywords":
+            out[prop] = email.keywords() if email is not None else None
+        elif prop == "size":
+            body = summary.get("body") or {}
+            out[prop] = email.size if email is not None else int(body.get("end", 0))
+        elif prop == "receivedAt":
+            out[prop] = _utc(email.received) if email is not None else None
+        else:
+            out[prop] = None  # its place in the object's order, filled below
+            rest.append(prop)
+    if rest:
+        _content_values(out, rest, content, summary, read, opts)
+    return out
+
+
+def _content_values(
+    out: dict[str, Any],
+    props: list[str],
+    content: int,
+    summary: dict[str, Any],
+    read: Callable[[int, int], bytes],
+    opts: dict[str, Any],
+) -> None:
+    """Set *out*'s *props*, those made from the message's summary and octets."""
     body = summary.get("body") or {}
     fields: list[tuple[str, str]] | None = None
     view: BodyView | None = None
@@ -482,23 +567,8 @@ def email_object(
         return lists
 
     envelope = summary.get("envelope") or {}
-    for prop in opts["properties"]:
-        if prop == "id":
-            out[prop] = email_id(content) if email is not None else None
-        elif prop == "blobId":
-            out[prop] = f"B{content:x}"
-        elif prop == "threadId":
-            key = (threads or {}).get(content, content)
-            out[prop] = thread_id(key) if email is not None else None
-        elif prop == "mailboxIds":
-            out[prop] = {f"m{box:x}": True for box in email.places} if email is not None else None
-        elif prop == "keywords":
-            out[prop] = email.keywords() if email is not None else None
-        elif prop == "size":
-            out[prop] = email.size if email is not None else int(body.get("end", 0))
-        elif prop == "receivedAt":
-            out[prop] = _utc(email.received) if email is not None else None
-        elif prop in HEADER_CONVENIENCE:
+    for prop in props:
+        if prop in HEADER_CONVENIENCE:
             name, form = HEADER_CONVENIENCE[prop]
             raw = envelope.get(name) if name in envelope else None
             if name in envelope:  # the summary kept it: no header read
@@ -548,7 +618,6 @@ def email_object(
                 if part_id not in values:
                     values[part_id] = body_value(read, node, opts["max"])
             out[prop] = values
-    return out
 
 
 def _leaves(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
@@ -580,36 +649,42 @@ async def email_get(account: Account, call: Call) -> dict[str, Any]:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
     found, missing = [], []
     store = account.store
-    only_index = all(
-        p in ("id", "threadId", "mailboxIds", "keywords", "size", "receivedAt", "blobId")
-        for p in opts["properties"]
+    # the properties made from the octets are kept per process (PropertyCache): a page
+    # served again reads no summary for them
+    cache = account.jmap.properties
+    derived = frozenset(p for p in opts["properties"] if p in CONTENT_PROPERTIES)
+    others = any(
+        p not in _INDEX_PROPERTIES and p not in CONTENT_PROPERTIES for p in opts["properties"]
     )
+    emails = snap.emails
+    wanted_ids = list(dict.fromkeys(ids))
+    contents = [parse_id(wanted, "e") for wanted in wanted_ids]
     threads: dict[int, int] = {}
     if "threadId" in opts["properties"]:
-        wanted_contents = (parse_id(wanted, "e") for wanted in ids)
         threads = account.jmap.views.threads_of(
-            c for c in wanted_contents if c is not None and c in snap.emails
+            c for c in contents if c is not None and c in emails
         )
     reader = store.reader()
     try:
-        for wanted in dict.fromkeys(ids):
-            content = parse_id(wanted, "e")
-            email = snap.emails.get(content) if content is not None else None
-            if email is None or content is None:
+        for wanted, content in zip(wanted_ids, contents, strict=True):
+            if content is None or content not in emails:
                 missing.append(wanted)
                 continue
+            email = emails[content]
             summary: dict[str, Any] = {}
-            if not only_index:
+            read: Callable[[int, int], bytes] = _no_read
+            known = cache.get(content) if derived else None
+            fresh = bool(derived) and (known is None or not known.keys() >= derived)
+            if others or fresh:
                 loaded = store.summary(content_key(content))
                 if loaded is None:  # expunged since the snapshot
                     missing.append(wanted)
                     continue
-                summary = loaded
-            found.append(
-                email_object(
-                    content, summary, _Reader(reader, content), opts, email, snap.by_id, threads
-                )
-            )
+                summary, read = loaded, _Reader(reader, content)
+            made = email_object(content, summary, read, opts, email, snap.by_id, threads, known)
+            if fresh:
+                cache.add(content, {p: made[p] for p in derived})
+            found.append(made)
     finally:
         reader.close()
     return {"accountId": account.id, "state": snap.state, "list": found, "notFound": missing}
@@ -979,10 +1054,13 @@ async def email_query(account: Account, call: Call) -> dict[str, Any]:
 
 
 def email_changes_since(
-    account: Account, since: str
+    account: Account, since: str, gone_threads: dict[int, int] | None = None
 ) -> tuple[list[int], list[int], list[int], Snapshot]:
     """(created, updated, destroyed) content ids since the Email state *since*; raises
-    cannotCalculateChanges when the state is not ours or the store cannot tell."""
+    cannotCalculateChanges when the state is not ours or the store cannot tell. With
+    *gone_threads*, it is filled with content id -> thread key of every email that left a
+    mailbox since (from the store's expunge records; cannotCalculateChanges when one was
+    written before they kept the thread key)."""
     old = parse_email_state(since)
     if old is None:
         raise MethodError("cannotCalculateChanges", "not a state of this server")
@@ -994,6 +1072,7 @@ def email_changes_since(
     changed: set[int] = set()
     gone: set[int] = set()
     arrived: dict[int, set[int]] = {}  # content -> mailboxes it arrived in since
+    known: set[int] = set()  # contents that left a mailbox they were in at that state
     for box, info in current.items():
         modseq, uidnext = old.get(box, (0, 0))
         if (info.highestmodseq, info.uidnext) == (modseq, uidnext):
@@ -1006,17 +1085,24 @@ def email_changes_since(
             if uid >= uidnext:
                 arrived.setdefault(content, set()).add(box)
         if changes.expunged:
-            contents = store.expunged_contents_since(info.id, modseq)
-            if contents is None:
+            records = store.expunged_threads_since(
+                info.id, modseq, need_threads=gone_threads is not None
+            )
+            if records is None:
                 raise MethodError("cannotCalculateChanges", "the store cannot tell what left")
-            gone.update(contents)
+            for uid, content, thread in records:
+                gone.add(content)
+                if uid < uidnext:  # it was there at that state: the client knew it
+                    known.add(content)
+                if gone_threads is not None:
+                    gone_threads[content] = thread
     created: list[int] = []
     updated: list[int] = []
     destroyed: list[int] = []
     for content in changed | gone:
         email = snap.emails.get(content)
         if email is None:
-            if content not in arrived:  # made and removed since: the client never saw it
+            if content in known:  # else made and removed since: the client never saw it
                 destroyed.append(content)
             continue
         new_everywhere = content not in gone and set(email.places) == arrived.get(content)
@@ -1031,13 +1117,18 @@ async def email_changes(account: Account, call: Call) -> dict[str, Any]:
     if since is None:
         raise MethodError("invalidArguments", "'sinceState' is required")
     max_changes = unsigned(args, "maxChanges")
-    created, updated, destroyed, snap = email_changes_since(account, since)
-    if max_changes is not None and len(created) + len(updated) + len(destroyed) > max_changes:
-        raise MethodError("cannotCalculateChanges", "more changes than maxChanges")
     prefix = "e"
     if call.name.startswith("Thread"):
         prefix = "t"
-        created, updated, destroyed = _thread_changes(account, snap, created, updated, destroyed)
+        gone_threads: dict[int, int] = {}
+        created, updated, destroyed, snap = email_changes_since(account, since, gone_threads)
+        created, updated, destroyed = _thread_changes(
+            account, snap, created, destroyed, gone_threads
+        )
+    else:
+        created, updated, destroyed, snap = email_changes_since(account, since)
+    if max_changes is not None and len(created) + len(updated) + len(destroyed) > max_changes:
+        raise MethodError("cannotCalculateChanges", "more changes than maxChanges")
     return {
         "accountId": account.id,
         "oldState": since,
@@ -1050,25 +1141,36 @@ async def email_changes(account: Account, call: Call) -> dict[str, Any]:
 
 
 def _thread_changes(
-    account: Account, snap: Snapshot, created: list[int], updated: list[int], destroyed: list[int]
+    account: Account,
+    snap: Snapshot,
+    created: list[int],
+    destroyed: list[int],
+    gone_threads: dict[int, int],
 ) -> tuple[list[int], list[int], list[int]]:
-    """Email changes as Thread changes (thread keys): a thread all of whose emails are new
-    was created, one with none left was destroyed, any other touched one was updated (its
-    emailIds changed, RFC 8621 §3.2)."""
+    """Email changes as Thread changes (thread keys, RFC 8621 §3.2: a Thread's only
+    property is emailIds): a thread that had an email at the old state and has none now was
+    destroyed, one that had none then and has some now was created, any other thread that
+    gained or lost an email was updated. Flags and moves between mailboxes change no
+    Thread. *gone_threads*: the thread of each email that left a mailbox since."""
     views = account.jmap.views
     new = set(created)
-    threads = views.threads_of([*created, *updated, *destroyed])
-    made, changed, gone = set(), set(), set()
-    for key in {threads[c] for c in created} | {threads[c] for c in destroyed}:
+    threads = views.threads_of(created)
+    touched: dict[int, bool] = {}  # thread key -> it had an email at the old state
+    for content in created:
+        touched.setdefault(threads[content], False)
+    for content in destroyed:  # destroyed emails existed at the old state
+        touched[gone_threads.get(content) or content] = True
+    made, changed, gone = [], [], []
+    for key, existed in touched.items():
         members = views.thread_members(account.user, snap, key)
-        if not members:
-            gone.add(key)
-        elif new.issuperset(members):
-            made.add(key)
-        else:
-            changed.add(key)
-    # flag changes do not change a Thread (its only property is emailIds)
-    return sorted(made), sorted(changed - made - gone), sorted(gone - made)
+        existed = existed or any(member not in new for member in members)
+        if members and existed:
+            changed.append(key)
+        elif members:
+            made.append(key)
+        elif existed:
+            gone.append(key)
+    return sorted(made), sorted(changed), sorted(gone)
 
 
 async def email_query_changes(account: Account, call: Call) -> dict[str, Any]:

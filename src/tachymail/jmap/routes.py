@@ -55,6 +55,7 @@ from tachymail.jmap.core import (
 )
 from tachymail.jmap.view import email_state, mailbox_state
 from tachymail.mailbox import create_user
+from tachymail.mailbox.submissions import submission_state
 from tachymail.metrics import m
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ METHODS: MethodTable = {
     "SearchSnippet/get": (MAIL, mail.search_snippet_get),
     "Identity/get": (SUBMISSION, submission.identity_get),
     "EmailSubmission/get": (SUBMISSION, submission.submission_get),
+    "EmailSubmission/changes": (SUBMISSION, submission.submission_changes),
+    "EmailSubmission/query": (SUBMISSION, submission.submission_query),
+    "EmailSubmission/queryChanges": (SUBMISSION, submission.submission_query_changes),
     "EmailSubmission/set": (SUBMISSION, submission.submission_set),
     "VacationResponse/get": (VACATION, submission.vacation_get),
     "VacationResponse/set": (VACATION, submission.vacation_set),
@@ -125,6 +129,8 @@ class Authenticator:
         self.lifetime = jmap.worker.config.jmap.token_lifetime
         self._secret: bytes | None = None
         self._basic: dict[bytes, tuple[str, float]] = {}
+        self._trusted: dict[str, bool] = {}
+        self._trusted_for: object = None
 
     def secret(self) -> bytes:
         """The node's token key, made on first use (every worker reads the same file)."""
@@ -174,7 +180,20 @@ class Authenticator:
 
     def may_use_password(self, request: web.Request) -> bool:
         """Passwords only over TLS or from a trusted client."""
-        return request.secure or is_trusted(request.remote or "", self.worker.trusted)
+        if request.secure:
+            return True
+        # parsing the address costs more than the rest of a cached Basic login: remember
+        # the answer per address (for the networks it was given for)
+        remote, networks = request.remote or "", self.worker.trusted
+        if networks is not self._trusted_for:
+            self._trusted.clear()
+            self._trusted_for = networks
+        known = self._trusted.get(remote)
+        if known is None:
+            if len(self._trusted) >= 4096:
+                self._trusted.clear()
+            known = self._trusted[remote] = is_trusted(remote, networks)
+        return known
 
     async def password(self, request: web.Request, name: str, password: str) -> str | None:
         """The user when *password* is right (through the shared AUTH throttle), else None
@@ -274,7 +293,27 @@ async def _authenticated(request: web.Request) -> Account | web.Response:
 def session_object(account: Account, limits: Limits, origin: str = "") -> dict[str, Any]:
     """The RFC 8620 §2 session object; the URLs are absolute under *origin* (the scheme
     and host the client used: clients such as jmapc do not resolve relative ones)."""
-    infos = account.store.mailboxes(account.user)
+    return _session_body(account, limits, origin) | {"state": session_state(account, limits)}
+
+
+def session_state(account: Account, limits: Limits) -> str:
+    """The session object's ``state`` (and every API response's ``sessionState``): a
+    digest of the rest of the object, its URLs taken relative. RFC 8620 §2: it changes
+    when the object does, not with the user's mail (clients such as jmapc fetch the
+    session again whenever it changes). Kept per process and user: the object depends
+    only on the user and the settings, fixed for the process's life."""
+    states = account.jmap.session_states
+    found = states.get(account.user)
+    if found is None:
+        body = orjson.dumps(_session_body(account, limits, ""), option=orjson.OPT_SORT_KEYS)
+        found = hashlib.blake2b(body, digest_size=8).hexdigest()
+        if len(states) >= 10_000:
+            states.clear()
+        states[account.user] = found
+    return found
+
+
+def _session_body(account: Account, limits: Limits, origin: str) -> dict[str, Any]:
     capabilities = {
         CORE: limits.capability(),
         MAIL: {},
@@ -309,7 +348,6 @@ def session_object(account: Account, limits: Limits, origin: str = "") -> dict[s
         "downloadUrl": origin + DOWNLOAD_URL,
         "uploadUrl": origin + UPLOAD_URL,
         "eventSourceUrl": origin + EVENTSOURCE_URL,
-        "state": mailbox_state(infos),
     }
 
 
@@ -379,9 +417,11 @@ async def serve_api(request: web.Request) -> web.StreamResponse:
         except orjson.JSONDecodeError as exc:
             raise RequestError("notJSON", f"the body is not JSON: {exc}") from None
         using, calls, created = check_request(data, limits)
+        # only the methods the request calls are bound (a closure each)
         methods: dict[str, tuple[str, Method]] = {
-            name: (capability, _bind(handler, account))
-            for name, (capability, handler) in METHODS.items()
+            name: (METHODS[name][0], _bind(METHODS[name][1], account))
+            for name in {call[0] for call in calls}
+            if name in METHODS
         }
         responses = await run_calls(calls, using, methods, created)
     except RequestError as exc:
@@ -396,7 +436,7 @@ async def serve_api(request: web.Request) -> web.StreamResponse:
             slot.__exit__()
     result: dict[str, Any] = {
         "methodResponses": responses,
-        "sessionState": mailbox_state(account.store.mailboxes(account.user)),
+        "sessionState": session_state(account, jmap.limits),
     }
     if "createdIds" in data:
         result["createdIds"] = created
@@ -519,7 +559,7 @@ async def serve_login(request: web.Request) -> web.StreamResponse:
 
 # --- push ---------------------------------------------------------------------------------
 
-_PUSH_TYPES = ("Email", "Mailbox", "Thread", "EmailDelivery")
+_PUSH_TYPES = ("Email", "Mailbox", "Thread", "EmailDelivery", "EmailSubmission")
 #: seconds between looks at whether a quiet push client (ping=0) is still connected
 _CHECK_GONE = 5.0
 
@@ -559,6 +599,8 @@ async def serve_eventsource(request: web.Request) -> web.StreamResponse:
                 "Mailbox": mailbox_state(infos),
                 # moves by the user raise uidnext too: a hint, as RFC 8621 §1.5 allows
                 "EmailDelivery": f"{sum(i.uidnext for i in infos):x}",
+                # the state EmailSubmission/get shows (its records' change counter)
+                "EmailSubmission": str(submission_state(account.store, account.user).last),
             }
             changed = {
                 kind: state

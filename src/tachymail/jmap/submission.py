@@ -5,8 +5,16 @@ does: the envelope sender must be an address the user may send as (``[auth] send
 the same check as MAIL FROM after AUTH), the Bcc field is removed, a Received field is
 added, the message is DKIM-signed by ``[dkim]`` and queued through the worker's group
 commit (the response comes after the synced commit), and delivery handles retries and
-DSNs as for any queued message. Submissions are not kept after they are queued:
-EmailSubmission/get finds none (their ``undoStatus`` is "final" at once).
+DSNs as for any queued message.
+
+Each submission is kept as an EmailSubmission record in the user's mailbox store
+(``tachymail.mailbox.submissions``, bounded by ``[jmap] submission_records`` and
+``submission_days``), so /get, /changes, /query and /queryChanges see it from every
+worker process. ``undoStatus`` is "final" at once (nothing is held back for an undo:
+``maxDelayedSend`` is 0), so an update to "canceled" is ``cannotUnsend``; destroy removes
+the record, never the delivery. ``deliveryStatus`` is read from the queue at each /get
+(see :func:`_delivery_status`); as it is not part of the record, its changes do not change
+the EmailSubmission state.
 """
 
 from __future__ import annotations
@@ -14,18 +22,36 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from tachymail.jmap.account import Account
-from tachymail.jmap.core import Call, MethodError, arg, id_list
+from tachymail.jmap.core import Call, MethodError, arg, id_list, unsigned
 from tachymail.jmap.mail import content_key, email_set
 from tachymail.jmap.render import as_addresses, header_fields
-from tachymail.jmap.view import parse_id
+from tachymail.jmap.view import email_id, parse_id, thread_id
+from tachymail.mailbox.submissions import (
+    SubmissionRecord,
+    SubmissionState,
+    add_submission,
+    destroy_submissions,
+    read_submissions,
+    submission_state,
+)
+from tachymail.mailbox.submissions import submission_changes as submission_changes_since
 from tachymail.mailbox.vacation import parse_utc_date, vacation_path
-from tachymail.queue.envelope import ACTIVE, HELD, Envelope, Recipient, new_queue_id
+from tachymail.queue.envelope import (
+    ACTIVE,
+    BOUNCED,
+    DELIVERED,
+    HELD,
+    Envelope,
+    Recipient,
+    new_queue_id,
+)
 from tachymail.queue.store import put_message
 from tachymail.smtp.checks import DISCARD, HOLD, REJECT, checks_for
 
@@ -56,12 +82,6 @@ async def identity_get(account: Account, call: Call) -> dict[str, Any]:
     found = [mine] if ids is None or IDENTITY in ids else []
     missing = [i for i in ids or () if i != IDENTITY]
     return {"accountId": account.id, "state": "0", "list": found, "notFound": missing}
-
-
-async def submission_get(account: Account, call: Call) -> dict[str, Any]:
-    account.check_account(call.args)
-    ids = id_list(call.args, "ids") or []
-    return {"accountId": account.id, "state": "0", "list": [], "notFound": ids}
 
 
 def _strip_bcc(content: bytes) -> bytes:
@@ -161,7 +181,7 @@ async def _send(
         return None, {"type": "forbiddenToSend", "description": f"refused: {reason}"}
     if verdict.action == DISCARD:
         log.info("jmap: %s discarded, not queued: %s", queue_id, verdict.reason)
-        return _created(queue_id, content_id, now, sender, recipients), None
+        return _record(account, queue_id, content_id, now, sender, recipients, props, False), None
     content = verdict.content
     params: dict[str, str] = {}
     if not content.isascii():
@@ -213,45 +233,348 @@ async def _send(
         sender,
         len(recipients),
     )
-    return _created(queue_id, content_id, now, sender, recipients), None
+    return _record(account, queue_id, content_id, now, sender, recipients, props, True), None
 
 
-def _created(
-    queue_id: str, content_id: int, now: float, sender: str, recipients: list[str]
+def _record(
+    account: Account,
+    queue_id: str,
+    content_id: int,
+    now: float,
+    sender: str,
+    recipients: list[str],
+    props: dict[str, Any],
+    queued: bool,
 ) -> dict[str, Any]:
-    """The EmailSubmission a successful /set create returns."""
+    """What is kept of a sent submission (tachymail.mailbox.submissions): its immutable
+    properties, and the queue id its delivery status is read from."""
+    key = account.jmap.views.threads_of([content_id])[content_id]
     return {
-        "id": queue_id,
-        "threadId": f"t{content_id:x}",
-        "sendAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        "undoStatus": "final",
+        "identityId": props["identityId"],
+        "emailId": email_id(content_id),
+        "threadId": thread_id(key),
         "envelope": {
             "mailFrom": {"email": sender, "parameters": None},
             "rcptTo": [{"email": r, "parameters": None} for r in recipients],
         },
+        "sendAt": _utc(now),
+        "queueId": queue_id,
+        "queued": queued,
     }
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+#: the EmailSubmission properties (RFC 8621 §7)
+SUBMISSION_PROPERTIES = (
+    "id", "identityId", "emailId", "threadId", "envelope", "sendAt", "undoStatus",
+    "deliveryStatus", "dsnBlobIds", "mdnBlobIds",
+)  # fmt: skip
+
+
+def _delivery_status(account: Account, data: dict[str, Any]) -> dict[str, Any]:
+    """deliveryStatus (RFC 8621 §7) read from the queue now: per recipient "queued" while
+    the queue still has it to deliver, "no" once it bounced, "yes" once stored in a local
+    mailbox, "unknown" once relayed onwards or when the queue is done with the message
+    (which removes its record: the delivery log has the outcome)."""
+    queue_id = data.get("queueId", "")
+    envelope = account.worker.committer.store.envelope(queue_id) if data.get("queued") else None
+    states = {r.address.lower(): r for r in envelope.recipients} if envelope else {}
+    out: dict[str, Any] = {}
+    for item in data["envelope"]["rcptTo"]:
+        address = item["email"]
+        rcpt = states.get(address.lower())
+        reply = " ".join(rcpt.last_reply.split()) if rcpt is not None else ""
+        if rcpt is None:
+            status = {"smtpReply": "250 2.0.0 the queue is done with it", "delivered": "unknown"}
+        elif rcpt.state == BOUNCED:
+            status = {"smtpReply": reply or "550 5.0.0 failed", "delivered": "no"}
+        elif rcpt.state == DELIVERED:
+            local = rcpt.remote_mta == "local"  # the delivery workers' name of the local hop
+            status = {
+                "smtpReply": reply or "250 2.0.0 ok",
+                "delivered": "yes" if local else "unknown",
+            }
+        else:
+            status = {
+                "smtpReply": reply or f"250 2.0.0 queued as {queue_id}",
+                "delivered": "queued",
+            }
+        status["displayed"] = "unknown"
+        out[address] = status
+    return out
+
+
+def _submission_object(
+    account: Account, record: SubmissionRecord, props: list[str] | None = None
+) -> dict[str, Any]:
+    data = record.data
+    whole: dict[str, Any] = {
+        "id": record.id,
+        "identityId": data["identityId"],
+        "emailId": data["emailId"],
+        "threadId": data["threadId"],
+        "envelope": data["envelope"],
+        "sendAt": data["sendAt"],
+        "undoStatus": "final",  # sent at once: nothing can be recalled
+        "dsnBlobIds": [],
+        "mdnBlobIds": [],
+    }
+    if props is None or "deliveryStatus" in props:
+        whole["deliveryStatus"] = _delivery_status(account, data)
+    return whole if props is None else {p: whole[p] for p in props}
+
+
+def _submission_properties(args: dict[str, Any]) -> list[str]:
+    props = arg(args, "properties", list)
+    if props is None:
+        return list(SUBMISSION_PROPERTIES)
+    bad = [p for p in props if not isinstance(p, str) or p not in SUBMISSION_PROPERTIES]
+    if bad:
+        raise MethodError("invalidArguments", "unknown properties", properties=bad)
+    return ["id", *[p for p in props if p != "id"]]
+
+
+async def submission_get(account: Account, call: Call) -> dict[str, Any]:
+    args = call.args
+    account.check_account(args)
+    ids = id_list(args, "ids")
+    props = _submission_properties(args)
+    limit = account.jmap.limits.max_objects_in_get
+    if ids is not None and len(ids) > limit:
+        raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
+    state, records = read_submissions(account.store, account.user, ids)
+    if ids is None and len(records) > limit:
+        raise MethodError("requestTooLarge", "more submissions than maxObjectsInGet: pass ids")
+    found = {r.id: r for r in records}
+    return {
+        "accountId": account.id,
+        "state": str(state.last),
+        "list": [
+            _submission_object(account, found[i], props) for i in (ids or found) if i in found
+        ],
+        "notFound": [i for i in ids or () if i not in found],
+    }
+
+
+def _since(args: dict[str, Any], name: str) -> int:
+    since = arg(args, name, str)
+    if since is None:
+        raise MethodError("invalidArguments", f"{name!r} is required")
+    if not since.isdigit() or len(since) > 20:
+        raise MethodError("cannotCalculateChanges", "not a state of this server")
+    return int(since)
+
+
+async def submission_changes(account: Account, call: Call) -> dict[str, Any]:
+    args = call.args
+    account.check_account(args)
+    since = _since(args, "sinceState")
+    max_changes = unsigned(args, "maxChanges")
+    if max_changes == 0:
+        raise MethodError("invalidArguments", "'maxChanges' must be above 0")
+    found = submission_changes_since(account.store, account.user, since)
+    if found is None:
+        raise MethodError("cannotCalculateChanges", "that state is too old or not ours")
+    state, changes = found
+    new_state = state.last
+    more = max_changes is not None and len(changes) > max_changes
+    if more:
+        assert max_changes is not None
+        changes = changes[:max_changes]
+        new_state = changes[-1][0]  # the changes up to that change number, no further
+    return {
+        "accountId": account.id,
+        "oldState": str(since),
+        "newState": str(new_state),
+        "hasMoreChanges": more,
+        "created": [ident for _c, ident, made in changes if made],
+        "updated": [],  # the properties are immutable; deliveryStatus is read live
+        "destroyed": [ident for _c, ident, made in changes if not made],
+    }
+
+
+_FILTERS = {"identityIds", "emailIds", "threadIds", "undoStatus", "before", "after"}
+_SUBMISSION_SORTS = {"emailId": "emailId", "threadId": "threadId", "sentAt": "sendAt"}
+
+
+Predicate = Callable[[SubmissionRecord], bool]
+
+
+def _submission_filter(node: Any) -> Predicate:
+    """A predicate of a FilterOperator / FilterCondition (RFC 8621 §7.3)."""
+    if not isinstance(node, dict):
+        raise MethodError("invalidArguments", "a filter must be an object")
+    if "operator" in node:
+        operator, conditions = node.get("operator"), node.get("conditions")
+        if operator not in ("AND", "OR", "NOT") or not isinstance(conditions, list):
+            raise MethodError("invalidArguments", "bad FilterOperator")
+        parts = [_submission_filter(c) for c in conditions]
+
+        def combined(record: SubmissionRecord) -> bool:
+            results = (part(record) for part in parts)
+            if operator == "AND":
+                return all(results)
+            return any(results) if operator == "OR" else not any(results)
+
+        return combined
+    unknown = set(node) - _FILTERS
+    if unknown:
+        raise MethodError("unsupportedFilter", f"cannot filter on {sorted(unknown)}")
+    chosen: dict[str, set[str]] = {}
+    for name, prop in (
+        ("identityIds", "identityId"),
+        ("emailIds", "emailId"),
+        ("threadIds", "threadId"),
+    ):
+        values = id_list(node, name)
+        if values is not None:
+            chosen[prop] = set(values)
+    status = arg(node, "undoStatus", str)
+    bounds: list[float | None] = []
+    for name in ("before", "after"):
+        value = arg(node, name, str)
+        when = parse_utc_date(value) if value is not None else None
+        if value is not None and when is None:
+            raise MethodError("invalidArguments", f"{name!r} is not a UTCDate")
+        bounds.append(when)
+    before, after = bounds
+
+    def condition(record: SubmissionRecord) -> bool:
+        if any(record.data[prop] not in values for prop, values in chosen.items()):
+            return False
+        if status is not None and status != "final":  # every submission is final
+            return False
+        if before is not None and not record.sent < before:
+            return False
+        return after is None or record.sent >= after
+
+    return condition
+
+
+def _sort_key(prop: str) -> Callable[[SubmissionRecord], Any]:
+    if prop == "sendAt":
+        return lambda record: record.sent
+
+    def by_id(record: SubmissionRecord) -> tuple[int, str]:
+        # our ids are a letter and hex digits: compared by number, as they were made
+        value = str(record.data[prop])
+        return (parse_id(value, value[:1]) or 0, value)
+
+    return by_id
+
+
+def _query_order(account: Account, args: dict[str, Any]) -> tuple[SubmissionState, list[str]]:
+    """The state and the ids of the records matching the query's filter, in
+    its sort order (creation order when it has none)."""
+    condition = args.get("filter")
+    test = _submission_filter(condition) if condition is not None else None
+    comparators = arg(args, "sort", list, [])
+    for comparator in comparators:
+        if not isinstance(comparator, dict) or comparator.get("property") not in _SUBMISSION_SORTS:
+            raise MethodError(
+                "unsupportedSort", "EmailSubmission sorts on emailId, threadId, sentAt"
+            )
+    state, records = read_submissions(account.store, account.user)
+    matching = [r for r in records if test is None or test(r)]
+    for comparator in reversed(comparators):
+        prop = _SUBMISSION_SORTS[comparator["property"]]
+        descending = comparator.get("isAscending") is False
+        matching.sort(key=_sort_key(prop), reverse=descending)
+    return state, [r.id for r in matching]
+
+
+async def submission_query(account: Account, call: Call) -> dict[str, Any]:
+    args = call.args
+    account.check_account(args)
+    state, ordered = _query_order(account, args)
+    ids = ordered
+    position = arg(args, "position", int, 0)
+    anchor = arg(args, "anchor", str)
+    if anchor is not None:
+        if anchor not in ids:
+            raise MethodError("anchorNotFound", "the anchor is not in the results")
+        position = max(0, ids.index(anchor) + arg(args, "anchorOffset", int, 0))
+    elif position < 0:
+        position = max(0, len(ids) + position)
+    limit = unsigned(args, "limit")
+    cap = account.jmap.limits.max_objects_in_get
+    limit = cap if limit is None else min(limit, cap)
+    out: dict[str, Any] = {
+        "accountId": account.id,
+        "queryState": str(state.last),
+        "canCalculateChanges": True,
+        "position": position,
+        "ids": ids[position : position + limit],
+        "limit": limit,
+    }
+    if args.get("calculateTotal"):
+        out["total"] = len(ids)
+    return out
+
+
+async def submission_query_changes(account: Account, call: Call) -> dict[str, Any]:
+    args = call.args
+    account.check_account(args)
+    since = _since(args, "sinceQueryState")
+    found = submission_changes_since(account.store, account.user, since)
+    if found is None:
+        raise MethodError("cannotCalculateChanges", "that state is too old or not ours")
+    _state, changes = found
+    state, ordered = _query_order(account, args)
+    if state.last != _state.last:  # a change between the two reads: the client asks again
+        raise MethodError("cannotCalculateChanges", "the submissions changed meanwhile")
+    position = {number: index for index, number in enumerate(ordered)}
+    touched = [ident for _c, ident, _made in changes]
+    # records never change, so only those created or destroyed since may have moved
+    removed = list(dict.fromkeys(touched))
+    added = [
+        {"id": n, "index": position[n]}
+        for n in sorted((n for n in touched if n in position), key=position.__getitem__)
+    ]
+    max_changes = unsigned(args, "maxChanges")
+    if max_changes is not None and len(removed) + len(added) > max_changes:
+        raise MethodError("tooManyChanges", "more changes than maxChanges")
+    out: dict[str, Any] = {
+        "accountId": account.id,
+        "oldQueryState": str(since),
+        "newQueryState": str(state.last),
+        "removed": removed,
+        "added": added,
+    }
+    if args.get("calculateTotal"):
+        out["total"] = len(ordered)
+    return out
 
 
 async def submission_set(account: Account, call: Call) -> dict[str, Any]:
     args = call.args
     account.check_account(args)
+    settings = account.worker.config.jmap
     create = arg(args, "create", dict, {})
-    if len(create) > account.jmap.limits.max_objects_in_set:
-        raise MethodError("requestTooLarge", "more submissions than maxObjectsInSet")
+    update = arg(args, "update", dict, {})
+    destroy = id_list(args, "destroy") or []
+    if len(create) + len(update) + len(destroy) > account.jmap.limits.max_objects_in_set:
+        raise MethodError("requestTooLarge", "more changes than maxObjectsInSet")
     on_update = arg(args, "onSuccessUpdateEmail", dict, {})
     on_destroy = id_list(args, "onSuccessDestroyEmail") or []
+    old_state = str(submission_state(account.store, account.user).last)
+    if_in = arg(args, "ifInState", str)
+    if if_in is not None and if_in != old_state:
+        raise MethodError("stateMismatch", "the submissions changed since that state")
     out: dict[str, Any] = {
         "accountId": account.id,
-        "oldState": "0",
-        "newState": "0",
+        "oldState": old_state,
         "created": {},
         "notCreated": {},
         "updated": {},
-        "notUpdated": {key: {"type": "notFound"} for key in arg(args, "update", dict, {})},
+        "notUpdated": {},
         "destroyed": [],
-        "notDestroyed": {key: {"type": "notFound"} for key in id_list(args, "destroy") or []},
+        "notDestroyed": {},
     }
-    sent: dict[str, str] = {}  # creation id -> email id
+    done: dict[str, str] = {}  # "#creation id" or submission id -> the email it sent
     client_ip = account.client_ip
     for creation_id, props in create.items():
         if not isinstance(props, dict):
@@ -260,22 +583,81 @@ async def submission_set(account: Account, call: Call) -> dict[str, Any]:
         email_ref = props.get("emailId")
         if isinstance(email_ref, str) and email_ref.startswith("#"):
             props = {**props, "emailId": call.created_ids.get(email_ref[1:], email_ref)}
-        created, error = await _send(account, props, client_ip)
-        if error is not None or created is None:
+        record, error = await _send(account, props, client_ip)
+        if error is not None or record is None:
             out["notCreated"][creation_id] = error
             continue
-        out["created"][creation_id] = created
-        sent[creation_id] = str(props["emailId"])
-    update: dict[str, Any] = {}
+        sent_at = time.time()
+        keep = add_submission(
+            account.user,
+            record["queueId"],
+            record,
+            sent_at,
+            keep=settings.submission_records,
+            max_age=settings.submission_days * 86400,
+        )
+        try:
+            number = await account.commit(keep)
+        except Exception as exc:  # the store is full or failing
+            number = exc
+        if not isinstance(number, int):  # sent all the same: only its record is missing
+            log.error("jmap: record of submission %s not kept: %s", record["queueId"], number)
+            number = 0
+        kept = SubmissionRecord(number, record["queueId"], sent_at, record)
+        created = _submission_object(account, kept)
+        out["created"][creation_id] = {
+            p: created[p]
+            for p in ("id", "threadId", "envelope", "sendAt", "undoStatus", "deliveryStatus",
+                      "dsnBlobIds", "mdnBlobIds")
+        }  # fmt: skip
+        call.created_ids[creation_id] = created["id"]
+        done["#" + creation_id] = record["emailId"]
+
+    def resolve(target: str) -> str:  # "#creation id": a submission made by this request
+        return call.created_ids.get(target[1:], target) if target.startswith("#") else target
+
+    update = {resolve(target): patch for target, patch in update.items()}
+    destroy = [resolve(target) for target in destroy]
+    _state, records = read_submissions(account.store, account.user, [*update, *destroy])
+    emails = {r.id: r.data["emailId"] for r in records}
+    for target, patch in update.items():
+        if target not in emails:
+            out["notUpdated"][target] = {"type": "notFound"}
+        elif not isinstance(patch, dict):
+            out["notUpdated"][target] = {"type": "invalidPatch"}
+        elif patch.get("undoStatus") == "canceled":
+            out["notUpdated"][target] = {
+                "type": "cannotUnsend",
+                "description": "the email was sent at once: it cannot be recalled",
+            }
+        elif any(k != "undoStatus" or v != "final" for k, v in patch.items()):
+            bad = sorted(k for k, v in patch.items() if k != "undoStatus" or v != "final")
+            out["notUpdated"][target] = {"type": "invalidProperties", "properties": bad}
+        else:
+            out["updated"][target] = None
+            done[target] = emails[target]
+    doomed = [t for t in destroy if t in emails]
+    if doomed:
+        gone = await account.commit(
+            destroy_submissions(account.user, doomed, keep=settings.submission_records)
+        )
+        for ident in gone if isinstance(gone, list) else ():
+            out["destroyed"].append(ident)
+            done[ident] = emails[ident]
+    for target in destroy:
+        if target not in out["destroyed"]:
+            out["notDestroyed"][target] = {"type": "notFound"}
+    out["newState"] = str(submission_state(account.store, account.user).last)
+    # the implicit Email/set (RFC 8621 §7.5) for the submissions that succeeded
+    update_emails: dict[str, Any] = {}
     for key, patch in on_update.items():
-        target = sent.get(key[1:]) if key.startswith("#") else None
-        if target is not None:
-            update[target] = patch
-    destroy = [sent[key[1:]] for key in on_destroy if key.startswith("#") and key[1:] in sent]
-    if update or destroy:
+        if key in done:
+            update_emails[done[key]] = patch
+    destroy_emails = list(dict.fromkeys(done[key] for key in on_destroy if key in done))
+    if update_emails or destroy_emails:
         implicit = Call(
             "Email/set",
-            {"accountId": account.id, "update": update, "destroy": destroy},
+            {"accountId": account.id, "update": update_emails, "destroy": destroy_emails},
             call.call_id,
             created_ids=call.created_ids,
         )

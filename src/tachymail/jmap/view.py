@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from tachymail.mailbox import MailboxInfo, MailboxStore
 from tachymail.mailbox.store import IndexChanges, IndexColumns
 
@@ -93,11 +95,21 @@ def role_of(info: MailboxInfo) -> str | None:
     return ROLES.get(info.special_use.lower()) if info.special_use else None
 
 
+#: the system keywords of each combination of the five system flag bits
+_SYSTEM_KEYWORDS = tuple(
+    {name: True for bit, name in enumerate(_SYSTEM_BITS) if name and bits & (1 << bit)}
+    for bits in range(1 << len(_SYSTEM_BITS))
+)
+
+
 def keywords_of(bits: int, words: frozenset[str] | None) -> dict[str, bool]:
-    """JMAP keywords (lower case, RFC 8621 §4.1.1) of an index entry's flags."""
-    found = {name: True for bit, name in enumerate(_SYSTEM_BITS) if name and bits & (1 << bit)}
-    for word in words or ():
-        found[word.lower()] = True
+    """JMAP keywords (lower case, RFC 8621 §4.1.1) of an index entry's flags (a new dict
+    each call: callers may change it)."""
+    # a copy of a ready dict: this runs for every email of every page
+    found = _SYSTEM_KEYWORDS[bits & ((1 << len(_SYSTEM_BITS)) - 1)].copy()
+    if words:
+        for word in words:
+            found[word.lower()] = True
     return found
 
 
@@ -256,6 +268,52 @@ def _patch(columns: IndexColumns, changes: IndexChanges) -> IndexColumns:
             columns.keywords.pop(uid, None)
     columns.info = changes.info
     return columns
+
+
+class PropertyCache:
+    """Per process: content id -> the values of its Email properties that depend on the
+    message's octets alone (``from``, ``subject``, ``preview``, ``hasAttachment``...),
+    as Email/get last computed them. A content id is never reused and its octets never
+    change, so an entry is never stale; entries are shared by every user whose mailboxes
+    hold the content (Email/get checks the snapshot first). At most about *max_bytes*
+    (estimated) are kept, least recently used out; 0 keeps nothing.
+
+    Callers must not modify the values they get: the same objects go into every response.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[int, tuple[dict[str, Any], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, content: int) -> dict[str, Any] | None:
+        """The values kept for *content* (a dict of property -> value), or None."""
+        found = self._entries.get(content)
+        if found is None:
+            return None
+        self._entries.move_to_end(content)
+        return found[0]
+
+    def add(self, content: int, values: dict[str, Any]) -> None:
+        """Keep *values* for *content*, beside those already kept for it."""
+        if not self.max_bytes:
+            return
+        old = self._entries.pop(content, None)
+        if old is not None:
+            self.size -= old[1]
+            values = old[0] | values
+        # what the objects cost in memory: about twice their JSON, plus the dict
+        cost = 2 * len(orjson.dumps(values)) + 200
+        if cost > self.max_bytes:
+            return
+        self._entries[content] = (values, cost)
+        self.size += cost
+        while self.size > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.size -= dropped
 
 
 class Views:

@@ -51,7 +51,7 @@ from tachymail.mailbox import StorageFull as MailboxFull
 from tachymail.metrics import m
 from tachymail.protocol import replies as R
 from tachymail.protocol.mime import header_value
-from tachymail.queue.autoreply import auto_reply_message
+from tachymail.queue.autoreply import auto_reply_message, reply_signature
 from tachymail.queue.envelope import Envelope, Recipient
 from tachymail.queue.store import StorageFull as QueueFull
 from tachymail.smtp.session import SmtpSession, State
@@ -284,8 +284,25 @@ class LmtpSession(SmtpSession):
         if not isinstance(result, Delivered) or not result.reply_due:
             return
         recipient, reply = delivery.reply
+        if self.ctx.dkim is None:
+            self._queue_reply(queue_id, delivery.user, recipient, reply, b"")
+            return
+
+        def signed(work: asyncio.Future[bytes]) -> None:
+            failed = work.cancelled() or work.exception() is not None
+            signature = b"" if failed else work.result()
+            self._queue_reply(queue_id, delivery.user, recipient, reply, signature)
+
+        # DKIM-signed as the user's own mail is ([dkim]); RSA work: off the event loop
+        work = self.ctx.loop.run_in_executor(None, reply_signature, self.ctx.dkim, reply)
+        work.add_done_callback(signed)
+
+    def _queue_reply(
+        self, queue_id: str, user: str, recipient: str, reply: bytes, signature: bytes
+    ) -> None:
+        """Queue *user*'s vacation reply (logged and dropped when the queue refuses)."""
         envelope, operation = auto_reply_message(
-            recipient, reply, user=delivery.user, listener="vacation"
+            recipient, reply, user=user, listener="vacation", signature=signature
         )
 
         def queued(committed: asyncio.Future[Any]) -> None:
@@ -294,20 +311,20 @@ class LmtpSession(SmtpSession):
             if committed.cancelled() or refused is not None:
                 log.error(
                     "%s: vacation reply of %s to <%s> dropped: %s",
-                    queue_id, delivery.user, recipient, refused or "cancelled",
+                    queue_id, user, recipient, refused or "cancelled",
                 )  # fmt: skip
                 return
             if self.ctx.notifier is not None:
                 self.ctx.notifier.queued(envelope.id, envelope.recipients)
             log.info(
                 "%s: vacation reply %s of %s queued to <%s>",
-                queue_id, envelope.id, delivery.user, recipient,
+                queue_id, envelope.id, user, recipient,
             )  # fmt: skip
 
         try:
             self.ctx.committer.submit_operation(operation).add_done_callback(queued)
         except Exception as exc:  # the committer is closing: the delivery stands
-            log.error("%s: vacation reply of %s dropped: %s", queue_id, delivery.user, exc)
+            log.error("%s: vacation reply of %s dropped: %s", queue_id, user, exc)
 
     def _submit(self, submit: Callable[[], asyncio.Future[Any]]) -> asyncio.Future[object]:
         """*submit*'s future, or a failed one when submitting itself raised."""

@@ -38,9 +38,10 @@ Layout (named databases of the environment at ``config.mailbox_path``):
     the sweep order. Entries older than :data:`DELIVERED_TTL` are dropped a few at a time
     by later deliveries, so the table stays bounded.
 ``expunged``
-    mailbox id (>I) + modseq (>Q) + uid (>I) -> the content id (>Q; b"" in records written
-    before it was kept): what an expunge removed, for IMAP QRESYNC's VANISHED (EARLIER) and
-    JMAP's Email/changes; dropped with the mailbox.
+    mailbox id (>I) + modseq (>Q) + uid (>I) -> the content id and its thread key (>QQ; only
+    the content id (>Q) in records written before the thread key was kept, b"" before that):
+    what an expunge removed, for IMAP QRESYNC's VANISHED (EARLIER) and JMAP's Email/changes
+    and Thread/changes; dropped with the mailbox.
 ``recent``
     mailbox id (>I) -> >I, the first UID no IMAP4rev1 session has claimed as \\Recent yet
     (RFC 3501 §2.3.2; no record: 0, every message is recent); dropped with the mailbox.
@@ -59,6 +60,10 @@ Layout (named databases of the environment at ``config.mailbox_path``):
     whom vacation replies went to (``tachymail.mailbox.vacation``): ``r`` + user \\0 +
     sender -> when (>d); ``a`` + when in ms (>Q) + user \\0 + sender -> b"", the sweep
     order (records older than the reply interval go a few per reply).
+``submissions``
+    JMAP EmailSubmission records (``tachymail.mailbox.submissions``): per user a change
+    counter, the records in creation order and tombstones of the destroyed ones; bounded
+    per user, dropped with the user.
 
 UIDs start at 1 per mailbox and are never reused within a UIDVALIDITY. A new mailbox's
 UIDVALIDITY is above every earlier one of the node (the larger of the last one + 1 and
@@ -399,7 +404,7 @@ class MailboxStore:
         self.directory = Path(directory)
         self.max_map_size = max(max_map_size, map_size)
         self.env = open_store(
-            self.directory, what="mailbox store", map_size=map_size, max_dbs=16, readonly=readonly
+            self.directory, what="mailbox store", map_size=map_size, max_dbs=24, readonly=readonly
         )
         if not readonly:
             with self.env.begin(write=True) as txn:
@@ -451,6 +456,10 @@ class MailboxStore:
             self.replies_db: Any = db(b"replies")
         except lmdb.NotFoundError:  # read-only on a store no writer has opened since they came
             self.threads_db = self.replies_db = None
+        try:
+            self.submissions_db: Any = db(b"submissions")
+        except lmdb.NotFoundError:  # read-only on a store no writer has opened since it came
+            self.submissions_db = None
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -571,6 +580,24 @@ class MailboxStore:
             # a copy of the same Message-ID elsewhere loses the entry: its later replies
             # fall back to the References root, which is the same key for a normal thread
             txn.delete(b"i" + user + b"\0" + _CONTENT.pack(own), db=self.threads_db)
+
+    def _thread_key(self, txn: lmdb.Transaction, content_key: bytes) -> int:
+        """The thread key of the content *content_key* (the content id itself when it has
+        no thread record: a thread of one, as JMAP shows it)."""
+        raw = None if self.threads_db is None else txn.get(b"c" + content_key, db=self.threads_db)
+        return int(
+            _CONTENT.unpack(raw[:8])[0] if raw is not None else _CONTENT.unpack(content_key)[0]
+        )
+
+    def _drop_submissions(self, txn: lmdb.Transaction, user: str) -> None:
+        """Delete the user's EmailSubmission records, tombstones and counter."""
+        txn.delete(b"n" + _user(user), db=self.submissions_db)
+        for kind in (b"r", b"i", b"d"):
+            prefix = kind + _user(user) + b"\0"
+            cursor = txn.cursor(db=self.submissions_db)
+            more = cursor.set_range(prefix)
+            while more and bytes(cursor.key()).startswith(prefix):
+                more = cursor.delete()
 
     def _drop_rendered(self, txn: lmdb.Transaction, content_key: bytes) -> None:
         """Delete what front ends kept for the content (every kind)."""
@@ -1004,7 +1031,18 @@ class MailboxStore:
         """The content ids of the messages expunged (or moved away) from the mailbox
         *mailbox_id* at a modseq above *modseq* (JMAP Email/changes), in expunge order; None
         when one of those records was written before they named their content."""
-        found: list[int] = []
+        found = self.expunged_threads_since(mailbox_id, modseq, need_threads=False)
+        return None if found is None else [content for _uid, content, _thread in found]
+
+    def expunged_threads_since(
+        self, mailbox_id: int, modseq: int, *, need_threads: bool = True
+    ) -> list[tuple[int, int, int]] | None:
+        """(uid, content id, thread key) of the messages expunged (or moved away) from the
+        mailbox *mailbox_id* at a modseq above *modseq* (JMAP Email/changes and
+        Thread/changes), in expunge order; None when one of those records was written
+        before they named their content or (*need_threads*) their thread key. The thread
+        key is 0 where it is not known."""
+        found: list[tuple[int, int, int]] = []
         prefix = _ID.pack(mailbox_id)
         with self._read() as txn:
             cursor = txn.cursor(db=self.expunged)
@@ -1013,9 +1051,13 @@ class MailboxStore:
             for key, value in cursor:
                 if key[:4] != prefix:
                     break
-                if len(value) != _CONTENT.size:
+                uid = _EXPUNGED.unpack(key)[2]
+                if len(value) == _PAIR.size:
+                    found.append((uid, *_PAIR.unpack(value)))
+                elif len(value) == _CONTENT.size and not need_threads:
+                    found.append((uid, _CONTENT.unpack(value)[0], 0))
+                else:
                     return None
-                found.append(_CONTENT.unpack(value)[0])
         return found
 
     def first_recent(self, mailbox_id: int) -> int:
@@ -1239,6 +1281,7 @@ def delete_user(user: str) -> Operation:
         more = cursor.set_range(prefix)
         while more and bytes(cursor.key()).startswith(prefix):
             more = cursor.delete()
+        store._drop_submissions(txn, user)
         size = count = 0
         for raw in doomed:
             freed, removed = store._drop_messages(txn, _unpack_mailbox(raw)[0])
@@ -1323,12 +1366,13 @@ def expunge(user: str, name: str, uids: Sequence[int]) -> Operation:
         freed = 0
         for uid, key, raw in store._entries(txn, fields[0], uids):
             content_id, _date, size, _modseq, bits = _ENTRY.unpack_from(raw)
-            store._release_content(txn, _CONTENT.pack(content_id))
+            content_key = _CONTENT.pack(content_id)
+            # the value names the content and its thread (read before the release forgets
+            # it): JMAP's Email/changes and Thread/changes report what went
+            gone = _PAIR.pack(content_id, store._thread_key(txn, content_key))
+            store._release_content(txn, content_key)
             txn.delete(key, db=store.index)
-            # the value names the content: JMAP's Email/changes reports the email gone
-            txn.put(
-                _EXPUNGED.pack(fields[0], modseq, uid), _CONTENT.pack(content_id), db=store.expunged
-            )
+            txn.put(_EXPUNGED.pack(fields[0], modseq, uid), gone, db=store.expunged)
             freed += size
             removed.append(uid)
             fields[4] -= 1
@@ -1428,9 +1472,10 @@ def move_messages(user: str, source: str, dest: str, uids: Sequence[int]) -> Ope
         source_modseq = source_fields[3] + 1
         for uid, key, raw in entries:
             txn.delete(key, db=store.index)
+            content_key = raw[: _CONTENT.size]  # the content id (the entry's first field)
             txn.put(
                 _EXPUNGED.pack(source_fields[0], source_modseq, uid),
-                raw[: _CONTENT.size],  # the content id (the entry's first field), as expunge
+                content_key + _CONTENT.pack(store._thread_key(txn, content_key)),  # as expunge
                 db=store.expunged,
             )
             size, bits = _ENTRY.unpack_from(raw)[2], raw[_ENTRY.size - 1]
