@@ -663,6 +663,50 @@ def test_big_message_streams_to_a_slow_reader(imap: Server) -> None:
         raw.close()
 
 
+def test_a_whole_message_fetch_answers_as_the_general_path(imap: Server) -> None:
+    """``[UID] FETCH n BODY.PEEK[]`` of one message has a short path of its own: its answer
+    is byte for byte the general path's (a FETCH of several messages), tagged line
+    included, and \\Seen stays unset."""
+    user = add_user(imap, "wholefetch")
+    fill(imap, user, message(1, b"first body\r\n"), message(2, b"second\r\n" * 300), message(3))
+    raw = logged_in_raw(imap, user)
+
+    def exchange(tag: bytes, text: bytes) -> tuple[bytes, bytes]:
+        """(the untagged bytes, the tagged line's text after the tag)."""
+        raw.send(tag + b" " + text + b"\r\n")
+        # a line end in front, so that a tagged line with nothing before it is found too
+        data, raw.buffer = b"\r\n" + raw.buffer, b""
+        end = b"\r\n" + tag + b" "
+        while (at := data.find(end)) < 0 or data.find(b"\r\n", at + 2) < 0:
+            chunk = raw.sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            data = data + chunk
+        stop = data.find(b"\r\n", at + 2) + 2
+        raw.buffer = data[stop:]
+        return data[2 : at + 2], data[at + 2 + len(tag) + 1 : stop]
+
+    try:
+        raw.cmd(b"s", b"SELECT INBOX")
+        general, done = exchange(b"g1", b"UID FETCH 1,2 BODY.PEEK[]")
+        first, done1 = exchange(b"w1", b"UID FETCH 1 BODY.PEEK[]")
+        second, done2 = exchange(b"w2", b"UID FETCH 2 BODY.PEEK[]")
+        assert first.startswith(b"* 1 FETCH (UID 1 BODY[] {") and b"first body" in first
+        assert general == first + second
+        assert done == done1 == done2 == b"OK UID FETCH completed\r\n"
+        general, done = exchange(b"g2", b"FETCH 2:3 BODY.PEEK[]")
+        second, done2 = exchange(b"w3", b"FETCH 2 BODY.PEEK[]")
+        third, done3 = exchange(b"w4", b"FETCH 3 BODY.PEEK[]")
+        assert general == second + third and second.startswith(b"* 2 FETCH (BODY[] {")
+        assert done == done2 == done3 == b"OK FETCH completed\r\n"
+        # a UID that is not there: nothing but the tagged OK, as for any UID FETCH
+        assert exchange(b"w5", b"UID FETCH 99 BODY.PEEK[]") == (b"", done1)
+        # PEEK: nothing was marked read
+        flags, _ = exchange(b"f", b"FETCH 1:3 FLAGS")
+        assert flags.count(b"FETCH (FLAGS") == 3 and b"\\Seen" not in flags
+    finally:
+        raw.close()
+
+
 def test_tls_context_is_used_for_imaps(imap: Server) -> None:
     sock = socket.create_connection(("127.0.0.1", imap.ports["imaps"]), timeout=10)
     with unverified_tls().wrap_socket(sock) as tls:
