@@ -214,17 +214,20 @@ class GroupCommitter:
     ) -> None:
         """Confirm what the commit just made durable; keep *batch* for the next commit's
         sync when messages wait, else sync it now (see the module doc)."""
-        env = self.store.env
-        last = env.info()["last_txnid"]
+        last = -1  # the environment's last transaction id, read when needed (a lone
+        # client's batches need none: each is synced at once)
         previous, self._unconfirmed = self._unconfirmed, None
         if previous is not None:
             older, older_outcomes, txnid = previous
+            last = self.store.env.info()["last_txnid"]
             # a later commit synced the file, and with it that batch's meta page
             sync_error = None if last > txnid else self._sync()
             self._resolve(older, sync_error, older_outcomes)
         if error is not None or not batch:
             self._resolve(batch, error, outcomes)
         elif self._pending:
+            if last < 0:
+                last = self.store.env.info()["last_txnid"]
             self._unconfirmed = (batch, outcomes, last)
             # its sync confirms this batch: no linger, but the sessions ready now run first
             # (their messages join it) rather than the loop stopping for two syncs in a row
