@@ -160,7 +160,9 @@ def mailbox_object(
     }
 
 
-def _properties(args: dict[str, Any], known: tuple[str, ...]) -> list[str]:
+def requested_properties(args: dict[str, Any], known: tuple[str, ...]) -> list[str]:
+    """The ``properties`` argument of a /get, "id" first (all of *known* when absent);
+    invalidArguments naming any property not in *known*."""
     props = arg(args, "properties", list)
     if props is None:
         return list(known)
@@ -174,7 +176,7 @@ async def mailbox_get(account: Account, call: Call) -> dict[str, Any]:
     args = call.args
     account.check_account(args)
     ids = id_list(args, "ids")
-    props = _properties(args, MAILBOX_PROPERTIES)
+    props = requested_properties(args, MAILBOX_PROPERTIES)
     threads = None
     if "totalThreads" in props or "unreadThreads" in props or "unreadEmails" in props:
         # from the index, memoised per state (tachymail.jmap.threadcounts)

@@ -30,7 +30,7 @@ import orjson
 
 from tachymail.jmap.account import Account
 from tachymail.jmap.core import Call, MethodError, arg, id_list, unsigned
-from tachymail.jmap.mail import content_key, email_set
+from tachymail.jmap.mail import content_key, email_set, requested_properties
 from tachymail.jmap.render import as_addresses, header_fields
 from tachymail.jmap.view import email_id, parse_id, thread_id
 from tachymail.mailbox.submissions import (
@@ -327,21 +327,11 @@ def _submission_object(
     return whole if props is None else {p: whole[p] for p in props}
 
 
-def _submission_properties(args: dict[str, Any]) -> list[str]:
-    props = arg(args, "properties", list)
-    if props is None:
-        return list(SUBMISSION_PROPERTIES)
-    bad = [p for p in props if not isinstance(p, str) or p not in SUBMISSION_PROPERTIES]
-    if bad:
-        raise MethodError("invalidArguments", "unknown properties", properties=bad)
-    return ["id", *[p for p in props if p != "id"]]
-
-
 async def submission_get(account: Account, call: Call) -> dict[str, Any]:
     args = call.args
     account.check_account(args)
     ids = id_list(args, "ids")
-    props = _submission_properties(args)
+    props = requested_properties(args, SUBMISSION_PROPERTIES)
     limit = account.jmap.limits.max_objects_in_get
     if ids is not None and len(ids) > limit:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
