@@ -2170,10 +2170,7 @@ class ImapSession(asyncio.Protocol):
             head = b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (index + 1, info.uid, info.size)
         else:
             head = b"* %d FETCH (BODY[] {%d}\r\n" % (index + 1, info.size)
-        self.out += (head, data, b")\r\n")
-        self.out_size += len(head) + info.size + 3
-        if self.out_size >= FLUSH_BYTES:
-            self._write_out()
+        self._queue(b"".join((head, data, b")\r\n")))
         self._ok(tag, "UID FETCH completed" if uid else "FETCH completed", expunge=uid, look=False)
         return True
 

@@ -318,6 +318,7 @@ async def serve_worker(
             index,
             files,
         )
+    inline = config.queue.commit == "inline"
     store = QueueStore(
         config.data_path / "queue",
         map_size=config.queue.map_size_mb * MiB,
@@ -337,9 +338,9 @@ async def serve_worker(
         committer = GroupCommitter(
             store,
             max_batch=config.queue.max_batch,
-            linger=config.queue.commit_linger_ms / 1000 if config.queue.commit == "inline" else 0.0,
-            inline=config.queue.commit == "inline",
-            chain=config.queue.commit == "inline",
+            linger=config.queue.commit_linger_ms / 1000 if inline else 0.0,
+            inline=inline,
+            chain=inline,  # the store above is opened without metasync for it
         )
     tls = server_context(config)
     ctx = WorkerContext(config, loop, committer, tls)
