@@ -17,10 +17,8 @@ import base64
 import imaplib
 import json
 import smtplib
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eventsource import EventStream
 from recording_sink import RecordingSink, recording_sink
 from server import Server, free_port, running_server, tachymail_cmd, wait_until
 from tachymail.auth.users import UsersFile
@@ -605,36 +604,8 @@ def test_push_state_change_within_100ms_of_smtp_delivery(env: Env) -> None:
     send(env, user, "before push")
     account = session(env, user)["primaryAccounts"][MAIL]
     inbox_emails(env, user, account, 1)
-    events: list[tuple[float, dict[str, Any]]] = []
-    sock = socket.create_connection(("127.0.0.1", env.server.ports["http"]), timeout=30)
-    auth = basic(user)["Authorization"]
-    sock.sendall(
-        (
-            "GET /jmap/eventsource?types=*&closeafter=no&ping=0 HTTP/1.1\r\n"
-            f"Host: 127.0.0.1\r\nAuthorization: {auth}\r\nAccept: text/event-stream\r\n\r\n"
-        ).encode()
-    )
-    stop = threading.Event()
-
-    def reader() -> None:
-        buffer = b""
-        while not stop.is_set():
-            try:
-                chunk = sock.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\n\n" in buffer:
-                block, buffer = buffer.split(b"\n\n", 1)
-                for line in block.split(b"\n"):
-                    if line.startswith(b"data: "):
-                        events.append((time.monotonic(), json.loads(line[6:])))
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
+    with EventStream(env.server.ports["http"], basic(user)["Authorization"]) as stream:
+        events = stream.events
         wait_until(lambda: len(events) >= 1, timeout=30)  # the state at connection
         first = events[0][1]["changed"][account]
         assert {"Email", "Mailbox"} <= set(first)
@@ -662,10 +633,6 @@ def test_push_state_change_within_100ms_of_smtp_delivery(env: Env) -> None:
             event["changed"][account]["Email"]
             == one(env, user, "Email/get", {"accountId": account, "ids": []})["state"]
         )
-    finally:
-        stop.set()
-        sock.close()
-        thread.join(5)
 
 
 # --- submission ---------------------------------------------------------------------------

@@ -12,9 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eventsource import EventStream
 from server import Server, running_server, wait_until
 from smtp_peer import Script, SmtpPeer
 from tachymail.auth.users import UsersFile
@@ -359,48 +358,16 @@ def test_push_tells_the_new_email_submission_state(env: Env) -> None:
     """An EventSource client asking for EmailSubmission gets the state at connection, then
     the new one when a submission (made in either worker process) is kept."""
     user, account = make_user(env, "pushed")
-    events: list[dict[str, Any]] = []
-    sock = socket.create_connection(("127.0.0.1", env.server.ports["http"]), timeout=30)
-    sock.sendall(
-        (
-            "GET /jmap/eventsource?types=EmailSubmission&closeafter=no&ping=0 HTTP/1.1\r\n"
-            f"Host: 127.0.0.1\r\nAuthorization: {auth(user)['Authorization']}\r\n\r\n"
-        ).encode()
-    )
-    stop = threading.Event()
-
-    def reader() -> None:
-        buffer = b""
-        while not stop.is_set():
-            try:
-                chunk = sock.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\n\n" in buffer:
-                block, buffer = buffer.split(b"\n\n", 1)
-                events.extend(
-                    json.loads(line[6:]) for line in block.split(b"\n") if line[:6] == b"data: "
-                )
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: len(events) >= 1, timeout=30)
-        assert events[0]["changed"][account] == {"EmailSubmission": "0"}
+    authorization = auth(user)["Authorization"]
+    with EventStream(env.server.ports["http"], authorization, "EmailSubmission") as stream:
+        wait_until(lambda: len(stream.events) >= 1, timeout=30)
+        assert stream.events[0][1]["changed"][account] == {"EmailSubmission": "0"}
         created = submit(env, user, account, "Pushed", ["ok@dest.test"])[1][1]["created"]
         assert "s" in created, created
-        wait_until(lambda: len(events) >= 2, timeout=30)
+        wait_until(lambda: len(stream.events) >= 2, timeout=30)
         state = one(env, user, "EmailSubmission/get", {"accountId": account, "ids": []})["state"]
         assert state != "0"
-        assert events[1]["changed"][account] == {"EmailSubmission": state}
-    finally:
-        stop.set()
-        sock.shutdown(socket.SHUT_RDWR)  # wakes the reader's recv
-        sock.close()
-        thread.join(5)
+        assert stream.events[1][1]["changed"][account] == {"EmailSubmission": state}
 
 
 def test_mailbox_thread_counts_over_two_mailboxes_and_the_trash(env: Env) -> None:
