@@ -519,6 +519,9 @@ async function saveBlob(blobId, name, type) {
 function closeReader(focusList = true) {
   state.open = null;
   $("reader").hidden = true;
+  // nothing of the closed message stays behind for the next open to be mistaken for
+  $("reader-subject").textContent = "";
+  $("reader-headers").replaceChildren();
   $("reader-body").replaceChildren();
   $("list-pane").classList.remove("behind");
   if (focusList) {
