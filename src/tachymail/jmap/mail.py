@@ -40,15 +40,14 @@ from tachymail.jmap.render import (
     parse_header_property,
     plain_text,
     preview,
+    walk_parts,
 )
 from tachymail.jmap.threadcounts import COUNTS
 from tachymail.jmap.view import (
-    FLAG_KEYWORDS,
     KEYWORD_FLAGS,
     Email,
     Snapshot,
     email_id,
-    email_state,
     mailbox_id,
     mailbox_state,
     parse_email_state,
@@ -78,7 +77,6 @@ from tachymail.mailbox.summary import build_summary
 
 log = logging.getLogger(__name__)
 
-_CONTENT = ">Q"
 MAILBOX_PROPERTIES = (
     "id", "name", "parentId", "role", "sortOrder", "totalEmails", "unreadEmails",
     "totalThreads", "unreadThreads", "myRights", "isSubscribed",
@@ -107,7 +105,8 @@ def content_key(content: int) -> bytes:
 _UTC_MEMO: dict[float, str] = {}
 
 
-def _utc(when: float) -> str:
+def utc_date(when: float) -> str:
+    """*when* (seconds since the epoch) as an RFC 8620 UTCDate, memoised."""
     found = _UTC_MEMO.get(when)
     if found is None:
         if len(_UTC_MEMO) >= 50_000:  # about 8 MB at most
@@ -497,7 +496,6 @@ def email_object(
     read: Callable[[int, int], bytes],
     opts: dict[str, Any],
     email: Email | None,
-    by_id: dict[int, MailboxInfo] | None = None,
     threads: dict[int, int] | None = None,
     known: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -526,7 +524,7 @@ def email_object(
             body = summary.get("body") or {}
             out[prop] = email.size if email is not None else int(body.get("end", 0))
         elif prop == "receivedAt":
-            out[prop] = _utc(email.received) if email is not None else None
+            out[prop] = utc_date(email.received) if email is not None else None
         else:
             out[prop] = None  # its place in the object's order, filled below
             rest.append(prop)
@@ -607,7 +605,11 @@ def _content_values(
             text, html_parts, _attachments = get_lists()
             wanted: list[dict[str, Any]] = []
             if opts["all"]:
-                wanted = [n for _i, n in _leaves(body) if n.get("type") == "text"]
+                wanted = [
+                    n
+                    for _part, n in walk_parts(body)
+                    if n.get("parts") is None and n.get("type") == "text"
+                ]
             else:
                 if opts["text"]:
                     wanted.extend(text)
@@ -620,20 +622,6 @@ def _content_values(
                 if part_id not in values:
                     values[part_id] = body_value(read, node, opts["max"])
             out[prop] = values
-
-
-def _leaves(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    out: list[tuple[int, dict[str, Any]]] = []
-
-    def visit(node: dict[str, Any]) -> None:
-        if node.get("parts") is not None:
-            for child in node["parts"]:
-                visit(child)
-        else:
-            out.append((len(out), node))
-
-    visit(body)
-    return out
 
 
 async def email_get(account: Account, call: Call) -> dict[str, Any]:
@@ -683,7 +671,7 @@ async def email_get(account: Account, call: Call) -> dict[str, Any]:
                     missing.append(wanted)
                     continue
                 summary, read = loaded, _Reader(reader, content)
-            made = email_object(content, summary, read, opts, email, snap.by_id, threads, known)
+            made = email_object(content, summary, read, opts, email, threads, known)
             if fresh:
                 cache.add(content, {p: made[p] for p in derived})
             found.append(made)
@@ -1385,13 +1373,15 @@ async def store_message(
         return None, {"type": "serverFail", "description": str(result)}
     if not isinstance(result, Delivered):
         return None, {"type": "serverFail", "description": "not stored"}
-    # the new entry is the only one at the mailbox's modseq of that commit or later
-    changes = account.store.changes_since(account.user, boxes[0].name, 0)
+    # the new entry is above the modseq the mailbox had before this commit: read only
+    # what changed since then, never the whole mailbox
+    changes = account.store.changes_since(account.user, boxes[0].name, boxes[0].highestmodseq)
     content = None
     if changes is not None:
         for uid, found in zip(changes.changed.uids, changes.changed.contents, strict=True):
             if uid == result.uid:
                 content = found
+                break
     if content is None:
         return None, {"type": "serverFail", "description": "stored but not found"}
     for other in boxes[1:]:
@@ -1446,11 +1436,20 @@ async def email_set(account: Account, call: Call) -> dict[str, Any]:
             }  # fmt: skip
             continue
         await _store_created(account, call, out, creation_id, data, props)
+    if create:
+        snap = account.snapshot(fresh=True)  # "#creation" targets name the new emails
+    # One snapshot serves every target: changing one email moves no other email's places
+    # or flags, and rebuilding it reads every email of the user. Only an email changed
+    # earlier in this call is looked up again.
+    touched: set[int] = set()
     for target, props in update.items():
         if target.startswith("#"):
             target = call.created_ids.get(target[1:], target)
-        snap = account.snapshot(fresh=True)
         content = parse_id(target, "e")
+        if content in touched:
+            snap = account.snapshot(fresh=True)
+        if content is not None:
+            touched.add(content)
         email = snap.emails.get(content) if content is not None else None
         if email is None:
             out["notUpdated"][target] = {"type": "notFound"}
@@ -1464,8 +1463,11 @@ async def email_set(account: Account, call: Call) -> dict[str, Any]:
         else:
             out["updated"][target] = None
     for target in destroy:
-        snap = account.snapshot(fresh=True)
         content = parse_id(target, "e")
+        if content in touched:
+            snap = account.snapshot(fresh=True)
+        if content is not None:
+            touched.add(content)
         email = snap.emails.get(content) if content is not None else None
         if email is None:
             out["notDestroyed"][target] = {"type": "notFound"}
@@ -1658,10 +1660,3 @@ async def search_snippet_get(account: Account, call: Call) -> dict[str, Any]:
                 break
         found.append({"emailId": wanted, "subject": _highlight(subject, terms), "preview": snippet})
     return {"accountId": account.id, "list": found, "notFound": missing}
-
-
-def email_state_now(account: Account) -> str:
-    return email_state(account.store.mailboxes(account.user))
-
-
-_ = (time, FLAG_KEYWORDS)  # re-exported for the submission module's imports

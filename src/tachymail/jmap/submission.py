@@ -30,7 +30,7 @@ import orjson
 
 from tachymail.jmap.account import Account
 from tachymail.jmap.core import Call, MethodError, arg, id_list, unsigned
-from tachymail.jmap.mail import content_key, email_set, requested_properties
+from tachymail.jmap.mail import content_key, email_set, requested_properties, utc_date
 from tachymail.jmap.render import as_addresses, header_fields
 from tachymail.jmap.view import email_id, parse_id, thread_id
 from tachymail.mailbox.submissions import (
@@ -257,14 +257,10 @@ def _record(
             "mailFrom": {"email": sender, "parameters": None},
             "rcptTo": [{"email": r, "parameters": None} for r in recipients],
         },
-        "sendAt": _utc(now),
+        "sendAt": utc_date(now),
         "queueId": queue_id,
         "queued": queued,
     }
-
-
-def _utc(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 #: the EmailSubmission properties (RFC 8621 §7)
