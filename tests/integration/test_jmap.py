@@ -454,6 +454,24 @@ def test_method_level_errors_and_result_references(env: Env) -> None:
         env, user, [["Email/set", {"accountId": account, "ifInState": state + "x"}, "s"]]
     )
     assert mismatch[0] == "error" and mismatch[1]["type"] == "stateMismatch"
+    # a raw header whose name is no field name (a space, a colon) is refused, not sent
+    drafts = {
+        b["role"]: b["id"] for b in one(env, user, "Mailbox/get", {"accountId": account})["list"]
+    }
+    made = one(
+        env,
+        user,
+        "Email/set",
+        {
+            "accountId": account,
+            "create": {
+                name: {"mailboxIds": {drafts["drafts"]: True}, f"header:{name}": "v"}
+                for name in ("X Bad", "X-Good")
+            },
+        },
+    )
+    assert made["notCreated"]["X Bad"]["type"] == "invalidProperties"
+    assert set(made["created"]) == {"X-Good"}
     assert "Traceback" not in env.server.log()
 
 

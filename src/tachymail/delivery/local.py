@@ -95,7 +95,6 @@ class LocalDelivery:
         #: the queue's committer, for vacation replies (set by the delivery worker; None:
         #: a due reply is logged and dropped)
         self.queue: GroupCommitter | None = None
-        self.replies_queued = 0
         #: signs vacation replies as the user's own mail is signed ([dkim]); None: unsigned
         self.signer: DkimSigner | None = None
         if config.dkim.domains:
@@ -219,7 +218,6 @@ class LocalDelivery:
                 "%s: vacation reply of %s to <%s> dropped: %s", queue_id, user, recipient, refused
             )
             return
-        self.replies_queued += 1
         log.info(
             "%s: vacation reply %s of %s queued to <%s>", queue_id, envelope.id, user, recipient
         )

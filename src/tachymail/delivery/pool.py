@@ -190,8 +190,12 @@ class DeliveryPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.runners > self.concurrency:
                 return None  # idle too long, or one too many since the pool shrank
-            if any(slots.contended for slots in self.slots):
-                return None  # another node waits for the slot this idle connection holds
+            for slots in self.slots:
+                if slots.contended:
+                    # another node waits for the slot this idle connection holds: this one
+                    # closes for it, the others stay until a renewal says more wait
+                    slots.contended = False
+                    return None
             waiter: asyncio.Future[None] = self.loop.create_future()
             self.idle.append(waiter)
             try:
@@ -216,8 +220,8 @@ class DeliveryPool:
                 await asyncio.sleep(self.next_send - now)
         self.next_send = time.monotonic() + self.pace
         for budget in pending or ():
-            await budget.take()
-            m.shaping_waits.labels(budget.rule).inc()
+            if await budget.take():  # counted only when it had to wait
+                m.shaping_waits.labels(budget.rule).inc()
         rate = self.limits.rate
         if rate > 0:
             while True:

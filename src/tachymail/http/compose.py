@@ -79,7 +79,7 @@ STRUCTURAL = frozenset(
     }
 )
 #: RFC 5322 §3.6.8 field name: printable ASCII but the colon
-_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
+FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
 _CONTENT_TYPE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 )
@@ -176,7 +176,7 @@ class MessageParts(BaseModel):
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
         seen: set[str] = set()
         for name, text in value.items():
-            if not _FIELD_NAME.fullmatch(name):
+            if not FIELD_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a header field name")
             lower = name.lower()
             if lower in STRUCTURAL:

@@ -42,7 +42,6 @@ class JmapContext:
         self.session_states: dict[str, str] = {}
         self.directory = Path(worker.config.data_path) / "jmap"
         self.blobs = self.directory / "blobs"
-        self.settings = self.directory / "settings"
         self.running: dict[str, int] = {}
         self.uploads: dict[str, int] = {}
         #: the wake-up events of the open push streams; set with ``closing`` at shutdown,

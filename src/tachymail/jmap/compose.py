@@ -11,6 +11,8 @@ import secrets
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
+from tachymail.http.compose import FIELD_NAME
+
 if TYPE_CHECKING:
     from tachymail.jmap.account import Account
 
@@ -103,7 +105,9 @@ def build_message(account: Account, props: dict[str, Any]) -> bytes:
     for key, value in props.items():
         if key.startswith("header:"):
             name = key.split(":")[1]
-            if not isinstance(value, str) or "\n" in value or "\r" in value or not name:
+            if not FIELD_NAME.fullmatch(name):
+                raise ValueError(f"{key}: not a header field name (RFC 5322 section 3.6.8)")
+            if not isinstance(value, str) or "\n" in value or "\r" in value:
                 raise ValueError(f"{key}: a raw header value without line breaks")
             message[name] = value.strip()
     text = _text_of(props, props.get("textBody"), "textBody")

@@ -1429,7 +1429,11 @@ async def email_set(account: Account, call: Call) -> dict[str, Any]:
             out["notCreated"][creation_id] = {"type": "invalidProperties"}
             continue
         try:
-            data = build_message(account, props)
+            # uploads of up to maxSizeUpload each are read and encoded: off the event loop,
+            # which serves SMTP and IMAP too (blob lookups use the snapshot taken above)
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, build_message, account, props
+            )
         except ValueError as exc:
             out["notCreated"][creation_id] = {
                 "type": "invalidProperties", "description": str(exc)

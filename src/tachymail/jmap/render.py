@@ -50,7 +50,6 @@ HEADER_CONVENIENCE = {
 FORMS = ("Raw", "Text", "Addresses", "GroupedAddresses", "MessageIds", "Date", "URLs")
 PREVIEW_CHARS = 256
 
-_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
 _TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
 _MSGID = re.compile(r"<([^<>\s]+)>")

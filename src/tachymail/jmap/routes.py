@@ -377,14 +377,20 @@ class _Slot:
 
     def __init__(self, table: dict[str, int], user: str, limit: int) -> None:
         self.table, self.user, self.limit = table, user, limit
+        self.entered = False
 
     def __enter__(self) -> bool:
+        """Whether the slot was taken (False: the user is at the limit)."""
         if self.table.get(self.user, 0) >= self.limit:
             return False
         self.table[self.user] = self.table.get(self.user, 0) + 1
+        self.entered = True
         return True
 
     def __exit__(self, *exc: object) -> None:
+        if not self.entered:
+            return  # refused: it holds nothing to give back
+        self.entered = False
         left = self.table.get(self.user, 1) - 1
         if left > 0:
             self.table[self.user] = left
@@ -398,32 +404,31 @@ async def serve_api(request: web.Request) -> web.StreamResponse:
         return account
     jmap = request.app[JMAP]
     limits = jmap.limits
-    slot = _Slot(jmap.running, account.user, limits.max_concurrent_requests)
-    entered = slot.__enter__()
     try:
-        if not entered:
-            raise RequestError(
-                "limit", "too many concurrent requests", limit="maxConcurrentRequests"
-            )
-        body = await _read_limited(request, limits.max_size_request)
-        if body is None:
-            raise RequestError(
-                "limit",
-                f"the request is over {limits.max_size_request} octets",
-                limit="maxSizeRequest",
-            )
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise RequestError("notJSON", f"the body is not JSON: {exc}") from None
-        using, calls, created = check_request(data, limits)
-        # only the methods the request calls are bound (a closure each)
-        methods: dict[str, tuple[str, Method]] = {
-            name: (METHODS[name][0], _bind(METHODS[name][1], account))
-            for name in {call[0] for call in calls}
-            if name in METHODS
-        }
-        responses = await run_calls(calls, using, methods, created)
+        with _Slot(jmap.running, account.user, limits.max_concurrent_requests) as entered:
+            if not entered:
+                raise RequestError(
+                    "limit", "too many concurrent requests", limit="maxConcurrentRequests"
+                )
+            body = await _read_limited(request, limits.max_size_request)
+            if body is None:
+                raise RequestError(
+                    "limit",
+                    f"the request is over {limits.max_size_request} octets",
+                    limit="maxSizeRequest",
+                )
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise RequestError("notJSON", f"the body is not JSON: {exc}") from None
+            using, calls, created = check_request(data, limits)
+            # only the methods the request calls are bound (a closure each)
+            methods: dict[str, tuple[str, Method]] = {
+                name: (METHODS[name][0], _bind(METHODS[name][1], account))
+                for name in {call[0] for call in calls}
+                if name in METHODS
+            }
+            responses = await run_calls(calls, using, methods, created)
     except RequestError as exc:
         log.info("jmap %s %s: %s", request.remote, account.user, exc.detail)
         return web.Response(
@@ -431,9 +436,6 @@ async def serve_api(request: web.Request) -> web.StreamResponse:
             status=exc.status,
             content_type="application/problem+json",
         )
-    finally:
-        if entered:
-            slot.__exit__()
     result: dict[str, Any] = {
         "methodResponses": responses,
         "sessionState": session_state(account, jmap.limits),
