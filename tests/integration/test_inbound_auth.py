@@ -230,6 +230,32 @@ def test_dmarc_reject_refuses_after_data_and_queues_nothing(env: Env) -> None:
     counted(env, "dmarc", "fail", before + 1)
 
 
+def test_one_session_alternates_accepted_and_rejected_messages(env: Env) -> None:
+    """The records cached by a session's first messages answer its later ones without a
+    wait (InboundChecker.message_now): each signed message is queued with its results,
+    each forged one refused with 550 5.7.1 and never queued, and the session goes on
+    normally after every refusal (pipelined BDAT/DATA state, RSET, NOOP)."""
+    content = message("Alice <alice@signed.test>", "alternating", "Signed body.\r\n")
+    signed = env.signer.sign(content, "signed.test") + content
+    passed, failed = results_metric(env, "dkim", "pass"), results_metric(env, "dmarc", "fail")
+    with smtplib.SMTP("127.0.0.1", env.port, "client.test", timeout=30) as client:
+        client.ehlo("client.test")
+        for round_ in range(3):
+            assert client.mail("alice@signed.test")[0] == 250
+            assert client.rcpt(RCPT)[0] == 250
+            code, text = client.data(signed)
+            value = our_results(str(queued(env, (code, text.decode()))["headers"]))
+            assert "dkim=pass" in value and "dmarc=pass" in value, (round_, value)
+            assert client.mail("eve@reject.test")[0] == 250
+            assert client.rcpt(RCPT)[0] == 250
+            code, text = client.data(message("eve@reject.test", f"forged {round_}"))
+            assert code == 550 and text.startswith(b"5.7.1"), (round_, code, text)
+            assert client.rset()[0] == 250 and client.noop()[0] == 250
+    assert not sender_queued(env, "eve@reject.test")
+    counted(env, "dkim", "pass", passed + 3)  # every verdict counted, whichever way it came
+    counted(env, "dmarc", "fail", failed + 3)
+
+
 def test_dmarc_quarantine_holds_the_message(env: Env) -> None:
     reply = send(env.port, OTHER, "eve@quarantine.test", message("eve@quarantine.test", "q"))
     shown = queued(env, reply)

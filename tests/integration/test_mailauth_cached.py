@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import smtplib
 import sys
 from email.utils import formatdate, make_msgid
@@ -15,8 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DnsRecords, running_dnsmasq
 from server import run_cli, running_server
+from tachymail.config import from_dict
 from tachymail.dns import Resolver
+from tachymail.mailauth.dkim import DkimSigner, keygen
 from tachymail.mailauth.dmarc import DmarcResult, check_dmarc
+from tachymail.mailauth.inbound import InboundChecker
 from tachymail.mailauth.spf import SpfResult, check_spf
 
 RECORDS = (
@@ -101,3 +105,73 @@ def test_session_answers_mail_from_the_warm_cache(tmp_path: Path) -> None:
                 headers = str(shown["headers"])
                 assert "spf=pass smtp.mailfrom=news@pass.warm.test" in headers, headers
             assert "Traceback" not in srv.log()
+
+
+def _signed_zone(tmp_path: Path) -> tuple[DnsRecords, DkimSigner]:
+    keys = tmp_path / "keys"
+    zone_line = keygen(keys, "signed.warm.test", "s1")
+    key_text = "".join(re.findall(r'"([^"]*)"', zone_line))
+    records = (
+        DnsRecords()
+        .txt("signed.warm.test", "v=spf1 ip4:192.0.2.1 -all")
+        .txt("_dmarc.signed.warm.test", "v=DMARC1; p=reject")
+        .txt("s1._domainkey.signed.warm.test", key_text)
+        .txt("_dmarc.org.test", "v=DMARC1; p=quarantine")  # sub.org.test has none of its own
+    )
+    return records, DkimSigner(keys, {"signed.warm.test": "s1"})
+
+
+def test_message_checks_without_waiting_equal_the_awaited_ones(tmp_path: Path) -> None:
+    """``InboundChecker.message_now`` (the session's path when nothing needs the DNS) gives
+    None while a record it needs is not cached (the first message of a domain), and once
+    the awaited check has cached them, exactly the verdict the awaited check gives: pass,
+    fail, reject, the organizational domain's policy. Messages with ARC sets, or too big to
+    check in the loop, always go the awaited way."""
+    records, signer = _signed_zone(tmp_path)
+    base = _content("Alice <alice@signed.warm.test>").replace(b"Hello.", b"Signed body.")
+    signed = signer.sign(base, "signed.warm.test") + base
+    big = _content("Alice <alice@signed.warm.test>") + b"x" * 200_000 + b"\r\n"
+    arc = b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.test; s=s; b=AAAA\r\n" + signed
+    # name: (content, what message_now gives before the awaited check and after it)
+    cases = {
+        "pass": (signed, "none", "same"),  # nothing of signed.warm.test cached yet
+        "broken": (signed.replace(b"Signed body.", b"Other body."), "same", "same"),
+        "unsigned": (base, "same", "same"),
+        "organizational": (_content("bob@sub.org.test"), "none", "same"),
+        "arc": (arc, "none", "none"),
+        "big": (signer.sign(big, "signed.warm.test") + big, "none", "none"),
+    }
+    config = from_dict({"server": {"hostname": "mx.warm.test", "data_dir": str(tmp_path / "data")}})
+    with running_dnsmasq(tmp_path / "dns", records) as server:
+        resolver = Resolver(server.address, timeout=2.0, min_ttl=600)
+        checker = InboundChecker(config, resolver, record_reports=False)
+        ip, helo, sender = "127.0.0.1", "client.warm.test", "alice@signed.warm.test"
+
+        async def run() -> dict[str, tuple[object, object, object]]:
+            mail = await checker.mail(ip, helo, sender)
+            seen = {}
+            for name, (content, _, _) in cases.items():
+                kw = dict(
+                    ip=ip,
+                    helo=helo,
+                    mail_from=sender,
+                    mail=mail,
+                    iprev=None,
+                    content=content,
+                    mode="enforce",
+                    relay=False,
+                    crlf=True,
+                )
+                cold = checker.message_now(**kw)  # type: ignore[arg-type]
+                awaited = await checker.message(**kw)  # type: ignore[arg-type]
+                seen[name] = (cold, awaited, checker.message_now(**kw))  # type: ignore[arg-type]
+            return seen
+
+        seen = asyncio.run(run())
+    for name, (cold, awaited, warm) in seen.items():
+        for got, expected in zip((cold, warm), cases[name][1:], strict=True):
+            assert got == (None if expected == "none" else awaited), name
+    assert seen["pass"][1].action == "accept" and "dkim=pass" in seen["pass"][1].summary
+    assert seen["broken"][1].reply.startswith(b"550 5.7.1"), seen["broken"][1]
+    assert seen["unsigned"][1].reply.startswith(b"550 5.7.1"), seen["unsigned"][1]
+    assert seen["organizational"][1].action == "quarantine", seen["organizational"][1]

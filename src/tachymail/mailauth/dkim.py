@@ -515,26 +515,72 @@ async def verify_dkim(
     raises for bad input or DNS trouble: those are results.
     """
     stamp = time.time() if now is None else now
-    headers, lower, body_at, signatures = _parse_signatures(content, max_signatures, stamp)
-    pending = [(sig, sig.key_name) for sig in signatures if not sig.error]
-    names = sorted({name for _sig, name in pending})
+    parsed = _parse_signatures(content, max_signatures, stamp)
+    names = _key_names(parsed.signatures)
     found: dict[str, Any] = {}
     if len(names) == 1:  # the usual case: awaited directly, no task to schedule
         found[names[0]] = await dns.txt(names[0])
     elif names:
         answers = await asyncio.gather(*(dns.txt(name) for name in names))
         found = dict(zip(names, answers, strict=True))
-    for sig, name in pending:
-        _choose_key(sig, found[name])
-    jobs = [sig for sig, _name in pending if not sig.error]
+    jobs = _keyed(parsed.signatures, found)
+    if jobs and len(content) >= EXECUTOR_THRESHOLD:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _verify_signatures, parsed, content, jobs, crlf)
+    elif jobs:
+        _verify_signatures(parsed, content, jobs, crlf)
+    return _outcomes(parsed.signatures)
+
+
+def verify_dkim_now(
+    dns: DnsLookups,
+    content: bytes,
+    *,
+    max_signatures: int = 5,
+    now: float | None = None,
+    crlf: bool = False,
+) -> list[DkimResult] | None:
+    """What :func:`verify_dkim` gives, computed without waiting, when the lookups' own
+    cache (``dns.cached(kind, name)``, as :meth:`tachymail.dns.Resolver.cached`) holds every
+    key record and *content* is small enough to verify in the event loop (under
+    ``EXECUTOR_THRESHOLD``); None otherwise: then await :func:`verify_dkim`. A busy MX
+    has the keys of the senders it hears from cached, so its common message is checked
+    without a coroutine."""
+    cached = getattr(dns, "cached", None)
+    if not callable(cached) or len(content) >= EXECUTOR_THRESHOLD:
+        return None
+    stamp = time.time() if now is None else now
+    parsed = _parse_signatures(content, max_signatures, stamp)
+    found: dict[str, Any] = {}
+    for name in _key_names(parsed.signatures):
+        answer = cached("TXT", name)
+        if answer is None:
+            return None
+        found[name] = answer
+    jobs = _keyed(parsed.signatures, found)
     if jobs:
-        if len(content) >= EXECUTOR_THRESHOLD:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                None, _verify_signatures, headers, lower, content, body_at, jobs, crlf
-            )
-        else:
-            _verify_signatures(headers, lower, content, body_at, jobs, crlf)
+        _verify_signatures(parsed, content, jobs, crlf)
+    return _outcomes(parsed.signatures)
+
+
+def _key_names(signatures: list[_Signature]) -> list[str]:
+    """The key records the usable *signatures* need, each once."""
+    return sorted({sig.key_name for sig in signatures if not sig.error})
+
+
+def _keyed(signatures: list[_Signature], found: dict[str, Any]) -> list[_Signature]:
+    """The usable *signatures* whose key record (in *found*, by name) has a usable key;
+    the others get their result (no key, lookup failed, key unusable)."""
+    jobs = []
+    for sig in signatures:
+        if not sig.error:
+            _choose_key(sig, found[sig.key_name])
+            if not sig.error:
+                jobs.append(sig)
+    return jobs
+
+
+def _outcomes(signatures: list[_Signature]) -> list[DkimResult]:
     results = [sig.outcome(sig.result, sig.error) for sig in signatures]
     if log.isEnabledFor(logging.DEBUG):
         for res in results:
@@ -549,22 +595,30 @@ async def verify_dkim(
     return results
 
 
-def _parse_signatures(
-    content: bytes, limit: int, now: float
-) -> tuple[list[tuple[bytes, bytes]], list[bytes], int, list[_Signature]]:
-    """The header fields of *content* (as ``parse_header`` gives them), their names in
-    lower case, where its body starts, and its first *limit* DKIM-Signature fields,
-    syntax-checked (no DNS)."""
+@dataclass(slots=True)
+class _Parsed:
+    """A message's header fields (as ``parse_header`` gives them), their names in lower
+    case, where its body starts, and its first DKIM-Signature fields."""
+
+    headers: list[tuple[bytes, bytes]]
+    lower: list[bytes]
+    body_at: int
+    signatures: list[_Signature]
+
+
+def _parse_signatures(content: bytes, limit: int, now: float) -> _Parsed:
+    """*content* parsed, with its first *limit* DKIM-Signature fields syntax-checked (no
+    DNS)."""
     blank = _blank_line(content)
     text, body_at = _header_text(content, blank)
     if b"dkim-signature" not in text.lower():
-        return [], [], body_at, []
+        return _Parsed([], [], body_at, [])
     try:
         headers = _header_fields(text, blank is not None)
     except dkim.MessageFormatError as exc:
         # A header block dkimpy cannot read: nothing can be verified, say so once.
         unreadable = _Signature(0, {}, f"unreadable header block: {exc}", "neutral")
-        return [], [], body_at, [unreadable]
+        return _Parsed([], [], body_at, [unreadable])
     lower = [name.lower() for name, _value in headers]
     fields = [headers[i] for i, name in enumerate(lower) if name == b"dkim-signature"]
     signatures = []
@@ -580,7 +634,7 @@ def _parse_signatures(
         if problem:
             sig.error, sig.result = problem, "neutral"
         signatures.append(sig)
-    return headers, lower, body_at, signatures
+    return _Parsed(headers, lower, body_at, signatures)
 
 
 def parse_header(content: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -872,15 +926,11 @@ def split_message(content: bytes) -> tuple[bytes, bytes]:
 
 
 def _verify_signatures(
-    headers: list[tuple[bytes, bytes]],
-    lower: list[bytes],
-    content: bytes,
-    body_at: int,
-    jobs: list[_Signature],
-    crlf: bool = False,
+    parsed: _Parsed, content: bytes, jobs: list[_Signature], crlf: bool = False
 ) -> None:
     """Check each prefetched signature of the message, setting its result (CPU only);
     *crlf*: the body has CRLF line ends only."""
+    headers, lower, body_at = parsed.headers, parsed.lower, parsed.body_at
     body = content[body_at:] if crlf else _crlf_body(content[body_at:])
     canonical: dict[bool, bytes] = {}  # the body in each canonical form, made once
     for sig in jobs:

@@ -40,7 +40,7 @@ from email.policy import compat32
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from tachymail.mailauth.dnsapi import DnsLookups
+from tachymail.mailauth.dnsapi import DnsLookups, Records
 
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
@@ -307,10 +307,21 @@ class _Discovery:
 async def _records_at(dns: DnsLookups, domain: str) -> _Discovery:
     """The DMARC record at ``_dmarc.<domain>``."""
     name = f"_dmarc.{domain}"
-    cached = getattr(dns, "cached", None)  # Resolver.cached: a hit needs no coroutine
-    answer = cached("TXT", name) if callable(cached) else None
+    answer = _cached_txt(dns, name)
     if answer is None:
         answer = await dns.txt(name)
+    return _discovery(domain, name, answer)
+
+
+def _cached_txt(dns: DnsLookups, name: str) -> Records | None:
+    """The TXT records of *name* from the lookups' own cache (``Resolver.cached``: a hit
+    needs no coroutine), or None."""
+    cached = getattr(dns, "cached", None)
+    return cached("TXT", name) if callable(cached) else None
+
+
+def _discovery(domain: str, name: str, answer: Records) -> _Discovery:
+    """What the TXT *answer* for *name* (``_dmarc.<domain>``) says about a DMARC record."""
     if answer.status == "temporary":
         return _Discovery("temperror", domain, detail=f"{name}: {answer.detail or 'no answer'}")
     if answer.status != "ok":
@@ -333,6 +344,23 @@ async def _discover(dns: DnsLookups, domain: str) -> _Discovery:
     if org == domain:
         return first
     return await _records_at(dns, org)
+
+
+def _discover_now(dns: DnsLookups, domain: str) -> _Discovery | None:
+    """:func:`_discover` from the lookups' own cache; None when a lookup would wait."""
+    name = f"_dmarc.{domain}"
+    answer = _cached_txt(dns, name)
+    if answer is None:
+        return None
+    first = _discovery(domain, name, answer)
+    if first.status != "none":
+        return first
+    org = organizational_domain(domain)
+    if org == domain:
+        return first
+    name = f"_dmarc.{org}"
+    answer = _cached_txt(dns, name)
+    return None if answer is None else _discovery(org, name, answer)
 
 
 def aligned(identifier: str, author: str, mode: str) -> bool:
@@ -365,10 +393,42 @@ async def check_dmarc(
     for the rules; never raises for bad records or DNS trouble."""
     author = normalize_domain(content_from) if content_from else ""
     if not author:
-        return DmarcResult(
-            "permerror", "", "none", "none", False, False, detail="no single RFC5322.From domain"
-        )
-    found = await _discover(dns, author)
+        return _no_author()
+    return _decide(author, await _discover(dns, author), spf, dkim, rng)
+
+
+def check_dmarc_now(
+    dns: DnsLookups,
+    content_from: str | None,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    *,
+    rng: Callable[[], float] = random.random,
+) -> DmarcResult | None:
+    """What :func:`check_dmarc` gives, computed without waiting, when the lookups' own
+    cache (``dns.cached``, as :meth:`tachymail.dns.Resolver.cached`) holds the records it
+    needs; None when a lookup would have to wait: then await :func:`check_dmarc`."""
+    author = normalize_domain(content_from) if content_from else ""
+    if not author:
+        return _no_author()
+    found = _discover_now(dns, author)
+    return None if found is None else _decide(author, found, spf, dkim, rng)
+
+
+def _no_author() -> DmarcResult:
+    return DmarcResult(
+        "permerror", "", "none", "none", False, False, detail="no single RFC5322.From domain"
+    )
+
+
+def _decide(
+    author: str,
+    found: _Discovery,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    rng: Callable[[], float],
+) -> DmarcResult:
+    """The DMARC result for the From domain *author* once its record was looked for."""
     if found.status == "temperror":
         return DmarcResult("temperror", author, "none", "none", False, False, detail=found.detail)
     if found.status != "found":

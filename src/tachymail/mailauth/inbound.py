@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tachymail.config import Config, ListenerConfig
 from tachymail.mailauth.arc import NO_ARC_SETS, ArcResult, ArcSealer, may_have_arc_sets, verify_arc
-from tachymail.mailauth.dkim import DkimResult, verify_dkim
-from tachymail.mailauth.dmarc import DmarcResult, aligned, check_dmarc, from_domain
+from tachymail.mailauth.dkim import DkimResult, verify_dkim, verify_dkim_now
+from tachymail.mailauth.dmarc import (
+    DmarcResult,
+    aligned,
+    check_dmarc,
+    check_dmarc_now,
+    from_domain,
+)
 from tachymail.mailauth.dnsapi import DnsLookups
 from tachymail.mailauth.dnsbl import Listing, dnsbl
 from tachymail.mailauth.iprev import IprevResult, check_iprev
@@ -297,13 +303,72 @@ class InboundChecker:
         dmarc: DmarcResult | None = None
         if settings.dmarc:
             dmarc = await self._guard(
-                "dmarc",
-                check_dmarc(self.dns, author, mail.spf, dkim),
-                DmarcResult(
-                    "temperror", author or "", "none", "none", False, False, detail="internal error"
-                ),
+                "dmarc", check_dmarc(self.dns, author, mail.spf, dkim), _dmarc_error(author)
             )
             self._record(dmarc, ip, mail_from, mail.spf, dkim)
+        return self._verdict(ip, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+
+    def message_now(
+        self,
+        *,
+        ip: str,
+        helo: str,
+        mail_from: str,
+        mail: MailVerdict,
+        iprev: IprevResult | None,
+        content: bytes,
+        mode: str,
+        relay: bool,
+        crlf: bool = False,
+    ) -> MessageVerdict | None:
+        """What :meth:`message` gives, computed without waiting, when the resolver's cache
+        holds every record the checks need (the DKIM keys, the DMARC record), the message
+        has no ARC set to verify and is small enough to check in the event loop; None
+        otherwise: then await :meth:`message`. On a busy MX, where the big senders' records
+        stay cached, this is the common case: no task, no loop turn, reading not paused.
+        Never raises."""
+        settings = self.settings
+        seal = self.sealer is not None and relay
+        if (settings.arc or seal) and may_have_arc_sets(content):
+            return None  # ARC's key lookups and checks run in a task of their own
+        author = from_domain(content) if settings.dmarc else None
+        if author and not self._cached_txt(f"_dmarc.{author}"):
+            return None  # before DKIM is worked out for nothing: message() asks the DNS
+        dkim: list[DkimResult] = []
+        if settings.dkim:
+            verified = self._guard_now("dkim", self._dkim_now, [_dkim_error()], content, crlf)
+            if verified is None:
+                return None
+            dkim = verified
+        dmarc: DmarcResult | None = None
+        if settings.dmarc:
+            dmarc = self._guard_now(
+                "dmarc", check_dmarc_now, _dmarc_error(author), self.dns, author, mail.spf, dkim
+            )
+            if dmarc is None:
+                return None  # the organizational domain's record is not cached
+            self._record(dmarc, ip, mail_from, mail.spf, dkim)
+        stripped, forged = remove_forged(content, self.authserv_id)
+        if forged:
+            log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)
+        arc = NO_ARC_SETS if settings.arc or seal else None
+        return self._verdict(ip, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+
+    def _verdict(
+        self,
+        ip: str,
+        mail: MailVerdict,
+        iprev: IprevResult | None,
+        stripped: bytes,
+        dkim: list[DkimResult],
+        dmarc: DmarcResult | None,
+        arc: ArcResult | None,
+        mode: str,
+        seal: bool,
+    ) -> MessageVerdict:
+        """The verdict from the results: our Authentication-Results field (and ARC set),
+        the action, and what the log and the metrics say."""
+        settings = self.settings
         shown_arc = arc if settings.arc else None
         # RFC 8601 §2.7.1: dkim=none says the message was not signed
         shown_dkim = dkim or ([DkimResult("none", "", "", "", "", "")] if settings.dkim else [])
@@ -318,6 +383,11 @@ class InboundChecker:
         summary = " ".join(_summary(results))
         return MessageVerdict(
             action, answer, headers, stripped, results, summary, tuple(dkim), dmarc, shown_arc
+        )
+
+    def _dkim_now(self, content: bytes, crlf: bool) -> list[DkimResult] | None:
+        return verify_dkim_now(
+            self.dns, content, max_signatures=self.settings.dkim_max_signatures, crlf=crlf
         )
 
     async def _dkim(self, content: bytes, crlf: bool) -> list[DkimResult]:
@@ -405,6 +475,16 @@ class InboundChecker:
         except Exception:  # report data, not mail: never a reason to refuse the message
             log.exception("DMARC aggregate data not recorded")
 
+    def _guard_now(
+        self, method: str, work: Callable[..., T | None], fallback: T, *args: Any
+    ) -> T | None:
+        """*work(*args)*, as :meth:`_guard` for a check that does not wait."""
+        try:
+            return work(*args)
+        except Exception:
+            log.exception("mailauth %s check failed unexpectedly; reported as temperror", method)
+            return fallback
+
     async def _guard(self, method: str, work: Awaitable[T], fallback: T) -> T:
         """*work*'s result; *fallback* (a temperror) and a log line if it raises."""
         try:
@@ -426,6 +506,12 @@ def _spf_error(sender: str, helo: str) -> tuple[SpfResult, SpfResult]:
     return (
         SpfResult("temperror", "mailfrom", domain, sender, detail="internal error"),
         SpfResult("temperror", "helo", helo, f"postmaster@{helo}", detail="internal error"),
+    )
+
+
+def _dmarc_error(author: str | None) -> DmarcResult:
+    return DmarcResult(
+        "temperror", author or "", "none", "none", False, False, detail="internal error"
     )
 
 

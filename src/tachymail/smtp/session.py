@@ -343,16 +343,53 @@ class SmtpSession(asyncio.Protocol):
         self._resume(R.reply(250, "2.1.0", "Ok"))
 
     def _authenticate(self, queue_id: str, content: bytes, hold: bool) -> None:
-        """Run DKIM, ARC and DMARC on the finished message (reading paused), then queue it
-        or refuse it (:meth:`_authenticated`)."""
+        """Run DKIM, ARC and DMARC on the finished message, then queue it or refuse it
+        (:meth:`_judged`): at once when the resolver's cache answers every lookup (the
+        common case on a busy MX), else in a task, reading paused meanwhile."""
+        # Our Received field goes under Authentication-Results, and an ARC seal covers it.
+        content = self._received_header(queue_id, time.time()) + content
+        verdict = self._message_verdict_now(content)
+        if verdict is not None:
+            self._judged(queue_id, hold, verdict)
+            return
         self.state = State.WAIT
         assert self.transport is not None
         self.transport.pause_reading()
-        # Our Received field goes under Authentication-Results, and an ARC seal covers it.
-        content = self._received_header(queue_id, time.time()) + content
         check = self.ctx.loop.create_task(self._message_verdict(content))
         self._message_check = check
         check.add_done_callback(lambda done: self._authenticated(queue_id, hold, done))
+
+    def _message_verdict_now(self, content: bytes) -> MessageVerdict | None:
+        """The message's verdict when it needs no wait: SPF and iprev known, and every
+        record the checks need in the resolver's cache (:meth:`InboundChecker.message_now`)."""
+        inbound, mail_check, iprev_check = self.ctx.inbound, self._mail_check, self._iprev_check
+        assert inbound is not None and self.mail_from is not None
+        if mail_check is None or not mail_check.done() or mail_check.cancelled():
+            return None
+        if mail_check.exception() is not None:
+            return None  # the task path logs it and answers 451
+        iprev = None
+        if iprev_check is not None:
+            if not iprev_check.done() or iprev_check.cancelled():
+                return None
+            if iprev_check.exception() is not None:
+                return None
+            iprev = iprev_check.result()
+        return inbound.message_now(
+            ip=self.peer_ip,
+            helo=self.helo or "",
+            mail_from=self.mail_from,
+            mail=mail_check.result(),
+            iprev=iprev,
+            content=content,
+            mode=self.mailauth,
+            relay=self._relayed(),
+            crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
+        )
+
+    def _relayed(self) -> bool:
+        """Whether a recipient is delivered elsewhere (an ARC seal is then added when set up)."""
+        return any(not self._local_recipient(rcpt.address) for rcpt in self.rcpts)
 
     async def _message_verdict(self, content: bytes) -> MessageVerdict:
         inbound = self.ctx.inbound
@@ -367,8 +404,6 @@ class SmtpSession(asyncio.Protocol):
             iprev = check.result()  # done (the usual case): no shield, no loop turn
         elif check is not None:
             iprev = await asyncio.shield(check)  # shared by the session's messages
-        # Relayed: a recipient delivered elsewhere (an ARC seal is then added when set up).
-        relay = any(not self._local_recipient(rcpt.address) for rcpt in self.rcpts)
         return await inbound.message(
             ip=ip,
             helo=helo,
@@ -377,13 +412,12 @@ class SmtpSession(asyncio.Protocol):
             iprev=iprev,
             content=content,
             mode=self.mailauth,
-            relay=relay,
+            relay=self._relayed(),
             crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
     def _authenticated(self, queue_id: str, hold: bool, done: asyncio.Task[MessageVerdict]) -> None:
-        """The message's verdict: refused (DMARC reject: the checker's 550 5.7.1; a check
-        that failed unexpectedly: 451 4.3.0), or queued, held when quarantined."""
+        """The checks' task is done: answer as :meth:`_judged` says, then read again."""
         if self._message_check is not done:
             return
         self._message_check = None
@@ -395,6 +429,13 @@ class SmtpSession(asyncio.Protocol):
             self._end_reply(R.reply(451, "4.3.0", "Error: message checks failed, try again later"))
             self._continue()
             return
+        if not self._judged(queue_id, hold, verdict):
+            self._continue()
+
+    def _judged(self, queue_id: str, hold: bool, verdict: MessageVerdict) -> bool:
+        """The message's verdict: refused (DMARC reject: the checker's 550 5.7.1, or 451
+        4.4.3 when a DNS failure may hide an aligned pass), or queued, held when
+        quarantined. True when it is being queued (its reply comes with the commit)."""
         for method, result in verdict.results:
             m.auth_result(method, result)
         self.auth_last = verdict.summary
@@ -418,14 +459,14 @@ class SmtpSession(asyncio.Protocol):
             )
             m.messages_rejected[reason].inc()
             self._end_reply(verdict.reply)
-            self._continue()
-            return
+            return False
         if verdict.action == "quarantine":
             log.info("%s quarantined (held): %s", queue_id, verdict.summary)
             hold = True
         self._trace = verdict.headers
         self._auth_pending = verdict.summary
         self._accept_message(queue_id, verdict.content, hold)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.outcome == "disconnect":
