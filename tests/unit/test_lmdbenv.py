@@ -1,15 +1,20 @@
-"""The side stores' LMDB helpers: lock files with real blocks, batched sweeps."""
+"""The LMDB helpers: lock files with real blocks, batched sweeps, the queue's zeroed
+headroom."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tachymail import lmdbenv
 from tachymail.lmdbenv import delete_where, open_side_store
+from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
+from tachymail.queue.store import QueueStore, put_message
 
 
 def test_the_lock_file_has_real_blocks_for_its_whole_length(tmp_path: Path) -> None:
@@ -58,3 +63,88 @@ def test_allocating_keeps_this_processs_locks_on_the_lock_file(tmp_path: Path) -
     finally:
         reading.abort()
         env.close()
+
+
+# --- the queue's zeroed headroom (GrowingMap._keep_headroom) ---------------------------------
+
+
+def _queue_messages(store: QueueStore, count: int, size: int) -> list[str]:
+    """*count* messages of *size* octets, each in a commit of its own (as a lone client's)."""
+    ids = []
+    for _ in range(count):
+        queue_id = new_queue_id()
+        envelope = Envelope(
+            id=queue_id, sender="a@x.test", recipients=[Recipient("b@y.test")], arrival=time.time()
+        )
+        store.apply([put_message(envelope, b"Subject: x\r\n\r\n" + b"y" * size)])
+        ids.append(queue_id)
+    return ids
+
+
+def _used_end(store: QueueStore) -> int:
+    return (store.env.info()["last_pgno"] + 1) * store.env.stat()["psize"]
+
+
+def test_small_commits_keep_zeros_written_past_the_queue_data(tmp_path: Path) -> None:
+    """A queue growing by small commits keeps HEADROOM of zeros on disk past its data, so a
+    commit overwrites blocks in place instead of extending the file; LMDB reads every
+    message back, after a reopen too, and nothing but zeros lies past the data."""
+    store = QueueStore(tmp_path / "queue")
+    ids = _queue_messages(store, 60, 1000)
+    used = _used_end(store)
+    data = tmp_path / "queue" / "data.mdb"
+    size = data.stat().st_size
+    assert size >= used + lmdbenv.HEADROOM // 2, (size, used)
+    assert data.stat().st_blocks * 512 >= size  # written blocks, not a sparse tail
+    with open(data, "rb") as file:
+        file.seek(used)
+        assert file.read() == bytes(size - used)
+    store.close()
+    again = QueueStore(tmp_path / "queue")
+    assert again.count() == 60
+    assert all(again.content(queue_id) is not None for queue_id in ids)
+    again.close()
+
+
+def test_big_commits_extend_the_queue_file_themselves(tmp_path: Path) -> None:
+    """Zeros written ahead of big commits would cost more than they spare: none are."""
+    store = QueueStore(tmp_path / "queue")
+    _queue_messages(store, 30, 256 * 1024)
+    size = (tmp_path / "queue" / "data.mdb").stat().st_size
+    assert size - _used_end(store) < lmdbenv.HEADROOM // 2
+    store.close()
+
+
+def test_no_headroom_is_written_on_a_file_system_short_of_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below HEADROOM_MIN_FREE of free space the queue takes no more disk than its data."""
+    monkeypatch.setattr(lmdbenv, "HEADROOM_MIN_FREE", 1 << 62)
+    store = QueueStore(tmp_path / "queue")
+    _queue_messages(store, 60, 1000)
+    size = (tmp_path / "queue" / "data.mdb").stat().st_size
+    assert size - _used_end(store) < lmdbenv.HEADROOM // 2
+    store.close()
+
+
+def test_the_headroom_descriptor_leaves_the_lock_files_locks_alone(tmp_path: Path) -> None:
+    """The zeros go through a descriptor of data.mdb of the store's own; closing it must not
+    drop this process's fcntl locks (LMDB keeps them on lock.mdb only)."""
+    store = QueueStore(tmp_path / "queue")
+    _queue_messages(store, 60, 1000)
+    assert store._map._fd is not None  # the headroom was written through it
+    reading = store.env.begin()
+    store._map.close()
+    try:
+        probe = "import lmdb, sys\nprint(lmdb.open(sys.argv[1], max_readers=512).readers())\n"
+        seen = subprocess.run(
+            [sys.executable, "-c", probe, str(tmp_path / "queue")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert f"{os.getpid()}" in seen, f"the lock file was reset: readers {seen!r}"
+    finally:
+        reading.abort()
+        store.env.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 import lmdb
 
-from tachymail.lmdbenv import GrowingMap, open_store
+from tachymail.lmdbenv import HEADROOM, GrowingMap, open_store
 
 # moved to lmdbenv (the mailbox store shares it); still exported from here
 from tachymail.lmdbenv import is_storage_exhausted as is_storage_exhausted
@@ -90,6 +90,8 @@ class QueueStore:
             name="queue",
             full=StorageFull,
             no_room="no room for the queue",
+            # the queue grows by every message it holds: see GrowingMap._keep_headroom
+            headroom=0 if readonly else HEADROOM,
         )
 
     def _open_dbs(self, txn: lmdb.Transaction | None, create: bool = True) -> None:
@@ -334,6 +336,7 @@ class QueueStore:
         return entries
 
     def close(self) -> None:
+        self._map.close()
         self.env.close()
 
 
