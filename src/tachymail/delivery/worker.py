@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -48,6 +49,8 @@ async def serve_delivery(config: Config, index: int, count: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor handles reloads
     log.info("delivery worker %d/%d (pid %d) started", index, count, os.getpid())
+    gc.collect()  # the start-up heap out of every later full collection: see serve_worker
+    gc.freeze()
     parent = os.getppid()
     runner = loop.create_task(worker.run(stop))
     # One webhook sender per node keeps each message's events in order: worker 0's.
