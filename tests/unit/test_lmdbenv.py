@@ -47,22 +47,24 @@ def test_allocating_keeps_this_processs_locks_on_the_lock_file(tmp_path: Path) -
     env = open_side_store(tmp_path / "side")
     reading = env.begin()  # a reader slot of this process, in the lock file
     try:
-        probe = (
-            "import lmdb, sys\n"
-            "env = lmdb.open(sys.argv[1], max_readers=512)\n"
-            "print(env.readers())\n"
-        )
-        seen = subprocess.run(
-            [sys.executable, "-c", probe, str(tmp_path / "side")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        assert f"{os.getpid()}" in seen, f"the lock file was reset: readers {seen!r}"
+        assert_reader_seen(tmp_path / "side")
     finally:
         reading.abort()
         env.close()
+
+
+def assert_reader_seen(directory: Path) -> None:
+    """Another process opening the environment sees this process's reader slot: the lock
+    file was not reset under it."""
+    probe = "import lmdb, sys\nprint(lmdb.open(sys.argv[1], max_readers=512).readers())\n"
+    seen = subprocess.run(
+        [sys.executable, "-c", probe, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert f"{os.getpid()}" in seen, f"the lock file was reset: readers {seen!r}"
 
 
 # --- the queue's zeroed headroom (GrowingMap._keep_headroom) ---------------------------------
@@ -136,15 +138,7 @@ def test_the_headroom_descriptor_leaves_the_lock_files_locks_alone(tmp_path: Pat
     reading = store.env.begin()
     store._map.close()
     try:
-        probe = "import lmdb, sys\nprint(lmdb.open(sys.argv[1], max_readers=512).readers())\n"
-        seen = subprocess.run(
-            [sys.executable, "-c", probe, str(tmp_path / "queue")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        assert f"{os.getpid()}" in seen, f"the lock file was reset: readers {seen!r}"
+        assert_reader_seen(tmp_path / "queue")
     finally:
         reading.abort()
         store.env.close()
