@@ -175,3 +175,44 @@ def test_message_checks_without_waiting_equal_the_awaited_ones(tmp_path: Path) -
     assert seen["broken"][1].reply.startswith(b"550 5.7.1"), seen["broken"][1]
     assert seen["unsigned"][1].reply.startswith(b"550 5.7.1"), seen["unsigned"][1]
     assert seen["organizational"][1].action == "quarantine", seen["organizational"][1]
+
+
+INJECTED_FAULT = """
+from tachymail.mailauth.inbound import InboundChecker
+
+def _broken(self, **kw):
+    raise RuntimeError("injected fault in the checks")
+
+async def _broken_async(self, **kw):
+    raise RuntimeError("injected fault in the checks")
+
+InboundChecker.message_now = _broken
+InboundChecker.message = _broken_async
+"""
+
+
+def test_checks_that_fail_unexpectedly_get_451_and_the_session_goes_on(tmp_path: Path) -> None:
+    """A bug in the checks (injected into the server through sitecustomize) is logged and
+    answered 451 4.3.0, whichever path met it; nothing is queued and the session goes on."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECTED_FAULT)
+    with running_dnsmasq(tmp_path / "dns", SESSION_RECORDS) as dns_server:
+        extra = (
+            '[policy]\ntrusted_networks = []\nrelay_domains = ["dest.test"]\n'
+            f'[delivery]\nresolver = "{dns_server.address}"\ndns_timeout = 2.0\n'
+            "[mailauth]\niprev = false\n"
+        )
+        env = {"PYTHONPATH": str(inject)}
+        with running_server(tmp_path, extra, roles=("mx",), env=env) as srv:
+            with smtplib.SMTP("127.0.0.1", srv.ports["mx"], "client.warm.test", timeout=30) as c:
+                c.ehlo("client.warm.test")
+                for _ in range(2):
+                    assert c.mail("news@pass.warm.test")[0] == 250
+                    assert c.rcpt("r@dest.test")[0] == 250
+                    code, text = c.data(_content("news@pass.warm.test"))
+                    assert code == 451 and text.startswith(b"4.3.0"), (code, text)
+                    assert c.rset()[0] == 250
+            listing = run_cli("queue", "list", "--json", data_dir=srv.data_dir)
+            assert listing.strip() == "", listing
+            assert "injected fault in the checks" in srv.log()

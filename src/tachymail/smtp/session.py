@@ -348,7 +348,13 @@ class SmtpSession(asyncio.Protocol):
         common case on a busy MX), else in a task, reading paused meanwhile."""
         # Our Received field goes under Authentication-Results, and an ARC seal covers it.
         content = self._received_header(queue_id, time.time()) + content
-        verdict = self._message_verdict_now(content)
+        try:
+            verdict = self._message_verdict_now(content)
+        except Exception:
+            # a bug, not bad input: the task path runs the checks again and, should they
+            # fail there too, answers 451 4.3.0 rather than leaving the client unanswered
+            log.exception("session %s: inbound checks of %s failed", self.peer_ip, queue_id)
+            verdict = None
         if verdict is not None:
             self._judged(queue_id, hold, verdict)
             return
