@@ -12,6 +12,7 @@ import pytest
 
 from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
 from tachymail.queue.journal import (
+    ZERO_AHEAD,
     JournalCommitter,
     encode_record,
     read_records,
@@ -178,3 +179,38 @@ def test_a_journaled_message_whose_id_was_taken_is_queued_under_a_new_one(
     path.write_bytes(encode_record(prepare(again, content)))
     assert replay_journals(store, path.parent) == 1
     assert len(store.ids()) == 2
+
+
+def test_records_go_over_zeros_written_ahead_and_replay_reads_to_them(
+    tmp_path: Path, store: QueueStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal thread keeps zeros written past the last record (a record then syncs as
+    plain data, not as a longer file): the file of a worker that died holds every record,
+    then zeros, and replay applies them all without calling the zeros damage."""
+    directory = tmp_path / "journal"
+    copy = tmp_path / "crashed" / "5-000001.jnl"
+
+    async def run() -> list[str]:
+        committer = JournalCommitter(store, directory, max_batch=8)
+        sent = [message(n) for n in range(60)]
+        for n in range(0, 60, 6):  # batches of their own, as clients come and go
+            await asyncio.gather(*(committer.submit(e, c) for e, c in sent[n : n + 6]))
+        [journal] = directory.glob("*.jnl")
+        copy.parent.mkdir()
+        copy.write_bytes(journal.read_bytes())  # the file as a kill -9 would leave it
+        committer.close()
+        return [e.id for e, _ in sent]
+
+    ids = asyncio.run(run())
+    data = copy.read_bytes()
+    ends = [end for end, _ in read_records(data)]
+    assert len(ends) == 60
+    assert len(data) - ends[-1] >= ZERO_AHEAD // 2 and not data[ends[-1] :].strip(b"\0")
+    replayed = QueueStore(tmp_path / "replayed", map_size=16 * 1024 * 1024)
+    try:
+        with caplog.at_level("WARNING", logger="tachymail.queue.journal"):
+            assert replay_journals(replayed, copy.parent) == 60
+        assert sorted(replayed.ids()) == sorted(ids)
+        assert "torn or damaged" not in caplog.text
+    finally:
+        replayed.close()
