@@ -53,6 +53,21 @@ HEADROOM_RETRY = 60.0
 _ZEROS = bytes(_MiB)
 
 
+def write_zeros(fd: int, start: int, end: int) -> bool:
+    """Write zeros over ``[start, end)`` of the file *fd* (not synced), unless that would
+    leave its file system less than ``HEADROOM_MIN_FREE``: then False, nothing written.
+    Raises OSError. Zeros written ahead of a growing file (the queue's headroom, the intake
+    journal's) let later writes land in place: their syncs are then plain data writes,
+    not also a file-system journal commit for a longer file."""
+    fs = os.fstatvfs(fd)
+    if fs.f_bavail * fs.f_frsize < HEADROOM_MIN_FREE + end - start:
+        return False
+    zeros = memoryview(_ZEROS)
+    for offset in range(start, end, len(zeros)):
+        os.pwrite(fd, zeros[: end - offset], offset)
+    return True
+
+
 def allocate_lock_file(directory: Path) -> None:
     """Give ``directory/lock.mdb`` real blocks for its whole length (see the module doc).
 
@@ -227,13 +242,9 @@ class GrowingMap:
             end = os.fstat(self._fd).st_size
             target = min(used + self.headroom, info["map_size"])
             if end < target - self.headroom // 2:
-                fs = os.statvfs(self._data)
-                if fs.f_bavail * fs.f_frsize < HEADROOM_MIN_FREE + target - end:
+                if not write_zeros(self._fd, end, target):
                     self._retry_at = now + HEADROOM_RETRY
                     return
-                zeros = memoryview(_ZEROS)
-                for offset in range(end, target, len(zeros)):
-                    os.pwrite(self._fd, zeros[: target - offset], offset)
                 os.fdatasync(self._fd)
                 end = target
             self._zeroed = end

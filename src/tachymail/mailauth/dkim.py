@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 
-from tachymail.mailauth.dnsapi import DnsLookups
+from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.protocol.mime import canonical_body, header_value
 
 __all__ = [
@@ -546,14 +546,14 @@ def verify_dkim_now(
     ``EXECUTOR_THRESHOLD``); None otherwise: then await :func:`verify_dkim`. A busy MX
     has the keys of the senders it hears from cached, so its common message is checked
     without a coroutine."""
-    cached = getattr(dns, "cached", None)
-    if not callable(cached) or len(content) >= EXECUTOR_THRESHOLD:
+    peek = peek_cache(dns)
+    if peek is None or len(content) >= EXECUTOR_THRESHOLD:
         return None
     stamp = time.time() if now is None else now
     parsed = _parse_signatures(content, max_signatures, stamp)
     found: dict[str, Any] = {}
     for name in _key_names(parsed.signatures):
-        answer = cached("TXT", name)
+        answer = peek("TXT", name)
         if answer is None:
             return None
         found[name] = answer

@@ -40,7 +40,7 @@ from email.policy import compat32
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from tachymail.mailauth.dnsapi import DnsLookups, Records
+from tachymail.mailauth.dnsapi import DnsLookups, Records, peek_cache
 
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
@@ -306,18 +306,19 @@ class _Discovery:
 
 async def _records_at(dns: DnsLookups, domain: str) -> _Discovery:
     """The DMARC record at ``_dmarc.<domain>``."""
+    found = _records_now(dns, domain)  # a cache hit needs no coroutine
+    if found is None:
+        name = f"_dmarc.{domain}"
+        found = _discovery(domain, name, await dns.txt(name))
+    return found
+
+
+def _records_now(dns: DnsLookups, domain: str) -> _Discovery | None:
+    """:func:`_records_at` from the lookups' own cache; None when it does not hold them."""
+    peek = peek_cache(dns)
     name = f"_dmarc.{domain}"
-    answer = _cached_txt(dns, name)
-    if answer is None:
-        answer = await dns.txt(name)
-    return _discovery(domain, name, answer)
-
-
-def _cached_txt(dns: DnsLookups, name: str) -> Records | None:
-    """The TXT records of *name* from the lookups' own cache (``Resolver.cached``: a hit
-    needs no coroutine), or None."""
-    cached = getattr(dns, "cached", None)
-    return cached("TXT", name) if callable(cached) else None
+    answer = peek("TXT", name) if peek is not None else None
+    return None if answer is None else _discovery(domain, name, answer)
 
 
 def _discovery(domain: str, name: str, answer: Records) -> _Discovery:
@@ -338,29 +339,25 @@ async def _discover(dns: DnsLookups, domain: str) -> _Discovery:
     """RFC 7489 §6.6.3 steps 1-4: the record at the From domain, else at its
     organizational domain."""
     first = await _records_at(dns, domain)
-    if first.status != "none":
-        return first
-    org = organizational_domain(domain)
-    if org == domain:
-        return first
-    return await _records_at(dns, org)
+    org = _fallback(first, domain)
+    return first if org is None else await _records_at(dns, org)
 
 
 def _discover_now(dns: DnsLookups, domain: str) -> _Discovery | None:
     """:func:`_discover` from the lookups' own cache; None when a lookup would wait."""
-    name = f"_dmarc.{domain}"
-    answer = _cached_txt(dns, name)
-    if answer is None:
-        return None
-    first = _discovery(domain, name, answer)
+    first = _records_now(dns, domain)
+    org = None if first is None else _fallback(first, domain)
+    return first if org is None else _records_now(dns, org)
+
+
+def _fallback(first: _Discovery, domain: str) -> str | None:
+    """The organizational domain to look at after *first*, what ``_dmarc.<domain>``
+    gave; None when *first* decides (a record, several, a DNS failure, or *domain* is
+    organizational already)."""
     if first.status != "none":
-        return first
+        return None
     org = organizational_domain(domain)
-    if org == domain:
-        return first
-    name = f"_dmarc.{org}"
-    answer = _cached_txt(dns, name)
-    return None if answer is None else _discovery(org, name, answer)
+    return None if org == domain else org
 
 
 def aligned(identifier: str, author: str, mode: str) -> bool:

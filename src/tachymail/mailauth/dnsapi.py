@@ -15,11 +15,16 @@ checker use it when present to skip awaits (:meth:`tachymail.dns.Resolver.cached
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from tachymail.dns import Records
 
-__all__ = ["DnsLookups", "Records"]
+__all__ = ["DnsLookups", "Peek", "Records", "peek_cache"]
+
+#: ``DnsLookups.cached(kind, name)``, when the lookups have it: the answer from the cache
+#: without a coroutine, or None (see :meth:`tachymail.dns.Resolver.cached`)
+Peek = Callable[[str, str], Records | None]
 
 
 class DnsLookups(Protocol):
@@ -49,3 +54,9 @@ class DnsLookups(Protocol):
     async def ptr(self, address: str) -> Records:
         """The names of the IPv4 or IPv6 *address*, from its reverse zone."""
         ...
+
+
+def peek_cache(dns: DnsLookups) -> Peek | None:
+    """The lookups' own ``cached(kind, name)``, or None when they have none."""
+    cached = getattr(dns, "cached", None)
+    return cached if callable(cached) else None

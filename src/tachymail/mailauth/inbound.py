@@ -36,7 +36,7 @@ from tachymail.mailauth.dmarc import (
     check_dmarc_now,
     from_domain,
 )
-from tachymail.mailauth.dnsapi import DnsLookups
+from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.mailauth.dnsbl import Listing, dnsbl
 from tachymail.mailauth.iprev import IprevResult, check_iprev
 from tachymail.mailauth.results import authentication_results, remove_forged
@@ -398,8 +398,8 @@ class InboundChecker:
     def _cached_txt(self, name: str) -> bool:
         """Whether the lookups' cache (``Resolver.cached``, when they have one) holds the
         TXT records of *name* (a hit counts as a lookup, as the prefetch would)."""
-        cached = getattr(self.dns, "cached", None)
-        return callable(cached) and cached("TXT", name) is not None
+        peek = peek_cache(self.dns)
+        return peek is not None and peek("TXT", name) is not None
 
     async def _prefetch(self, name: str) -> None:
         try:

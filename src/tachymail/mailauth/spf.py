@@ -47,7 +47,7 @@ import re
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,7 +55,7 @@ import dns.exception
 import dns.name
 
 from tachymail.dns import Records
-from tachymail.mailauth.dnsapi import DnsLookups
+from tachymail.mailauth.dnsapi import DnsLookups, Peek, peek_cache
 
 __all__ = ["RESULTS", "SpfResult", "check_host", "check_spf", "check_spf_now"]
 
@@ -124,11 +124,6 @@ class _WouldWait(BaseException):
     """A lookup of a run that may not wait (:func:`_run_now`) is not in the cache.
 
     A BaseException, so that no ``except Exception`` on the way turns it into a result."""
-
-
-#: ``DnsLookups.cached(kind, name)``, when the lookups have it: the answer from the cache
-#: without a coroutine, or None (see :meth:`tachymail.dns.Resolver.cached`)
-Peek = Callable[[str, str], Records | None]
 
 
 # -- parsed records ----------------------------------------------------------------------
@@ -485,9 +480,8 @@ class _Check:
         self.ipv4 = isinstance(client, ipaddress.IPv4Address)
         self.client_key = (client.version, int(client))
         self.bits = 32 if self.ipv4 else 128
-        cached = getattr(dns, "cached", None)
         #: the lookups' synchronous cache (Resolver.cached), None when they have none
-        self.peek: Peek | None = cached if callable(cached) else None
+        self.peek: Peek | None = peek_cache(dns)
         #: a run that may not wait (_run_now): a lookup the cache cannot answer ends it
         self.no_wait = False
         local, _, sender_domain = sender.rpartition("@")
@@ -871,8 +865,8 @@ def _start(
     if not at:
         sender = f"postmaster@{checked}"
         address_text = sender
-    peek = getattr(dns, "cached", None)
-    if callable(peek):
+    peek = peek_cache(dns)
+    if peek is not None:
         key = (id(dns), _address_text(client), checked, max_lookups, max_void_lookups)
         known = _recall(peek, key, sender, helo, receiver)
         if known is not None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import lmdb
 
-from tachymail.lmdbenv import HEADROOM_MIN_FREE, is_storage_exhausted
+from tachymail.lmdbenv import is_storage_exhausted, write_zeros
 from tachymail.metrics import m
 from tachymail.queue.commit import AnyOperation, GroupCommitter
 from tachymail.queue.envelope import Envelope, Recipient, new_queue_id
@@ -57,11 +57,9 @@ SUFFIX = ".jnl"
 #: start a new journal file once the current one is this big (the old one is deleted once
 #: everything in it is in LMDB)
 ROTATE_BYTES = 32 * 1024 * 1024
-#: zeros the journal thread keeps written past a file's last record, and the most it writes
-#: in one go (see JournalCommitter._zero_ahead)
+#: zeros the journal thread keeps written past a file's last record (see
+#: JournalCommitter._zero_ahead)
 ZERO_AHEAD = 2 * 1024 * 1024
-ZERO_STEP = 1024 * 1024
-_ZEROS = bytes(ZERO_STEP)
 #: journaled content not yet in LMDB beyond which intake answers 452 4.3.1 (LMDB behind)
 MAX_UNAPPLIED_BYTES = 256 * 1024 * 1024
 #: most journaled messages in one LMDB commit of a replay
@@ -121,7 +119,7 @@ def read_records(data: bytes | mmap.mmap, start: int = 0) -> Iterator[tuple[int,
         at += schedule_len
         yield end, (key, payload[at:], record, schedule)
         offset = end
-    if offset < len(data) and data[offset : offset + len(_ZEROS)].strip(b"\0"):
+    if offset < len(data) and data[offset : offset + ZERO_AHEAD].strip(b"\0"):
         # (zeros are the space written ahead of the records: see JournalCommitter._zero_ahead)
         log.warning("journal: %d torn or damaged bytes at the end ignored", len(data) - offset)
 
@@ -629,22 +627,16 @@ class JournalCommitter(GroupCommitter):
         as plain data, as the queue's own headroom does (tachymail.lmdbenv.GrowingMap).
         The zeros are not synced here: the next batch's fdatasync takes them, and the new
         size, once per ZERO_AHEAD / 2. Replay stops at them like at any record that does
-        not check out. A file about to be rotated gets none, nor does a file system with
-        less than the queue's ``HEADROOM_MIN_FREE`` to spare; a failure only costs the
-        speed-up."""
+        not check out. A file about to be rotated gets none, nor does a file system short
+        of space (``write_zeros``); a failure only costs the speed-up."""
         if file.written - end >= ZERO_AHEAD // 2 or end >= ROTATE_BYTES:
             return
-        start, target = max(file.written, end), end + ZERO_AHEAD
+        target = end + ZERO_AHEAD
         try:
-            fs = os.fstatvfs(file.fd)
-            if fs.f_bavail * fs.f_frsize < HEADROOM_MIN_FREE + target - start:
-                return
-            for offset in range(start, target, ZERO_STEP):
-                os.pwrite(file.fd, memoryview(_ZEROS)[: target - offset], offset)
+            if write_zeros(file.fd, max(file.written, end), target):
+                file.written = target
         except OSError as exc:
             log.info("journal: no zeros written ahead in %s (%s)", file.path.name, exc)
-            return
-        file.written = target
 
 
 def _sync_directory(directory: Path) -> None:
