@@ -216,3 +216,63 @@ def test_checks_that_fail_unexpectedly_get_451_and_the_session_goes_on(tmp_path:
             listing = run_cli("queue", "list", "--json", data_dir=srv.data_dir)
             assert listing.strip() == "", listing
             assert "injected fault in the checks" in srv.log()
+
+
+COUNTED_SPF = """
+import logging
+from tachymail.mailauth.inbound import InboundChecker
+
+_mail_now = InboundChecker.mail_now
+
+def _counted(self, ip, helo, mail_from):
+    logging.getLogger("tachymail.test").warning("SPF asked: helo=%s from=%s", helo, mail_from)
+    return _mail_now(self, ip, helo, mail_from)
+
+InboundChecker.mail_now = _counted
+"""
+
+
+def test_a_session_checks_spf_once_per_helo_and_sender(tmp_path: Path) -> None:
+    """Message after message from one sender in one session: SPF is worked out (from the
+    resolver's cache) once, and every message still carries its spf=pass; a new sender
+    or a new HELO name is checked anew. (The checker is counted through sitecustomize.)"""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(COUNTED_SPF)
+    with running_dnsmasq(tmp_path / "dns", SESSION_RECORDS) as dns_server:
+        extra = (
+            '[policy]\ntrusted_networks = []\nrelay_domains = ["dest.test"]\n'
+            f'[delivery]\nresolver = "{dns_server.address}"\ndns_timeout = 2.0\n'
+            "[mailauth]\niprev = false\n"
+        )
+        env = {"PYTHONPATH": str(inject)}
+        with running_server(tmp_path, extra, roles=("mx",), env=env) as srv:
+            port = srv.ports["mx"]
+            with smtplib.SMTP("127.0.0.1", port, "client.warm.test", timeout=30) as client:
+                client.ehlo("client.warm.test")
+                senders = ["news@pass.warm.test"] * 4 + ["other@pass.warm.test"] * 2
+                for sender in senders:
+                    assert client.mail(sender)[0] == 250
+                    assert client.rcpt("r@dest.test")[0] == 250
+                    assert client.data(_content(sender))[0] == 250
+                client.ehlo("mx2.client.warm.test")
+                assert client.mail("other@pass.warm.test")[0] == 250
+                client.rset()
+            asked = re.findall(r"SPF asked: helo=(\S+) from=(\S+)", srv.log())
+            ids = [row["id"] for row in _queued(srv.data_dir)]
+            contents = [run_cli("queue", "show", i, "--body", data_dir=srv.data_dir) for i in ids]
+    # the first lookups go to the DNS (a task): asked again once they are cached
+    assert asked == [
+        ("client.warm.test", "news@pass.warm.test"),
+        ("client.warm.test", "news@pass.warm.test"),
+        ("client.warm.test", "other@pass.warm.test"),
+        ("mx2.client.warm.test", "other@pass.warm.test"),
+    ], asked
+    assert len(contents) == 6
+    for shown in contents:
+        assert re.search(r"spf=pass[^;]*smtp\.mailfrom=\S+@pass\.warm\.test", shown), shown
+
+
+def _queued(data_dir: Path) -> list[dict[str, object]]:
+    listing = run_cli("queue", "list", "--json", data_dir=data_dir)
+    return [json.loads(line) for line in listing.splitlines() if line.strip()]

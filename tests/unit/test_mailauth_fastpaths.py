@@ -11,18 +11,21 @@ from email.parser import HeaderParser
 from email.policy import compat32
 from pathlib import Path
 
+import dkim as dkimpy
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakedns import ZoneLookups
 from tachymail.config import Config
-from tachymail.mailauth import dmarc
-from tachymail.mailauth.dkim import DkimResult
+from tachymail.mailauth import dkim, dmarc
+from tachymail.mailauth.arc import may_have_arc_sets
+from tachymail.mailauth.dkim import DkimResult, read_header
 from tachymail.mailauth.dmarc import DmarcRecord, DmarcResult, from_domain
 from tachymail.mailauth.inbound import InboundChecker, MailVerdict
 from tachymail.mailauth.iprev import IprevResult
 from tachymail.mailauth.reports import DAY, DmarcReports
-from tachymail.mailauth.results import authentication_results
+from tachymail.mailauth.results import authentication_results, remove_forged
 from tachymail.mailauth.spf import SpfResult
 
 # lines a header block is made of: plain fields, folded ones, odd ones the parser handles
@@ -74,6 +77,113 @@ def test_from_domain_of_plain_and_folded_headers() -> None:
     assert from_domain(b"From:\r\n N <n@a.example>,\r\n\tM <m@a.example>\r\n\r\n") == "a.example"
     assert from_domain(b"From: n@a.example\r\nFrom: n@a.example\r\n\r\n") is None
     assert from_domain(b"Subject: no author\r\n\r\nFrom: n@a.example\r\n") is None
+
+
+# plain lines and the fields the checks look for, to build header blocks with
+BLOCK_LINES = [
+    *LINES,
+    b"From-Address: x@z.example\r\n",
+    b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=a.example; s=s; b=AAAA\r\n",
+    b"arc-authentication-results: i=1; mx.a.example; spf=pass\r\n",
+    b"Authentication-Results: mx.test; spf=pass\r\n",
+    b"Authentication-Results: other.example; dkim=pass\r\n",
+    b"DKIM-Signature: v=1; a=rsa-sha256; d=a.example; s=s; h=from:to; bh=AAAA; b=BBBB\r\n",
+    b"dkim-signature: v=1; a=rsa-sha256; d=a.example; s=s; h=subject; bh=AAAA;\r\n\tb=CC CC\r\n",
+    b"DKIM-Signature: v=2\r\n",
+    b"Received: from x (x [192.0.2.1])\r\n\tby mx.test; Tue, 1 Dec 2026 12:00:00 +0000\r\n",
+]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(BLOCK_LINES), max_size=10), st.sampled_from([b"", b"\r\nbody\r\n"]))
+def test_a_header_read_once_tells_every_check_the_same(lines: list[bytes], end: bytes) -> None:
+    """The header block read once (read_header, for the checks that need no wait) gives
+    each check what it finds reading the message itself: the From domain, whether ARC
+    fields may be there, the DKIM signatures and fields, and whether a forged
+    Authentication-Results field is there to remove."""
+    content = b"".join(lines) + end
+    block = read_header(content)
+    if block is None:
+        return
+    assert from_domain(content, block) == from_domain(content)
+    assert may_have_arc_sets(content, block) == may_have_arc_sets(content)
+    now = time.time()
+    assert dkim._parse_signatures(content, 5, now, block) == dkim._parse_signatures(content, 5, now)
+    if b"authentication-results" not in block.lower:
+        assert remove_forged(content, "mx.test") == (content, 0)
+
+
+def test_only_a_plain_header_is_read_once() -> None:
+    plain = b"From: n@a.example\r\nSubject: x\r\n y\r\n\r\nbody\r\n"
+    block = read_header(plain)
+    assert block is not None
+    assert block.lower == [b"from", b"subject"]
+    assert block.fields[1] == (b"Subject", b" x\r\n y\r\n")
+    assert plain[block.body_at :] == b"body\r\n"
+    for odd in (
+        b"From: n@a.example\nSubject: x\n\nbody\n",  # LF line ends
+        b"From a@b.example Sat Jan  3 01:05:34 1996\r\nFrom: n@a.example\r\n\r\n",
+        b"From: n@a.example\r\nNot a field\r\n\r\n",
+        b"From: n@a.example\r\nSubject: no body separator\r\n",
+        b"\r\nbody only\r\n",
+    ):
+        assert read_header(odd) is None, odd
+
+
+SIGNATURE = {
+    b"v": b"1",
+    b"a": b"rsa-sha256",
+    b"c": b"relaxed/relaxed",
+    b"d": b"a.example",
+    b"s": b"s1",
+    b"t": b"1796222618",
+    b"h": b"from:to:subject",
+    b"bh": b"27f60izVMUGWfssIHR/tB1gNnPNH9qENURSB+xbTb/4=",
+    b"b": b"bYUBKV1ffMdmw47QunYW6R7p\r\n TQhWjHEYVVM/yWk+s1sSFkT+petGRz0De/jNYfTkhkXwf/==",
+}
+# values that dkimpy's checks treat in every way: fine, malformed, or left to dkimpy
+TAG_VALUES = {
+    b"v": [b"1", b"2", b""],
+    b"a": [b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1", b"rsa-md5", b"RSA-SHA256"],
+    b"d": [b"a.example", b"a_b.example", b"a;b", b"\xc3\xa9.example", b"", b"-a.example"],
+    b"t": [b"1796222618", b"99999999999", b"12a", b"", b"0"],
+    b"q": [b"dns/txt", b"dns", b""],
+    b"b": [b"AAAA", b"AAA", b"AA==", b"A A A A", b"AA!A", b"", b"=AAA"],
+    b"bh": [b"AAAA", b"AAA", b"AA=A", b"****", b""],
+    b"i": [b"@a.example", b"@b.example", b"a.example"],
+    b"l": [b"10", b"x"],
+    b"x": [b"1", b"99999999999"],
+    b"cv": [b"none", b"bad"],
+}
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(sorted(TAG_VALUES)),
+        st.integers(min_value=0, max_value=6),
+        max_size=4,
+    ),
+    st.sets(st.sampled_from(sorted(SIGNATURE)), max_size=2),
+)
+def test_plainly_valid_signatures_are_valid_to_dkimpy(
+    changes: dict[bytes, int], dropped: set[bytes]
+) -> None:
+    """The quick tag check (_plainly_valid) only ever accepts what dkimpy accepts; anything
+    else goes to dkimpy's own check, which words the error."""
+    tags = {k: v for k, v in SIGNATURE.items() if k not in dropped}
+    for tag, pick in changes.items():
+        values = TAG_VALUES[tag]
+        tags[tag] = values[pick % len(values)]
+    if dkim._plainly_valid(tags):
+        dkimpy.validate_signature_fields(tags)  # raises if the quick check was wrong
+
+
+def test_the_common_signature_is_plainly_valid() -> None:
+    assert dkim._plainly_valid(dict(SIGNATURE))
+    with pytest.raises(dkimpy.ValidationError):
+        dkimpy.validate_signature_fields({**SIGNATURE, b"t": b"99999999999"})
+    assert not dkim._plainly_valid({**SIGNATURE, b"t": b"99999999999"})
 
 
 RECORD = DmarcRecord(p="reject")

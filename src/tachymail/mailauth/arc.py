@@ -36,6 +36,7 @@ from tachymail.mailauth.dkim import (
     SIGNED_HEADERS,
     BodyHashFirst,
     DkimError,
+    HeaderBlock,
     _blank_line,
     _load_key,
     _select,
@@ -89,10 +90,12 @@ class ArcResult:
 NO_ARC_SETS = ArcResult("none", 0, "no ARC sets")
 
 
-def may_have_arc_sets(content: bytes) -> bool:
+def may_have_arc_sets(content: bytes, block: HeaderBlock | None = None) -> bool:
     """Whether a field of the header block of *content* has a name starting ``ARC-``: when
     not, :func:`verify_arc` says ``none`` without a lookup (the usual message costs one
-    search of its header block)."""
+    search of its header block; *block*, the header already read, none)."""
+    if block is not None:
+        return any(name.startswith(b"arc-") for name in block.lower)
     blank = _blank_line(content)
     lowered = (content if blank is None else content[: blank[0] + 1]).lower()
     return lowered.startswith(b"arc-") or b"\narc-" in lowered

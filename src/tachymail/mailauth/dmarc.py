@@ -45,7 +45,7 @@ from tachymail.mailauth.dnsapi import DnsLookups, Records, peek_cache
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
 
-    from tachymail.mailauth.dkim import DkimResult
+    from tachymail.mailauth.dkim import DkimResult, HeaderBlock
     from tachymail.mailauth.spf import SpfResult
 
 log = logging.getLogger(__name__)
@@ -149,18 +149,29 @@ def organizational_domain(domain: str) -> str:
     return org if isinstance(org, str) and org else name
 
 
-def from_domain(content: bytes) -> str | None:
+def from_domain(content: bytes, block: HeaderBlock | None = None) -> str | None:
     """The RFC5322.From domain of the message *content* (header block and body, or the
     header block alone), lower-case A-labels; None unless there is exactly one From field
-    and every address in it has the same, valid domain (RFC 7489 §6.6.1)."""
-    end = _header_end(content)
+    and every address in it has the same, valid domain (RFC 7489 §6.6.1). *block*: the
+    header of *content*, already read (:func:`~tachymail.mailauth.dkim.read_header`)."""
+    fields: list[str] | None
     try:
-        fields = _from_fields(content, end)
-        if fields is None:
-            # SMTPUTF8 headers are UTF-8; the text parser keeps them as text (bytes would not)
-            text = content[:end].decode("utf-8", "replace")
-            fields = HeaderParser(policy=compat32).parsestr(text).get_all("From") or []
-        if len(fields) != 1:
+        if block is not None:
+            # a plain block: its From fields as _from_fields reads them, without a pass
+            fields = [
+                value.lstrip(b" \t").rstrip(b"\r\n").decode("utf-8", "replace")
+                for name, (_, value) in zip(block.lower, block.fields, strict=True)
+                if name == b"from"
+            ]
+        else:
+            end = _header_end(content)
+            fields = _from_fields(content, end)
+            if fields is None:
+                # SMTPUTF8 headers are UTF-8; the text parser keeps them as text (bytes
+                # would not)
+                text = content[:end].decode("utf-8", "replace")
+                fields = HeaderParser(policy=compat32).parsestr(text).get_all("From") or []
+        if fields is None or len(fields) != 1:
             return None
         return _author_domain(str(fields[0]))
     except (ValueError, TypeError, IndexError, UnicodeError, AttributeError):

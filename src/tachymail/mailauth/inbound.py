@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tachymail.config import Config, ListenerConfig
 from tachymail.mailauth.arc import NO_ARC_SETS, ArcResult, ArcSealer, may_have_arc_sets, verify_arc
-from tachymail.mailauth.dkim import DkimResult, verify_dkim, verify_dkim_now
+from tachymail.mailauth.dkim import (
+    DkimResult,
+    HeaderBlock,
+    read_header,
+    verify_dkim,
+    verify_dkim_now,
+)
 from tachymail.mailauth.dmarc import (
     DmarcResult,
     aligned,
@@ -39,7 +45,7 @@ from tachymail.mailauth.dmarc import (
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.mailauth.dnsbl import Listing, dnsbl
 from tachymail.mailauth.iprev import IprevResult, check_iprev
-from tachymail.mailauth.results import authentication_results, remove_forged
+from tachymail.mailauth.results import FIELD, authentication_results, remove_forged
 from tachymail.mailauth.spf import SpfResult, check_spf, check_spf_now
 from tachymail.protocol.replies import reply
 
@@ -55,6 +61,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: the name of the fields remove_forged looks at, as HeaderBlock.lower has it
+_RESULTS_NAME = FIELD.lower().encode("ascii")
 
 #: the field ``dmarc_quarantine = "header"`` adds to a message DMARC quarantines
 QUARANTINE_HEADER = b"X-Tachymail-Quarantine: dmarc\r\n"
@@ -329,14 +338,19 @@ class InboundChecker:
         Never raises."""
         settings = self.settings
         seal = self.sealer is not None and relay
-        if (settings.arc or seal) and may_have_arc_sets(content):
+        # the header block read once for every check below (None: not plain, each check
+        # reads the message its own way)
+        block = read_header(content)
+        if (settings.arc or seal) and may_have_arc_sets(content, block):
             return None  # ARC's key lookups and checks run in a task of their own
-        author = from_domain(content) if settings.dmarc else None
+        author = from_domain(content, block) if settings.dmarc else None
         if author and not self._cached_txt(f"_dmarc.{author}"):
             return None  # before DKIM is worked out for nothing: message() asks the DNS
         dkim: list[DkimResult] = []
         if settings.dkim:
-            verified = self._guard_now("dkim", self._dkim_now, [_dkim_error()], content, crlf)
+            verified = self._guard_now(
+                "dkim", self._dkim_now, [_dkim_error()], content, crlf, block
+            )
             if verified is None:
                 return None
             dkim = verified
@@ -348,7 +362,9 @@ class InboundChecker:
             if dmarc is None:
                 return None  # the organizational domain's record is not cached
             self._record(dmarc, ip, mail_from, mail.spf, dkim)
-        stripped, forged = remove_forged(content, self.authserv_id)
+        stripped, forged = content, 0
+        if block is None or _RESULTS_NAME in block.lower:
+            stripped, forged = remove_forged(content, self.authserv_id)
         if forged:
             log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)
         arc = NO_ARC_SETS if settings.arc or seal else None
@@ -385,9 +401,15 @@ class InboundChecker:
             action, answer, headers, stripped, results, summary, tuple(dkim), dmarc, shown_arc
         )
 
-    def _dkim_now(self, content: bytes, crlf: bool) -> list[DkimResult] | None:
+    def _dkim_now(
+        self, content: bytes, crlf: bool, block: HeaderBlock | None
+    ) -> list[DkimResult] | None:
         return verify_dkim_now(
-            self.dns, content, max_signatures=self.settings.dkim_max_signatures, crlf=crlf
+            self.dns,
+            content,
+            max_signatures=self.settings.dkim_max_signatures,
+            crlf=crlf,
+            block=block,
         )
 
     async def _dkim(self, content: bytes, crlf: bool) -> list[DkimResult]:

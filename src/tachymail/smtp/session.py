@@ -113,6 +113,11 @@ class SmtpSession(asyncio.Protocol):
     _iprev_check: asyncio.Task[IprevResult | None] | None = None
     _mail_check: asyncio.Future[MailVerdict] | None = None
     _message_check: asyncio.Task[MessageVerdict] | None = None
+    #: (HELO name, sender, the finished SPF check) of the session's last transaction whose
+    #: SPF came from the resolver's cache without a temperror: the same client, HELO name
+    #: and sender get the same verdict while the records stay cached, so a session that
+    #: sends message after message from one sender checks it once
+    _spf_known: tuple[str, str, asyncio.Future[MailVerdict]] | None = None
     #: the client is on a DNSWL zone: the later checks are skipped
     allowlisted = False
     #: the trace fields the inbound checks put on the message being accepted (our
@@ -826,11 +831,15 @@ class SmtpSession(asyncio.Protocol):
             assert inbound is not None and self.helo is not None
             # From the resolver's cache when it holds every SPF answer (a busy MX's usual
             # case): a finished future, no task; else the lookups run in a task.
-            known = inbound.mail_now(self.peer_ip, self.helo, sender)
             check: asyncio.Future[MailVerdict]
-            if known is not None:
+            last = self._spf_known
+            if last is not None and last[0] == self.helo and last[1] == sender:
+                check = last[2]
+            elif (known := inbound.mail_now(self.peer_ip, self.helo, sender)) is not None:
                 check = self.ctx.loop.create_future()
                 check.set_result(known)
+                if not _temporary(known):
+                    self._spf_known = (self.helo, sender, check)
             else:
                 check = self.ctx.loop.create_task(inbound.mail(self.peer_ip, self.helo, sender))
                 check.add_done_callback(_retrieve)
@@ -1666,6 +1675,11 @@ _REFUSED_COMMANDS: dict[int, Callable[[SmtpSession, bytes], None]] = {
 }
 
 T = TypeVar("T")
+
+
+def _temporary(verdict: MailVerdict) -> bool:
+    """Whether an SPF identity of *verdict* failed for now (asked again next time)."""
+    return any(r is not None and r.result == "temperror" for r in (verdict.spf, verdict.helo))
 
 
 def _outcome(done: asyncio.Future[T], what: str) -> T | None:
