@@ -36,7 +36,15 @@ from mime cimport (
 import operator
 import re
 
-__all__ = ["Part", "canonical_body", "content_type_params", "header_value", "scan"]
+__all__ = [
+    "Part",
+    "canonical_body",
+    "content_type_params",
+    "header_fields",
+    "header_value",
+    "relaxed_header_value",
+    "scan",
+]
 
 # Byte classes for Content-Type parsing (bit flags in _CLASS; mime.pxd tests the others inline).
 cdef enum:
@@ -868,6 +876,118 @@ def canonical_body(body, relaxed):
             out[end] = 13
             out[end + 1] = 10
             return PyBytes_FromStringAndSize(<char*>out, end + 2)
+        finally:
+            PyMem_Free(out)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+def header_fields(text):
+    """The fields of a plain header block (see tachymail.protocol.mime): one pass over the
+    bytes, a Python object per field and none per byte."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef Py_ssize_t n, pos, start
+    cdef unsigned char c
+    PyObject_GetBuffer(text, &buf, PyBUF_SIMPLE)
+    try:
+        d = <const unsigned char*>buf.buf
+        n = buf.len
+        if n == 0 or d[0] == 9 or d[0] == 32:
+            return None
+        fields = []
+        start = pos = 0
+        while pos < n:
+            c = d[pos]
+            if c == 10:
+                return None  # a bare LF
+            if c != 13:
+                pos += 1
+                continue
+            if pos + 1 >= n or d[pos + 1] != 10:
+                return None  # a bare CR
+            if pos + 2 < n and (d[pos + 2] == 9 or d[pos + 2] == 32):
+                pos += 3  # a continuation line: still the same field
+                continue
+            field = _plain_field(d, start, pos)
+            if field is None:
+                return None
+            fields.append(field)
+            start = pos = pos + 2
+        field = _plain_field(d, start, n)  # the last field (empty after a final CRLF: None)
+        if field is None:
+            return None
+        fields.append(field)
+        return fields
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef object _plain_field(const unsigned char* d, Py_ssize_t start, Py_ssize_t end):
+    """(name, value + CRLF) of the field d[start:end], or None when its first line is not
+    a name of printable ASCII (the first octet may be a colon) then a colon."""
+    cdef Py_ssize_t colon = start + 1
+    cdef char* out
+    if end <= start or not (33 <= d[start] <= 126):
+        return None
+    while colon < end and d[colon] != 58:
+        if not (33 <= d[colon] <= 126):
+            return None
+        colon += 1
+    if colon >= end:
+        return None
+    value = PyBytes_FromStringAndSize(NULL, end - colon + 1)
+    out = <char*>value
+    memcpy(out, d + colon + 1, end - colon - 1)
+    out[end - colon - 1] = 13
+    out[end - colon] = 10
+    return (PyBytes_FromStringAndSize(<const char*>d + start, colon - start), value)
+
+
+def relaxed_header_value(value):
+    """A field value in DKIM's relaxed form (see tachymail.protocol.mime)."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef unsigned char* out
+    cdef Py_ssize_t n, i, j, first, last
+    cdef bint blank = False
+    cdef unsigned char c
+    PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+    try:
+        d = <const unsigned char*>buf.buf
+        n = buf.len
+        out = <unsigned char*>PyMem_Malloc(n + 2)
+        if out == NULL:
+            raise MemoryError()
+        try:
+            i = j = 0
+            while i < n:
+                c = d[i]
+                if c == 13 and i + 1 < n and d[i + 1] == 10:
+                    i += 2  # unfolded: the line break goes, the blanks around it stay
+                    continue
+                if c == 10:
+                    i += 1
+                    continue
+                if c == 32 or c == 9:
+                    if not blank:
+                        out[j] = 32
+                        j += 1
+                        blank = True
+                else:
+                    out[j] = c
+                    j += 1
+                    blank = False
+                i += 1
+            # stripped of ASCII white space (bytes.strip: space, \t, \n, \r, \v, \f)
+            first, last = 0, j
+            while first < last and (out[first] == 32 or 9 <= out[first] <= 13):
+                first += 1
+            while last > first and (out[last - 1] == 32 or 9 <= out[last - 1] <= 13):
+                last -= 1
+            out[last] = 13
+            out[last + 1] = 10
+            return PyBytes_FromStringAndSize(<char*>out + first, last - first + 2)
         finally:
             PyMem_Free(out)
     finally:

@@ -868,3 +868,71 @@ def test_canonical_body_twins_agree(body: bytes, relaxed: bool) -> None:
     compiled, pure = both_impls("mime")
     assert compiled.canonical_body(body, relaxed) == pure.canonical_body(body, relaxed)
     assert compiled.canonical_body(bytearray(body), relaxed) == pure.canonical_body(body, relaxed)
+
+
+@pytest.mark.parametrize(
+    ("text", "fields"),
+    [
+        (b"From: a@b.example", [(b"From", b" a@b.example\r\n")]),
+        (
+            b"Subject: one\r\n two\r\n\tthree\r\nTo:x",
+            [(b"Subject", b" one\r\n two\r\n\tthree\r\n"), (b"To", b"x\r\n")],
+        ),
+        (b"::odd\r\nX-A:", [(b":", b"odd\r\n"), (b"X-A", b"\r\n")]),  # a colon first is a name
+        (b"", None),
+        (b" folded first: x", None),
+        (b"From: a\r\n", None),  # the block's last line end is not part of it
+        (b"From: a\nTo: b", None),  # a bare LF
+        (b"From: a\rTo: b", None),  # a bare CR
+        (b"From: a\r\nNot a field\r\nTo: b", None),
+        (b"From: a\r\nFrom a@b Sat Jan  3 01:05:34 1996", None),  # mbox From_ line
+        (b"Sub ject: x", None),
+        (b"From: a\r\n\r\nTo: b", None),  # an empty line inside
+        (b"Caf\xc3\xa9: x", None),
+        (b"Subject: caf\xc3\xa9", [(b"Subject", b" caf\xc3\xa9\r\n")]),
+    ],
+)
+def test_header_fields(
+    mime: ModuleType, text: bytes, fields: list[tuple[bytes, bytes]] | None
+) -> None:
+    assert mime.header_fields(text) == fields
+
+
+@pytest.mark.parametrize(
+    ("value", "relaxed"),
+    [
+        (b" News <n@a.example>\r\n", b"News <n@a.example>\r\n"),
+        (b"\t a  \t b \r\n\t c\r\n", b"a b c\r\n"),
+        (b" x\r\r\n", b"x\r\n"),  # a CR before the CRLF is stripped as white space
+        (b"a\r\r\n\nb", b"a\rb\r\n"),  # CRLF pairs go first, then the other LFs
+        (b"\x0b a \x0c", b"a\r\n"),
+        (b"", b"\r\n"),
+        (b" \r\n ", b"\r\n"),
+    ],
+)
+def test_relaxed_header_value(mime: ModuleType, value: bytes, relaxed: bytes) -> None:
+    assert mime.relaxed_header_value(value) == relaxed
+
+
+HEADER_PIECES = [b"From", b"To", b":", b": ", b"x", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\xc3\xa9"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(HEADER_PIECES), max_size=30).map(b"".join))
+def test_header_fields_twins_agree(text: bytes) -> None:
+    compiled, pure = both_impls("mime")
+    assert compiled.header_fields(text) == pure.header_fields(text)
+    assert compiled.header_fields(bytearray(text)) == pure.header_fields(text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.binary(max_size=40)
+    | st.lists(
+        st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x0b", b"a", b"b"]), max_size=30
+    ).map(b"".join)
+)
+def test_relaxed_header_value_twins_agree(value: bytes) -> None:
+    compiled, pure = both_impls("mime")
+    assert compiled.relaxed_header_value(value) == pure.relaxed_header_value(value)
+    assert compiled.relaxed_header_value(memoryview(value)) == pure.relaxed_header_value(value)

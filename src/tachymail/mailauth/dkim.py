@@ -58,7 +58,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
-from tachymail.protocol.mime import canonical_body, header_value
+from tachymail.protocol.mime import (
+    canonical_body,
+    header_fields,
+    header_value,
+    relaxed_header_value,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -424,14 +429,12 @@ _QUIET = logging.Logger("tachymail.mailauth.dkimpy", logging.CRITICAL + 1)
 _BLANK_LINE = re.compile(rb"(?:\A|\n)(\r?\n)")
 _FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")  # a field's first line, as dkim.rfc822_parse
 _H_SPLIT = re.compile(rb"\s*:\s*")  # the names in h=, split as dkimpy splits them
-_WSP = re.compile(rb"[\t ]+")
 #: _plainly_valid: the tags dkimpy requires, those it checks in ways left to it, a d= with
 #: nothing it could object to, a b= or bh= its base64 test passes
 _MANDATORY = frozenset((b"v", b"a", b"b", b"bh", b"d", b"h", b"s"))
 _UNPLAIN = (b"i", b"l", b"x", b"cv")
 _PLAIN_DOMAIN = re.compile(rb"[A-Za-z0-9][A-Za-z0-9.-]*")
 _BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*")
-_FIELD_START = re.compile(rb"\r\n(?![\t ])")  # a line end not followed by a folded line
 _PKCS1 = padding.PKCS1v15()  # stateless: made once
 _PREHASHED = {False: utils.Prehashed(hashes.SHA256()), True: utils.Prehashed(hashes.SHA1())}
 # dkimpy's RE_BTAG (b= and its value, to empty it) with its folding white space written
@@ -639,7 +642,7 @@ def read_header(content: bytes) -> HeaderBlock | None:
     if blank is None:
         return None
     text, body_at = _header_text(content, blank)
-    fields = _plain_fields(text)
+    fields = header_fields(text)
     if not fields:
         return None
     return HeaderBlock(fields, [name.lower() for name, _value in fields], body_at)
@@ -731,29 +734,10 @@ def _header_fields(text: bytes, ended: bool) -> list[tuple[bytes, bytes]]:
     ends only (the usual case) is cut into whole fields with one split instead."""
     if not text:
         return []
-    fields = _plain_fields(text)
+    fields = header_fields(text)
     if fields is not None:
         return fields
     return _header_lines(text, ended)
-
-
-def _plain_fields(text: bytes) -> list[tuple[bytes, bytes]] | None:
-    """``_header_fields`` of a block with CRLF line ends only whose every line is a field
-    or a continuation, cut into whole fields with one split; None for any other block (an
-    mbox "From " line, garbage, a bare CR or LF: the line by line reading decides)."""
-    if not text or text[0] in (9, 32):
-        return None
-    crlf = text.count(b"\r\n")
-    if not crlf == text.count(b"\n") == text.count(b"\r"):
-        return None
-    fields = []
-    for chunk in _FIELD_START.split(text):
-        match = _FIELD_NAME.match(chunk)
-        if match is None:
-            return None
-        colon = match.end()
-        fields.append((chunk[: colon - 1], chunk[colon:] + b"\r\n"))
-    return fields
 
 
 def _header_lines(text: bytes, ended: bool) -> list[tuple[bytes, bytes]]:
@@ -1054,13 +1038,13 @@ def _verify_signature(
     for i in _chosen(lower, [*(sig.include or ()), b"from"]):
         name, value = headers[i]
         if relaxed:
-            parts += (lower[i], b":", _relaxed_value(value))
+            parts += (lower[i], b":", relaxed_header_value(value))
         else:
             parts += (name, b":", value)
     name, value = sig.field
     value = _BTAG.sub(b"\\1", value)  # b= emptied, as dkimpy does (RFC 6376 §3.7)
     if relaxed:
-        name, value = name.lower(), _relaxed_value(value)
+        name, value = name.lower(), relaxed_header_value(value)
     parts += (name, b":", value.rstrip())  # hashed without its final line end
     hashed = digest(b"".join(parts)).digest()
     try:
@@ -1117,13 +1101,3 @@ def _chosen(lower: list[bytes], names: list[bytes]) -> list[int]:
                 break
         below[name] = i
     return chosen
-
-
-def _relaxed_value(value: bytes) -> bytes:
-    """A field value in the relaxed form (RFC 6376 §3.4.2), byte for byte as dkimpy makes
-    it: unfolded, runs of spaces and tabs made one space, stripped, CRLF at the end."""
-    if b"\n" in value:
-        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
-    if b"\t" in value or b"  " in value:
-        value = _WSP.sub(b" ", value)
-    return value.strip() + b"\r\n"

@@ -90,6 +90,21 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     ordinary octet).  May return *body* itself when it is bytes and already
     canonical.
 
+``header_fields(text) -> list[(bytes, bytes)] | None``
+    The fields of a plain header block, *text* being the block without the
+    line end of its last line: (name, value) pairs as DKIM reads them, the
+    value being everything after the colon with its continuation lines and a
+    CRLF after each of its lines.  None unless the block is plain: not empty,
+    CRLF line ends only (no bare CR or LF), a first line that is not a
+    continuation, and every field's first line a name of printable ASCII
+    (33-126; the first octet may itself be a colon) followed by a colon.
+
+``relaxed_header_value(value) -> bytes``
+    A field value in DKIM's relaxed form (RFC 6376 §3.4.2), byte for byte what
+    dkimpy makes: CRLF pairs, then any other LF, removed (unfolding); every run
+    of spaces and tabs one space; ASCII white space (space, tab, LF, VT, FF,
+    CR) stripped at both ends; CRLF added.
+
 Deliberate differences from ``email``: ``=`` and ``/`` in bare parameter
 values (email cuts the value there); comments and junk around the type
 (email keeps them in ``get_content_type()``); a bare CR (email ends a line
@@ -106,7 +121,9 @@ if TYPE_CHECKING:
         Part,
         canonical_body,
         content_type_params,
+        header_fields,
         header_value,
+        relaxed_header_value,
         scan,
     )
 else:
@@ -118,5 +135,15 @@ else:
     header_value = _kernel.header_value
     content_type_params = _kernel.content_type_params
     canonical_body = _kernel.canonical_body
+    header_fields = _kernel.header_fields
+    relaxed_header_value = _kernel.relaxed_header_value
 
-__all__ = ["Part", "canonical_body", "content_type_params", "header_value", "scan"]
+__all__ = [
+    "Part",
+    "canonical_body",
+    "content_type_params",
+    "header_fields",
+    "header_value",
+    "relaxed_header_value",
+    "scan",
+]

@@ -11,7 +11,15 @@ from __future__ import annotations
 import operator
 import re
 
-__all__ = ["Part", "canonical_body", "content_type_params", "header_value", "scan"]
+__all__ = [
+    "Part",
+    "canonical_body",
+    "content_type_params",
+    "header_fields",
+    "header_value",
+    "relaxed_header_value",
+    "scan",
+]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -620,3 +628,31 @@ def canonical_body(body: Buffer, relaxed: bool) -> bytes:
     if relaxed and not end:
         return b""
     return data[:end] + b"\r\n"
+
+
+_FIELD_START = re.compile(rb"\r\n(?![\t ])")  # a line end not followed by a folded line
+_FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")  # a field's first line, up to its colon
+_BLANKS = re.compile(rb"[\t ]+")
+
+
+def header_fields(text: Buffer) -> list[tuple[bytes, bytes]] | None:
+    """The fields of a plain header block (see ``mime.header_fields``)."""
+    data = bytes(text)
+    if not data or data[0] in (9, 32):
+        return None
+    if not data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r"):
+        return None
+    fields = []
+    for chunk in _FIELD_START.split(data):
+        match = _FIELD_NAME.match(chunk)
+        if match is None:
+            return None
+        colon = match.end()
+        fields.append((chunk[: colon - 1], chunk[colon:] + b"\r\n"))
+    return fields
+
+
+def relaxed_header_value(value: Buffer) -> bytes:
+    """A field value in DKIM's relaxed form (see ``mime.relaxed_header_value``)."""
+    data = bytes(value).replace(b"\r\n", b"").replace(b"\n", b"")
+    return _BLANKS.sub(b" ", data).strip() + b"\r\n"
