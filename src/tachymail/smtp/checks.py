@@ -56,11 +56,6 @@ TOO_MANY_HOPS = R.reply(554, "5.4.6", "Too many hops")
 # A hop header's name at the start of a line of the header block (continuations start
 # with white space, so a folded field is counted once).
 _HOP_FIELD = re.compile(rb"^(?:received|delivered-to)[ \t]*:", re.IGNORECASE | re.MULTILINE)
-# The same pass notes Authentication-Results fields (the session removes those forging our
-# authserv-id): one regex over the header block for both, no second scan per message.
-_TRACE_FIELD = re.compile(
-    rb"^(received|delivered-to|authentication-results)[ \t]*:", re.IGNORECASE | re.MULTILINE
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +118,20 @@ def count_hops(message: bytes) -> int:
 
 
 def _trace_fields(message: bytes) -> tuple[int, bool]:
-    """An upper bound of :func:`count_hops` without the MIME scan: the hop fields before the
-    first blank line (the scanner ends the header block there or earlier, so the exact count
-    is needed only when this bound is over the limit: almost never); and whether an
-    Authentication-Results field is there too."""
+    """An upper bound of :func:`count_hops` without the MIME scan: the lines before the
+    first blank line that begin with a hop field's name (the scanner ends the header block
+    there or earlier, and a field is a line beginning with its name, so the exact count is
+    needed only when this bound is over the limit: almost never); and whether a line there
+    begins with Authentication-Results (the session then looks for forged ones).
+
+    Substring counts over the lowered block: a regex anchored at every line start tries
+    every position of the block (5 us for a signed 1 KiB message, this 1 us)."""
     crlf = message.find(b"\n\r\n")
     lf = message.find(b"\n\n", 0, len(message) if crlf < 0 else crlf)
     end = crlf if lf < 0 else lf
-    names = _TRACE_FIELD.findall(message if end < 0 else memoryview(message)[: end + 1])
-    results = sum(1 for name in names if name[:1] in b"aA")
-    return len(names) - results, results > 0
+    block = b"\n" + (message if end < 0 else message[: end + 1]).lower()
+    hops = block.count(b"\nreceived") + block.count(b"\ndelivered-to")
+    return hops, block.find(b"\nauthentication-results") >= 0
 
 
 def header_fields(message: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
