@@ -1,5 +1,6 @@
-"""Fuzz the MIME kernel: scan, header_value, content_type_params and canonical_body (DKIM body
-canonicalization) on arbitrary bytes, compiled kernel against its pure twin.
+"""Fuzz the MIME kernel: scan, header_value, content_type_params, canonical_body (DKIM body
+canonicalization), header_fields and relaxed_header_value (DKIM's header reading) on
+arbitrary bytes, compiled kernel against its pure twin.
 
 Invariants: nothing raises; every part's offsets are ordered and inside its parent's range,
 depths grow by one and stay within ``max_depth``; some part has ``has_8bit`` exactly when the
@@ -89,6 +90,14 @@ def test_one_input(data: bytes) -> None:
         agree("canonical_body", canonical, PURE.canonical_body(message, relaxed), data)
         assert canonical.endswith(b"\r\n") or (relaxed and canonical == b""), canonical
         assert not canonical.endswith(b"\r\n\r\n"), canonical
+    fields = COMPILED.header_fields(message)
+    agree("header_fields", fields, PURE.header_fields(message), data)
+    if fields is not None:
+        # the fields are the block again: each name, its colon, its value less the CRLF added
+        assert b"\r\n".join(n + b":" + v[:-2] for n, v in fields) == message, fields
+    relaxed_value = COMPILED.relaxed_header_value(message)
+    agree("relaxed_header_value", relaxed_value, PURE.relaxed_header_value(message), data)
+    assert relaxed_value.endswith(b"\r\n") and b"\n" not in relaxed_value[:-1], relaxed_value
 
 
 if __name__ == "__main__":

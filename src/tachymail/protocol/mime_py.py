@@ -630,8 +630,10 @@ def canonical_body(body: Buffer, relaxed: bool) -> bytes:
     return data[:end] + b"\r\n"
 
 
-_FIELD_START = re.compile(rb"\r\n(?![\t ])")  # a line end not followed by a folded line
-_FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")  # a field's first line, up to its colon
+# header_fields: a line end not followed by a folded line; a field's first line up to its
+# colon, as DKIM reads it (a name of one octet at least: the scanner's _FIELD_NAME differs)
+_DKIM_FIELD_START = re.compile(rb"\r\n(?![\t ])")
+_DKIM_FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")
 _BLANKS = re.compile(rb"[\t ]+")
 
 
@@ -643,8 +645,8 @@ def header_fields(text: Buffer) -> list[tuple[bytes, bytes]] | None:
     if not data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r"):
         return None
     fields = []
-    for chunk in _FIELD_START.split(data):
-        match = _FIELD_NAME.match(chunk)
+    for chunk in _DKIM_FIELD_START.split(data):
+        match = _DKIM_FIELD_NAME.match(chunk)
         if match is None:
             return None
         colon = match.end()
