@@ -9,13 +9,15 @@ import json
 import re
 import smtplib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DnsRecords, running_dnsmasq
-from server import run_cli, running_server
+from server import Server, run_cli, running_server
 from tachymail.config import from_dict
 from tachymail.dns import Resolver
 from tachymail.mailauth.dkim import DkimSigner, keygen
@@ -194,9 +196,27 @@ InboundChecker.message = _broken_async
 def test_checks_that_fail_unexpectedly_get_451_and_the_session_goes_on(tmp_path: Path) -> None:
     """A bug in the checks (injected into the server through sitecustomize) is logged and
     answered 451 4.3.0, whichever path met it; nothing is queued and the session goes on."""
+    with _injected_server(tmp_path, INJECTED_FAULT) as srv:
+        with smtplib.SMTP("127.0.0.1", srv.ports["mx"], "client.warm.test", timeout=30) as c:
+            c.ehlo("client.warm.test")
+            for _ in range(2):
+                assert c.mail("news@pass.warm.test")[0] == 250
+                assert c.rcpt("r@dest.test")[0] == 250
+                code, text = c.data(_content("news@pass.warm.test"))
+                assert code == 451 and text.startswith(b"4.3.0"), (code, text)
+                assert c.rset()[0] == 250
+        listing = run_cli("queue", "list", "--json", data_dir=srv.data_dir)
+        assert listing.strip() == "", listing
+        assert "injected fault in the checks" in srv.log()
+
+
+@contextmanager
+def _injected_server(tmp_path: Path, sitecustomize: str) -> Iterator[Server]:
+    """An mx server checking mail on dnsmasq's SESSION_RECORDS, with *sitecustomize* run in
+    its processes (PYTHONPATH): how these tests reach inside the server."""
     inject = tmp_path / "inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(INJECTED_FAULT)
+    (inject / "sitecustomize.py").write_text(sitecustomize)
     with running_dnsmasq(tmp_path / "dns", SESSION_RECORDS) as dns_server:
         extra = (
             '[policy]\ntrusted_networks = []\nrelay_domains = ["dest.test"]\n'
@@ -205,17 +225,7 @@ def test_checks_that_fail_unexpectedly_get_451_and_the_session_goes_on(tmp_path:
         )
         env = {"PYTHONPATH": str(inject)}
         with running_server(tmp_path, extra, roles=("mx",), env=env) as srv:
-            with smtplib.SMTP("127.0.0.1", srv.ports["mx"], "client.warm.test", timeout=30) as c:
-                c.ehlo("client.warm.test")
-                for _ in range(2):
-                    assert c.mail("news@pass.warm.test")[0] == 250
-                    assert c.rcpt("r@dest.test")[0] == 250
-                    code, text = c.data(_content("news@pass.warm.test"))
-                    assert code == 451 and text.startswith(b"4.3.0"), (code, text)
-                    assert c.rset()[0] == 250
-            listing = run_cli("queue", "list", "--json", data_dir=srv.data_dir)
-            assert listing.strip() == "", listing
-            assert "injected fault in the checks" in srv.log()
+            yield srv
 
 
 COUNTED_SPF = """
@@ -236,31 +246,20 @@ def test_a_session_checks_spf_once_per_helo_and_sender(tmp_path: Path) -> None:
     """Message after message from one sender in one session: SPF is worked out (from the
     resolver's cache) once, and every message still carries its spf=pass; a new sender
     or a new HELO name is checked anew. (The checker is counted through sitecustomize.)"""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(COUNTED_SPF)
-    with running_dnsmasq(tmp_path / "dns", SESSION_RECORDS) as dns_server:
-        extra = (
-            '[policy]\ntrusted_networks = []\nrelay_domains = ["dest.test"]\n'
-            f'[delivery]\nresolver = "{dns_server.address}"\ndns_timeout = 2.0\n'
-            "[mailauth]\niprev = false\n"
-        )
-        env = {"PYTHONPATH": str(inject)}
-        with running_server(tmp_path, extra, roles=("mx",), env=env) as srv:
-            port = srv.ports["mx"]
-            with smtplib.SMTP("127.0.0.1", port, "client.warm.test", timeout=30) as client:
-                client.ehlo("client.warm.test")
-                senders = ["news@pass.warm.test"] * 4 + ["other@pass.warm.test"] * 2
-                for sender in senders:
-                    assert client.mail(sender)[0] == 250
-                    assert client.rcpt("r@dest.test")[0] == 250
-                    assert client.data(_content(sender))[0] == 250
-                client.ehlo("mx2.client.warm.test")
-                assert client.mail("other@pass.warm.test")[0] == 250
-                client.rset()
-            asked = re.findall(r"SPF asked: helo=(\S+) from=(\S+)", srv.log())
-            ids = [row["id"] for row in _queued(srv.data_dir)]
-            contents = [run_cli("queue", "show", i, "--body", data_dir=srv.data_dir) for i in ids]
+    with _injected_server(tmp_path, COUNTED_SPF) as srv:
+        with smtplib.SMTP("127.0.0.1", srv.ports["mx"], "client.warm.test", timeout=30) as client:
+            client.ehlo("client.warm.test")
+            senders = ["news@pass.warm.test"] * 4 + ["other@pass.warm.test"] * 2
+            for sender in senders:
+                assert client.mail(sender)[0] == 250
+                assert client.rcpt("r@dest.test")[0] == 250
+                assert client.data(_content(sender))[0] == 250
+            client.ehlo("mx2.client.warm.test")
+            assert client.mail("other@pass.warm.test")[0] == 250
+            client.rset()
+        asked = re.findall(r"SPF asked: helo=(\S+) from=(\S+)", srv.log())
+        ids = [row["id"] for row in _queued(srv.data_dir)]
+        contents = [run_cli("queue", "show", i, "--body", data_dir=srv.data_dir) for i in ids]
     # the first lookups go to the DNS (a task): asked again once they are cached
     assert asked == [
         ("client.warm.test", "news@pass.warm.test"),
