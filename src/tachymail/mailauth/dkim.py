@@ -637,9 +637,11 @@ def read_header(content: bytes) -> HeaderBlock | None:
     field, CRLF line ends only, every line a field (a name of printable ASCII, then a colon)
     or a continuation of one, and an empty line after it. None for anything else (an mbox
     "From " line, a stray line, bare CR or LF, no body separator): each check then reads
-    the message its own way, as it always did."""
+    the message its own way, as it always did. The last field's line end and the empty
+    line must be CRLF too: the checks look for the end of the header in different ways
+    (``\n\r\n``, ``\r\n\r\n``, ``\n\n``), and they agree on a block ended so."""
     blank = _blank_line(content)
-    if blank is None:
+    if blank is None or blank[1] - blank[0] != 3 or content[blank[0] - 1 : blank[0]] != b"\r":
         return None
     text, body_at = _header_text(content, blank)
     fields = header_fields(text)
