@@ -252,9 +252,13 @@ def test_full_disk_in_journal_mode(tmp_path: Path, tmpfs: Path) -> None:  # noqa
     with running_server(tmp_path, extra=JOURNAL, roles=("mx",), data_dir=data) as srv:
         # What the full disk kept out of LMDB waits in its journal, which is kept...
         queued = set(queued_ids(data))
-        if any(q not in queued for q in acked):
+        unapplied = [q for q in acked if q not in queued]
+        if unapplied:
             assert list((data / "journal").glob("*.jnl")), "unapplied, yet no journal kept"
-        deleted = sorted(queued)[:5]
+        # room for what the journal holds, and then some: how many acknowledged messages
+        # were still only in the journal at the kill depends on timing (with a fixed five
+        # deleted, the disk stayed too full for them in 2 of 14 runs)
+        deleted = sorted(queued)[: len(unapplied) + 5]
         for queue_id in deleted:
             run_cli("queue", "delete", queue_id, data_dir=data)
         # the journal left behind is applied (and deleted) within seconds: room again
