@@ -639,7 +639,7 @@ def read_header(content: bytes) -> HeaderBlock | None:
     "From " line, a stray line, bare CR or LF, no body separator): each check then reads
     the message its own way, as it always did. The last field's line end and the empty
     line must be CRLF too: the checks look for the end of the header in different ways
-    (``\n\r\n``, ``\r\n\r\n``, ``\n\n``), and they agree on a block ended so."""
+    (LF CR LF, CR LF CR LF, LF LF), and they agree on a block ended so."""
     blank = _blank_line(content)
     if blank is None or blank[1] - blank[0] != 3 or content[blank[0] - 1 : blank[0]] != b"\r":
         return None

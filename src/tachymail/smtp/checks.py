@@ -125,7 +125,7 @@ def _trace_fields(message: bytes) -> tuple[int, bool]:
     begins with Authentication-Results (the session then looks for forged ones).
 
     Substring counts over the lowered block: a regex anchored at every line start tries
-    every position of the block (5 us for a signed 1 KiB message, this 1 us)."""
+    every position of the block (4.9 us for a signed 1 KiB message, this 2.4 us)."""
     crlf = message.find(b"\n\r\n")
     lf = message.find(b"\n\n", 0, len(message) if crlf < 0 else crlf)
     end = crlf if lf < 0 else lf
