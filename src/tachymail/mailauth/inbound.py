@@ -45,7 +45,7 @@ from tachymail.mailauth.dmarc import (
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.mailauth.dnsbl import Listing, dnsbl
 from tachymail.mailauth.iprev import IprevResult, check_iprev
-from tachymail.mailauth.results import FIELD, authentication_results, remove_forged
+from tachymail.mailauth.results import FIELD_NAME, authentication_results, remove_forged
 from tachymail.mailauth.spf import SpfResult, check_spf, check_spf_now
 from tachymail.protocol.replies import reply
 
@@ -61,9 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: the name of the fields remove_forged looks at, as HeaderBlock.lower has it
-_RESULTS_NAME = FIELD.lower().encode("ascii")
 
 #: the field ``dmarc_quarantine = "header"`` adds to a message DMARC quarantines
 QUARANTINE_HEADER = b"X-Tachymail-Quarantine: dmarc\r\n"
@@ -363,7 +360,7 @@ class InboundChecker:
                 return None  # the organizational domain's record is not cached
             self._record(dmarc, ip, mail_from, mail.spf, dkim)
         stripped, forged = content, 0
-        if block is None or _RESULTS_NAME in block.lower:
+        if block is None or FIELD_NAME in block.lower:
             stripped, forged = remove_forged(content, self.authserv_id)
         if forged:
             log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)

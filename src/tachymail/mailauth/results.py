@@ -33,9 +33,11 @@ if TYPE_CHECKING:  # the result types only; results.py needs none of their code
     from tachymail.mailauth.iprev import IprevResult
     from tachymail.mailauth.spf import SpfResult
 
-__all__ = ["FIELD", "authentication_results", "authserv_id_of", "remove_forged"]
+__all__ = ["FIELD", "FIELD_NAME", "authentication_results", "authserv_id_of", "remove_forged"]
 
 FIELD = "Authentication-Results"
+#: the field's name as header readers compare it: lower-case bytes
+FIELD_NAME = FIELD.lower().encode("ascii")
 #: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, CRLF excluded
 LINE = 78
 #: header.b carries at least this many characters of b= (RFC 6008 §4)
@@ -330,7 +332,7 @@ def remove_forged(content: bytes, authserv_id: str) -> tuple[bytes, int]:
     When nothing is removed the very same object is returned.
     """
     ours = authserv_id.strip().lower()
-    name = FIELD.lower().encode("ascii")
+    name = FIELD_NAME
     if name not in content[: _header_end(content)].lower():
         return content, 0  # the common case: a scan, no copy
     out: list[bytes] = []
