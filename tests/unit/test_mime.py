@@ -856,6 +856,22 @@ def test_canonical_body_of_a_long_body_with_blanks_past_the_first_words(
         assert got.startswith(expected) and got.endswith(line * 10)
 
 
+def test_canonical_body_finds_a_change_at_every_offset_of_a_block() -> None:
+    """The compiled scan reads sixteen octets at a time, then eight, then one: a change
+    (a tab, two blanks, a blank before CRLF) at any offset of any of those blocks, and the
+    clean text copied in one piece on either side of it, must come out as the twin has it."""
+    compiled, pure = both_impls("mime")
+    words = b"abcdefgh ijklmnop qrstuvwx yz012345 " * 3
+    for change in (b"\t", b"  ", b" \t", b"\t ", b" \r\n", b"   \r\n", b" \r", b"\r\n"):
+        for at in range(len(words) - 2):
+            for tail in (b"", b"\r\n", b" ", b"x\r\n\r\n"):
+                body = words[:at] + change + words[at:] + tail
+                for relaxed in (True, False):
+                    assert compiled.canonical_body(body, relaxed) == pure.canonical_body(
+                        body, relaxed
+                    ), (body, relaxed)
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     st.binary(max_size=64)
