@@ -27,6 +27,12 @@ or a ratio measured within one run:
   included) relaying 1 KiB messages to `tachymail sink` over loopback: the messages are put
   in the queue by a held `tachymail serve` while the worker waits at its first mark, so the
   window holds their delivery and nothing else.
+* ``mailauth.checks_instructions_per_msg_1k`` and ``_64k`` -- instructions per message of
+  the inbound checks as the SMTP worker runs them for a message whose DNS records are cached
+  (``InboundChecker.message_now``: one rsa-sha256 DKIM signature verified, DMARC, the
+  Authentication-Results field), in process, on fixed 1 KiB and 64 KiB signed messages.
+  The RSA key is made anew each run; its verification costs the same instructions whatever
+  the key.
 * ``kernel.<k>.speedup`` -- wall-clock time of the pure-Python twin over the compiled kernel
   on the same workload, measured alternately in this process (the best of several rounds).
 * ``intake.cpu_vs_smtp_sink`` -- CPU seconds of `tachymail serve --hold` (one worker) per
@@ -129,11 +135,25 @@ SPECS["intake.worker_instructions_per_msg"] = Spec(
 SPECS["delivery.worker_instructions_per_msg"] = Spec(
     "Ir/msg", "lower", 0.03, "callgrind: a real delivery worker, 1 KiB messages to a sink"
 )
+#: message sizes of the inbound checks' figures (mailauth_bench.py's cells)
+MAILAUTH_SIZES = {"1k": 1024, "64k": 65536}
+for _label in MAILAUTH_SIZES:
+    SPECS[f"mailauth.checks_instructions_per_msg_{_label}"] = Spec(
+        "Ir/msg",
+        "lower",
+        0.03,
+        f"callgrind: the inbound checks (InboundChecker.message_now) of {_label[:-1]} KiB "
+        "messages signed rsa-sha256, keys and DMARC record cached",
+    )
 KERNELS = ("data", "bdat", "dot_stuff", "commands", "mime", "imap", "canonical_body", "imap_fetch")
 #: the figures counted under valgrind, and those that need Postfix (see --allow-missing)
 CALLGRIND_FIGURES = [
     name for name in SPECS if name.startswith("kernel.") and ".instructions" in name
-] + ["intake.worker_instructions_per_msg", "delivery.worker_instructions_per_msg"]
+] + [
+    "intake.worker_instructions_per_msg",
+    "delivery.worker_instructions_per_msg",
+    *(f"mailauth.checks_instructions_per_msg_{label}" for label in MAILAUTH_SIZES),
+]
 # The CPU ratios of short runs swing more than the instruction counts: +63% was seen for the
 # bench ratio on unchanged code, so it is reported only; intake's ratio gates at +100% as a
 # backstop (the worker's instruction count, +3%, is the precise gate for intake).
@@ -456,6 +476,94 @@ def harness_worker(config_path: str) -> int:
     return worker.run_worker(config, 0)
 
 
+#: messages per figure of the inbound checks' harness, and distinct messages among them
+MAILAUTH_MESSAGES = 200
+MAILAUTH_DISTINCT = 20
+
+
+def harness_mailauth() -> int:
+    """The inbound checks in process, as the SMTP worker runs them for a message whose
+    records are cached (``InboundChecker.message_now``): SPF done at MAIL, one rsa-sha256
+    DKIM signature (relaxed/relaxed) verified, DMARC p=reject aligned, Authentication-Results
+    made. Prints [[size label, messages], ...] in the order of the marked windows."""
+    check_package()
+    import email.utils
+
+    from tachymail.config import Config
+    from tachymail.dns.resolver import Records
+    from tachymail.mailauth.dkim import DkimSigner, keygen
+    from tachymail.mailauth.inbound import InboundChecker, MailVerdict
+    from tachymail.mailauth.spf import SpfResult
+
+    domain, selector = "perf-sender.test", "perf"
+    tmp = Path(tempfile.mkdtemp(prefix="perfcheck-mailauth-"))
+    try:
+        key = keygen(tmp, domain, selector, "rsa")
+
+        answers = {
+            ("TXT", f"{selector}._domainkey.{domain}"): Records(
+                "ok", ("".join(key.split('"')[1::2]).encode(),)
+            ),
+            ("TXT", f"_dmarc.{domain}"): Records("ok", (b"v=DMARC1; p=reject",)),
+        }
+
+        class CachedZone:
+            """DnsLookups whose cache holds the key and the DMARC record (what a busy MX
+            has for its big senders); nothing else is ever asked."""
+
+            def cached(self, kind: str, name: str) -> Records | None:
+                return answers.get((kind, name.rstrip(".").lower()))
+
+        config = Config()
+        config.server.data_dir = str(tmp)
+        checker = InboundChecker(config, CachedZone(), record_reports=False)  # type: ignore[arg-type]
+        signer = DkimSigner(tmp, {domain: selector})
+        sender = f"news@{domain}"
+        spf = SpfResult("pass", "mailfrom", domain, sender)
+        mail = MailVerdict(spf, SpfResult("pass", "helo", "mx.perf-sender.test", sender), None)
+        windows = []
+        for label, size in MAILAUTH_SIZES.items():
+            messages = []
+            for n in range(MAILAUTH_DISTINCT):
+                head = (
+                    f"From: News <{sender}>\r\nTo: <reader@example.net>\r\n"
+                    f"Subject: perf message {n}\r\nDate: {email.utils.formatdate(0)}\r\n"
+                    "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+                ).encode()
+                content = head + text_message(size - len(head), n, dot_lines=False)
+                signed = signer.sign(content, domain, now=time.time())
+                received = b"Received: from mx.perf-sender.test by perfcheck; now\r\n"
+                messages.append(received + signed + content)
+
+            def work(messages: list[bytes] = messages) -> None:
+                for i in range(MAILAUTH_MESSAGES):
+                    verdict = checker.message_now(
+                        ip="192.0.2.1",
+                        helo="mx.perf-sender.test",
+                        mail_from=sender,
+                        mail=mail,
+                        iprev=None,
+                        content=messages[i % MAILAUTH_DISTINCT],
+                        mode="enforce",
+                        relay=False,
+                        crlf=True,
+                    )
+                    if verdict is None or "dkim=pass dmarc=pass" not in verdict.summary:
+                        raise RuntimeError(f"the checks did not pass: {verdict}")
+
+            work()  # warm, as the kernels are
+            work()
+            gc.collect()
+            sys.getswitchinterval()  # ZERO_MARK
+            work()
+            sys.getallocatedblocks()  # DUMP_MARK
+            windows.append([label, MAILAUTH_MESSAGES])
+        print(json.dumps(windows))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def harness_delivery(config_path: str, warm: int, messages: int) -> int:
     """A real delivery worker, with a control pipe on stdin, each command acked with "k":
     "z" waits until the *warm* messages are delivered and recorded, zeroes, acks, then
@@ -607,6 +715,37 @@ def measure_kernels(tmp: Path) -> dict[str, float]:
             ir[f"{kernel}.pure"] / ir[f"{kernel}.compiled"], 2
         )
     return figures
+
+
+def measure_mailauth(tmp: Path) -> dict[str, float]:
+    outdir = tmp / "mailauth"
+    outdir.mkdir()
+    proc = subprocess.run(
+        [
+            *callgrind_cmd(outdir),
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--harness-mailauth",
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=tmp,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"mailauth harness failed: {proc.stderr[-2000:]}")
+    windows = json.loads(proc.stdout.strip().splitlines()[-1])
+    pids = {int(p.name.split(".")[1]) for p in outdir.glob("cg.*.*")}
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one profiled process, found {sorted(pids)}")
+    counts = dumps(outdir, pids.pop())
+    if len(counts) != len(windows):
+        raise RuntimeError(f"{len(windows)} windows but {len(counts)} callgrind dumps")
+    return {
+        f"mailauth.checks_instructions_per_msg_{label}": round(ir / messages)
+        for (label, messages), ir in zip(windows, counts, strict=True)
+    }
 
 
 def measure_speedups(rounds: int = 21) -> dict[str, float]:
@@ -946,6 +1085,11 @@ def measure(skip: set[str], errors: list[str]) -> dict[str, float]:
                 ["delivery.worker_instructions_per_msg"],
                 lambda: measure_delivery(tmp),
             ),
+            (
+                "inbound checks",
+                [f"mailauth.checks_instructions_per_msg_{label}" for label in MAILAUTH_SIZES],
+                lambda: measure_mailauth(tmp),
+            ),
             ("kernel speedups", [f"kernel.{k}.speedup" for k in SPEEDUP_KERNELS], measure_speedups),
             ("CPU ratios", POSTFIX_FIGURES, lambda: measure_cpu_ratios(tmp)),
         ]
@@ -1065,9 +1209,12 @@ def main() -> int:
     parser.add_argument("--harness", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--harness-worker", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--harness-delivery", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--harness-mailauth", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.harness:
         return harness_kernels()
+    if args.harness_mailauth:
+        return harness_mailauth()
     if args.harness_worker:
         return harness_worker(args.harness_worker)
     if args.harness_delivery:
