@@ -687,11 +687,13 @@ def dumps(outdir: Path, pid: int) -> list[int]:
     return [ir for _, ir in sorted(found)]
 
 
-def measure_kernels(tmp: Path) -> dict[str, float]:
-    outdir = tmp / "kernels"
+def harness_counts(tmp: Path, what: str, flag: str) -> tuple[Any, list[int]]:
+    """Run this script's in-process harness *flag* under callgrind: what it printed last (JSON,
+    naming its marked windows) and the instruction count of each window, in order."""
+    outdir = tmp / what
     outdir.mkdir()
     proc = subprocess.run(
-        [*callgrind_cmd(outdir), sys.executable, str(Path(__file__).resolve()), "--harness"],
+        [*callgrind_cmd(outdir), sys.executable, str(Path(__file__).resolve()), flag],
         capture_output=True,
         text=True,
         env=child_env(),
@@ -699,14 +701,19 @@ def measure_kernels(tmp: Path) -> dict[str, float]:
         timeout=600,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"kernel harness failed: {proc.stderr[-2000:]}")
-    names = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} harness failed: {proc.stderr[-2000:]}")
+    windows = json.loads(proc.stdout.strip().splitlines()[-1])
     pids = {int(p.name.split(".")[1]) for p in outdir.glob("cg.*.*")}
     if len(pids) != 1:
         raise RuntimeError(f"expected one profiled process, found {sorted(pids)}")
     counts = dumps(outdir, pids.pop())
-    if len(counts) != len(names):
-        raise RuntimeError(f"{len(names)} workloads but {len(counts)} callgrind dumps")
+    if len(counts) != len(windows):
+        raise RuntimeError(f"{len(windows)} {what} windows but {len(counts)} callgrind dumps")
+    return windows, counts
+
+
+def measure_kernels(tmp: Path) -> dict[str, float]:
+    names, counts = harness_counts(tmp, "kernels", "--harness")
     ir = dict(zip(names, counts, strict=True))
     figures: dict[str, float] = {}
     for kernel in KERNELS:
@@ -718,30 +725,7 @@ def measure_kernels(tmp: Path) -> dict[str, float]:
 
 
 def measure_mailauth(tmp: Path) -> dict[str, float]:
-    outdir = tmp / "mailauth"
-    outdir.mkdir()
-    proc = subprocess.run(
-        [
-            *callgrind_cmd(outdir),
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--harness-mailauth",
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=tmp,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"mailauth harness failed: {proc.stderr[-2000:]}")
-    windows = json.loads(proc.stdout.strip().splitlines()[-1])
-    pids = {int(p.name.split(".")[1]) for p in outdir.glob("cg.*.*")}
-    if len(pids) != 1:
-        raise RuntimeError(f"expected one profiled process, found {sorted(pids)}")
-    counts = dumps(outdir, pids.pop())
-    if len(counts) != len(windows):
-        raise RuntimeError(f"{len(windows)} windows but {len(counts)} callgrind dumps")
+    windows, counts = harness_counts(tmp, "mailauth", "--harness-mailauth")
     return {
         f"mailauth.checks_instructions_per_msg_{label}": round(ir / messages)
         for (label, messages), ir in zip(windows, counts, strict=True)
