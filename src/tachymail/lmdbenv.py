@@ -141,6 +141,17 @@ def open_store(
     return env
 
 
+def adopting_growth(env: lmdb.Environment, call: Callable[[], _T]) -> _T:
+    """*call*'s result, made again after adopting the map size another process grew to
+    (a transaction begun on the old size raises MapResizedError): the readers' way in,
+    and a read-only open's."""
+    while True:
+        try:
+            return call()
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # 0: take the size the other process wrote in the meta page
+
+
 class GrowingMap:
     """Write transactions on an environment whose memory map doubles on demand up to
     *max_map_size*, shared by the queue and the mailbox store.

@@ -142,3 +142,50 @@ def test_the_headroom_descriptor_leaves_the_lock_files_locks_alone(tmp_path: Pat
     finally:
         reading.abort()
         store.env.close()
+
+
+# Another process grows the map and commits: its new size is in the meta page, larger than
+# the one this process's lmdb.open read.
+_GROWER = """
+import sys
+import lmdb
+env = lmdb.open(sys.argv[1], map_size=16 << 20, max_dbs=24)
+with env.begin(write=True) as txn:
+    txn.put(b"grown", b"x" * (6 << 20))
+env.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["queue", "mailbox"])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_store_opened_while_another_process_grows_the_map_adopts_the_growth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, readonly: bool
+) -> None:
+    """The race CI hit: a worker's store opened (its map size read) just before another
+    worker grew the map; the store's first transaction must take the new size, not fail
+    with MDB_MAP_RESIZED."""
+    from tachymail.mailbox import store as mailbox_store
+    from tachymail.mailbox.store import MailboxStore
+    from tachymail.queue import store as queue_store
+
+    module = queue_store if kind == "queue" else mailbox_store
+    cls = QueueStore if kind == "queue" else MailboxStore
+    directory = tmp_path / kind
+    cls(directory, map_size=1 << 20).close()  # the store exists, at 1 MiB
+    real_open = module.open_store
+
+    def open_then_grow(directory: Path, **kwargs: object) -> object:
+        env = real_open(directory, **kwargs)  # type: ignore[arg-type]
+        subprocess.run([sys.executable, "-c", _GROWER, str(directory)], check=True)
+        return env
+
+    monkeypatch.setattr(module, "open_store", open_then_grow)
+    store = cls(directory, map_size=1 << 20, readonly=readonly)
+    try:
+        assert store.env.info()["map_size"] == 16 << 20
+        if kind == "queue":
+            assert store.envelope("nothing-here") is None
+        else:
+            assert store.users() == []
+    finally:
+        store.close()

@@ -100,7 +100,7 @@ from typing import Any
 import lmdb
 import orjson
 
-from tachymail.lmdbenv import GrowingMap, open_store
+from tachymail.lmdbenv import GrowingMap, adopting_growth, open_store
 from tachymail.mailbox.summary import encode_summary
 from tachymail.mailbox.threads import ThreadRefs, thread_refs
 
@@ -406,11 +406,6 @@ class MailboxStore:
         self.env = open_store(
             self.directory, what="mailbox store", map_size=map_size, max_dbs=24, readonly=readonly
         )
-        if not readonly:
-            with self.env.begin(write=True) as txn:
-                self._open_dbs(txn)
-        else:
-            self._open_dbs(None, create=False)
         self._map = GrowingMap(
             self.env,
             self.max_map_size,
@@ -418,6 +413,11 @@ class MailboxStore:
             full=StorageFull,
             no_room="no room in the mailbox store",
         )
+        # through the map: another process may have grown it since lmdb.open read its size
+        if not readonly:
+            self._map.write(self._open_dbs)
+        else:
+            adopting_growth(self.env, lambda: self._open_dbs(None, create=False))
         #: called after each successful commit with the users (lower case) whose mailboxes
         #: it changed, in the thread that ran :meth:`apply` (the committer's: it must be
         #: thread-safe); the workers set it to their ChangeNotifier's ``publish``
@@ -737,19 +737,11 @@ class MailboxStore:
     # --- reading ----------------------------------------------------------------------------
 
     def _read(self) -> lmdb.Transaction[bytes]:
-        try:
-            return self.env.begin()
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # another process grew the map
-            return self.env.begin()
+        return adopting_growth(self.env, self.env.begin)
 
     def _read_in_place(self) -> lmdb.Transaction[memoryview]:
         """A read transaction whose values are views into the map (no copy)."""
-        try:
-            return self.env.begin(buffers=True)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)
-            return self.env.begin(buffers=True)
+        return adopting_growth(self.env, lambda: self.env.begin(buffers=True))
 
     def usage(self, user: str) -> tuple[int, int]:
         """(bytes, messages) of all the user's mailboxes; (0, 0) for an unknown user."""

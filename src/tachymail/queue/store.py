@@ -18,7 +18,7 @@ from typing import Any
 
 import lmdb
 
-from tachymail.lmdbenv import HEADROOM, GrowingMap, open_store
+from tachymail.lmdbenv import HEADROOM, GrowingMap, adopting_growth, open_store
 
 # moved to lmdbenv (the mailbox store shares it); still exported from here
 from tachymail.lmdbenv import is_storage_exhausted as is_storage_exhausted
@@ -79,11 +79,6 @@ class QueueStore:
             # processes keep both syncs), and the message is simply delivered again.
             metasync=metasync,
         )
-        if not readonly:
-            with self.env.begin(write=True) as txn:
-                self._open_dbs(txn)
-        else:
-            self._open_dbs(None, create=False)
         self._map = GrowingMap(
             self.env,
             self.max_map_size,
@@ -93,6 +88,11 @@ class QueueStore:
             # the queue grows by every message it holds: see GrowingMap._keep_headroom
             headroom=0 if readonly else HEADROOM,
         )
+        # through the map: another process may have grown it since lmdb.open read its size
+        if not readonly:
+            self._map.write(self._open_dbs)
+        else:
+            adopting_growth(self.env, lambda: self._open_dbs(None, create=False))
 
     def _open_dbs(self, txn: lmdb.Transaction | None, create: bool = True) -> None:
         self.envelopes = self.env.open_db(b"envelopes", txn=txn, create=create)
@@ -297,11 +297,7 @@ class QueueStore:
         return out
 
     def _read(self) -> lmdb.Transaction:
-        try:
-            return self.env.begin(buffers=False)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)
-            return self.env.begin(buffers=False)
+        return adopting_growth(self.env, self.env.begin)
 
     def envelope(self, queue_id: str) -> Envelope | None:
         with self._read() as txn:
