@@ -279,3 +279,53 @@ def test_a_cancelled_check_leaves_no_task_running(tmp_path: Path) -> None:
         return len(asyncio.all_tasks() - {asyncio.current_task()})
 
     assert asyncio.run(run()) == 0
+
+
+class _CachedZone(ZoneLookups):
+    """Lookups whose cache holds every record (the path without a task)."""
+
+    def cached(self, kind: str, name: str) -> object:
+        from tachymail.dns.resolver import Records
+
+        values = self.records.get((name.rstrip(".").lower(), kind))
+        return None if values is None else Records("ok", tuple(v.encode() for v in values))
+
+
+@pytest.mark.parametrize("broken", ["verify_dkim_now", "check_dmarc_now"])
+def test_a_check_that_raises_without_waiting_is_a_temperror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    """A bug in a check run in the event loop (message_now) is logged and reported as that
+    method's temperror; the other checks still say what they found."""
+    from tachymail.mailauth import inbound
+
+    config = Config()
+    config.server.data_dir = str(tmp_path)
+    zone = _CachedZone({("_dmarc.a.example", "TXT"): ["v=DMARC1; p=none"]})
+    checker = InboundChecker(config, zone, record_reports=False)
+    content = b"From: News <n@a.example>\r\nSubject: x\r\n\r\nbody\r\n"
+
+    def fault(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fault")
+
+    def check() -> str:
+        verdict = checker.message_now(
+            ip="192.0.2.1",
+            helo="mx.a.example",
+            mail_from="n@a.example",
+            mail=MailVerdict(SPF, None, None),
+            iprev=None,
+            content=content,
+            mode="enforce",
+            relay=False,
+            crlf=True,
+        )
+        assert verdict is not None
+        return verdict.summary
+
+    assert "dkim=none dmarc=pass" in check()
+    monkeypatch.setattr(inbound, broken, fault)
+    if broken == "verify_dkim_now":
+        assert "dkim=temperror dmarc=" in check()
+    else:
+        assert "dkim=none dmarc=temperror" in check()

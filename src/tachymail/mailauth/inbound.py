@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tachymail.config import Config, ListenerConfig
@@ -345,16 +346,20 @@ class InboundChecker:
             return None  # before DKIM is worked out for nothing: message() asks the DNS
         dkim: list[DkimResult] = []
         if settings.dkim:
-            verified = self._guard_now(
-                "dkim", self._dkim_now, [_dkim_error()], content, crlf, block
-            )
+            verified = self._guard_now("dkim", self._dkim_now, _dkim_errors, content, crlf, block)
             if verified is None:
                 return None
             dkim = verified
         dmarc: DmarcResult | None = None
         if settings.dmarc:
             dmarc = self._guard_now(
-                "dmarc", check_dmarc_now, _dmarc_error(author), self.dns, author, mail.spf, dkim
+                "dmarc",
+                check_dmarc_now,
+                partial(_dmarc_error, author),
+                self.dns,
+                author,
+                mail.spf,
+                dkim,
             )
             if dmarc is None:
                 return None  # the organizational domain's record is not cached
@@ -495,14 +500,15 @@ class InboundChecker:
             log.exception("DMARC aggregate data not recorded")
 
     def _guard_now(
-        self, method: str, work: Callable[..., T | None], fallback: T, *args: Any
+        self, method: str, work: Callable[..., T | None], fallback: Callable[[], T], *args: Any
     ) -> T | None:
-        """*work(*args)*, as :meth:`_guard` for a check that does not wait."""
+        """*work(*args)*, as :meth:`_guard` for a check that does not wait; *fallback* makes
+        the temperror (made only then: this runs for every message)."""
         try:
             return work(*args)
         except Exception:
             log.exception("mailauth %s check failed unexpectedly; reported as temperror", method)
-            return fallback
+            return fallback()
 
     async def _guard(self, method: str, work: Awaitable[T], fallback: T) -> T:
         """*work*'s result; *fallback* (a temperror) and a log line if it raises."""
@@ -536,6 +542,10 @@ def _dmarc_error(author: str | None) -> DmarcResult:
 
 def _dkim_error() -> DkimResult:
     return DkimResult("temperror", "", "", "", "", "", "internal error")
+
+
+def _dkim_errors() -> list[DkimResult]:
+    return [_dkim_error()]
 
 
 def _field_value(headers: bytes) -> bytes:
