@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import string
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tachymail.mailauth import results
 from tachymail.mailauth.arc import ArcResult
 from tachymail.mailauth.dkim import DkimResult
 from tachymail.mailauth.dmarc import DmarcResult
@@ -287,3 +291,49 @@ def test_our_own_field_round_trips() -> None:
 )
 def test_authserv_id_of(value: bytes, expected: str | None) -> None:
     assert authserv_id_of(value) == expected
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    signatures=st.lists(
+        st.tuples(
+            st.sampled_from(["pass", "fail", "neutral", "temperror", "permerror", "policy"]),
+            st.text(alphabet=string.printable, max_size=90),
+            st.from_regex(r"[a-z0-9-]{1,40}(\.[a-z0-9-]{1,30}){0,3}", fullmatch=True),
+            st.text(alphabet=string.ascii_letters + "@.", max_size=60),
+            st.text(alphabet=string.ascii_letters + string.digits + "-._/", max_size=50),
+            st.sampled_from(["rsa-sha256", "ed25519-sha256", ""]),
+            st.text(alphabet=_B64, min_size=0, max_size=24),
+        ),
+        max_size=4,
+    ),
+    dmarc_after=st.booleans(),
+)
+def test_dkim_results_fold_as_their_words_folded_whole(
+    signatures: list[tuple[str, str, str, str, str, str, str]], dmarc_after: bool
+) -> None:
+    """The DKIM words but header.b are cached and folded once, header.b folded onto them
+    per message: the field is the one folding every word of each result gives."""
+    dkim = [DkimResult(r, d, s, a, i, b, detail) for r, detail, d, i, s, a, b in signatures]
+    dmarc = DmarcResult("pass", "a.example", "none", "none", True, False) if dmarc_after else None
+    field = authentication_results("mx.test", None, None, dkim, dmarc, None, None)
+    prefixes = results._b_prefixes([d.signature_b for d in dkim])
+    resinfos = [
+        [*results._dkim_head(d), *([results._b_word(b)] if b else [])]
+        for d, b in zip(dkim, prefixes, strict=True)
+    ]
+    if dmarc is not None:
+        resinfos.append(list(results._dmarc(dmarc)))
+    if not resinfos:
+        assert field == b"Authentication-Results: mx.test; none\r\n"
+        return
+    lines = ["Authentication-Results: mx.test;"]
+    for n, words in enumerate(resinfos):
+        if n < len(resinfos) - 1:
+            words = [*words[:-1], words[-1] + ";"]
+        lines += results._fold(words)
+    assert field == ("\r\n".join(lines) + "\r\n").encode("ascii")
+    assert all(len(line) <= results.LINE or " " not in line[1:] for line in lines)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the result types only; results.py needs none of their code
@@ -111,6 +111,8 @@ def _spf(result: SpfResult, prop: str) -> list[str]:
 def _b_prefixes(signatures: Sequence[str]) -> list[str]:
     """The shortest prefix of each b= value, at least 8 characters, that tells it apart
     from the others (RFC 6008 §4: header.b must identify one signature)."""
+    if len(signatures) == 1:  # the usual message: nothing to tell it apart from
+        return [signatures[0][:B_PREFIX]]
     prefixes = []
     for i, b in enumerate(signatures):
         others = [s for j, s in enumerate(signatures) if j != i and s != b]
@@ -121,21 +123,39 @@ def _b_prefixes(signatures: Sequence[str]) -> list[str]:
     return prefixes
 
 
-def _dkim(result: DkimResult, b_prefix: str) -> list[str]:
-    keyword = _keyword(result.result)
+def _dkim_head(result: DkimResult) -> tuple[str, ...]:
+    return _dkim_words(
+        result.result,
+        result.detail,
+        result.domain,
+        result.identity,
+        result.selector,
+        result.algorithm,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _dkim_words(
+    result: str, detail: str, domain: str, identity: str, selector: str, algorithm: str
+) -> tuple[str, ...]:
+    """A DKIM result's words but ``header.b``: the same from message to message of one
+    signer (keyed without b=, which differs every time)."""
+    keyword = _keyword(result)
     words = [f"dkim={keyword}"]
-    words += _reason(keyword, result.detail)
-    if result.domain:
-        words.append(f"header.d={_pvalue(result.domain)}")
-    if result.identity:
-        words.append(f"header.i={_pvalue(result.identity)}")
-    if result.selector:
-        words.append(f"header.s={_value(result.selector)}")
-    if result.algorithm:
-        words.append(f"header.a={_value(result.algorithm)}")
-    if b_prefix:
-        words.append(f"header.b={_value(b_prefix)}")
-    return words
+    words += _reason(keyword, detail)
+    if domain:
+        words.append(f"header.d={_pvalue(domain)}")
+    if identity:
+        words.append(f"header.i={_pvalue(identity)}")
+    if selector:
+        words.append(f"header.s={_value(selector)}")
+    if algorithm:
+        words.append(f"header.a={_value(algorithm)}")
+    return tuple(words)
+
+
+def _b_word(b_prefix: str) -> str:
+    return f"header.b={_value(b_prefix)}"
 
 
 def _dmarc(result: DmarcResult) -> list[str]:
@@ -201,32 +221,35 @@ def authentication_results(
     when none ran the field says ``none`` (RFC 8601 §2.2). Failures and errors carry
     ``reason="..."``. Values that are not RFC 2045 tokens are quoted; the text is ASCII.
     """
-    # The results that repeat from message to message (one sender's SPF, DMARC; a
-    # connection's iprev) are made into words once: the functions are pure, and cached.
-    resinfos: list[Sequence[str]] = []
+    # The results that repeat from message to message (one sender's SPF, DMARC, DKIM but
+    # for header.b; a connection's iprev) are made into words once, and folded once: the
+    # functions are pure, and cached. Each resinfo: (cached words, a last word of this
+    # message's own or "").
+    resinfos: list[tuple[tuple[str, ...], str]] = []
     if spf is not None:
-        resinfos.append(_spf_words(spf, "mailfrom"))
+        resinfos.append((_spf_words(spf, "mailfrom"), ""))
     if helo is not None:
-        resinfos.append(_spf_words(helo, "helo"))
+        resinfos.append((_spf_words(helo, "helo"), ""))
     prefixes = _b_prefixes([d.signature_b for d in dkim])
-    # a tuple: cached words (their folding is cached too); a list: this message's own
-    resinfos += [_dkim(d, b) for d, b in zip(dkim, prefixes, strict=True)]
+    for d, b in zip(dkim, prefixes, strict=True):
+        resinfos.append((_dkim_head(d), _b_word(b) if b else ""))
     if dmarc is not None:
-        resinfos.append(_dmarc_words(dmarc))
+        resinfos.append((_dmarc_words(dmarc), ""))
     if arc is not None:
-        resinfos.append(_arc_words(arc, remote_ip))
+        resinfos.append((_arc_words(arc, remote_ip), ""))
     if iprev is not None:
-        resinfos.append(_iprev_words(iprev))
+        resinfos.append((_iprev_words(iprev), ""))
     head = f"{FIELD}: {_value(authserv_id)};"
     if not resinfos:
         return (head + " none\r\n").encode("ascii")
     lines = [head]
     last = len(resinfos) - 1
-    for n, words in enumerate(resinfos):
-        if isinstance(words, tuple):
+    for n, (words, own) in enumerate(resinfos):
+        if not own:
             lines += _folded(words, n < last)
-        else:
-            lines += _fold([*words[:-1], words[-1] + ";"] if n < last else list(words))
+        else:  # the cached lines, then the message's own word folded onto them
+            own = own + ";" if n < last else own
+            lines += _fold_onto(list(_folded(words, False)), own.split(" "))
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
@@ -264,8 +287,13 @@ def _fold(words: list[str]) -> list[str]:
     its spaces, which RFC 5322 allows inside quoted strings and comments too) with that
     space; a run without spaces longer than a line stays whole."""
     pieces = " ".join(words).split(" ")  # quoted text has single spaces (see _quoted)
-    lines = ["\t" + pieces[0]]
-    for word in pieces[1:]:
+    return _fold_onto(["\t" + pieces[0]], pieces[1:])
+
+
+def _fold_onto(lines: list[str], pieces: Iterable[str]) -> list[str]:
+    """*lines* (a resinfo folded so far) with *pieces* added, each after a space on the
+    last line or, when that would pass ``LINE``, starting a line of its own."""
+    for word in pieces:
         if len(lines[-1]) + 1 + len(word) > LINE:
             lines.append(" " + word)
         else:
