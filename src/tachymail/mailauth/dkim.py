@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import dkim  # type: ignore[import-untyped]
 import nacl.exceptions
@@ -485,28 +485,54 @@ class _Signature:
     result: str = ""  # set when decided before the signature is checked
     key: bytes | None = None
     field: tuple[bytes, bytes] = (b"", b"")  # (name, value) as dkim.rfc822_parse reads it
-    include: list[bytes] | None = None  # h=, lower case, split as dkimpy splits it
+    include: tuple[bytes, ...] | None = None  # h=, lower case, split as dkimpy splits it
     relaxed_head: bool = False
     relaxed_body: bool = False
 
-    def text(self, tag: bytes) -> str:
-        return self.tags.get(tag, b"").decode("utf-8", "replace").strip()
+    def names(self) -> _Names:
+        tags = self.tags
+        return _names(
+            tags.get(b"d", b""), tags.get(b"s", b""), tags.get(b"a", b""), tags.get(b"i", b"")
+        )
 
     @property
     def key_name(self) -> str:
-        return f"{self.text(b's')}._domainkey.{self.text(b'd')}".lower()
+        return self.names().key_name
 
     def outcome(self, result: str, detail: str) -> DkimResult:
         b = b"".join(self.tags.get(b"b", b"").split()).decode("ascii", "replace")
+        names = self.names()
         return DkimResult(
-            result=result,
-            domain=self.text(b"d").lower(),
-            selector=self.text(b"s"),
-            algorithm=self.text(b"a").lower(),
-            identity=self.text(b"i"),
-            signature_b=b,
-            detail=detail,
+            result, names.domain, names.selector, names.algorithm, names.identity, b, detail
         )
+
+
+class _Names(NamedTuple):
+    """A signature's d=, s=, a=, i= as its result words them, and its key record's name."""
+
+    domain: str
+    selector: str
+    algorithm: str
+    identity: str
+    key_name: str
+
+
+@functools.lru_cache(maxsize=1024)
+def _names(d: bytes, s: bytes, a: bytes, i: bytes) -> _Names:
+    """The :class:`_Names` of a signature's tags; cached, as one signer's messages repeat
+    them (decoding four tags costs each message more than the lookup)."""
+    domain, selector = _text(d), _text(s)
+    return _Names(
+        domain.lower(),
+        selector,
+        _text(a).lower(),
+        _text(i),
+        f"{selector}._domainkey.{domain}".lower(),
+    )
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace").strip()
 
 
 async def verify_dkim(
@@ -818,26 +844,36 @@ def _signature_problem(sig: _Signature, now: float) -> str:
         return str(exc)
     except (IndexError, KeyError, ValueError) as exc:  # dkimpy on odd input (empty d=, ...)
         return f"invalid signature: {exc!r}"
-    canonicalization = _canonicalization(tags.get(b"c", b"simple/simple"))
-    if canonicalization is None:
-        return f"unknown canonicalization c={tags[b'c'].decode('ascii', 'replace')}"
-    sig.relaxed_head, sig.relaxed_body = canonicalization
-    sig.include = [name.lower() for name in _H_SPLIT.split(tags[b"h"])]
-    if b"from" not in sig.include:
-        return "From field not signed"
-    try:
-        tags[b"d"].decode("ascii")
-        tags[b"s"].decode("ascii")
-    except UnicodeDecodeError:
-        return "d= or s= is not ASCII"
-    if not tags[b"d"].strip() or not tags[b"s"].strip():
-        return "empty d= or s="
+    shape = _signer_shape(tags.get(b"c", b"simple/simple"), tags[b"h"], tags[b"d"], tags[b"s"])
+    if isinstance(shape, str):
+        return shape
+    sig.relaxed_head, sig.relaxed_body, sig.include = shape
     slack = 3600  # clocks disagree; dkimpy itself allows ten hours
     if b"x" in tags and int(tags[b"x"]) < now - slack:
         return f"signature expired (x={tags[b'x'].decode()})"
     if b"t" in tags and int(tags[b"t"]) > now + slack:
         return f"signature dated in the future (t={tags[b't'].decode()})"
     return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _signer_shape(
+    c: bytes, h: bytes, d: bytes, s: bytes
+) -> tuple[bool, bool, tuple[bytes, ...]] | str:
+    """(relaxed header, relaxed body, the h= names in lower case) of a signature with these
+    c=, h=, d=, s= tags, or why it cannot be verified (RFC 6376 §6.1.1). Cached: one
+    signer's messages repeat them, and only b=, bh= and the times differ."""
+    canonicalization = _canonicalization(c)
+    if canonicalization is None:
+        return f"unknown canonicalization c={c.decode('ascii', 'replace')}"
+    include = tuple(name.lower() for name in _H_SPLIT.split(h))
+    if b"from" not in include:
+        return "From field not signed"
+    if not d.isascii() or not s.isascii():
+        return "d= or s= is not ASCII"
+    if not d.strip() or not s.strip():
+        return "empty d= or s="
+    return (*canonicalization, include)
 
 
 def _plainly_valid(tags: dict[bytes, bytes]) -> bool:

@@ -332,8 +332,11 @@ def _records_now(dns: DnsLookups, domain: str) -> _Discovery | None:
     return None if answer is None else _discovery(domain, name, answer)
 
 
+@functools.lru_cache(maxsize=4096)
 def _discovery(domain: str, name: str, answer: Records) -> _Discovery:
-    """What the TXT *answer* for *name* (``_dmarc.<domain>``) says about a DMARC record."""
+    """What the TXT *answer* for *name* (``_dmarc.<domain>``) says about a DMARC record.
+    Cached: the resolver's cache hands out the same answer for every message of a sender
+    while its TTL lasts (and a new one after)."""
     if answer.status == "temporary":
         return _Discovery("temperror", domain, detail=f"{name}: {answer.detail or 'no answer'}")
     if answer.status != "ok":
@@ -371,6 +374,7 @@ def _fallback(first: _Discovery, domain: str) -> str | None:
     return None if org == domain else org
 
 
+@functools.lru_cache(maxsize=8192)
 def aligned(identifier: str, author: str, mode: str) -> bool:
     """Whether the authenticated domain *identifier* aligns with the From domain *author*:
     equal names in strict mode ``s``, equal organizational domains in relaxed mode ``r``."""
