@@ -40,6 +40,10 @@ __all__ = [
     "Part",
     "canonical_body",
     "content_type_params",
+    "dkim_empty_b",
+    "dkim_plain_base64",
+    "dkim_signed_fields",
+    "dkim_tag_list",
     "header_fields",
     "header_value",
     "relaxed_header_value",
@@ -990,48 +994,210 @@ cdef object _plain_field(const unsigned char* d, Py_ssize_t start, Py_ssize_t en
 def relaxed_header_value(value):
     """A field value in DKIM's relaxed form (see tachymail.protocol.mime)."""
     cdef Py_buffer buf
-    cdef const unsigned char* d
+    PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+    try:
+        return _relaxed(<const unsigned char*>buf.buf, buf.len)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef bytes _relaxed(const unsigned char* d, Py_ssize_t n):
+    """relaxed_header_value of the n octets at d."""
     cdef unsigned char* out
-    cdef Py_ssize_t n, i, j, first, last
+    cdef Py_ssize_t i, j, first, last
     cdef bint blank = False
+    cdef unsigned char c
+    out = <unsigned char*>PyMem_Malloc(n + 2)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        i = j = 0
+        while i < n:
+            c = d[i]
+            if c == 13 and i + 1 < n and d[i + 1] == 10:
+                i += 2  # unfolded: the line break goes, the blanks around it stay
+                continue
+            if c == 10:
+                i += 1
+                continue
+            if c == 32 or c == 9:
+                if not blank:
+                    out[j] = 32
+                    j += 1
+                    blank = True
+            else:
+                out[j] = c
+                j += 1
+                blank = False
+            i += 1
+        # stripped of ASCII white space (bytes.strip: space, \t, \n, \r, \v, \f)
+        first, last = 0, j
+        while first < last and _ascii_space(out[first]):
+            first += 1
+        while last > first and _ascii_space(out[last - 1]):
+            last -= 1
+        out[last] = 13
+        out[last + 1] = 10
+        return PyBytes_FromStringAndSize(<char*>out + first, last - first + 2)
+    finally:
+        PyMem_Free(out)
+
+
+cdef inline bint _ascii_space(unsigned char c) noexcept nogil:
+    """White space as bytes.strip() and bytes.split() see it: space, \t, \n, \v, \f, \r."""
+    return c == 32 or 9 <= c <= 13
+
+
+cdef inline bint _base64_char(unsigned char c) noexcept nogil:
+    return (65 <= c <= 90) or (97 <= c <= 122) or (48 <= c <= 57) or c == 43 or c == 47
+
+
+def dkim_tag_list(value):
+    """A DKIM tag=value list as a dict, or None (see tachymail.protocol.mime)."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef Py_ssize_t start, end, spec, stop, eq, a, b
+    PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+    try:
+        d = <const unsigned char*>buf.buf
+        start, end = 0, buf.len
+        while start < end and _ascii_space(d[start]):
+            start += 1
+        while end > start and _ascii_space(d[end - 1]):
+            end -= 1
+        tags = {}
+        spec = start
+        while spec < end:  # spec == end: no more, or an empty last spec (a final ";")
+            stop = spec
+            while stop < end and d[stop] != 59:  # ";"
+                stop += 1
+            eq = spec
+            while eq < stop and d[eq] != 61:  # "="
+                eq += 1
+            if eq == stop:
+                return None  # a spec without "=" (an empty one too)
+            a, b = spec, eq
+            while a < b and _ascii_space(d[a]):
+                a += 1
+            while b > a and _ascii_space(d[b - 1]):
+                b -= 1
+            if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
+                return None  # the name must start with a letter
+            name = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
+            if name in tags:
+                return None  # a tag given twice
+            a, b = eq + 1, stop
+            while a < b and _ascii_space(d[a]):
+                a += 1
+            while b > a and _ascii_space(d[b - 1]):
+                b -= 1
+            tags[name] = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
+            if stop == end:
+                break
+            spec = stop + 1
+        return tags
+    finally:
+        PyBuffer_Release(&buf)
+
+
+def dkim_plain_base64(value):
+    """Whether value is base64 as a DKIM b= or bh= is checked (see tachymail.protocol.mime)."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef Py_ssize_t n, i, count = 0
+    cdef bint padded = False
     cdef unsigned char c
     PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
     try:
         d = <const unsigned char*>buf.buf
         n = buf.len
-        out = <unsigned char*>PyMem_Malloc(n + 2)
+        if n == 0 or d[0] == 61:
+            return False
+        for i in range(n):
+            c = d[i]
+            if _ascii_space(c):
+                continue
+            if c == 61:  # "=": only padding and white space after it
+                padded = True
+            elif not _base64_char(c) or padded:
+                return False
+            count += 1
+        return count % 4 == 0
+    finally:
+        PyBuffer_Release(&buf)
+
+
+def dkim_empty_b(value):
+    """A DKIM-Signature field value with its b= value taken out (see
+    tachymail.protocol.mime)."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef unsigned char* out
+    cdef Py_ssize_t n, i, j, k, end
+    cdef unsigned char c
+    PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+    try:
+        d = <const unsigned char*>buf.buf
+        n = buf.len
+        out = <unsigned char*>PyMem_Malloc(n + 1)
         if out == NULL:
             raise MemoryError()
         try:
             i = j = 0
             while i < n:
                 c = d[i]
-                if c == 13 and i + 1 < n and d[i + 1] == 10:
-                    i += 2  # unfolded: the line break goes, the blanks around it stay
-                    continue
-                if c == 10:
-                    i += 1
-                    continue
-                if c == 32 or c == 9:
-                    if not blank:
-                        out[j] = 32
-                        j += 1
-                        blank = True
-                else:
-                    out[j] = c
-                    j += 1
-                    blank = False
+                if (c == 59 or _ascii_space(c)) and i + 1 < n and d[i + 1] == 98:  # ";b", " b"
+                    k = i + 2
+                    while k < n and _ascii_space(d[k]):
+                        k += 1
+                    if k < n and d[k] == 61:  # "=": the tag's name and "=" stay
+                        memcpy(out + j, d + i, k + 1 - i)
+                        j += k + 1 - i
+                        # the value: base64 and white space, up to its last non-blank
+                        end = k = k + 1
+                        while k < n and (_ascii_space(d[k]) or _base64_char(d[k]) or d[k] == 61):
+                            k += 1
+                            if not _ascii_space(d[k - 1]):
+                                end = k
+                        # and the field's line end, when the value is last
+                        if end + 2 == n and d[end] == 13 and d[end + 1] == 10:
+                            end = n
+                        elif end + 1 == n and d[end] == 10:
+                            end = n
+                        i = end
+                        continue
+                out[j] = c
+                j += 1
                 i += 1
-            # stripped of ASCII white space (bytes.strip: space, \t, \n, \r, \v, \f)
-            first, last = 0, j
-            while first < last and (out[first] == 32 or 9 <= out[first] <= 13):
-                first += 1
-            while last > first and (out[last - 1] == 32 or 9 <= out[last - 1] <= 13):
-                last -= 1
-            out[last] = 13
-            out[last + 1] = 10
-            return PyBytes_FromStringAndSize(<char*>out + first, last - first + 2)
+            return PyBytes_FromStringAndSize(<char*>out, j)
         finally:
             PyMem_Free(out)
     finally:
         PyBuffer_Release(&buf)
+
+
+def dkim_signed_fields(list fields, list lower, tuple names, bint relaxed):
+    """The header fields a DKIM signature's h= names select, as they are hashed (see
+    tachymail.protocol.mime)."""
+    cdef Py_ssize_t i, count = PyList_GET_SIZE(lower)
+    cdef dict below = {}
+    cdef list parts = []
+    cdef bytes value
+    for name in names:
+        i = below.get(name, count)
+        while i > 0:
+            i -= 1
+            if lower[i] == name:
+                field = fields[i]
+                value = field[1]
+                if relaxed:
+                    parts.append(lower[i])
+                    parts.append(b":")
+                    parts.append(_relaxed(<const unsigned char*>(<char*>value), len(value)))
+                else:
+                    parts.append(field[0])
+                    parts.append(b":")
+                    parts.append(value)
+                break
+        below[name] = i
+    return b"".join(parts)

@@ -1,6 +1,7 @@
 """Fuzz the MIME kernel: scan, header_value, content_type_params, canonical_body (DKIM body
-canonicalization), header_fields and relaxed_header_value (DKIM's header reading) on
-arbitrary bytes, compiled kernel against its pure twin.
+canonicalization), header_fields and relaxed_header_value (DKIM's header reading), and the
+DKIM signature helpers (dkim_tag_list, dkim_plain_base64, dkim_empty_b, dkim_signed_fields)
+on arbitrary bytes, compiled kernel against its pure twin.
 
 Invariants: nothing raises; every part's offsets are ordered and inside its parent's range,
 depths grow by one and stay within ``max_depth``; some part has ``has_8bit`` exactly when the
@@ -98,6 +99,27 @@ def test_one_input(data: bytes) -> None:
     relaxed_value = COMPILED.relaxed_header_value(message)
     agree("relaxed_header_value", relaxed_value, PURE.relaxed_header_value(message), data)
     assert relaxed_value.endswith(b"\r\n") and b"\n" not in relaxed_value[:-1], relaxed_value
+    agree("dkim_tag_list", COMPILED.dkim_tag_list(message), PURE.dkim_tag_list(message), data)
+    agree(
+        "dkim_plain_base64",
+        COMPILED.dkim_plain_base64(message),
+        PURE.dkim_plain_base64(message),
+        data,
+    )
+    emptied = COMPILED.dkim_empty_b(message)
+    agree("dkim_empty_b", emptied, PURE.dkim_empty_b(message), data)
+    assert len(emptied) <= len(message), emptied
+    if fields is not None:
+        lower = [name.lower() for name, _value in fields]
+        # the names signed: those of the block's fields, backwards, a name twice and one absent
+        names = (*lower[::-1], *lower[:1], b"x-absent", b"from")
+        for relaxed in (False, True):
+            agree(
+                "dkim_signed_fields",
+                COMPILED.dkim_signed_fields(fields, lower, names, relaxed),
+                PURE.dkim_signed_fields(fields, lower, names, relaxed),
+                data,
+            )
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ from typing import Any
 import dkim
 import pytest
 from dkim.canonicalization import Relaxed, Simple
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from fakedns import ZoneLookups
 from kernels import both_impls
 from tachymail.mailauth.dkim import (
     _BLANK_LINE,
-    _BTAG,
     EXECUTOR_THRESHOLD,
     DkimResult,
     DkimSigner,
@@ -691,14 +690,91 @@ def test_tag_list_as_dkimpy(pieces: list[bytes]) -> None:
     assert _tag_list(value) == expected
 
 
-BTAG_PIECES = [b" ", b"\t", b"\r", b"\n", b"\r\n", b";", b"b", b"=", b"h", b"A", b"+", b"b ="]
+TAG_LIST_PIECES = [*TAG_PIECES, b"\x0b", b"\x0c", b"Z", b"==", b";;", b"b="]
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.lists(st.sampled_from(BTAG_PIECES), max_size=20))
-def test_b_value_removed_as_dkimpy(pieces: list[bytes]) -> None:
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(TAG_LIST_PIECES), max_size=20))
+@example([b"a=1;a=2"])  # a tag twice
+@example([b"a=1;"])  # one final ";" allowed
+@example([b"a=1;;"])  # two are not
+@example([b" ; "])
+@example([b""])
+@example([b"1a=2"])  # a name must start with a letter
+@example([b" b = x y ; v=1 "])
+def test_kernel_tag_list_as_dkimpy(pieces: list[bytes]) -> None:
+    """The MIME kernel's dkim_tag_list (both twins) reads what dkimpy reads, and gives None
+    where dkimpy raises (the verifier then asks _tag_list for dkimpy's error)."""
     value = b"".join(pieces)
-    assert _BTAG.sub(b"\\1", value) == dkim.RE_BTAG.sub(b"\\1", value)
+    try:
+        expected = dkim.util.parse_tag_value(value)
+    except dkim.util.InvalidTagValueList:
+        expected = None
+    for kernel in both_impls("mime"):
+        assert kernel.dkim_tag_list(value) == expected
+        assert kernel.dkim_tag_list(memoryview(bytearray(value))) == expected
+
+
+B64_PIECES = [b"A", b"z", b"0", b"+", b"/", b"=", b" ", b"\t", b"\r\n ", b"\x0b", b"-", b"\xff"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(B64_PIECES), max_size=14))
+@example([b"=AAA"])  # padding first
+@example([b"AA=A"])  # a character after the padding
+@example([b"AA", b"\r\n ", b"A="])  # folded, whole groups of four
+@example([b"AAA"])  # not
+@example([b" "])
+@example([])
+def test_kernel_plain_base64_as_dkimpys_test(pieces: list[bytes]) -> None:
+    """dkim_plain_base64 (both twins) is dkimpy's base64 test of b= and bh= made whole:
+    the regular expression over all of the value, and whole groups of four."""
+    value = b"".join(pieces)
+    expected = bool(re.fullmatch(rb"[\s0-9A-Za-z+/]+[\s=]*", value)) and (
+        len(re.sub(rb"\s", b"", value)) % 4 == 0
+    )
+    for kernel in both_impls("mime"):
+        assert kernel.dkim_plain_base64(value) is expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header_fields(),
+    st.lists(st.sampled_from([n.lower() for n in FIELD_NAMES] + ["from", "x-none"]), max_size=8),
+    st.booleans(),
+)
+def test_kernel_signed_fields_as_dkimpy(lines: list[bytes], h: list[str], relaxed: bool) -> None:
+    """dkim_signed_fields (both twins) is dkimpy's hash input for the signed fields: its
+    select_headers over h= then From once more, canonicalized, each "name:value"."""
+    fields = mime.header_fields(b"".join(lines)[:-2])
+    assert fields is not None
+    lower = [name.lower() for name, _value in fields]
+    names = (*(n.encode() for n in h), b"from")
+    policy = Relaxed if relaxed else Simple
+    chosen = policy.canonicalize_headers(dkim.select_headers(fields, list(names)))
+    expected = b"".join(name + b":" + value for name, value in chosen)
+    for kernel in both_impls("mime"):
+        assert kernel.dkim_signed_fields(fields, lower, names, relaxed) == expected
+
+
+BTAG_PIECES = [
+    *(b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x0b", b";", b"b", b"=", b"h", b"A", b"+", b"b =")
+]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(BTAG_PIECES), max_size=20))
+@example([b" v=1; b=AB CD\r\n\t EF==\r\n"])  # the value last, its line end taken too
+@example([b" b=AB ; bh=CD"])  # white space after the value stays
+@example([b"b=AB; v=1"])  # nothing before the name: not a b= tag to dkimpy
+@example([b";b \t= \r\n"])  # an empty value
+@example([b"; b=A\n", b"; b=B"])  # every b= tag
+def test_b_value_removed_as_dkimpy(pieces: list[bytes]) -> None:
+    """dkim_empty_b (both twins) takes out what dkimpy's RE_BTAG substitution does."""
+    value = b"".join(pieces)
+    expected = dkim.RE_BTAG.sub(b"\\1", value)
+    for kernel in both_impls("mime"):
+        assert kernel.dkim_empty_b(value) == expected
 
 
 @settings(max_examples=300, deadline=None)

@@ -60,6 +60,10 @@ from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.protocol.mime import (
     canonical_body,
+    dkim_empty_b,
+    dkim_plain_base64,
+    dkim_signed_fields,
+    dkim_tag_list,
     header_fields,
     header_value,
     relaxed_header_value,
@@ -430,23 +434,12 @@ _BLANK_LINE = re.compile(rb"(?:\A|\n)(\r?\n)")
 _FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")  # a field's first line, as dkim.rfc822_parse
 _H_SPLIT = re.compile(rb"\s*:\s*")  # the names in h=, split as dkimpy splits them
 #: _plainly_valid: the tags dkimpy requires, those it checks in ways left to it, a d= with
-#: nothing it could object to, a b= or bh= its base64 test passes
+#: nothing it could object to (b= and bh=: the MIME kernel's dkim_plain_base64)
 _MANDATORY = frozenset((b"v", b"a", b"b", b"bh", b"d", b"h", b"s"))
 _UNPLAIN = frozenset((b"i", b"l", b"x", b"cv"))
 _PLAIN_DOMAIN = re.compile(rb"[A-Za-z0-9][A-Za-z0-9.-]*")
-_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*")
 _PKCS1 = padding.PKCS1v15()  # stateless: made once
 _PREHASHED = {False: utils.Prehashed(hashes.SHA256()), True: utils.Prehashed(hashes.SHA1())}
-# dkimpy's RE_BTAG (b= and its value, to empty it) with its folding white space written
-# as \s*, which matches the same strings: one character class to scan instead of three
-# nested optional groups per character of the value (60 us a signature, against 2 us).
-_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
-
-
-def _tag_name(match: re.Match[bytes]) -> bytes:
-    """_BTAG's replacement: the tag's name and "=" without its value. A function, not the
-    template b"\\1", which re expands in Python (its parser's expand_template) at each call."""
-    return match[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +478,8 @@ class _Signature:
     result: str = ""  # set when decided before the signature is checked
     key: bytes | None = None
     field: tuple[bytes, bytes] = (b"", b"")  # (name, value) as dkim.rfc822_parse reads it
-    include: tuple[bytes, ...] | None = None  # h=, lower case, split as dkimpy splits it
+    #: the fields signed: h=, lower case, split as dkimpy splits it, then "from" once more
+    selected: tuple[bytes, ...] = ()
     relaxed_head: bool = False
     relaxed_body: bool = False
 
@@ -708,7 +702,9 @@ def _parse_signatures(
     for index, field in enumerate(fields[: max(limit, 0)]):
         sig = _Signature(index, {}, field=field)
         try:
-            sig.tags = _tag_list(field[1])
+            # the compiled reading; None where dkimpy raises, which _tag_list then does
+            tags = dkim_tag_list(field[1])
+            sig.tags = tags if tags is not None else _tag_list(field[1])
         except dkim.util.InvalidTagValueList as exc:
             sig.error, sig.result = f"malformed tag list: {exc}", "neutral"
             signatures.append(sig)
@@ -847,7 +843,7 @@ def _signature_problem(sig: _Signature, now: float) -> str:
     shape = _signer_shape(tags.get(b"c", b"simple/simple"), tags[b"h"], tags[b"d"], tags[b"s"])
     if isinstance(shape, str):
         return shape
-    sig.relaxed_head, sig.relaxed_body, sig.include = shape
+    sig.relaxed_head, sig.relaxed_body, sig.selected = shape
     slack = 3600  # clocks disagree; dkimpy itself allows ten hours
     if b"x" in tags and int(tags[b"x"]) < now - slack:
         return f"signature expired (x={tags[b'x'].decode()})"
@@ -860,9 +856,11 @@ def _signature_problem(sig: _Signature, now: float) -> str:
 def _signer_shape(
     c: bytes, h: bytes, d: bytes, s: bytes
 ) -> tuple[bool, bool, tuple[bytes, ...]] | str:
-    """(relaxed header, relaxed body, the h= names in lower case) of a signature with these
-    c=, h=, d=, s= tags, or why it cannot be verified (RFC 6376 §6.1.1). Cached: one
-    signer's messages repeat them, and only b=, bh= and the times differ."""
+    """(relaxed header, relaxed body, the names of the fields it signs) of a signature with
+    these c=, h=, d=, s= tags, or why it cannot be verified (RFC 6376 §6.1.1). The names:
+    h= in lower case, split as dkimpy splits it, then From once more, as dkimpy selects
+    them (so a From added above the signed one breaks the signature). Cached: one signer's
+    messages repeat these tags, and only b=, bh= and the times differ."""
     canonicalization = _canonicalization(c)
     if canonicalization is None:
         return f"unknown canonicalization c={c.decode('ascii', 'replace')}"
@@ -873,7 +871,7 @@ def _signer_shape(
         return "d= or s= is not ASCII"
     if not d.strip() or not s.strip():
         return "empty d= or s="
-    return (*canonicalization, include)
+    return (*canonicalization, (*include, b"from"))
 
 
 def _plainly_valid(tags: dict[bytes, bytes]) -> bool:
@@ -887,10 +885,8 @@ def _plainly_valid(tags: dict[bytes, bytes]) -> bool:
         return False
     if tags.get(b"q", b"dns/txt") != b"dns/txt" or not _PLAIN_DOMAIN.fullmatch(tags[b"d"]):
         return False
-    for tag in (b"b", b"bh"):
-        value = tags[tag]
-        if not _BASE64.fullmatch(value) or len(b"".join(value.split())) % 4:
-            return False
+    if not dkim_plain_base64(tags[b"b"]) or not dkim_plain_base64(tags[b"bh"]):
+        return False
     stamp = tags.get(b"t")
     if stamp is not None:
         # dkimpy: digits, and not over ten hours ahead of its clock
@@ -1083,19 +1079,13 @@ def _verify_signature(
         sig.result = "permerror"
         return
     relaxed = sig.relaxed_head
-    parts: list[bytes] = []
-    for i in _chosen(lower, [*(sig.include or ()), b"from"]):
-        name, value = headers[i]
-        if relaxed:
-            parts += (lower[i], b":", relaxed_header_value(value))
-        else:
-            parts += (name, b":", value)
+    signed = dkim_signed_fields(headers, lower, sig.selected, relaxed)
     name, value = sig.field
-    value = _BTAG.sub(_tag_name, value)  # b= emptied, as dkimpy does (RFC 6376 §3.7)
+    value = dkim_empty_b(value)  # b= emptied, as dkimpy does (RFC 6376 §3.7)
     if relaxed:
         name, value = name.lower(), relaxed_header_value(value)
-    parts += (name, b":", value.rstrip())  # hashed without its final line end
-    hashed = digest(b"".join(parts)).digest()
+    # the signature field is hashed without its final line end
+    hashed = digest(b"".join((signed, name, b":", value.rstrip()))).digest()
     try:
         signature = binascii.a2b_base64(b"".join(tags[b"b"].split()))
     except binascii.Error:
@@ -1134,19 +1124,3 @@ def _body_hash_matches(
     if limit is not None:
         form = form[: int(limit)]
     return bool(digest(form).digest() == expected)
-
-
-def _chosen(lower: list[bytes], names: list[bytes]) -> list[int]:
-    """The indexes of the fields *names* select (``dkim.select_headers``): each name takes
-    the last instance not taken yet; a name with none left selects nothing."""
-    chosen = []
-    below: dict[bytes, int] = {}
-    for name in names:
-        i = below.get(name, len(lower))
-        while i > 0:
-            i -= 1
-            if lower[i] == name:
-                chosen.append(i)
-                break
-        below[name] = i
-    return chosen

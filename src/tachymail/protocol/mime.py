@@ -105,6 +105,34 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     of spaces and tabs one space; ASCII white space (space, tab, LF, VT, FF,
     CR) stripped at both ends; CRLF added.
 
+``dkim_tag_list(value) -> dict[bytes, bytes] | None``
+    A DKIM tag=value list (RFC 6376 §3.2) as ``dkim.util.parse_tag_value``
+    reads it: the value stripped of ASCII white space, cut at each ``;`` (one
+    final ``;`` allowed), each piece at its first ``=``, names and values
+    stripped; None where dkimpy raises (a piece without ``=``, a name not
+    starting with an ASCII letter, a name given twice).
+
+``dkim_plain_base64(value) -> bool``
+    Whether *value* passes dkimpy's test of a b= or bh= value: the regular
+    expression ``[\\s0-9A-Za-z+/]+[\\s=]*`` matches it whole and its octets
+    other than white space are a multiple of four.
+
+``dkim_empty_b(value) -> bytes``
+    A DKIM-Signature field value with its b= value emptied, as the signature's
+    own field goes into its header hash (RFC 6376 §3.7), exactly as dkimpy's
+    ``RE_BTAG`` substitution does it: wherever ``;`` or white space, ``b``,
+    white space, ``=`` appear, the base64 and white space after them, up to
+    the last octet that is not white space, are removed, and the line end
+    after them when they end the value; the rest stays as it is.
+
+``dkim_signed_fields(fields, lower, names, relaxed) -> bytes``
+    The header fields a DKIM signature's ``h=`` *names* (lower case) select,
+    as they go into its header hash, joined: each name takes the last field of
+    that name (*lower*: the names of *fields*, lower-cased) above the one it
+    took before, and a name with none left takes nothing (RFC 6376 §5.4.2);
+    each field is ``name:value`` as in *fields* (from ``header_fields``), or in
+    relaxed form ``lowername:`` plus ``relaxed_header_value(value)``.
+
 Deliberate differences from ``email``: ``=`` and ``/`` in bare parameter
 values (email cuts the value there); comments and junk around the type
 (email keeps them in ``get_content_type()``); a bare CR (email ends a line
@@ -121,6 +149,10 @@ if TYPE_CHECKING:
         Part,
         canonical_body,
         content_type_params,
+        dkim_empty_b,
+        dkim_plain_base64,
+        dkim_signed_fields,
+        dkim_tag_list,
         header_fields,
         header_value,
         relaxed_header_value,
@@ -137,11 +169,19 @@ else:
     canonical_body = _kernel.canonical_body
     header_fields = _kernel.header_fields
     relaxed_header_value = _kernel.relaxed_header_value
+    dkim_tag_list = _kernel.dkim_tag_list
+    dkim_plain_base64 = _kernel.dkim_plain_base64
+    dkim_empty_b = _kernel.dkim_empty_b
+    dkim_signed_fields = _kernel.dkim_signed_fields
 
 __all__ = [
     "Part",
     "canonical_body",
     "content_type_params",
+    "dkim_empty_b",
+    "dkim_plain_base64",
+    "dkim_signed_fields",
+    "dkim_tag_list",
     "header_fields",
     "header_value",
     "relaxed_header_value",

@@ -15,6 +15,10 @@ __all__ = [
     "Part",
     "canonical_body",
     "content_type_params",
+    "dkim_empty_b",
+    "dkim_plain_base64",
+    "dkim_signed_fields",
+    "dkim_tag_list",
     "header_fields",
     "header_value",
     "relaxed_header_value",
@@ -658,3 +662,66 @@ def relaxed_header_value(value: Buffer) -> bytes:
     """A field value in DKIM's relaxed form (see ``mime.relaxed_header_value``)."""
     data = bytes(value).replace(b"\r\n", b"").replace(b"\n", b"")
     return _BLANKS.sub(b" ", data).strip() + b"\r\n"
+
+
+def dkim_tag_list(value: Buffer) -> dict[bytes, bytes] | None:
+    """A DKIM tag=value list as a dict, or None (see ``mime.dkim_tag_list``)."""
+    tags: dict[bytes, bytes] = {}
+    specs = bytes(value).strip().split(b";")
+    if not specs[-1]:
+        specs.pop()  # a final ";" is allowed
+    for spec in specs:
+        name, equals, tag_value = spec.partition(b"=")
+        name = name.strip()
+        if not equals or not name[:1].isalpha() or name in tags:
+            return None
+        tags[name] = tag_value.strip()
+    return tags
+
+
+# dkimpy's test of a b= or bh= value (validate_signature_fields)
+_DKIM_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*")
+
+
+def dkim_plain_base64(value: Buffer) -> bool:
+    """Whether *value* is base64 as a DKIM b= or bh= is checked (see
+    ``mime.dkim_plain_base64``)."""
+    data = bytes(value)
+    return bool(_DKIM_BASE64.fullmatch(data)) and len(b"".join(data.split())) % 4 == 0
+
+
+def dkim_signed_fields(
+    fields: list[tuple[bytes, bytes]], lower: list[bytes], names: tuple[bytes, ...], relaxed: bool
+) -> bytes:
+    """The header fields *names* select, as a DKIM signature hashes them (see
+    ``mime.dkim_signed_fields``)."""
+    parts: list[bytes] = []
+    below: dict[bytes, int] = {}
+    for name in names:
+        i = below.get(name, len(lower))
+        while i > 0:
+            i -= 1
+            if lower[i] == name:
+                field_name, value = fields[i]
+                if relaxed:
+                    parts += (lower[i], b":", relaxed_header_value(value))
+                else:
+                    parts += (field_name, b":", value)
+                break
+        below[name] = i
+    return b"".join(parts)
+
+
+# dkimpy's RE_BTAG (b= and its value), its folding white space written as \s*: the same
+# strings, scanned without nested optional groups
+_DKIM_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
+
+def dkim_empty_b(value: Buffer) -> bytes:
+    """A DKIM-Signature field value with its b= value taken out (see
+    ``mime.dkim_empty_b``)."""
+    return _DKIM_BTAG.sub(_btag_name, bytes(value))
+
+
+def _btag_name(match: re.Match[bytes]) -> bytes:
+    return match[1]
