@@ -345,7 +345,8 @@ class QueueConfig:
     #: disks whose sync takes milliseconds) or "journal" (each worker appends to its own
     #: journal in data_dir/journal with one fdatasync per batch; LMDB follows behind)
     commit: str = "inline"
-    #: inline commits wait this long for more messages to join a batch, in milliseconds
+    #: an inline commit waits for more messages to join its batch until none has for this
+    #: long, in milliseconds (and at most four times this long)
     commit_linger_ms: float = 1.0
     #: disk space kept in data_dir/queue/reserve, in MiB, given up on a full disk so that
     #: `tachymail queue delete` can still commit (LMDB needs free pages even to delete);

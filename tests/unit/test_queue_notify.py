@@ -192,3 +192,70 @@ def test_an_inline_commit_lingers_only_when_others_may_join(tmp_path: Path) -> N
 
     assert uvloop.run(run()) == (True, False)
     store.close()
+
+
+def _joining(
+    store: QueueStore, gaps: list[float], *, linger: float, slide: bool, everyone: int = 0
+) -> list[int]:
+    """Messages submitted to an inline committer *gaps* seconds apart (the first at once);
+    the size of each commit, in order. *everyone*: how many clients could join at most
+    (0: always more)."""
+    sizes: list[int] = []
+
+    async def run() -> None:
+        from tachymail.queue.commit import GroupCommitter
+
+        committer = GroupCommitter(store, inline=True, linger=linger, slide=slide)
+        committer.more_may_join = lambda pending: not everyone or pending < everyone
+        futures = []
+        for n, gap in enumerate([0.0, *gaps]):
+            await asyncio.sleep(gap)
+            envelope = Envelope(id=new_queue_id(), sender="a@x.test", recipients=[Recipient("b@y")])
+            future = committer.submit(envelope, b"message %d" % n)
+            # each commit's size, read as its first message is answered
+            future.add_done_callback(lambda _f: sizes.append(committer.last_commit[0]))
+            futures.append(future)
+        await asyncio.wait_for(asyncio.gather(*futures), 30)  # a commit that never starts
+        committer.close()
+
+    uvloop.run(run())
+    # one entry per message: keep each commit's once
+    batches: list[int] = []
+    while sizes:
+        batches.append(sizes[0])
+        del sizes[: sizes[0]]
+    return batches
+
+
+def test_a_sliding_window_stays_open_while_messages_keep_joining(tmp_path: Path) -> None:
+    # A checked message keeps the loop busy before it joins: the window then counts from
+    # the last message that joined, so four messages 0.12 s apart share one commit where a
+    # fixed 0.3 s window leaves the last two to the next one.
+    store = QueueStore(tmp_path / "queue")
+    gaps = [0.12, 0.12, 0.12, 0.12]
+    assert _joining(store, gaps, linger=0.3, slide=True) == [5]
+    fixed = _joining(store, gaps, linger=0.3, slide=False)
+    assert len(fixed) >= 2 and sum(fixed) == 5
+    store.close()
+
+
+def test_a_sliding_window_closes_at_its_limit(tmp_path: Path) -> None:
+    from tachymail.queue.commit import LINGER_LIMIT
+
+    # Messages that never stop coming: the window closes LINGER_LIMIT lingers after it
+    # opened (0.4 s here), not when they stop.
+    store = QueueStore(tmp_path / "queue")
+    batches = _joining(store, [0.05] * 16, linger=0.1, slide=True)
+    assert sum(batches) == 17
+    assert len(batches) >= 2
+    assert batches[0] <= LINGER_LIMIT * 0.1 / 0.05 + 1
+    store.close()
+
+
+def test_a_window_closes_once_everyone_who_could_join_has(tmp_path: Path) -> None:
+    # A linger far longer than the test: only the third client's arrival can start the
+    # commit (the worker counts its open sessions: none is left to wait for).
+    store = QueueStore(tmp_path / "queue")
+    for slide in (True, False):
+        assert _joining(store, [0.01, 0.01], linger=600.0, slide=slide, everyone=3) == [3]
+    store.close()

@@ -342,6 +342,7 @@ async def serve_worker(
             linger=config.queue.commit_linger_ms / 1000 if inline else 0.0,
             inline=inline,
             chain=inline,  # the store above is opened without metasync for it
+            slide=True,  # time spent checking a message is not taken from the window
         )
     tls = server_context(config)
     ctx = WorkerContext(config, loop, committer, tls)
