@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 #: a gathering window that messages keep joining closes at the latest after this many
 #: lingers
 LINGER_LIMIT = 4
-#: a window closing within this much of now closes now: libuv's timers count whole
-#: milliseconds, so a shorter wait would be a timer due at once, the loop spinning on it
+#: a window closing within this much of now closes now: uvloop rounds a timer's delay to
+#: whole milliseconds, so a wait under half of one would be a timer due at once
 LINGER_SLACK = 0.0006
 
 #: an operation of any store: called with the store and the write transaction
