@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tachymail.imap.search import (
@@ -749,8 +749,9 @@ def test_thread_uid_and_empty() -> None:
     box.add(raw("Subject: a\nMessage-ID: <a@x>\n", b"x\r\n"), uid=40)
     box.add(raw("Subject: b\nReferences: <a@x>\n", b"x\r\n"), uid=41)
     assert threaded(box, b"REFERENCES", uid=True) == b"* THREAD (40 41)\r\n"
-    with pytest.raises(SearchError):
-        parse_thread([b"BOGUS", b"UTF-8", b"ALL"])
+    for algorithm in (b"BOGUS", b"\x80", [b"REFERENCES"]):
+        with pytest.raises(SearchError):
+            parse_thread([algorithm, b"UTF-8", b"ALL"])
 
 
 def test_deep_thread_needs_no_recursion() -> None:
@@ -782,6 +783,7 @@ _TOKENS: st.SearchStrategy[object] = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_TOKENS, max_size=8))
+@example([b"RETURN", [b"\x80"]])  # a non-ASCII option name once raised UnicodeDecodeError
 def test_random_arguments_raise_only_search_error(tokens: list[object]) -> None:
     box = Box()
     box.add(message(body="zebra\n"), flags=("\\Seen",))

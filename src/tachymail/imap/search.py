@@ -906,10 +906,12 @@ def parse_search(args: list[object], *, rev2: bool) -> SearchQuery:
             raise SearchError("RETURN needs a list of options")
         names = []
         for option in options:
-            if type(option) is not bytes or option.upper().decode() not in _RETURN_OPTIONS:
+            # latin-1: any octet decodes, and a non-ASCII name is simply unknown
+            name = option.upper().decode("latin-1") if type(option) is bytes else ""
+            if name not in _RETURN_OPTIONS:
                 raise SearchError("unknown RETURN option")
-            if option.upper().decode() not in names:
-                names.append(option.upper().decode())
+            if name not in names:
+                names.append(name)
         returns = tuple(names) or ("ALL",)  # RETURN () means ALL (RFC 4731 §3.1)
         esearch = True
         position += 2
@@ -1241,12 +1243,14 @@ def parse_thread(args: list[object], *, rev2: bool = False) -> ThreadQuery:
     if len(args) < 3:
         raise SearchError("THREAD needs an algorithm, a charset and search keys")
     algorithm = args[0]
-    if type(algorithm) is not bytes or algorithm.upper().decode() not in THREAD_ALGORITHMS:
+    # latin-1: any octet decodes, and a non-ASCII name is simply unknown
+    name = algorithm.upper().decode("latin-1") if type(algorithm) is bytes else ""
+    if name not in THREAD_ALGORITHMS:
         raise SearchError("unknown THREAD algorithm")
     charset = _charset(args[1])
     search = parse_search([b"CHARSET", args[1], *args[2:]], rev2=False)
     search.charset = charset
-    return ThreadQuery(algorithm.upper().decode(), search)
+    return ThreadQuery(name, search)
 
 
 class _Node:
