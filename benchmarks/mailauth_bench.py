@@ -17,7 +17,9 @@ run; recipients are in a relay domain and the server holds its queue (``server.h
 Cells: 1 KiB and 64 KiB messages; each run starts a fresh server, "off" and "on" alternate
 which goes first; medians over --repeat runs. Printed: msgs/s both ways, the share of
 throughput the checks keep, and the server CPU they add per message (the server's process
-tree, from /proc). Writes benchmarks/results/mailauth.json. Needs dnsmasq.
+tree, from /proc). Each run also records how the load's sessions were spread over the SMTP
+workers (``sessions_per_worker``, from ``ss``): the kernel's SO_REUSEPORT hash decides it
+anew every run. Writes benchmarks/results/mailauth.json. Needs dnsmasq.
 
 ``--rspamd`` adds Rspamd (Debian's rspamd, ``./dev bench`` installs it) side by side, in the
 same run: the same signed messages, fed with ``rspamc -n <sessions>`` from the same client
@@ -33,15 +35,18 @@ the internet, so with --rspamd the whole benchmark runs in a private network nam
 from __future__ import annotations
 
 import argparse
+import collections
 import email.utils
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -224,6 +229,10 @@ def one_run(
                 eml = lf_file(eml_dir)
                 smtp_source(peer.port, eml, DISTINCT, sessions)
             cpu0 = peer.cpu()
+            split: list[int] = []
+            done = threading.Event()
+            look = threading.Thread(target=_watch_split, args=(peer.port, sessions, split, done))
+            look.start()
             started = time.perf_counter()
             if load == "bench":
                 summary = bench(peer.port, eml_dir, messages, sessions)
@@ -232,6 +241,8 @@ def one_run(
                 smtp_source(peer.port, eml, messages, sessions)
             elapsed = time.perf_counter() - started
             cpu = peer.cpu() - cpu0
+            done.set()
+            look.join()
             if load != "bench":
                 ok = queued(Path(tmp)) - DISTINCT
             header_checked = "Authentication-Results" in _one_queued(Path(tmp))
@@ -243,7 +254,34 @@ def one_run(
         "msgs_per_s": messages / elapsed,
         "server_cpu_us_per_msg": cpu / messages * 1e6,
         "authentication_results": header_checked,
+        # e.g. "5/11": sessions per SMTP worker, fewest first ("?": none seen in time)
+        "sessions_per_worker": "/".join(map(str, split)) or "?",
     }
+
+
+def _watch_split(port: int, sessions: int, split: list[int], done: threading.Event) -> None:
+    """Into *split*: :func:`sessions_per_worker` once all *sessions* are open (looked at
+    every 20 ms until then, or until *done*: the most seen)."""
+    while not done.is_set():
+        seen = sessions_per_worker(port)
+        if sum(seen) > sum(split):
+            split[:] = seen
+        if sum(split) >= sessions:
+            return
+        done.wait(0.02)
+
+
+def sessions_per_worker(port: int) -> list[int]:
+    """How the established connections to *port* are spread over the server's processes,
+    fewest first. The kernel hashes each new connection to one worker's SO_REUSEPORT socket,
+    so 16 sessions can split 8/8 in one run and 4/12 in the next: recorded with each run so
+    that its figure can be read against it."""
+    listing = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+    )
+    return sorted(collections.Counter(re.findall(r"pid=(\d+)", listing.stdout)).values())
 
 
 def _one_queued(workdir: Path) -> str:
