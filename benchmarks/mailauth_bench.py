@@ -219,6 +219,8 @@ def one_run(
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-mailauth-") as tmp:
         peer = start(Path(tmp), resolver, checks)
+        split: list[int] = []
+        done = threading.Event()
         try:
             # the warm-up fills the resolver's cache
             if load == "bench":
@@ -229,9 +231,9 @@ def one_run(
                 eml = lf_file(eml_dir)
                 smtp_source(peer.port, eml, DISTINCT, sessions)
             cpu0 = peer.cpu()
-            split: list[int] = []
-            done = threading.Event()
-            look = threading.Thread(target=_watch_split, args=(peer.port, sessions, split, done))
+            look = threading.Thread(
+                target=_watch_split, args=(peer.port, sessions, split, done), daemon=True
+            )
             look.start()
             started = time.perf_counter()
             if load == "bench":
@@ -247,6 +249,7 @@ def one_run(
                 ok = queued(Path(tmp)) - DISTINCT
             header_checked = "Authentication-Results" in _one_queued(Path(tmp))
         finally:
+            done.set()  # a load that failed: the watcher stops too
             peer.stop()
     if ok != messages:
         raise RuntimeError(f"{ok} of {messages} messages accepted")
@@ -276,11 +279,14 @@ def sessions_per_worker(port: int) -> list[int]:
     fewest first. The kernel hashes each new connection to one worker's SO_REUSEPORT socket,
     so 16 sessions can split 8/8 in one run and 4/12 in the next: recorded with each run so
     that its figure can be read against it."""
-    listing = subprocess.run(
-        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-        capture_output=True,
-        text=True,
-    )
+    try:
+        listing = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:  # no ss (iproute2): the split is not known ("?")
+        return []
     return sorted(collections.Counter(re.findall(r"pid=(\d+)", listing.stdout)).values())
 
 
