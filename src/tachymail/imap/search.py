@@ -893,6 +893,12 @@ def _charset(token: object) -> str:
     )
 
 
+def _option_name(token: object) -> str:
+    """An atom naming an option (a RETURN option, a THREAD algorithm) in upper case; "" for
+    a list. Decoded as latin-1: any octet decodes, and a non-ASCII name is simply unknown."""
+    return token.upper().decode("latin-1") if type(token) is bytes else ""
+
+
 def parse_search(args: list[object], *, rev2: bool) -> SearchQuery:
     """The arguments after SEARCH (or UID SEARCH): ``[RETURN (options)] [CHARSET name]
     keys``. Raises SearchError (bad: syntax; BADCHARSET: unknown charset)."""
@@ -906,8 +912,7 @@ def parse_search(args: list[object], *, rev2: bool) -> SearchQuery:
             raise SearchError("RETURN needs a list of options")
         names = []
         for option in options:
-            # latin-1: any octet decodes, and a non-ASCII name is simply unknown
-            name = option.upper().decode("latin-1") if type(option) is bytes else ""
+            name = _option_name(option)
             if name not in _RETURN_OPTIONS:
                 raise SearchError("unknown RETURN option")
             if name not in names:
@@ -1243,8 +1248,7 @@ def parse_thread(args: list[object], *, rev2: bool = False) -> ThreadQuery:
     if len(args) < 3:
         raise SearchError("THREAD needs an algorithm, a charset and search keys")
     algorithm = args[0]
-    # latin-1: any octet decodes, and a non-ASCII name is simply unknown
-    name = algorithm.upper().decode("latin-1") if type(algorithm) is bytes else ""
+    name = _option_name(algorithm)
     if name not in THREAD_ALGORITHMS:
         raise SearchError("unknown THREAD algorithm")
     charset = _charset(args[1])
