@@ -329,3 +329,63 @@ def test_a_check_that_raises_without_waiting_is_a_temperror(
         assert "dkim=temperror dmarc=" in check()
     else:
         assert "dkim=none dmarc=temperror" in check()
+
+
+def _signed(tmp_path: Path, kind: str, domain: str, body: bytes = b"Hello.\r\n") -> bytes:
+    """A message signed by a key of *kind* for *domain* (selector s1), keys in *tmp_path*."""
+    head = f"From: News <n@{domain}>\r\nTo: r@b.example\r\nSubject: quick\r\n".encode()
+    content = head + b"\r\n" + body
+    signer = dkim.DkimSigner(tmp_path, {domain: "s1"})
+    return signer.sign(content, domain, now=time.time()) + content
+
+
+def _key_record(tmp_path: Path, domain: str) -> str:
+    return "".join(dkim.dns_record(tmp_path, domain, "s1").split('"')[1::2])
+
+
+def test_one_signers_shortcut_gives_what_the_full_check_gives(tmp_path: Path) -> None:
+    """verify_dkim_now with the header read once takes the per-signer shortcut
+    (_quick_results) for plain signatures with cached keys, and falls back to the full
+    check for anything else: either way its results are those of the full check, which
+    runs when no header block is given, and those of verify_dkim (with its lookups)."""
+    dkim.keygen(tmp_path, "a.example", "s1", "rsa")
+    dkim.keygen(tmp_path, "e.example", "s1", "ed25519")
+    dkim.keygen(tmp_path, "r.example", "s1", "rsa")
+    records: dict[tuple[str, str], list[str]] = {
+        (f"s1._domainkey.{d}", "TXT"): [_key_record(tmp_path, d)]
+        for d in ("a.example", "e.example")
+    }
+    records[("s1._domainkey.r.example", "TXT")] = ["v=DKIM1; k=rsa; p="]  # revoked
+    zone = _CachedZone(records)
+    good = _signed(tmp_path, "rsa", "a.example")
+    signature_end = good.index(b"From: ")
+    signature, message = good[:signature_end], good[signature_end:]
+    future = str(int(time.time()) + 7200).encode()
+    variants = {
+        "rsa": (good, True),
+        "ed25519": (_signed(tmp_path, "ed25519", "e.example"), True),
+        "body changed": (good.replace(b"Hello.", b"Hullo."), True),
+        "header changed": (good.replace(b"Subject: quick", b"Subject: quack"), True),
+        "two signatures, one broken": (signature.replace(b"bh=", b"bh=AAAA") + good, True),
+        "bh= not base64": (signature.replace(b"bh=", b"bh=*") + good, False),
+        "two signers": (signature + _signed(tmp_path, "ed25519", "e.example"), True),
+        "dated in the future": (good.replace(b"t=", b"t=" + future + b"0", 1), False),
+        "expiry (x=)": (good.replace(b"t=", b"x=1; t=", 1), False),
+        "revoked key": (_signed(tmp_path, "rsa", "r.example"), False),
+        "no signature": (message, True),
+    }
+    for name, (content, quick) in variants.items():
+        block = read_header(content)
+        assert block is not None, name
+        full = dkim.verify_dkim_now(zone, content, crlf=True)
+        assert dkim.verify_dkim_now(zone, content, crlf=True, block=block) == full, name
+        assert asyncio.run(dkim.verify_dkim(zone, content, crlf=True)) == full, name
+        shortcut = dkim._quick_results(block, content, zone.cached, 5, time.time(), True)
+        assert (shortcut is not None) == quick, name
+        if quick:
+            assert shortcut == full, name
+    results = dkim.verify_dkim_now(zone, good, crlf=True, block=read_header(good))
+    assert results is not None and [r.result for r in results] == ["pass"]
+    assert dkim.verify_dkim_now(zone, good, max_signatures=0, block=read_header(good)) == []
+    uncached = _CachedZone({})
+    assert dkim.verify_dkim_now(uncached, good, crlf=True, block=read_header(good)) is None

@@ -589,6 +589,10 @@ def verify_dkim_now(
     if peek is None or len(content) >= EXECUTOR_THRESHOLD:
         return None
     stamp = time.time() if now is None else now
+    if block is not None:
+        quick = _quick_results(block, content, peek, max_signatures, stamp, crlf)
+        if quick is not None:
+            return quick
     parsed = _parse_signatures(content, max_signatures, stamp, block)
     found: dict[str, Any] = {}
     for name in _key_names(parsed.signatures):
@@ -600,6 +604,129 @@ def verify_dkim_now(
     if jobs:
         _verify_signatures(parsed, content, jobs, crlf)
     return _outcomes(parsed.signatures)
+
+
+def _quick_results(
+    block: HeaderBlock,
+    content: bytes,
+    peek: Callable[[str, str], Any],
+    limit: int,
+    now: float,
+    crlf: bool,
+) -> list[DkimResult] | None:
+    """The results :func:`verify_dkim_now` gives, for the common message: each of its
+    first *limit* DKIM-Signature fields plain (see :func:`_plainly_valid`; b= and bh= plain
+    base64, t= not in the future), and each key record cached (*peek*) and usable. What
+    one signer's signatures share (every tag but b=, bh=, t=) is checked once, in its
+    :class:`_Plan`, and so is its key record (:func:`_usable_record`): per message there
+    are only its hashes and the key operation. None for anything else, and for input that
+    makes a step raise: the full path then decides, and says why."""
+    lower = block.lower
+    if b"dkim-signature" not in lower:
+        return []
+    headers = block.fields
+    body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
+    canonical: dict[bool, bytes] = {}
+    results: list[DkimResult] = []
+    # dkimpy's ten hours, and the hour allowed here (see _signature_problem)
+    latest = min(now + 3600, int(time.time()) + 36000)
+    try:
+        for index, name in enumerate(lower):
+            if name != b"dkim-signature":
+                continue
+            if len(results) >= limit:
+                break
+            field = headers[index]
+            tags = dkim_tag_list(field[1])
+            if tags is None or not _UNPLAIN.isdisjoint(tags):
+                return None
+            b, bh, t = tags.get(b"b"), tags.get(b"bh"), tags.get(b"t")
+            if b is None or bh is None or not dkim_plain_base64(b) or not dkim_plain_base64(bh):
+                return None
+            if t is not None and not (t.isdigit() and int(t) <= latest):
+                return None
+            plan = _plan(tuple(item for item in tags.items() if item[0] not in _PER_MESSAGE))
+            if plan is None:
+                return None
+            answer = peek("TXT", plan.names.key_name)
+            record = None if answer is None else _usable_record(answer, tags[b"a"])
+            if record is None:
+                return None
+            result, detail = _check_signature(
+                tags,
+                field,
+                plan.selected,
+                plan.relaxed_head,
+                plan.relaxed_body,
+                plan.sha1,
+                record,
+                headers,
+                lower,
+                body,
+                canonical,
+            )
+            names = plan.names
+            b_text = b"".join(b.split()).decode("ascii", "replace")
+            results.append(
+                DkimResult(
+                    result,
+                    names.domain,
+                    names.selector,
+                    names.algorithm,
+                    names.identity,
+                    b_text,
+                    detail,
+                )
+            )
+    except Exception:  # input nobody foresaw: the full path words it as a result
+        return None
+    _log_results(results)
+    return results
+
+
+#: the tags of a plain signature that change from one message of a signer to the next
+_PER_MESSAGE = frozenset((b"b", b"bh", b"t"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the plain signatures of one signer share (the same tags but b=, bh=, t=):
+    the names its results give, its canonicalizations, the fields it signs, and whether
+    it is rsa-sha1."""
+
+    names: _Names
+    relaxed_head: bool
+    relaxed_body: bool
+    selected: tuple[bytes, ...]
+    sha1: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(static: tuple[tuple[bytes, bytes], ...]) -> _Plan | None:
+    """The :class:`_Plan` of a signature whose tags but b=, bh=, t= are *static*, when
+    :func:`_signature_problem` finds nothing wrong with them (b=, bh= and t= aside: they
+    are checked per message); None otherwise."""
+    tags = dict(static)
+    tags[b"b"] = tags[b"bh"] = b"AAAA"  # any plain base64: the real ones are checked apart
+    if not _plainly_valid(tags):
+        return None
+    shape = _signer_shape(tags.get(b"c", b"simple/simple"), tags[b"h"], tags[b"d"], tags[b"s"])
+    if isinstance(shape, str):
+        return None
+    names = _names(tags[b"d"], tags[b"s"], tags[b"a"], tags.get(b"i", b""))
+    return _Plan(names, *shape, tags[b"a"] == b"rsa-sha1")
+
+
+@functools.lru_cache(maxsize=1024)
+def _usable_record(answer: Any, a: bytes) -> bytes | None:
+    """The key record :func:`_choose_key` takes from the TXT *answer* for a signature
+    whose a= tag is *a*; None when it would find none (the full path then says why)."""
+    if answer.status != "ok":
+        return None
+    for record in answer.values:
+        if not _key_problem(a, bytes(record)):
+            return bytes(record)
+    return None
 
 
 def _key_names(signatures: list[_Signature]) -> list[str]:
@@ -621,6 +748,11 @@ def _keyed(signatures: list[_Signature], found: dict[str, Any]) -> list[_Signatu
 
 def _outcomes(signatures: list[_Signature]) -> list[DkimResult]:
     results = [sig.outcome(sig.result, sig.error) for sig in signatures]
+    _log_results(results)
+    return results
+
+
+def _log_results(results: list[DkimResult]) -> None:
     if log.isEnabledFor(logging.DEBUG):
         for res in results:
             log.debug(
@@ -631,7 +763,6 @@ def _outcomes(signatures: list[_Signature]) -> list[DkimResult]:
                 res.algorithm,
                 res.detail,
             )
-    return results
 
 
 @dataclass(slots=True)
@@ -886,7 +1017,7 @@ def _choose_key(sig: _Signature, answer: Any) -> None:
         return
     problem = ""
     for record in answer.values:
-        problem = _key_problem(sig, bytes(record))
+        problem = _key_problem(sig.tags[b"a"], bytes(record))
         if not problem:
             sig.key = bytes(record)
             return
@@ -936,17 +1067,18 @@ def _public_key(record: bytes) -> _PublicKey | str:
     return _PublicKey(tags, size or 0, ktag, bool(tlsrpt), key, isinstance(key, rsa.RSAPublicKey))
 
 
-def _key_problem(sig: _Signature, record: bytes) -> str:
-    """Why *record* cannot verify *sig* (RFC 6376 §3.6.1, §6.1.2), or ""."""
+def _key_problem(a: bytes, record: bytes) -> str:
+    """Why *record* cannot verify a signature whose a= tag is *a* (RFC 6376 §3.6.1,
+    §6.1.2), or ""."""
     parsed = _public_key(record)
     if isinstance(parsed, str):
         return parsed
     tags, size, ktag, tlsrpt = parsed.tags, parsed.size, parsed.ktag, parsed.tlsrpt
     if ktag is None or tlsrpt:
         return "key record is not for email (s= tag)"
-    algorithm, _, digest = sig.tags[b"a"].partition(b"-")
+    algorithm, _, digest = a.partition(b"-")
     if ktag != algorithm:
-        return f"key type {ktag.decode()} does not match a={sig.tags[b'a'].decode()}"
+        return f"key type {ktag.decode()} does not match a={a.decode()}"
     allowed = [h.strip() for h in tags.get(b"h", b"").split(b":") if h.strip()]
     if allowed and digest not in allowed:
         return f"key does not allow {digest.decode()} (h={tags[b'h'].decode()})"
@@ -1037,41 +1169,66 @@ def _verify_signature(
     body: bytes,
     canonical: dict[bool, bytes],
 ) -> None:
-    """dkimpy's ``DKIM.verify`` for one signature whose tags and key were checked before:
+    """dkimpy's ``DKIM.verify`` for one signature whose tags and key were checked before
+    (:func:`_check_signature`), setting its result."""
+    tags = sig.tags
+    result, detail = _check_signature(
+        tags,
+        sig.field,
+        sig.selected,
+        sig.relaxed_head,
+        sig.relaxed_body,
+        tags[b"a"] == b"rsa-sha1",
+        sig.key,
+        headers,
+        lower,
+        body,
+        canonical,
+    )
+    sig.result, sig.error = result, detail
+
+
+def _check_signature(
+    tags: dict[bytes, bytes],
+    field: tuple[bytes, bytes],
+    selected: tuple[bytes, ...],
+    relaxed_head: bool,
+    relaxed_body: bool,
+    sha1: bool,
+    key: bytes | None,
+    headers: list[tuple[bytes, bytes]],
+    lower: list[bytes],
+    body: bytes,
+    canonical: dict[bool, bytes],
+) -> tuple[str, str]:
+    """(result, detail) of one signature (its parsed *tags*, its *field* as (name, value),
+    the names it signs, its canonicalizations, whether it is rsa-sha1, its key record):
     the body hash (with l=), then the header hash over the h= fields chosen bottom-up
     (From once more, as dkimpy does, so a From added above the signed one breaks it) and
     the signature field without its b= value, checked by OpenSSL with the cached key."""
-    tags = sig.tags
-    sha1 = tags[b"a"] == b"rsa-sha1"
     digest = hashlib.sha1 if sha1 else hashlib.sha256
     try:
         # base64.b64decode(..., validate=True) without its Python frame
         expected = binascii.a2b_base64(b"".join(tags[b"bh"].split()), strict_mode=True)
     except binascii.Error:
-        sig.error, sig.result = "bh= value is not valid base64", "neutral"
-        return
-    if not _body_hash_matches(sig, body, canonical, digest, expected):
-        sig.error, sig.result = "body hash mismatch", "fail"
-        return
+        return "neutral", "bh= value is not valid base64"
+    if not _body_hash_matches(tags, relaxed_body, body, canonical, digest, expected):
+        return "fail", "body hash mismatch"
 
-    parsed = _public_key(sig.key) if sig.key else "no key"
+    parsed = _public_key(key) if key else "no key"
     if isinstance(parsed, str) or parsed.key is None:
-        sig.error = parsed if isinstance(parsed, str) else "no usable key"
-        sig.result = "permerror"
-        return
-    relaxed = sig.relaxed_head
-    signed = dkim_signed_fields(headers, lower, sig.selected, relaxed)
-    name, value = sig.field
+        return "permerror", parsed if isinstance(parsed, str) else "no usable key"
+    signed = dkim_signed_fields(headers, lower, selected, relaxed_head)
+    name, value = field
     value = dkim_empty_b(value)  # b= emptied, as dkimpy does (RFC 6376 §3.7)
-    if relaxed:
+    if relaxed_head:
         name, value = name.lower(), relaxed_header_value(value)
     # the signature field is hashed without its final line end
     hashed = digest(b"".join((signed, name, b":", value.rstrip()))).digest()
     try:
         signature = binascii.a2b_base64(b"".join(tags[b"b"].split()))
     except binascii.Error:
-        sig.error, sig.result = "signature did not verify", "fail"
-        return
+        return "fail", "signature did not verify"
     try:
         if parsed.rsa:
             cast(rsa.RSAPublicKey, parsed.key).verify(signature, hashed, _PKCS1, _PREHASHED[sha1])
@@ -1079,29 +1236,28 @@ def _verify_signature(
             cast(nacl.signing.VerifyKey, parsed.key).verify(hashed, signature)
     except (InvalidSignature, nacl.exceptions.BadSignatureError, ValueError):
         # ValueError: PyNaCl's for a signature that is not 64 bytes long
-        sig.error, sig.result = "signature did not verify", "fail"
-        return
+        return "fail", "signature did not verify"
     if sha1:
         # RFC 8301 §3.1: rsa-sha1 "MUST NOT be used for signing or verifying"
-        sig.result, sig.error = "policy", "rsa-sha1 is not accepted (RFC 8301)"
-    else:
-        sig.result = "pass"
+        return "policy", "rsa-sha1 is not accepted (RFC 8301)"
+    return "pass", ""
 
 
 def _body_hash_matches(
-    sig: _Signature,
+    tags: dict[bytes, bytes],
+    relaxed: bool,
     body: bytes,
     canonical: dict[bool, bytes],
     digest: Callable[[bytes], Any],
     expected: bytes,
 ) -> bool:
-    """Whether the body hash of *sig* (bh=, decoded: *expected*) is right for *body*, its
-    canonical form (cut at l=) made once per form and message."""
-    relaxed = sig.relaxed_body
+    """Whether the body hash of a signature (its *tags*; bh=, decoded: *expected*) is
+    right for *body* in its canonical form (*relaxed* or simple, cut at l=), made once per
+    form and message."""
     form = canonical.get(relaxed)
     if form is None:
         form = canonical[relaxed] = canonical_body(body, relaxed)
-    limit = sig.tags.get(b"l")
+    limit = tags.get(b"l")
     if limit is not None:
         form = form[: int(limit)]
     return bool(digest(form).digest() == expected)

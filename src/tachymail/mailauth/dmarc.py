@@ -433,6 +433,15 @@ def _no_author() -> DmarcResult:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _pass(
+    author: str, policy: str, spf_ok: bool, dkim_ok: bool, domain: str, record: DmarcRecord
+) -> DmarcResult:
+    """A DMARC pass; cached (the result is immutable), as one sender's messages pass
+    alike."""
+    return DmarcResult("pass", author, policy, "none", spf_ok, dkim_ok, domain, record=record)
+
+
 def _decide(
     author: str,
     found: _Discovery,
@@ -465,9 +474,7 @@ def _decide(
     spf_ok = spf is not None and spf.result == "pass" and aligned(spf.domain, author, record.aspf)
     dkim_ok = any(d.result == "pass" and aligned(d.domain, author, record.adkim) for d in dkim)
     if spf_ok or dkim_ok:
-        return DmarcResult(
-            "pass", author, policy, "none", spf_ok, dkim_ok, found.domain, record=record
-        )
+        return _pass(author, policy, spf_ok, dkim_ok, found.domain, record)
     selected = rng() * 100 < record.pct
     disposition = policy if selected else _lower(policy)
     detail = "" if selected else f"not selected by pct={record.pct}"

@@ -21,6 +21,7 @@ and reported as ``temperror`` for that method, never as a rejection of the messa
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -398,7 +399,7 @@ class InboundChecker:
         if seal and arc is not None and action != "reject":
             headers = self._seal(headers, stripped, arc) + headers
         results = _results(mail, shown_dkim, dmarc, shown_arc, iprev)
-        summary = " ".join(_summary(results))
+        summary = _summary_text(results)
         return MessageVerdict(
             action, answer, headers, stripped, results, summary, tuple(dkim), dmarc, shown_arc
         )
@@ -585,6 +586,13 @@ def _results(
     if iprev is not None:
         pairs.append(("iprev", iprev.result))
     return tuple(pairs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _summary_text(results: tuple[tuple[str, str], ...]) -> str:
+    """:func:`_summary` as one log-line fragment; cached, as one sender's messages give the
+    same results over and over."""
+    return " ".join(_summary(results))
 
 
 def _summary(results: Sequence[tuple[str, str]]) -> list[str]:

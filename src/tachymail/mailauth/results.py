@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the result types only; results.py needs none of their code
     from tachymail.mailauth.arc import ArcResult
@@ -221,36 +221,89 @@ def authentication_results(
     when none ran the field says ``none`` (RFC 8601 §2.2). Failures and errors carry
     ``reason="..."``. Values that are not RFC 2045 tokens are quoted; the text is ASCII.
     """
-    # The results that repeat from message to message (one sender's SPF, DMARC, DKIM but
-    # for header.b; a connection's iprev) are made into words once, and folded once: the
-    # functions are pure, and cached. Each resinfo: (cached words, a last word of this
-    # message's own or "").
-    resinfos: list[tuple[tuple[str, ...], str]] = []
-    if spf is not None:
-        resinfos.append((_spf_words(spf, "mailfrom"), ""))
-    if helo is not None:
-        resinfos.append((_spf_words(helo, "helo"), ""))
+    # Everything but the header.b words repeats from message to message (one sender's
+    # SPF, DMARC and DKIM results; a connection's iprev): it is made once, into a cached
+    # template with a slot for each DKIM result's header.b (see _template).
+    template = _template(
+        authserv_id, spf, helo, tuple(_dkim_head(d) for d in dkim), dmarc, arc, iprev, remote_ip
+    )
+    if not template.slots:
+        return template.whole
     prefixes = _b_prefixes([d.signature_b for d in dkim])
-    for d, b in zip(dkim, prefixes, strict=True):
-        resinfos.append((_dkim_head(d), _b_word(b) if b else ""))
+    out = [template.texts[0]]
+    for (lead, last, more, plain), b, text in zip(
+        template.slots, prefixes, template.texts[1:], strict=True
+    ):
+        if b:  # the message's own word, folded onto the resinfo's last line
+            own = _b_word(b) + (";" if more else "")
+            out.append(lead + _lines(_fold_onto([last], own.split(" "))))
+        else:
+            out.append(plain)
+        out.append(text)
+    return "".join(out).encode("ascii")
+
+
+class _Template(NamedTuple):
+    """A field made from results, with a slot for each DKIM result's header.b word.
+    ``texts``: the fixed text before the first slot, between slots, and after the last
+    (lines with their CRLF). ``slots``: per DKIM result, the lines of its resinfo but
+    the last, its last line, whether more resinfos follow, and its lines as they are
+    without a header.b word. ``whole``: the field, when there is no slot."""
+
+    texts: tuple[str, ...]
+    slots: tuple[tuple[str, str, bool, str], ...]
+    whole: bytes = b""
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(
+    authserv_id: str,
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim_heads: tuple[tuple[str, ...], ...],
+    dmarc: DmarcResult | None,
+    arc: ArcResult | None,
+    iprev: IprevResult | None,
+    remote_ip: str,
+) -> _Template:
+    """The :class:`_Template` of :func:`authentication_results` for these results (the
+    DKIM ones as their words but header.b)."""
+    resinfos: list[tuple[tuple[str, ...], bool]] = []  # (words, a DKIM slot)
+    if spf is not None:
+        resinfos.append((_spf_words(spf, "mailfrom"), False))
+    if helo is not None:
+        resinfos.append((_spf_words(helo, "helo"), False))
+    resinfos += [(words, True) for words in dkim_heads]
     if dmarc is not None:
-        resinfos.append((_dmarc_words(dmarc), ""))
+        resinfos.append((_dmarc_words(dmarc), False))
     if arc is not None:
-        resinfos.append((_arc_words(arc, remote_ip), ""))
+        resinfos.append((_arc_words(arc, remote_ip), False))
     if iprev is not None:
-        resinfos.append((_iprev_words(iprev), ""))
+        resinfos.append((_iprev_words(iprev), False))
     head = f"{FIELD}: {_value(authserv_id)};"
     if not resinfos:
-        return (head + " none\r\n").encode("ascii")
-    lines = [head]
+        return _Template((), (), (head + " none\r\n").encode("ascii"))
+    texts: list[str] = []
+    slots: list[tuple[str, str, bool, str]] = []
+    fixed = [head]  # lines since the last slot
     last = len(resinfos) - 1
-    for n, (words, own) in enumerate(resinfos):
-        if not own:
-            lines += _folded(words, n < last)
-        else:  # the cached lines, then the message's own word folded onto them
-            own = own + ";" if n < last else own
-            lines += _fold_onto(list(_folded(words, False)), own.split(" "))
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    for n, (words, slot) in enumerate(resinfos):
+        more = n < last
+        if not slot:
+            fixed += _folded(words, more)
+            continue
+        texts.append(_lines(fixed))
+        fixed = []
+        *lead, final = _folded(words, False)
+        slots.append((_lines(lead), final, more, _lines(_folded(words, more))))
+    texts.append(_lines(fixed))
+    if not slots:
+        return _Template((), (), texts[0].encode("ascii"))
+    return _Template(tuple(texts), tuple(slots))
+
+
+def _lines(lines: Iterable[str]) -> str:
+    return "".join(line + "\r\n" for line in lines)
 
 
 @functools.lru_cache(maxsize=1024)
