@@ -630,22 +630,21 @@ def _quick_results(
     results: list[DkimResult] = []
     # dkimpy's ten hours, and the hour allowed here (see _signature_problem)
     latest = min(now + 3600, int(time.time()) + 36000)
+    index = -1
     try:
-        for index, name in enumerate(lower):
-            if name != b"dkim-signature":
-                continue
-            if len(results) >= limit:
-                break
+        for _ in range(min(lower.count(b"dkim-signature"), limit)):
+            index = lower.index(b"dkim-signature", index + 1)
             field = headers[index]
             tags = dkim_tag_list(field[1])
             if tags is None or not _UNPLAIN.isdisjoint(tags):
                 return None
-            b, bh, t = tags.get(b"b"), tags.get(b"bh"), tags.get(b"t")
+            static = tags.copy()
+            b, bh, t = static.pop(b"b", None), static.pop(b"bh", None), static.pop(b"t", None)
             if b is None or bh is None or not dkim_plain_base64(b) or not dkim_plain_base64(bh):
                 return None
             if t is not None and not (t.isdigit() and int(t) <= latest):
                 return None
-            plan = _plan(tuple(item for item in tags.items() if item[0] not in _PER_MESSAGE))
+            plan = _plan(tuple(static.items()))
             if plan is None:
                 return None
             answer = peek("TXT", plan.names.key_name)
@@ -682,10 +681,6 @@ def _quick_results(
         return None
     _log_results(results)
     return results
-
-
-#: the tags of a plain signature that change from one message of a signer to the next
-_PER_MESSAGE = frozenset((b"b", b"bh", b"t"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,7 +771,7 @@ class _Parsed:
     signatures: list[_Signature]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only, but not frozen: one is made per message
 class HeaderBlock:
     """The header block of a message read once, for every check after DATA that looks at
     its fields (DKIM, the From domain of DMARC, ARC's first look, forged

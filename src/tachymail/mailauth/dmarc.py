@@ -157,12 +157,11 @@ def from_domain(content: bytes, block: HeaderBlock | None = None) -> str | None:
     fields: list[str] | None
     try:
         if block is not None:
-            # a plain block: its From fields as _from_fields reads them, without a pass
-            fields = [
-                value.lstrip(b" \t").rstrip(b"\r\n").decode("utf-8", "replace")
-                for name, (_, value) in zip(block.lower, block.fields, strict=True)
-                if name == b"from"
-            ]
+            # a plain block: its From field as _from_fields reads it, without a pass
+            if block.lower.count(b"from") != 1:
+                return None
+            value = block.fields[block.lower.index(b"from")][1]
+            fields = [value.lstrip(b" \t").rstrip(b"\r\n").decode("utf-8", "replace")]
         else:
             end = _header_end(content)
             fields = _from_fields(content, end)

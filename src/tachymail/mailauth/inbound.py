@@ -95,7 +95,8 @@ class MailVerdict:
     reply: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
+# not frozen: one is made per message, and a frozen one costs three times as much to make
+@dataclass(slots=True)
 class MessageVerdict:
     """What to do with a message after DATA.
 

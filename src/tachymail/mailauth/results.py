@@ -225,7 +225,7 @@ def authentication_results(
     # SPF, DMARC and DKIM results; a connection's iprev): it is made once, into a cached
     # template with a slot for each DKIM result's header.b (see _template).
     template = _template(
-        authserv_id, spf, helo, tuple(_dkim_head(d) for d in dkim), dmarc, arc, iprev, remote_ip
+        authserv_id, spf, helo, tuple(map(_dkim_head, dkim)), dmarc, arc, iprev, remote_ip
     )
     if not template.slots:
         return template.whole
@@ -236,7 +236,10 @@ def authentication_results(
     ):
         if b:  # the message's own word, folded onto the resinfo's last line
             own = _b_word(b) + (";" if more else "")
-            out.append(lead + _lines(_fold_onto([last], own.split(" "))))
+            if len(last) + 1 + len(own) <= LINE and " " not in own:  # the usual case
+                out.append(f"{lead}{last} {own}\r\n")
+            else:
+                out.append(lead + _lines(_fold_onto([last], own.split(" "))))
         else:
             out.append(plain)
         out.append(text)
