@@ -494,11 +494,21 @@ class _Signature:
         return self.names().key_name
 
     def outcome(self, result: str, detail: str) -> DkimResult:
-        b = b"".join(self.tags.get(b"b", b"").split()).decode("ascii", "replace")
         names = self.names()
         return DkimResult(
-            result, names.domain, names.selector, names.algorithm, names.identity, b, detail
+            result,
+            names.domain,
+            names.selector,
+            names.algorithm,
+            names.identity,
+            _b_text(self.tags.get(b"b", b"")),
+            detail,
         )
+
+
+def _b_text(b: bytes) -> str:
+    """A b= value as a result carries it: without its white space."""
+    return b"".join(b.split()).decode("ascii", "replace")
 
 
 class _Names(NamedTuple):
@@ -665,7 +675,6 @@ def _quick_results(
                 canonical,
             )
             names = plan.names
-            b_text = b"".join(b.split()).decode("ascii", "replace")
             results.append(
                 DkimResult(
                     result,
@@ -673,7 +682,7 @@ def _quick_results(
                     names.selector,
                     names.algorithm,
                     names.identity,
-                    b_text,
+                    _b_text(b),
                     detail,
                 )
             )
