@@ -41,7 +41,9 @@ __all__ = [
     "canonical_body",
     "content_type_params",
     "dkim_empty_b",
+    "dkim_header_input",
     "dkim_plain_base64",
+    "dkim_plain_signature",
     "dkim_signed_fields",
     "dkim_tag_list",
     "header_fields",
@@ -1055,130 +1057,141 @@ cdef inline bint _base64_char(unsigned char c) noexcept nogil:
 def dkim_tag_list(value):
     """A DKIM tag=value list as a dict, or None (see tachymail.protocol.mime)."""
     cdef Py_buffer buf
-    cdef const unsigned char* d
-    cdef Py_ssize_t start, end, spec, stop, eq, a, b
     PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
     try:
-        d = <const unsigned char*>buf.buf
-        start, end = 0, buf.len
-        while start < end and _ascii_space(d[start]):
-            start += 1
-        while end > start and _ascii_space(d[end - 1]):
-            end -= 1
-        tags = {}
-        spec = start
-        while spec < end:  # spec == end: no more, or an empty last spec (a final ";")
-            stop = spec
-            while stop < end and d[stop] != 59:  # ";"
-                stop += 1
-            eq = spec
-            while eq < stop and d[eq] != 61:  # "="
-                eq += 1
-            if eq == stop:
-                return None  # a spec without "=" (an empty one too)
-            a, b = spec, eq
-            while a < b and _ascii_space(d[a]):
-                a += 1
-            while b > a and _ascii_space(d[b - 1]):
-                b -= 1
-            if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
-                return None  # the name must start with a letter
-            name = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
-            if name in tags:
-                return None  # a tag given twice
-            a, b = eq + 1, stop
-            while a < b and _ascii_space(d[a]):
-                a += 1
-            while b > a and _ascii_space(d[b - 1]):
-                b -= 1
-            tags[name] = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
-            if stop == end:
-                break
-            spec = stop + 1
-        return tags
+        return _tag_list(<const unsigned char*>buf.buf, buf.len)
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef dict _tag_list(const unsigned char* d, Py_ssize_t n):
+    """dkim_tag_list of the n octets at d."""
+    cdef Py_ssize_t start, end, spec, stop, eq, a, b
+    cdef dict tags = {}
+    start, end = 0, n
+    while start < end and _ascii_space(d[start]):
+        start += 1
+    while end > start and _ascii_space(d[end - 1]):
+        end -= 1
+    spec = start
+    while spec < end:  # spec == end: no more, or an empty last spec (a final ";")
+        stop = spec
+        while stop < end and d[stop] != 59:  # ";"
+            stop += 1
+        eq = spec
+        while eq < stop and d[eq] != 61:  # "="
+            eq += 1
+        if eq == stop:
+            return None  # a spec without "=" (an empty one too)
+        a, b = spec, eq
+        while a < b and _ascii_space(d[a]):
+            a += 1
+        while b > a and _ascii_space(d[b - 1]):
+            b -= 1
+        if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
+            return None  # the name must start with a letter
+        name = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
+        if name in tags:
+            return None  # a tag given twice
+        a, b = eq + 1, stop
+        while a < b and _ascii_space(d[a]):
+            a += 1
+        while b > a and _ascii_space(d[b - 1]):
+            b -= 1
+        tags[name] = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
+        if stop == end:
+            break
+        spec = stop + 1
+    return tags
 
 
 def dkim_plain_base64(value):
     """Whether value is base64 as a DKIM b= or bh= is checked (see tachymail.protocol.mime)."""
     cdef Py_buffer buf
-    cdef const unsigned char* d
-    cdef Py_ssize_t n, i, count = 0
-    cdef bint padded = False
-    cdef unsigned char c
     PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
     try:
-        d = <const unsigned char*>buf.buf
-        n = buf.len
-        if n == 0 or d[0] == 61:
-            return False
-        for i in range(n):
-            c = d[i]
-            if _ascii_space(c):
-                continue
-            if c == 61:  # "=": only padding and white space after it
-                padded = True
-            elif not _base64_char(c) or padded:
-                return False
-            count += 1
-        return count % 4 == 0
+        return _plain_base64(<const unsigned char*>buf.buf, buf.len)
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef bint _plain_base64(const unsigned char* d, Py_ssize_t n) noexcept nogil:
+    """dkim_plain_base64 of the n octets at d."""
+    cdef Py_ssize_t i, count = 0
+    cdef bint padded = False
+    cdef unsigned char c
+    if n == 0 or d[0] == 61:
+        return False
+    for i in range(n):
+        c = d[i]
+        if _ascii_space(c):
+            continue
+        if c == 61:  # "=": only padding and white space after it
+            padded = True
+        elif not _base64_char(c) or padded:
+            return False
+        count += 1
+    return count % 4 == 0
 
 
 def dkim_empty_b(value):
     """A DKIM-Signature field value with its b= value taken out (see
     tachymail.protocol.mime)."""
     cdef Py_buffer buf
-    cdef const unsigned char* d
-    cdef unsigned char* out
-    cdef Py_ssize_t n, i, j, k, end
-    cdef unsigned char c
     PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
     try:
-        d = <const unsigned char*>buf.buf
-        n = buf.len
-        out = <unsigned char*>PyMem_Malloc(n + 1)
-        if out == NULL:
-            raise MemoryError()
-        try:
-            i = j = 0
-            while i < n:
-                c = d[i]
-                if (c == 59 or _ascii_space(c)) and i + 1 < n and d[i + 1] == 98:  # ";b", " b"
-                    k = i + 2
-                    while k < n and _ascii_space(d[k]):
-                        k += 1
-                    if k < n and d[k] == 61:  # "=": the tag's name and "=" stay
-                        memcpy(out + j, d + i, k + 1 - i)
-                        j += k + 1 - i
-                        # the value: base64 and white space, up to its last non-blank
-                        end = k = k + 1
-                        while k < n and (_ascii_space(d[k]) or _base64_char(d[k]) or d[k] == 61):
-                            k += 1
-                            if not _ascii_space(d[k - 1]):
-                                end = k
-                        # and the field's line end, when the value is last
-                        if end + 2 == n and d[end] == 13 and d[end + 1] == 10:
-                            end = n
-                        elif end + 1 == n and d[end] == 10:
-                            end = n
-                        i = end
-                        continue
-                out[j] = c
-                j += 1
-                i += 1
-            return PyBytes_FromStringAndSize(<char*>out, j)
-        finally:
-            PyMem_Free(out)
+        return _empty_b(<const unsigned char*>buf.buf, buf.len)
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef bytes _empty_b(const unsigned char* d, Py_ssize_t n):
+    """dkim_empty_b of the n octets at d."""
+    cdef unsigned char* out
+    cdef Py_ssize_t i, j, k, end
+    cdef unsigned char c
+    out = <unsigned char*>PyMem_Malloc(n + 1)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        i = j = 0
+        while i < n:
+            c = d[i]
+            if (c == 59 or _ascii_space(c)) and i + 1 < n and d[i + 1] == 98:  # ";b", " b"
+                k = i + 2
+                while k < n and _ascii_space(d[k]):
+                    k += 1
+                if k < n and d[k] == 61:  # "=": the tag's name and "=" stay
+                    memcpy(out + j, d + i, k + 1 - i)
+                    j += k + 1 - i
+                    # the value: base64 and white space, up to its last non-blank
+                    end = k = k + 1
+                    while k < n and (_ascii_space(d[k]) or _base64_char(d[k]) or d[k] == 61):
+                        k += 1
+                        if not _ascii_space(d[k - 1]):
+                            end = k
+                    # and the field's line end, when the value is last
+                    if end + 2 == n and d[end] == 13 and d[end + 1] == 10:
+                        end = n
+                    elif end + 1 == n and d[end] == 10:
+                        end = n
+                    i = end
+                    continue
+            out[j] = c
+            j += 1
+            i += 1
+        return PyBytes_FromStringAndSize(<char*>out, j)
+    finally:
+        PyMem_Free(out)
 
 
 def dkim_signed_fields(list fields, list lower, tuple names, bint relaxed):
     """The header fields a DKIM signature's h= names select, as they are hashed (see
     tachymail.protocol.mime)."""
+    return _signed_fields(fields, lower, names, relaxed)
+
+
+cdef bytes _signed_fields(list fields, list lower, tuple names, bint relaxed):
     cdef Py_ssize_t i, count = PyList_GET_SIZE(lower)
     cdef dict below = {}
     cdef list parts = []
@@ -1201,3 +1214,88 @@ def dkim_signed_fields(list fields, list lower, tuple names, bint relaxed):
                 break
         below[name] = i
     return b"".join(parts)
+
+
+def dkim_plain_signature(value, latest):
+    """A plain DKIM-Signature field value read for its check (see tachymail.protocol.mime):
+    (its tags but b=, bh=, t=, in order; b=; bh=), the two without white space; None
+    when it is not plain."""
+    cdef Py_buffer buf
+    cdef dict tags
+    cdef bytes b, bh, t
+    PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+    try:
+        tags = _tag_list(<const unsigned char*>buf.buf, buf.len)
+    finally:
+        PyBuffer_Release(&buf)
+    if tags is None:
+        return None
+    b = tags.pop(b"b", None)
+    bh = tags.pop(b"bh", None)
+    t = tags.pop(b"t", None)
+    if b is None or bh is None:
+        return None
+    if not _plain_base64(<const unsigned char*>(<char*>b), len(b)):
+        return None
+    if not _plain_base64(<const unsigned char*>(<char*>bh), len(bh)):
+        return None
+    if t is not None and not _time_at_most(<const unsigned char*>(<char*>t), len(t), latest):
+        return None
+    return tuple(tags.items()), _unblank(b), _unblank(bh)
+
+
+cdef bint _time_at_most(const unsigned char* d, Py_ssize_t n, object latest):
+    """Whether the n octets at d are ASCII digits (one at least) naming a number not
+    above *latest*."""
+    cdef Py_ssize_t i
+    cdef unsigned long long value = 0
+    if n == 0:
+        return False
+    for i in range(n):
+        if not 48 <= d[i] <= 57:
+            return False
+    if n > 18:  # past what the sum below holds: Python's int compares it
+        return int(PyBytes_FromStringAndSize(<const char*>d, n)) <= latest
+    for i in range(n):
+        value = value * 10 + (d[i] - 48)
+    return value <= latest
+
+
+cdef bytes _unblank(bytes value):
+    """*value* without its ASCII white space (the same object when it has none)."""
+    cdef const unsigned char* d = <const unsigned char*>(<char*>value)
+    cdef Py_ssize_t n = len(value), i, j = 0
+    cdef unsigned char* out
+    for i in range(n):
+        if _ascii_space(d[i]):
+            break
+    else:
+        return value
+    out = <unsigned char*>PyMem_Malloc(n)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            if not _ascii_space(d[i]):
+                out[j] = d[i]
+                j += 1
+        return PyBytes_FromStringAndSize(<char*>out, j)
+    finally:
+        PyMem_Free(out)
+
+
+def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple field):
+    """What a DKIM signature's header hash takes in: the fields its h= names select and
+    its own field without its b= value and final line end (see tachymail.protocol.mime)."""
+    cdef bytes name = field[0]
+    cdef bytes value = field[1]
+    cdef bytes emptied = _empty_b(<const unsigned char*>(<char*>value), len(value))
+    cdef bytes own
+    if relaxed:
+        name = name.lower()
+        own = _relaxed(<const unsigned char*>(<char*>emptied), len(emptied))
+    else:
+        own = emptied
+    return b"".join((_signed_fields(fields, lower, names, relaxed), name, b":", own.rstrip()))
+
+

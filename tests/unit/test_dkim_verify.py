@@ -772,6 +772,94 @@ def test_relaxed_value_as_dkimpy(pieces: list[bytes]) -> None:
         assert kernel.relaxed_header_value(value) == expected
 
 
+SIGNATURE_TAGS = [b" v=1", b" a=rsa-sha256", b" d=example.org", b" s=s1", b" h=from:to"]
+B_VALUES = [b" b=AB CD\r\n\tEF==", b" b=QUJD", b" b=A", b" b=", b" b=QU-D", None]
+BH_VALUES = [b" bh=QUJD", b" bh=Q UJ\r\n D", b" bh=Q-JD", b"bh=QUJDRA==", None]
+T_VALUES = [b" t=1700000000", b" t=1800000001", b" t=", b" t=17e8", b" t=99999999999999999999"]
+ODD_PIECES = [b" i=@example.org", b" x=1", b"=", b" 1x=2", b" v=2", b" c=relaxed"]
+
+
+@st.composite
+def signature_tags(draw: st.DrawFn) -> list[bytes]:
+    """DKIM-Signature tag specs in any order: mostly plain ones, with b=, bh= and t= of
+    every kind, now and then one that dkimpy refuses or a tag given twice."""
+    pieces = draw(st.lists(st.sampled_from(SIGNATURE_TAGS), max_size=5, unique=True))
+    for values in (B_VALUES, BH_VALUES, [*T_VALUES, None, None, None]):
+        value = draw(st.sampled_from(values))
+        if value is not None:
+            pieces.append(value)
+    if draw(st.integers(0, 3)) == 0:
+        pieces.append(draw(st.sampled_from(ODD_PIECES)))
+    return draw(st.permutations(pieces))
+
+
+@settings(max_examples=600, deadline=None)
+@given(signature_tags(), st.booleans())
+@example([b" v=1", b" b=AB CD\r\n\tEF==", b" bh=QUJD", b" t=1700000000"], False)
+@example([b" bh=QUJD", b" b=A"], False)  # b= not whole groups of four
+@example([b" b=QUJD", b" bh=QUJD", b" t=99999999999999999999"], False)  # beyond any time
+def test_kernel_plain_signature_as_its_parts(pieces: list[bytes], final: bool) -> None:
+    """dkim_plain_signature (both twins) is what it is defined as: dkimpy's tag list, b=
+    and bh= that dkimpy's base64 test passes, a t= of digits not after the limit; then the
+    other tags in order and b=, bh= without white space."""
+    value = b";".join(pieces) + (b";" if final else b"")
+    latest = 1_800_000_000
+    try:
+        tags = dkim.util.parse_tag_value(value)
+    except dkim.util.InvalidTagValueList:
+        tags = None
+
+    def base64_ok(v: bytes | None) -> bool:
+        return (
+            v is not None
+            and bool(re.fullmatch(rb"[\s0-9A-Za-z+/]+[\s=]*", v))
+            and (len(re.sub(rb"\s", b"", v)) % 4 == 0)
+        )
+
+    def time_ok(t: bytes | None) -> bool:
+        return t is None or bool(re.fullmatch(rb"[0-9]+", t) and int(t) <= latest)
+
+    expected = None
+    plain = tags is not None and base64_ok(tags.get(b"b")) and base64_ok(tags.get(b"bh"))
+    if plain and tags is not None and time_ok(tags.get(b"t")):
+        others = tuple((k, v) for k, v in tags.items() if k not in (b"b", b"bh", b"t"))
+        expected = (
+            others,
+            re.sub(rb"\s", b"", tags[b"b"]),
+            re.sub(rb"\s", b"", tags[b"bh"]),
+        )
+    event("plain" if expected is not None else "not plain")
+    for kernel in both_impls("mime"):
+        assert kernel.dkim_plain_signature(value, latest) == expected
+        assert kernel.dkim_plain_signature(value, float(latest)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header_fields(),
+    st.lists(st.sampled_from([n.lower() for n in FIELD_NAMES] + ["from", "x-none"]), max_size=8),
+    st.booleans(),
+    st.sampled_from([b" v=1; b=AB\r\n CD==; h=from", b"v=1;  b = AB ; d=x\r\n", b" b=\r\n"]),
+)
+def test_kernel_header_input_as_dkimpy(
+    lines: list[bytes], h: list[str], relaxed: bool, signature: bytes
+) -> None:
+    """dkim_header_input (both twins) is dkimpy's header hash input: the signed fields
+    canonicalized, then the signature field with its b= value taken out, canonicalized,
+    without its final line end."""
+    fields = mime.header_fields(b"".join(lines)[:-2])
+    assert fields is not None
+    lower = [name.lower() for name, _value in fields]
+    names = (*(n.encode() for n in h), b"from")
+    policy = Relaxed if relaxed else Simple
+    chosen = policy.canonicalize_headers(dkim.select_headers(fields, list(names)))
+    field = (b"DKIM-Signature", signature)
+    [(name, value)] = policy.canonicalize_headers([(field[0], dkim.RE_BTAG.sub(b"\\1", signature))])
+    expected = b"".join(n + b":" + v for n, v in chosen) + name + b":" + value.rstrip()
+    for kernel in both_impls("mime"):
+        assert kernel.dkim_header_input(fields, lower, names, relaxed, field) == expected
+
+
 @pytest.mark.parametrize(
     "value", [b" v=1; a", b" v=1; d=a.example; d=b.example", b" v=1; 1x=2", b" v=1;; s=s"]
 )

@@ -392,3 +392,87 @@ def test_one_signers_shortcut_gives_what_the_full_check_gives(tmp_path: Path) ->
     assert dkim.verify_dkim_now(zone, good, max_signatures=0, block=read_header(good)) == []
     uncached = _CachedZone({})
     assert dkim.verify_dkim_now(uncached, good, crlf=True, block=read_header(good)) is None
+
+
+def test_a_senders_repeated_verdict_is_the_one_made_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender's messages share the verdict made for the first (InboundChecker._repeat):
+    each one still gets what a checker that never saw the sender gives it (its own
+    header.b, its own results), a changed DMARC record or a failing signature makes a
+    verdict of its own, and each message counts once in the DMARC aggregate data, in the
+    row of the day it came."""
+    from tachymail.mailauth.reports import DmarcReports
+
+    dkim.keygen(tmp_path, "a.example", "s1", "rsa")
+    records = {
+        ("s1._domainkey.a.example", "TXT"): [_key_record(tmp_path, "a.example")],
+        ("_dmarc.a.example", "TXT"): ["v=DMARC1; p=reject"],
+    }
+    zone = _CachedZone(records)
+    config = Config()
+    config.server.data_dir = str(tmp_path)
+    checker = InboundChecker(config, zone)
+    mail = MailVerdict(SpfResult("none", "mailfrom", "b.example", "n@b.example"), None, None)
+
+    def check(content: bytes, on: InboundChecker) -> tuple[object, ...]:
+        verdict = on.message_now(
+            ip="192.0.2.1",
+            helo="mx.b.example",
+            mail_from="n@b.example",
+            mail=mail,
+            iprev=None,
+            content=content,
+            mode="enforce",
+            relay=False,
+            crlf=True,
+        )
+        assert verdict is not None
+        return (verdict.action, verdict.reply, verdict.headers, verdict.summary, verdict.dkim)
+
+    def afresh(content: bytes) -> tuple[object, ...]:
+        return check(content, InboundChecker(config, zone, record_reports=False))
+
+    signer = dkim.DkimSigner(tmp_path, {"a.example": "s1"})
+    messages = []
+    for n in range(3):
+        content = f"From: <n@a.example>\r\nSubject: {n}\r\n\r\nHello.\r\n".encode()
+        messages.append(signer.sign(content, "a.example") + content)
+    seen = [check(content, checker) for content in messages]
+    assert seen == [afresh(content) for content in messages]
+    headers = [verdict[2] for verdict in seen]
+    assert len(set(headers)) == 3  # each its own header.b
+    assert all(b"dkim=pass" in h and b"dmarc=pass" in h for h in headers)
+    assert len(checker._repeats) == 1
+
+    broken = messages[0].replace(b"Hello.", b"Hullo.")
+    action, reply, headers, summary, _dkim = check(broken, checker)
+    assert (action, summary) == ("reject", "spf=none dkim=fail dmarc=fail arc=none")
+    assert reply is not None and reply.startswith(b"550 5.7.1")
+    assert check(broken, checker) == afresh(broken)
+
+    zone.records[("_dmarc.a.example", "TXT")] = ["v=DMARC1; p=quarantine"]
+    action, _reply, headers, _summary, _dkim = check(broken, checker)
+    assert action == "quarantine" and b"(p=quarantine dis=quarantine)" in headers
+    assert check(broken, checker) == afresh(broken)
+
+    # the next UTC day: the sender's next message, whose verdict was made the day before,
+    # counts in that day's row
+    zone.records[("_dmarc.a.example", "TXT")] = ["v=DMARC1; p=reject"]
+    repeats = len(checker._repeats)
+    today = DmarcReports.today()
+    monkeypatch.setattr(DmarcReports, "today", staticmethod(lambda: today + 1))
+    check(messages[0], checker)
+    assert len(checker._repeats) == repeats
+    assert checker.reports is not None
+    rows = {
+        day: sorted(
+            (r["disposition"], r["count"])
+            for r in checker.reports.rows("a.example", day * DAY, (day + 1) * DAY)
+        )
+        for day in (today, today + 1)
+    }
+    assert rows == {
+        today: [("none", 3), ("quarantine", 2), ("reject", 2)],
+        today + 1: [("none", 1)],
+    }

@@ -60,13 +60,12 @@ from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.protocol.mime import (
     canonical_body,
-    dkim_empty_b,
+    dkim_header_input,
     dkim_plain_base64,
-    dkim_signed_fields,
+    dkim_plain_signature,
     dkim_tag_list,
     header_fields,
     header_value,
-    relaxed_header_value,
 )
 
 __all__ = [
@@ -638,6 +637,7 @@ def _quick_results(
     body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
     canonical: dict[bool, bytes] = {}
     results: list[DkimResult] = []
+    # the latest t= a plain signature may carry (dkim_plain_signature holds it to that):
     # dkimpy's ten hours, and the hour allowed here (see _signature_problem)
     latest = min(now + 3600, int(time.time()) + 36000)
     index = -1
@@ -645,24 +645,21 @@ def _quick_results(
         for _ in range(min(lower.count(b"dkim-signature"), limit)):
             index = lower.index(b"dkim-signature", index + 1)
             field = headers[index]
-            tags = dkim_tag_list(field[1])
-            if tags is None or not _UNPLAIN.isdisjoint(tags):
+            read = dkim_plain_signature(field[1], latest)
+            if read is None:
                 return None
-            static = tags.copy()
-            b, bh, t = static.pop(b"b", None), static.pop(b"bh", None), static.pop(b"t", None)
-            if b is None or bh is None or not dkim_plain_base64(b) or not dkim_plain_base64(bh):
-                return None
-            if t is not None and not (t.isdigit() and int(t) <= latest):
-                return None
-            plan = _plan(tuple(static.items()))
+            static, b, bh = read  # b= and bh= plain base64, without white space
+            plan = _plan(static)
             if plan is None:
                 return None
             answer = peek("TXT", plan.names.key_name)
-            record = None if answer is None else _usable_record(answer, tags[b"a"])
+            record = None if answer is None else _usable_record(answer, plan.algorithm)
             if record is None:
                 return None
             result, detail = _check_signature(
-                tags,
+                b,
+                bh,
+                None,
                 field,
                 plan.selected,
                 plan.relaxed_head,
@@ -682,7 +679,7 @@ def _quick_results(
                     names.selector,
                     names.algorithm,
                     names.identity,
-                    _b_text(b),
+                    b.decode("ascii"),
                     detail,
                 )
             )
@@ -703,6 +700,7 @@ class _Plan:
     relaxed_body: bool
     selected: tuple[bytes, ...]
     sha1: bool
+    algorithm: bytes  # a=, as written
 
 
 @functools.lru_cache(maxsize=1024)
@@ -718,7 +716,7 @@ def _plan(static: tuple[tuple[bytes, bytes], ...]) -> _Plan | None:
     if isinstance(shape, str):
         return None
     names = _names(tags[b"d"], tags[b"s"], tags[b"a"], tags.get(b"i", b""))
-    return _Plan(names, *shape, tags[b"a"] == b"rsa-sha1")
+    return _Plan(names, *shape, tags[b"a"] == b"rsa-sha1", tags[b"a"])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1177,7 +1175,9 @@ def _verify_signature(
     (:func:`_check_signature`), setting its result."""
     tags = sig.tags
     result, detail = _check_signature(
-        tags,
+        b"".join(tags[b"b"].split()),
+        b"".join(tags[b"bh"].split()),
+        tags.get(b"l"),
         sig.field,
         sig.selected,
         sig.relaxed_head,
@@ -1193,7 +1193,9 @@ def _verify_signature(
 
 
 def _check_signature(
-    tags: dict[bytes, bytes],
+    b: bytes,
+    bh: bytes,
+    length: bytes | None,
     field: tuple[bytes, bytes],
     selected: tuple[bytes, ...],
     relaxed_head: bool,
@@ -1205,32 +1207,27 @@ def _check_signature(
     body: bytes,
     canonical: dict[bool, bytes],
 ) -> tuple[str, str]:
-    """(result, detail) of one signature (its parsed *tags*, its *field* as (name, value),
-    the names it signs, its canonicalizations, whether it is rsa-sha1, its key record):
-    the body hash (with l=), then the header hash over the h= fields chosen bottom-up
-    (From once more, as dkimpy does, so a From added above the signed one breaks it) and
-    the signature field without its b= value, checked by OpenSSL with the cached key."""
+    """(result, detail) of one signature (its b= and bh= without white space, its l= if
+    any, its *field* as (name, value), the names it signs, its canonicalizations, whether
+    it is rsa-sha1, its key record): the body hash (with l=), then the header hash over
+    the h= fields chosen bottom-up (From once more, as dkimpy does, so a From added above
+    the signed one breaks it) and the signature field without its b= value, checked by
+    OpenSSL with the cached key."""
     digest = hashlib.sha1 if sha1 else hashlib.sha256
     try:
         # base64.b64decode(..., validate=True) without its Python frame
-        expected = binascii.a2b_base64(b"".join(tags[b"bh"].split()), strict_mode=True)
+        expected = binascii.a2b_base64(bh, strict_mode=True)
     except binascii.Error:
         return "neutral", "bh= value is not valid base64"
-    if not _body_hash_matches(tags, relaxed_body, body, canonical, digest, expected):
+    if not _body_hash_matches(length, relaxed_body, body, canonical, digest, expected):
         return "fail", "body hash mismatch"
 
     parsed = _public_key(key) if key else "no key"
     if isinstance(parsed, str) or parsed.key is None:
         return "permerror", parsed if isinstance(parsed, str) else "no usable key"
-    signed = dkim_signed_fields(headers, lower, selected, relaxed_head)
-    name, value = field
-    value = dkim_empty_b(value)  # b= emptied, as dkimpy does (RFC 6376 §3.7)
-    if relaxed_head:
-        name, value = name.lower(), relaxed_header_value(value)
-    # the signature field is hashed without its final line end
-    hashed = digest(b"".join((signed, name, b":", value.rstrip()))).digest()
+    hashed = digest(dkim_header_input(headers, lower, selected, relaxed_head, field)).digest()
     try:
-        signature = binascii.a2b_base64(b"".join(tags[b"b"].split()))
+        signature = binascii.a2b_base64(b)
     except binascii.Error:
         return "fail", "signature did not verify"
     try:
@@ -1248,20 +1245,19 @@ def _check_signature(
 
 
 def _body_hash_matches(
-    tags: dict[bytes, bytes],
+    length: bytes | None,
     relaxed: bool,
     body: bytes,
     canonical: dict[bool, bytes],
     digest: Callable[[bytes], Any],
     expected: bytes,
 ) -> bool:
-    """Whether the body hash of a signature (its *tags*; bh=, decoded: *expected*) is
-    right for *body* in its canonical form (*relaxed* or simple, cut at l=), made once per
-    form and message."""
+    """Whether the body hash of a signature (bh=, decoded: *expected*) is right for *body*
+    in its canonical form (*relaxed* or simple, cut at the signature's l=, *length*),
+    made once per form and message."""
     form = canonical.get(relaxed)
     if form is None:
         form = canonical[relaxed] = canonical_body(body, relaxed)
-    limit = tags.get(b"l")
-    if limit is not None:
-        form = form[: int(limit)]
+    if length is not None:
+        form = form[: int(length)]
     return bool(digest(form).digest() == expected)

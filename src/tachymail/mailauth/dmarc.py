@@ -427,18 +427,15 @@ def check_dmarc_now(
 
 
 def _no_author() -> DmarcResult:
-    return DmarcResult(
+    return _shared(
         "permerror", "", "none", "none", False, False, detail="no single RFC5322.From domain"
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _pass(
-    author: str, policy: str, spf_ok: bool, dkim_ok: bool, domain: str, record: DmarcRecord
-) -> DmarcResult:
-    """A DMARC pass; cached (the result is immutable), as one sender's messages pass
-    alike."""
-    return DmarcResult("pass", author, policy, "none", spf_ok, dkim_ok, domain, record=record)
+#: a DmarcResult made once per distinct value and then shared (results are immutable): one
+#: sender's messages get the same result object, so what is made from a result can be
+#: kept with it (see InboundChecker._repeat)
+_shared = functools.lru_cache(maxsize=4096)(DmarcResult)
 
 
 def _decide(
@@ -450,14 +447,14 @@ def _decide(
 ) -> DmarcResult:
     """The DMARC result for the From domain *author* once its record was looked for."""
     if found.status == "temperror":
-        return DmarcResult("temperror", author, "none", "none", False, False, detail=found.detail)
+        return _shared("temperror", author, "none", "none", False, False, detail=found.detail)
     if found.status != "found":
         # several records: say where; none at all: there is no record domain
         where = found.domain if found.status == "several" else ""
-        return DmarcResult("none", author, "none", "none", False, False, where, found.detail)
+        return _shared("none", author, "none", "none", False, False, where, found.detail)
     record = _parsed_record(found.text)
     if isinstance(record, str):
-        return DmarcResult(
+        return _shared(
             "permerror",
             author,
             "none",
@@ -473,10 +470,8 @@ def _decide(
     spf_ok = spf is not None and spf.result == "pass" and aligned(spf.domain, author, record.aspf)
     dkim_ok = any(d.result == "pass" and aligned(d.domain, author, record.adkim) for d in dkim)
     if spf_ok or dkim_ok:
-        return _pass(author, policy, spf_ok, dkim_ok, found.domain, record)
+        return _shared("pass", author, policy, "none", spf_ok, dkim_ok, found.domain, record=record)
     selected = rng() * 100 < record.pct
     disposition = policy if selected else _lower(policy)
     detail = "" if selected else f"not selected by pct={record.pct}"
-    return DmarcResult(
-        "fail", author, policy, disposition, False, False, found.domain, detail, record
-    )
+    return _shared("fail", author, policy, disposition, False, False, found.domain, detail, record)

@@ -47,12 +47,18 @@ from tachymail.mailauth.dmarc import (
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.mailauth.dnsbl import Listing, dnsbl
 from tachymail.mailauth.iprev import IprevResult, check_iprev
-from tachymail.mailauth.results import FIELD_NAME, authentication_results, remove_forged
+from tachymail.mailauth.results import (
+    FIELD_NAME,
+    FieldTemplate,
+    field_template,
+    remove_forged,
+    render,
+)
 from tachymail.mailauth.spf import SpfResult, check_spf, check_spf_now
 from tachymail.protocol.replies import reply
 
 if TYPE_CHECKING:
-    from tachymail.mailauth.reports import DmarcReports
+    from tachymail.mailauth.reports import DmarcReports, ReportRow
 
 __all__ = [
     "QUARANTINE_HEADER",
@@ -124,6 +130,41 @@ class MessageVerdict:
     arc: ArcResult | None = None
 
 
+#: verdicts of repeating senders kept (see InboundChecker._repeat); then it starts afresh
+REPEATS_KEPT = 4096
+
+
+@dataclass(slots=True)
+class _Repeat:
+    """What a sender's messages share once their results are known (see
+    :meth:`InboundChecker._repeat`): everything of the verdict but the header.b words and
+    the content, and the row their DMARC aggregate data goes to."""
+
+    template: FieldTemplate
+    tail: bytes  # after the Authentication-Results field: the quarantine header, or b""
+    action: str
+    reply: bytes | None
+    results: tuple[tuple[str, str], ...]
+    summary: str
+    row: ReportRow | None
+
+
+#: the DKIM result shown for a message without a signature (RFC 8601 §2.7.1: dkim=none)
+_UNSIGNED = (DkimResult("none", "", "", "", "", ""),)
+
+
+def _dkim_key(result: DkimResult) -> tuple[str, ...]:
+    """What a verdict takes from a DKIM result: all of it but b= (see _Repeat)."""
+    return (
+        result.result,
+        result.domain,
+        result.selector,
+        result.algorithm,
+        result.identity,
+        result.detail,
+    )
+
+
 class InboundChecker:
     """The inbound checks of the configuration's ``[mailauth]`` section, on *dns*.
 
@@ -140,6 +181,8 @@ class InboundChecker:
         #: the authserv-id of our Authentication-Results fields
         self.authserv_id = self.settings.authserv_id or config.server.hostname
         self.reports: DmarcReports | None = None
+        #: see _repeat
+        self._repeats: dict[tuple[Any, ...], _Repeat] = {}
         if record_reports and self.settings.dmarc and self.settings.dmarc_reports:
             from tachymail.mailauth.reports import DmarcReports  # lmdb: only when used
 
@@ -314,8 +357,7 @@ class InboundChecker:
             dmarc = await self._guard(
                 "dmarc", check_dmarc(self.dns, author, mail.spf, dkim), _dmarc_error(author)
             )
-            self._record(dmarc, ip, mail_from, mail.spf, dkim)
-        return self._verdict(ip, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+        return self._verdict(ip, mail_from, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
 
     def message_now(
         self,
@@ -365,18 +407,92 @@ class InboundChecker:
             )
             if dmarc is None:
                 return None  # the organizational domain's record is not cached
-            self._record(dmarc, ip, mail_from, mail.spf, dkim)
         stripped, forged = content, 0
         if block is None or FIELD_NAME in block.lower:
             stripped, forged = remove_forged(content, self.authserv_id)
         if forged:
             log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)
         arc = NO_ARC_SETS if settings.arc or seal else None
-        return self._verdict(ip, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+        return self._verdict(ip, mail_from, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+
+    def _repeat(
+        self,
+        ip: str,
+        mail_from: str,
+        mail: MailVerdict,
+        iprev: IprevResult | None,
+        dkim: list[DkimResult],
+        dmarc: DmarcResult | None,
+        arc: ArcResult | None,
+        mode: str,
+    ) -> _Repeat:
+        """The verdict of a message (ARC unsealed) without its header.b words and content.
+        It is made of the results (DKIM's but for b=), the client's address, the MAIL FROM
+        address and the mode, and of nothing else, and one sender's messages repeat those:
+        so it is made once, and kept under them (the result objects recur too: a session
+        keeps its SPF and iprev results, :mod:`dmarc` shares its results, so the lookup
+        mostly compares them by identity)."""
+        key = (mail, iprev, dmarc, arc, tuple(map(_dkim_key, dkim)), mode, ip, mail_from)
+        found = self._repeats.get(key)
+        if found is not None:
+            return found
+        settings = self.settings
+        shown_arc = arc if settings.arc else None
+        shown_dkim = (dkim or _UNSIGNED) if settings.dkim else dkim
+        action, answer, quarantine_header = self._policy(dmarc, mail.spf, dkim, mode)
+        results = _results(mail, shown_dkim, dmarc, shown_arc, iprev)
+        row = None
+        if self.reports is not None and dmarc is not None:
+            row = self.reports.row(dmarc, ip, mail_from, mail.spf, dkim, self.reports.today())
+        made = _Repeat(
+            field_template(
+                self.authserv_id,
+                mail.spf,
+                mail.helo,
+                shown_dkim,
+                dmarc,
+                shown_arc,
+                iprev,
+                remote_ip=ip,
+            ),
+            QUARANTINE_HEADER if quarantine_header else b"",
+            action,
+            answer,
+            results,
+            _summary_text(results),
+            row,
+        )
+        if len(self._repeats) >= REPEATS_KEPT:
+            self._repeats.clear()
+        self._repeats[key] = made
+        return made
+
+    def _count(
+        self,
+        repeat: _Repeat,
+        dmarc: DmarcResult | None,
+        ip: str,
+        mail_from: str,
+        spf: SpfResult | None,
+        dkim: Sequence[DkimResult],
+    ) -> None:
+        """Count the message in its DMARC aggregate row: the one kept in *repeat*, made
+        anew when the UTC day has changed since."""
+        assert self.reports is not None and dmarc is not None
+        try:
+            row: ReportRow | None = repeat.row
+            today = self.reports.today()
+            if row is not None and row.day != today:
+                row = repeat.row = self.reports.row(dmarc, ip, mail_from, spf, dkim, today)
+            if row is not None:
+                self.reports.count(row)
+        except Exception:  # report data, not mail: never a reason to refuse the message
+            log.exception("DMARC aggregate data not recorded")
 
     def _verdict(
         self,
         ip: str,
+        mail_from: str,
         mail: MailVerdict,
         iprev: IprevResult | None,
         stripped: bytes,
@@ -387,22 +503,26 @@ class InboundChecker:
         seal: bool,
     ) -> MessageVerdict:
         """The verdict from the results: our Authentication-Results field (and ARC set),
-        the action, and what the log and the metrics say."""
+        the action, and what the log and the metrics say; the message counted in its
+        DMARC aggregate row."""
+        repeat = self._repeat(ip, mail_from, mail, iprev, dkim, dmarc, arc, mode)
+        if repeat.row is not None:
+            self._count(repeat, dmarc, ip, mail_from, mail.spf, dkim)
         settings = self.settings
-        shown_arc = arc if settings.arc else None
-        # RFC 8601 §2.7.1: dkim=none says the message was not signed
-        shown_dkim = dkim or ([DkimResult("none", "", "", "", "", "")] if settings.dkim else [])
-        header = authentication_results(
-            self.authserv_id, mail.spf, mail.helo, shown_dkim, dmarc, shown_arc, iprev, remote_ip=ip
-        )
-        action, answer, quarantine_header = self._policy(dmarc, mail.spf, dkim, mode)
-        headers = header + (QUARANTINE_HEADER if quarantine_header else b"")
-        if seal and arc is not None and action != "reject":
+        headers = render(repeat.template, (dkim or _UNSIGNED) if settings.dkim else dkim)
+        headers += repeat.tail
+        if seal and arc is not None and repeat.action != "reject":
             headers = self._seal(headers, stripped, arc) + headers
-        results = _results(mail, shown_dkim, dmarc, shown_arc, iprev)
-        summary = _summary_text(results)
         return MessageVerdict(
-            action, answer, headers, stripped, results, summary, tuple(dkim), dmarc, shown_arc
+            repeat.action,
+            repeat.reply,
+            headers,
+            stripped,
+            repeat.results,
+            repeat.summary,
+            tuple(dkim),
+            dmarc,
+            arc if settings.arc else None,
         )
 
     def _dkim_now(
@@ -485,21 +605,6 @@ class InboundChecker:
         except Exception:
             log.exception("ARC sealing failed; the message goes on without a new ARC set")
             return b""
-
-    def _record(
-        self,
-        dmarc: DmarcResult,
-        ip: str,
-        mail_from: str,
-        spf: SpfResult | None,
-        dkim: Sequence[DkimResult],
-    ) -> None:
-        if self.reports is None:
-            return
-        try:
-            self.reports.add(dmarc, ip, mail_from, spf, dkim)
-        except Exception:  # report data, not mail: never a reason to refuse the message
-            log.exception("DMARC aggregate data not recorded")
 
     def _guard_now(
         self, method: str, work: Callable[..., T | None], fallback: Callable[[], T], *args: Any

@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lmdb
 
@@ -53,6 +53,16 @@ _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 # The XML result vocabularies (RFC 7489 Appendix C DKIMResultType, SPFResultType)
 _DKIM_RESULTS = frozenset({"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"})
 _SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
+
+
+class ReportRow(NamedTuple):
+    """A row of a day's aggregate data (:meth:`DmarcReports.row`): the UTC day, the row's
+    store key, and the key and value of the policy the domain published that day."""
+
+    day: int
+    key: bytes
+    policy_key: bytes
+    policy: bytes
 
 
 class DmarcReports:
@@ -93,11 +103,26 @@ class DmarcReports:
         identity (None: not checked) and the DKIM results. Results without a DMARC record
         (none, temperror, or permerror without a parsed record) are not counted. Flushes
         to the store when the last flush is ``flush_interval`` seconds old."""
+        moment = time.time() if when is None else when
+        row = self.row(result, source_ip, envelope_from, spf, dkim, int(moment // DAY))
+        if row is not None:
+            self.count(row)
+
+    def row(
+        self,
+        result: DmarcResult,
+        source_ip: str,
+        envelope_from: str,
+        spf: SpfResult | None,
+        dkim: Sequence[DkimResult],
+        day: int,
+    ) -> ReportRow | None:
+        """Where :meth:`add` counts a message of UTC day *day* (days since the epoch): its
+        row, or None when it is not counted. One sender's messages fall into one row, so
+        the inbound checks keep it and :meth:`count` each message of the day in it."""
         record = result.record
         if record is None or not result.record_domain or result.result not in ("pass", "fail"):
-            return
-        moment = time.time() if when is None else when
-        day = int(moment // DAY)
+            return None
         address = envelope_from.strip().strip("<>")
         envelope = address.rpartition("@")[2].lower() if "@" in address else ""
         if not envelope and spf is not None:
@@ -139,10 +164,19 @@ class DmarcReports:
             if len(self._keys) >= _KEYS_KEPT:
                 self._keys.clear()
             self._keys[memo] = keys
-        key, policy_key, policy = keys
+        return ReportRow(day, *keys)
+
+    @staticmethod
+    def today() -> int:
+        """The UTC day now, in days since the epoch, as :meth:`row` takes it."""
+        return int(time.time() // DAY)
+
+    def count(self, row: ReportRow) -> None:
+        """Count one message in *row* (:meth:`row`); flushes to the store when the last
+        flush is ``flush_interval`` seconds old."""
         with self._lock:
-            self._buffer[key] += 1
-            self._policies[policy_key] = policy
+            self._buffer[row.key] += 1
+            self._policies[row.policy_key] = row.policy
             due = time.monotonic() - self._last_flush >= self.flush_interval
         if due:
             self.flush()

@@ -33,7 +33,16 @@ if TYPE_CHECKING:  # the result types only; results.py needs none of their code
     from tachymail.mailauth.iprev import IprevResult
     from tachymail.mailauth.spf import SpfResult
 
-__all__ = ["FIELD", "FIELD_NAME", "authentication_results", "authserv_id_of", "remove_forged"]
+__all__ = [
+    "FIELD",
+    "FIELD_NAME",
+    "FieldTemplate",
+    "authentication_results",
+    "authserv_id_of",
+    "field_template",
+    "remove_forged",
+    "render",
+]
 
 FIELD = "Authentication-Results"
 #: the field's name as header readers compare it: lower-case bytes
@@ -45,6 +54,8 @@ B_PREFIX = 8
 
 # RFC 2045 token: printable ASCII but space and tspecials
 _TOKEN = re.compile(r"[!#$%&\'*+\-.0-9A-Z^_`a-z{|}~]+")
+# printable ASCII but white space, ``"`` and ``\``: quoted as it is
+_PLAIN_QUOTED = re.compile(r"[!#-\[\]-~]+")
 # RFC 5322 dot-atom, the unquoted form of a local-part
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
@@ -59,6 +70,8 @@ _REASON_MAX = 200
 def _quoted(text: str) -> str:
     """*text* as an RFC 5322 quoted-string: printable ASCII, runs of white space made one
     space, ``\\`` and ``"`` escaped."""
+    if _PLAIN_QUOTED.fullmatch(text):  # nothing to change (a header.b word: base64 with "/")
+        return '"' + text + '"'
     clean = "".join(ch if " " <= ch <= "~" else " " for ch in text)
     clean = " ".join(clean.split())
     return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -221,12 +234,34 @@ def authentication_results(
     when none ran the field says ``none`` (RFC 8601 §2.2). Failures and errors carry
     ``reason="..."``. Values that are not RFC 2045 tokens are quoted; the text is ASCII.
     """
-    # Everything but the header.b words repeats from message to message (one sender's
-    # SPF, DMARC and DKIM results; a connection's iprev): it is made once, into a cached
-    # template with a slot for each DKIM result's header.b (see _template).
-    template = _template(
+    return render(
+        field_template(authserv_id, spf, helo, dkim, dmarc, arc, iprev, remote_ip=remote_ip), dkim
+    )
+
+
+def field_template(
+    authserv_id: str,
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    dmarc: DmarcResult | None,
+    arc: ArcResult | None,
+    iprev: IprevResult | None,
+    *,
+    remote_ip: str = "",
+) -> FieldTemplate:
+    """The field :func:`authentication_results` makes of these results, but for each DKIM
+    result's header.b word: :func:`render` fills those in. Everything else repeats from
+    message to message (one sender's SPF, DMARC and DKIM results; a connection's iprev),
+    so it is made once, and cached."""
+    return _template(
         authserv_id, spf, helo, tuple(map(_dkim_head, dkim)), dmarc, arc, iprev, remote_ip
     )
+
+
+def render(template: FieldTemplate, dkim: Sequence[DkimResult]) -> bytes:
+    """The field of *template* (:func:`field_template`) with the header.b words of *dkim*,
+    results like those the template was made from but for their b= values."""
     if not template.slots:
         return template.whole
     prefixes = _b_prefixes([d.signature_b for d in dkim])
@@ -246,7 +281,7 @@ def authentication_results(
     return "".join(out).encode("ascii")
 
 
-class _Template(NamedTuple):
+class FieldTemplate(NamedTuple):
     """A field made from results, with a slot for each DKIM result's header.b word.
     ``texts``: the fixed text before the first slot, between slots, and after the last
     (lines with their CRLF). ``slots``: per DKIM result, the lines of its resinfo but
@@ -268,8 +303,8 @@ def _template(
     arc: ArcResult | None,
     iprev: IprevResult | None,
     remote_ip: str,
-) -> _Template:
-    """The :class:`_Template` of :func:`authentication_results` for these results (the
+) -> FieldTemplate:
+    """The :class:`FieldTemplate` of :func:`authentication_results` for these results (the
     DKIM ones as their words but header.b)."""
     resinfos: list[tuple[tuple[str, ...], bool]] = []  # (words, a DKIM slot)
     if spf is not None:
@@ -285,7 +320,7 @@ def _template(
         resinfos.append((_iprev_words(iprev), False))
     head = f"{FIELD}: {_value(authserv_id)};"
     if not resinfos:
-        return _Template((), (), (head + " none\r\n").encode("ascii"))
+        return FieldTemplate((), (), (head + " none\r\n").encode("ascii"))
     texts: list[str] = []
     slots: list[tuple[str, str, bool, str]] = []
     fixed = [head]  # lines since the last slot
@@ -301,8 +336,8 @@ def _template(
         slots.append((_lines(lead), final, more, _lines(_folded(words, more))))
     texts.append(_lines(fixed))
     if not slots:
-        return _Template((), (), texts[0].encode("ascii"))
-    return _Template(tuple(texts), tuple(slots))
+        return FieldTemplate((), (), texts[0].encode("ascii"))
+    return FieldTemplate(tuple(texts), tuple(slots))
 
 
 def _lines(lines: Iterable[str]) -> str:

@@ -30,3 +30,13 @@ def dkim_signed_fields(
     fields: list[tuple[bytes, bytes]], lower: list[bytes], names: tuple[bytes, ...], relaxed: bool
 ) -> bytes: ...
 def dkim_empty_b(value: Buffer) -> bytes: ...
+def dkim_plain_signature(
+    value: Buffer, latest: float
+) -> tuple[tuple[tuple[bytes, bytes], ...], bytes, bytes] | None: ...
+def dkim_header_input(
+    fields: list[tuple[bytes, bytes]],
+    lower: list[bytes],
+    names: tuple[bytes, ...],
+    relaxed: bool,
+    field: tuple[bytes, bytes],
+) -> bytes: ...

@@ -133,6 +133,21 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     each field is ``name:value`` as in *fields* (from ``header_fields``), or in
     relaxed form ``lowername:`` plus ``relaxed_header_value(value)``.
 
+``dkim_plain_signature(value, latest) -> tuple[tuple, bytes, bytes] | None``
+    A DKIM-Signature field value read for the check of a plain signature: when
+    ``dkim_tag_list(value)`` reads it, with ``b=`` and ``bh=`` that pass
+    ``dkim_plain_base64`` and a ``t=``, if any, of ASCII digits naming a time
+    not after *latest*: (the other tags as (name, value) pairs in the order
+    written; ``b=``; ``bh=``), those two with their white space removed; else
+    None.
+
+``dkim_header_input(fields, lower, names, relaxed, field) -> bytes``
+    What a DKIM signature's header hash takes in: ``dkim_signed_fields(fields,
+    lower, names, relaxed)``, then the signature's own *field* (name, value):
+    its name (lower case when *relaxed*), ``:``, and its value after
+    ``dkim_empty_b`` (and ``relaxed_header_value`` when *relaxed*) with the
+    ASCII white space at its end removed (RFC 6376 §3.7: no final line end).
+
 Deliberate differences from ``email``: ``=`` and ``/`` in bare parameter
 values (email cuts the value there); comments and junk around the type
 (email keeps them in ``get_content_type()``); a bare CR (email ends a line
@@ -150,7 +165,9 @@ if TYPE_CHECKING:
         canonical_body,
         content_type_params,
         dkim_empty_b,
+        dkim_header_input,
         dkim_plain_base64,
+        dkim_plain_signature,
         dkim_signed_fields,
         dkim_tag_list,
         header_fields,
@@ -173,13 +190,17 @@ else:
     dkim_plain_base64 = _kernel.dkim_plain_base64
     dkim_empty_b = _kernel.dkim_empty_b
     dkim_signed_fields = _kernel.dkim_signed_fields
+    dkim_plain_signature = _kernel.dkim_plain_signature
+    dkim_header_input = _kernel.dkim_header_input
 
 __all__ = [
     "Part",
     "canonical_body",
     "content_type_params",
     "dkim_empty_b",
+    "dkim_header_input",
     "dkim_plain_base64",
+    "dkim_plain_signature",
     "dkim_signed_fields",
     "dkim_tag_list",
     "header_fields",

@@ -16,7 +16,9 @@ __all__ = [
     "canonical_body",
     "content_type_params",
     "dkim_empty_b",
+    "dkim_header_input",
     "dkim_plain_base64",
+    "dkim_plain_signature",
     "dkim_signed_fields",
     "dkim_tag_list",
     "header_fields",
@@ -725,3 +727,35 @@ def dkim_empty_b(value: Buffer) -> bytes:
 
 def _btag_name(match: re.Match[bytes]) -> bytes:
     return match[1]
+
+
+def dkim_plain_signature(
+    value: Buffer, latest: float
+) -> tuple[tuple[tuple[bytes, bytes], ...], bytes, bytes] | None:
+    """A plain DKIM-Signature field value read for its check (see
+    ``mime.dkim_plain_signature``)."""
+    tags = dkim_tag_list(value)
+    if tags is None:
+        return None
+    b, bh, t = tags.pop(b"b", None), tags.pop(b"bh", None), tags.pop(b"t", None)
+    if b is None or bh is None or not dkim_plain_base64(b) or not dkim_plain_base64(bh):
+        return None
+    if t is not None and not (t.isdigit() and int(t) <= latest):
+        return None
+    return tuple(tags.items()), b"".join(b.split()), b"".join(bh.split())
+
+
+def dkim_header_input(
+    fields: list[tuple[bytes, bytes]],
+    lower: list[bytes],
+    names: tuple[bytes, ...],
+    relaxed: bool,
+    field: tuple[bytes, bytes],
+) -> bytes:
+    """What a DKIM signature's header hash takes in (see ``mime.dkim_header_input``)."""
+    name, value = field
+    value = dkim_empty_b(value)
+    if relaxed:
+        name, value = name.lower(), relaxed_header_value(value)
+    signed = dkim_signed_fields(fields, lower, names, relaxed)
+    return b"".join((signed, name, b":", value.rstrip()))
