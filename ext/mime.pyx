@@ -38,6 +38,7 @@ import re
 
 __all__ = [
     "Part",
+    "blank_line",
     "canonical_body",
     "content_type_params",
     "dkim_empty_b",
@@ -1299,3 +1300,29 @@ def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple 
     return b"".join((_signed_fields(fields, lower, names, relaxed), name, b":", own.rstrip()))
 
 
+
+
+def blank_line(message):
+    """Where the empty line that ends the header block is (see tachymail.protocol.mime):
+    one pass from LF to LF."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef Py_ssize_t n, i
+    PyObject_GetBuffer(message, &buf, PyBUF_SIMPLE)
+    try:
+        d = <const unsigned char*>buf.buf
+        n = buf.len
+        if n >= 1 and d[0] == 10:
+            return 0, 1
+        if n >= 2 and d[0] == 13 and d[1] == 10:
+            return 0, 2
+        i = find_lf(d, 0, n)
+        while i < n:
+            if i + 1 < n and d[i + 1] == 10:
+                return i, i + 2
+            if i + 2 < n and d[i + 1] == 13 and d[i + 2] == 10:
+                return i, i + 3
+            i = find_lf(d, i + 1, n)
+        return None
+    finally:
+        PyBuffer_Release(&buf)

@@ -666,10 +666,14 @@ def test_header_parse_as_dkimpy(pieces: list[bytes]) -> None:
 @settings(max_examples=600, deadline=None)
 @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"b: c", b" "]), max_size=24))
 def test_blank_line_as_the_regex(pieces: list[bytes]) -> None:
-    """The two-search finder of the header's end finds what dkimpy's regex finds."""
+    """The finder of the header's end (both twins) finds what dkimpy's regex finds."""
     content = b"".join(pieces)
     match = _BLANK_LINE.search(content)
-    assert _blank_line(content) == (None if match is None else (match.start(), match.end()))
+    expected = None if match is None else (match.start(), match.end())
+    assert _blank_line(content) == expected
+    for kernel in both_impls("mime"):
+        assert kernel.blank_line(content) == expected
+        assert kernel.blank_line(memoryview(bytearray(content))) == expected
 
 
 TAG_PIECES = [b"a", b"b", b"v", b"1", b"=", b";", b" ", b"\t", b"\r\n ", b"_", b"9", b"\xc3"]

@@ -190,7 +190,31 @@ class HistogramTally:
                 bucket.inc(count)
 
 
-_TALLIES: list[CounterTally | HistogramTally] = []
+class ResultsTally:
+    """Messages that got one set of (method, result) pairs (:func:`auth_results_of`),
+    added to each pair's counter at :func:`flush`: one increment per message, not one per
+    result."""
+
+    __slots__ = ("children", "pending")
+
+    def __init__(self, children: list[CounterTally]) -> None:
+        self.children = children
+        self.pending = 0.0
+        _TALLIES.append(self)
+
+    def inc(self) -> None:
+        self.pending += 1.0
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            for tally in self.children:
+                tally.child.inc(amount)
+
+
+_TALLIES: list[CounterTally | HistogramTally | ResultsTally] = []
+#: most distinct result sets with a tally of their own; others count result by result
+RESULT_SETS_KEPT = 1024
 
 # --- the metrics (rebuilt by build()) -------------------------------------------------------
 smtp_connections_open: dict[str, Gauge]
@@ -267,6 +291,7 @@ warmup_deferred: Counter
 _destinations: dict[str, str] = {}
 _attempts: dict[tuple[str, str], CounterTally] = {}
 _egress_tallies: dict[str, CounterTally] = {}
+_result_sets: dict[tuple[tuple[str, str], ...], ResultsTally] = {}
 
 
 def build() -> None:
@@ -776,6 +801,7 @@ def build() -> None:
     _destinations.clear()
     _attempts.clear()
     _egress_tallies.clear()
+    _result_sets.clear()
 
 
 def destination(key: str) -> str:
@@ -802,13 +828,30 @@ def auth_result(method: str, result: str) -> None:
     """Count one *result* of *method* (``tachymail_auth_results_total``). A pair outside
     AUTH_METHODS x AUTH_RESULTS counts under result "other" (and method "other" for an
     unknown method), so that no label carries an unbounded value."""
+    _auth_tally(method, result).inc()
+
+
+def auth_results_of(results: tuple[tuple[str, str], ...]) -> None:
+    """Count each (method, result) of one message, as :func:`auth_result` does: one
+    increment of the tally of this set of results (an MX sees few sets, over and over)."""
+    tally = _result_sets.get(results)
+    if tally is None:
+        if len(_result_sets) >= RESULT_SETS_KEPT:
+            for method, result in results:
+                auth_result(method, result)
+            return
+        tally = _result_sets[results] = ResultsTally([_auth_tally(*pair) for pair in results])
+    tally.inc()
+
+
+def _auth_tally(method: str, result: str) -> CounterTally:
     child = auth_results.get((method, result))
     if child is None:
         key = (method if method in AUTH_METHODS else "other", "other")
         child = auth_results.get(key)
         if child is None:
             child = auth_results[key] = CounterTally(auth_results_total.labels(*key))
-    child.inc()
+    return child
 
 
 def egress_tally(source: str) -> CounterTally:

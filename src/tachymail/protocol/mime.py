@@ -99,6 +99,11 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     continuation, and every field's first line a name of printable ASCII
     (33-126; the first octet may itself be a colon) followed by a colon.
 
+``blank_line(message) -> tuple[int, int] | None``
+    Where the empty line that ends the header block of *message* is, as dkimpy
+    finds it: the first match of ``(?:\\A|\\n)(\\r?\\n)``, as (start, end) of the
+    whole match; None when there is none.
+
 ``relaxed_header_value(value) -> bytes``
     A field value in DKIM's relaxed form (RFC 6376 §3.4.2), byte for byte what
     dkimpy makes: CRLF pairs, then any other LF, removed (unfolding); every run
@@ -162,6 +167,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tachymail.protocol._mime import (
         Part,
+        blank_line,
         canonical_body,
         content_type_params,
         dkim_empty_b,
@@ -180,6 +186,7 @@ else:
 
     _kernel = load_kernel("mime")
     Part = _kernel.Part
+    blank_line = _kernel.blank_line
     scan = _kernel.scan
     header_value = _kernel.header_value
     content_type_params = _kernel.content_type_params
@@ -195,6 +202,7 @@ else:
 
 __all__ = [
     "Part",
+    "blank_line",
     "canonical_body",
     "content_type_params",
     "dkim_empty_b",

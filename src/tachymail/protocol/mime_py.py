@@ -13,6 +13,7 @@ import re
 
 __all__ = [
     "Part",
+    "blank_line",
     "canonical_body",
     "content_type_params",
     "dkim_empty_b",
@@ -759,3 +760,21 @@ def dkim_header_input(
         name, value = name.lower(), relaxed_header_value(value)
     signed = dkim_signed_fields(fields, lower, names, relaxed)
     return b"".join((signed, name, b":", value.rstrip()))
+
+
+def blank_line(message: Buffer) -> tuple[int, int] | None:
+    """Where the empty line that ends the header block is (see ``mime.blank_line``). Two
+    substring searches: a CRLF message's empty line is its first LF CR LF, and an LF LF
+    can only come first if it is before that one."""
+    data = bytes(message)
+    if data[:1] == b"\n":
+        return 0, 1
+    if data[:2] == b"\r\n":
+        return 0, 2
+    crlf = data.find(b"\n\r\n")
+    lf = data.find(b"\n\n", 0, len(data) if crlf < 0 else crlf + 1)
+    if lf >= 0:
+        return lf, lf + 2
+    if crlf >= 0:
+        return crlf, crlf + 3
+    return None

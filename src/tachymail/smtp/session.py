@@ -463,8 +463,7 @@ class SmtpSession(asyncio.Protocol):
         """The message's verdict: refused (DMARC reject: the checker's 550 5.7.1, or 451
         4.4.3 when a DNS failure may hide an aligned pass), or queued, held when
         quarantined. True when it is being queued (its reply comes with the commit)."""
-        for method, result in verdict.results:
-            m.auth_result(method, result)
+        m.auth_results_of(verdict.results)
         self.auth_last = verdict.summary
         if verdict.action == "reject" and verdict.reply is not None:
             # 451 4.4.3 when a DNS failure may hide an aligned pass, else 550 5.7.1
