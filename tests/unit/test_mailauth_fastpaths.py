@@ -476,3 +476,34 @@ def test_a_senders_repeated_verdict_is_the_one_made_afresh(
         today: [("none", 3), ("quarantine", 2), ("reject", 2)],
         today + 1: [("none", 1)],
     }
+
+
+def test_report_data_that_cannot_be_made_does_not_refuse_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in the DMARC aggregate data (the row a verdict counts in) is a log line:
+    the message still gets its verdict, as before the row was kept with the verdict."""
+    from tachymail.mailauth.reports import DmarcReports
+
+    def fault(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(DmarcReports, "row", fault)
+    config = Config()
+    config.server.data_dir = str(tmp_path)
+    zone = _CachedZone({("_dmarc.a.example", "TXT"): ["v=DMARC1; p=reject"]})
+    checker = InboundChecker(config, zone)
+    verdict = checker.message_now(
+        ip="192.0.2.1",
+        helo="mx.a.example",
+        mail_from="n@a.example",
+        mail=MailVerdict(SPF, None, None),
+        iprev=None,
+        content=b"From: News <n@a.example>\r\nSubject: x\r\n\r\nbody\r\n",
+        mode="enforce",
+        relay=False,
+        crlf=True,
+    )
+    assert verdict is not None and verdict.action == "accept"
+    assert "dmarc=pass" in verdict.summary
+    assert "DMARC aggregate data not recorded" in caplog.text

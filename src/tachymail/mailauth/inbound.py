@@ -443,7 +443,10 @@ class InboundChecker:
         results = _results(mail, shown_dkim, dmarc, shown_arc, iprev)
         row = None
         if self.reports is not None and dmarc is not None:
-            row = self.reports.row(dmarc, ip, mail_from, mail.spf, dkim, self.reports.today())
+            try:
+                row = self.reports.row(dmarc, ip, mail_from, mail.spf, dkim, self.reports.today())
+            except Exception:  # report data, not mail: never a reason to refuse the message
+                log.exception("DMARC aggregate data not recorded")
         made = _Repeat(
             field_template(
                 self.authserv_id,
