@@ -1,7 +1,8 @@
 """Fuzz the MIME kernel: scan, header_value, content_type_params, canonical_body (DKIM body
 canonicalization), header_fields and relaxed_header_value (DKIM's header reading), and the
-DKIM signature helpers (dkim_tag_list, dkim_plain_base64, dkim_empty_b, dkim_signed_fields)
-on arbitrary bytes, compiled kernel against its pure twin.
+DKIM signature helpers (dkim_tag_list, dkim_plain_base64, dkim_empty_b, dkim_signed_fields,
+dkim_plain_signature, dkim_header_input) and blank_line (the header's end) on arbitrary
+bytes, compiled kernel against its pure twin.
 
 Invariants: nothing raises; every part's offsets are ordered and inside its parent's range,
 depths grow by one and stay within ``max_depth``; some part has ``has_8bit`` exactly when the
@@ -109,6 +110,18 @@ def test_one_input(data: bytes) -> None:
     emptied = COMPILED.dkim_empty_b(message)
     agree("dkim_empty_b", emptied, PURE.dkim_empty_b(message), data)
     assert len(emptied) <= len(message), emptied
+    for latest in (0, 1_800_000_000, 1e30):
+        agree(
+            "dkim_plain_signature",
+            COMPILED.dkim_plain_signature(message, latest),
+            PURE.dkim_plain_signature(message, latest),
+            data,
+        )
+    blank = COMPILED.blank_line(message)
+    agree("blank_line", blank, PURE.blank_line(message), data)
+    if blank is not None:
+        start, end = blank
+        assert message[start:end] in (b"\n", b"\r\n", b"\n\n", b"\n\r\n"), blank
     if fields is not None:
         lower = [name.lower() for name, _value in fields]
         # the names signed: those of the block's fields, backwards, a name twice and one absent
@@ -120,6 +133,13 @@ def test_one_input(data: bytes) -> None:
                 PURE.dkim_signed_fields(fields, lower, names, relaxed),
                 data,
             )
+            for field in fields[:2]:  # a field of the block as the signature's own
+                agree(
+                    "dkim_header_input",
+                    COMPILED.dkim_header_input(fields, lower, names, relaxed, field),
+                    PURE.dkim_header_input(fields, lower, names, relaxed, field),
+                    data,
+                )
 
 
 if __name__ == "__main__":
