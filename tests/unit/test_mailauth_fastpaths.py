@@ -22,7 +22,7 @@ from tachymail.mailauth import dkim, dmarc
 from tachymail.mailauth.arc import may_have_arc_sets
 from tachymail.mailauth.dkim import DkimResult, read_header
 from tachymail.mailauth.dmarc import DmarcRecord, DmarcResult, from_domain
-from tachymail.mailauth.inbound import InboundChecker, MailVerdict
+from tachymail.mailauth.inbound import InboundChecker, MailVerdict, MessageVerdict
 from tachymail.mailauth.iprev import IprevResult
 from tachymail.mailauth.reports import DAY, DmarcReports
 from tachymail.mailauth.results import authentication_results, remove_forged
@@ -291,6 +291,25 @@ class _CachedZone(ZoneLookups):
         return None if values is None else Records("ok", tuple(v.encode() for v in values))
 
 
+def _checked_now(
+    checker: InboundChecker, content: bytes, mail: MailVerdict, sender: str = "n@a.example"
+) -> MessageVerdict:
+    """The verdict message_now gives *content* from 192.0.2.1 (enforce mode, not relayed)."""
+    verdict = checker.message_now(
+        ip="192.0.2.1",
+        helo="mx.a.example",
+        mail_from=sender,
+        mail=mail,
+        iprev=None,
+        content=content,
+        mode="enforce",
+        relay=False,
+        crlf=True,
+    )
+    assert verdict is not None
+    return verdict
+
+
 @pytest.mark.parametrize("broken", ["verify_dkim_now", "check_dmarc_now"])
 def test_a_check_that_raises_without_waiting_is_a_temperror(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
@@ -309,19 +328,7 @@ def test_a_check_that_raises_without_waiting_is_a_temperror(
         raise RuntimeError("injected fault")
 
     def check() -> str:
-        verdict = checker.message_now(
-            ip="192.0.2.1",
-            helo="mx.a.example",
-            mail_from="n@a.example",
-            mail=MailVerdict(SPF, None, None),
-            iprev=None,
-            content=content,
-            mode="enforce",
-            relay=False,
-            crlf=True,
-        )
-        assert verdict is not None
-        return verdict.summary
+        return _checked_now(checker, content, MailVerdict(SPF, None, None)).summary
 
     assert "dkim=none dmarc=pass" in check()
     monkeypatch.setattr(inbound, broken, fault)
@@ -416,18 +423,7 @@ def test_a_senders_repeated_verdict_is_the_one_made_afresh(
     mail = MailVerdict(SpfResult("none", "mailfrom", "b.example", "n@b.example"), None, None)
 
     def check(content: bytes, on: InboundChecker) -> tuple[object, ...]:
-        verdict = on.message_now(
-            ip="192.0.2.1",
-            helo="mx.b.example",
-            mail_from="n@b.example",
-            mail=mail,
-            iprev=None,
-            content=content,
-            mode="enforce",
-            relay=False,
-            crlf=True,
-        )
-        assert verdict is not None
+        verdict = _checked_now(on, content, mail, "n@b.example")
         return (verdict.action, verdict.reply, verdict.headers, verdict.summary, verdict.dkim)
 
     def afresh(content: bytes) -> tuple[object, ...]:
@@ -493,17 +489,8 @@ def test_report_data_that_cannot_be_made_does_not_refuse_the_message(
     config.server.data_dir = str(tmp_path)
     zone = _CachedZone({("_dmarc.a.example", "TXT"): ["v=DMARC1; p=reject"]})
     checker = InboundChecker(config, zone)
-    verdict = checker.message_now(
-        ip="192.0.2.1",
-        helo="mx.a.example",
-        mail_from="n@a.example",
-        mail=MailVerdict(SPF, None, None),
-        iprev=None,
-        content=b"From: News <n@a.example>\r\nSubject: x\r\n\r\nbody\r\n",
-        mode="enforce",
-        relay=False,
-        crlf=True,
-    )
-    assert verdict is not None and verdict.action == "accept"
+    content = b"From: News <n@a.example>\r\nSubject: x\r\n\r\nbody\r\n"
+    verdict = _checked_now(checker, content, MailVerdict(SPF, None, None))
+    assert verdict.action == "accept"
     assert "dmarc=pass" in verdict.summary
     assert "DMARC aggregate data not recorded" in caplog.text
