@@ -1300,8 +1300,6 @@ def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple 
     return b"".join((_signed_fields(fields, lower, names, relaxed), name, b":", own.rstrip()))
 
 
-
-
 def blank_line(message):
     """Where the empty line that ends the header block is (see tachymail.protocol.mime):
     one pass from LF to LF."""

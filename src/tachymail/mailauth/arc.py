@@ -37,7 +37,6 @@ from tachymail.mailauth.dkim import (
     BodyHashFirst,
     DkimError,
     HeaderBlock,
-    _blank_line,
     _load_key,
     _select,
     key_path,
@@ -45,6 +44,7 @@ from tachymail.mailauth.dkim import (
     split_message,
 )
 from tachymail.mailauth.dnsapi import DnsLookups
+from tachymail.protocol.mime import blank_line
 
 __all__ = [
     "MAX_INSTANCE",
@@ -97,7 +97,7 @@ def may_have_arc_sets(content: bytes, block: HeaderBlock | None = None) -> bool:
     if block is not None:
         # one search of the names joined, not a call per field (field names hold no LF)
         return b"\narc-" in b"\n" + b"\n".join(block.lower)
-    blank = _blank_line(content)
+    blank = blank_line(content)
     lowered = (content if blank is None else content[: blank[0] + 1]).lower()
     return lowered.startswith(b"arc-") or b"\narc-" in lowered
 

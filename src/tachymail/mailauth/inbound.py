@@ -422,23 +422,24 @@ class InboundChecker:
         mail: MailVerdict,
         iprev: IprevResult | None,
         dkim: list[DkimResult],
+        shown_dkim: Sequence[DkimResult],
         dmarc: DmarcResult | None,
         arc: ArcResult | None,
         mode: str,
     ) -> _Repeat:
-        """The verdict of a message (ARC unsealed) without its header.b words and content.
-        It is made of the results (DKIM's but for b=), the client's address, the MAIL FROM
-        address and the mode, and of nothing else, and one sender's messages repeat those:
-        so it is made once, and kept under them (the result objects recur too: a session
-        keeps its SPF and iprev results, :mod:`dmarc` shares its results, so the lookup
-        mostly compares them by identity)."""
+        """The verdict of a message (ARC unsealed) without its header.b words and content
+        (*shown_dkim*: the DKIM results the field shows, dkim=none for none). It is made of
+        the results (DKIM's but for b=), the client's address, the MAIL FROM address and
+        the mode, and of nothing else, and one sender's messages repeat those: so it is
+        made once, and kept under them (the result objects recur too: a session keeps its
+        SPF and iprev results, :mod:`dmarc` shares its results, so the lookup mostly
+        compares them by identity)."""
         key = (mail, iprev, dmarc, arc, tuple(map(_dkim_key, dkim)), mode, ip, mail_from)
         found = self._repeats.get(key)
         if found is not None:
             return found
         settings = self.settings
         shown_arc = arc if settings.arc else None
-        shown_dkim = (dkim or _UNSIGNED) if settings.dkim else dkim
         action, answer, quarantine_header = self._policy(dmarc, mail.spf, dkim, mode)
         results = _results(mail, shown_dkim, dmarc, shown_arc, iprev)
         row = None
@@ -508,11 +509,13 @@ class InboundChecker:
         """The verdict from the results: our Authentication-Results field (and ARC set),
         the action, and what the log and the metrics say; the message counted in its
         DMARC aggregate row."""
-        repeat = self._repeat(ip, mail_from, mail, iprev, dkim, dmarc, arc, mode)
+        settings = self.settings
+        # RFC 8601 §2.7.1: dkim=none says the message was not signed
+        shown_dkim = (dkim or _UNSIGNED) if settings.dkim else dkim
+        repeat = self._repeat(ip, mail_from, mail, iprev, dkim, shown_dkim, dmarc, arc, mode)
         if repeat.row is not None:
             self._count(repeat, dmarc, ip, mail_from, mail.spf, dkim)
-        settings = self.settings
-        headers = render(repeat.template, (dkim or _UNSIGNED) if settings.dkim else dkim)
+        headers = render(repeat.template, shown_dkim)
         headers += repeat.tail
         if seal and arc is not None and repeat.action != "reject":
             headers = self._seal(headers, stripped, arc) + headers
