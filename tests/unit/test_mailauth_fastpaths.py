@@ -494,3 +494,112 @@ def test_report_data_that_cannot_be_made_does_not_refuse_the_message(
     assert verdict.action == "accept"
     assert "dmarc=pass" in verdict.summary
     assert "DMARC aggregate data not recorded" in caplog.text
+
+
+class _StableZone(_CachedZone):
+    """Cached lookups that hand out the same answer object while a record stays the same,
+    as the resolver's cache does until the answer's TTL runs out."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
+        super().__init__(records)
+        self.answers: dict[tuple[str, str, tuple[str, ...]], object] = {}
+
+    def cached(self, kind: str, name: str) -> object:
+        values = self.records.get((name.rstrip(".").lower(), kind))
+        if values is None:
+            return None
+        key = (name, kind, tuple(values))
+        if key not in self.answers:
+            self.answers[key] = super().cached(kind, name)
+        return self.answers[key]
+
+
+def test_a_senders_lane_gives_what_the_full_check_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a session's sender has had a message with one plain signature pass, its next
+    messages by that signer take the lane (InboundChecker._lane: no DMARC decision, no
+    verdict lookup): each verdict is still the one a checker that never saw the sender
+    gives, and anything the lane cannot vouch for goes the full way: a signature that
+    fails, a key or DMARC record that changed in the cache, another session's
+    transaction, a forged Authentication-Results field, a second signature. Every message
+    counts once in the DMARC aggregate data."""
+    from tachymail.mailauth import inbound
+
+    dkim.keygen(tmp_path, "a.example", "s1", "rsa")
+    dkim.keygen(tmp_path / "new", "a.example", "s1", "rsa")
+    key_name = ("s1._domainkey.a.example", "TXT")
+    zone = _StableZone(
+        {
+            key_name: [_key_record(tmp_path, "a.example")],
+            ("_dmarc.a.example", "TXT"): ["v=DMARC1; p=reject"],
+        }
+    )
+    config = Config()
+    config.server.data_dir = str(tmp_path)
+    checker = InboundChecker(config, zone)
+    # SPF passes for a domain that does not align: DMARC hangs on DKIM
+    spf = SpfResult("pass", "mailfrom", "b.example", "n@b.example")
+    session = MailVerdict(spf, None, None)
+    full_checks = []
+    real_check = inbound.check_dmarc_now
+
+    def counted(*args: object, **kwargs: object) -> object:
+        full_checks.append(1)
+        return real_check(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inbound, "check_dmarc_now", counted)
+
+    def check(content: bytes, mail: MailVerdict = session) -> tuple[MessageVerdict, bool]:
+        """The verdict, equal to a fresh checker's, and whether it took the lane."""
+        before = len(full_checks)
+        verdict = _checked_now(checker, content, mail)
+        took = len(full_checks) == before
+        assert verdict == _checked_now(
+            InboundChecker(config, zone, record_reports=False), content, mail
+        )
+        return verdict, took
+
+    signer = dkim.DkimSigner(tmp_path, {"a.example": "s1"})
+
+    def signed(n: int, by: dkim.DkimSigner = signer) -> bytes:
+        content = f"From: <n@a.example>\r\nSubject: {n}\r\n\r\nHello {n}.\r\n".encode()
+        return by.sign(content, "a.example") + content
+
+    # the first pass is remembered, the second opens the lane
+    laned = [check(signed(n)) for n in range(4)]
+    assert [took for _seen, took in laned] == [False, False, True, True]
+    assert all(b"dkim=pass" in v.headers and v.action == "accept" for v, _took in laned)
+    assert len({v.headers for v, _took in laned}) == 4  # each its own header.b
+
+    broken = signed(9).replace(b"Hello 9.", b"Hullo 9.")
+    verdict, took = check(broken)
+    assert (verdict.action, took) == ("reject", False)
+    forged = b"Authentication-Results: " + checker.authserv_id.encode() + b"; dkim=pass\r\n"
+    assert check(forged + signed(10))[1] is False
+    assert check(signed(11))[1] is True
+    twice = signed(12)
+    assert check(twice[: twice.index(b"From:")] + signed(13))[1] is False
+    other_session = MailVerdict(spf, None, None)
+    assert [check(signed(n), other_session)[1] for n in (14, 15, 16)] == [False, False, True]
+
+    zone.records[("_dmarc.a.example", "TXT")] = ["v=DMARC1; p=quarantine"]
+    assert check(signed(17))[1] is False  # a new DMARC answer: decided again
+    assert check(signed(18))[1] is True
+    zone.records[key_name] = [_key_record(tmp_path / "new", "a.example")]
+    verdict, took = check(signed(19))  # the old key's signature: no longer passes
+    assert (verdict.action, took) == ("quarantine", False)
+    new_signer = dkim.DkimSigner(tmp_path / "new", {"a.example": "s1"})
+    assert check(signed(20, new_signer))[1] is False
+    assert check(signed(21, new_signer))[1] is True
+
+    def fault(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(inbound, "known_result", fault)  # a bug in the lane: the full way
+    assert check(signed(22, new_signer))[1] is False
+
+    assert checker.reports is not None
+    today = DmarcReports.today()
+    rows = checker.reports.rows("a.example", today * DAY, (today + 1) * DAY)
+    assert sum(r["count"] for r in rows) == 17  # the messages above, each once

@@ -76,9 +76,12 @@ __all__ = [
     "DkimResult",
     "DkimSigner",
     "HeaderBlock",
+    "KnownSigner",
     "dns_record",
     "key_path",
     "keygen",
+    "known_result",
+    "known_signer",
     "parse_header",
     "read_header",
     "relaxed_body",
@@ -640,9 +643,7 @@ def _quick_results(
     body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
     canonical: dict[bool, bytes] = {}
     results: list[DkimResult] = []
-    # the latest t= a plain signature may carry (dkim_plain_signature holds it to that):
-    # dkimpy's ten hours, and the hour allowed here (see _signature_problem)
-    latest = min(now + 3600, int(time.time()) + 36000)
+    latest = _latest_t(now)
     index = -1
     try:
         for _ in range(min(lower.count(b"dkim-signature"), limit)):
@@ -690,6 +691,98 @@ def _quick_results(
         return None
     _log_results(results)
     return results
+
+
+def _latest_t(now: float) -> float:
+    """The latest t= a plain signature may carry at *now* (dkim_plain_signature holds it
+    to that): dkimpy's ten hours, and the hour allowed here (see _signature_problem)."""
+    return min(now + 3600, int(time.time()) + 36000)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownSigner:
+    """A DKIM signer whose plain signature passed (:func:`known_signer`): the tags its
+    signatures share (all but b=, bh=, t=), what they say (its :class:`_Plan`), and the
+    key record it verified with, as the cached *answer* it came from (a signer is only
+    known while that answer is still the cached one: see :func:`known_result`)."""
+
+    static: tuple[tuple[bytes, bytes], ...]
+    plan: _Plan
+    answer: Any
+    record: bytes
+
+
+def known_signer(
+    block: HeaderBlock, peek: Callable[[str, str], Any], now: float
+) -> KnownSigner | None:
+    """The :class:`KnownSigner` of a message (its header *block*) with exactly one
+    DKIM-Signature field, plain (see :func:`_quick_results`), whose key record the cache
+    (*peek*) holds and can use; None for any other message."""
+    lower = block.lower
+    if lower.count(b"dkim-signature") != 1:
+        return None
+    field = block.fields[lower.index(b"dkim-signature")]
+    read = dkim_plain_signature(field[1], _latest_t(now))
+    plan = None if read is None else _plan(read[0])
+    if read is None or plan is None:
+        return None
+    answer = peek("TXT", plan.names.key_name)
+    record = None if answer is None else _usable_record(answer, plan.algorithm)
+    return None if record is None else KnownSigner(read[0], plan, answer, record)
+
+
+def known_result(
+    block: HeaderBlock,
+    content: bytes,
+    crlf: bool,
+    now: float,
+    signers: Callable[[tuple[tuple[bytes, bytes], ...]], KnownSigner | None],
+    peek: Callable[[str, str], Any],
+) -> tuple[KnownSigner, DkimResult] | None:
+    """The signer and the pass of a message (its header *block*) whose one DKIM-Signature
+    field is plain and by a signer *signers* knows (looked up by its tags but b=, bh=, t=)
+    whose key record is still the cached one (*peek*); the same result as
+    :func:`verify_dkim_now` gives it. None for every other message, and when its signature
+    does not pass: :func:`verify_dkim_now` then says what it is. None too for a message
+    to check off the event loop (``EXECUTOR_THRESHOLD``), as :func:`verify_dkim_now`."""
+    lower = block.lower
+    if lower.count(b"dkim-signature") != 1 or len(content) >= EXECUTOR_THRESHOLD:
+        return None
+    field = block.fields[lower.index(b"dkim-signature")]
+    read = dkim_plain_signature(field[1], _latest_t(now))
+    if read is None:
+        return None
+    static, b, bh = read
+    signer = signers(static)
+    if signer is None:
+        return None
+    plan = signer.plan
+    names = plan.names
+    if peek("TXT", names.key_name) is not signer.answer:
+        return None  # expired or changed: the full path reads the new answer
+    body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
+    result, _detail = _check_signature(
+        b,
+        bh,
+        None,
+        field,
+        plan.selected,
+        plan.relaxed_head,
+        plan.relaxed_body,
+        plan.sha1,
+        signer.record,
+        block.fields,
+        lower,
+        body,
+        {},
+    )
+    if result != "pass":
+        return None
+    passed = DkimResult(
+        "pass", names.domain, names.selector, names.algorithm, names.identity, b.decode("ascii")
+    )
+    _log_results([passed])
+    return signer, passed
 
 
 @dataclass(frozen=True, slots=True)

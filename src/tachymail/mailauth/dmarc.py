@@ -363,6 +363,27 @@ def _discover_now(dns: DnsLookups, domain: str) -> _Discovery | None:
     return first if org is None else _records_now(dns, org)
 
 
+def policy_answers(dns: DnsLookups, content_from: str) -> tuple[tuple[str, Records], ...] | None:
+    """The cached answers :func:`check_dmarc_now` reads for the From domain
+    *content_from*, as (name, answer) pairs in the order it reads them (``_dmarc.<domain>``,
+    then the organizational domain's when that has no record); None when one is not
+    cached. What it decides stands as long as the cache gives the same answers."""
+    peek = peek_cache(dns)
+    author = normalize_domain(content_from)
+    if peek is None or not author:
+        return None
+    name = f"_dmarc.{author}"
+    answer = peek("TXT", name)
+    if answer is None:
+        return None
+    org = _fallback(_discovery(author, name, answer), author)
+    if org is None:
+        return ((name, answer),)
+    org_name = f"_dmarc.{org}"
+    org_answer = peek("TXT", org_name)
+    return None if org_answer is None else ((name, answer), (org_name, org_answer))
+
+
 def _fallback(first: _Discovery, domain: str) -> str | None:
     """The organizational domain to look at after *first*, what ``_dmarc.<domain>``
     gave; None when *first* decides (a record, several, a DNS failure, or *domain* is

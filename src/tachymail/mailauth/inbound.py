@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,9 @@ from tachymail.mailauth.arc import NO_ARC_SETS, ArcResult, ArcSealer, may_have_a
 from tachymail.mailauth.dkim import (
     DkimResult,
     HeaderBlock,
+    KnownSigner,
+    known_result,
+    known_signer,
     read_header,
     verify_dkim,
     verify_dkim_now,
@@ -43,6 +47,7 @@ from tachymail.mailauth.dmarc import (
     check_dmarc,
     check_dmarc_now,
     from_domain,
+    policy_answers,
 )
 from tachymail.mailauth.dnsapi import DnsLookups, peek_cache
 from tachymail.mailauth.dnsbl import Listing, dnsbl
@@ -149,6 +154,25 @@ class _Repeat:
     row: ReportRow | None
 
 
+#: lanes kept (see InboundChecker._lane); then it starts afresh
+LANES_KEPT = 4096
+
+
+@dataclass(slots=True)
+class _Lane:
+    """The messages one session's sender signs with one plain DKIM signer, once one has
+    passed (see :meth:`InboundChecker._lane`): the signer, the transaction's SPF and
+    iprev results (compared by identity: a session keeps its own), the cached DMARC
+    answers the verdict was decided on, and the verdict but for header.b."""
+
+    signer: KnownSigner
+    mail: MailVerdict
+    iprev: IprevResult | None
+    answers: tuple[tuple[str, Any], ...]
+    dmarc: DmarcResult | None
+    repeat: _Repeat
+
+
 #: the DKIM result shown for a message without a signature (RFC 8601 §2.7.1: dkim=none)
 _UNSIGNED = (DkimResult("none", "", "", "", "", ""),)
 
@@ -183,6 +207,9 @@ class InboundChecker:
         self.reports: DmarcReports | None = None
         #: see _repeat
         self._repeats: dict[tuple[Any, ...], _Repeat] = {}
+        #: see _lane; _passed: the transactions (their SPF results) that had a pass
+        self._lanes: dict[tuple[Any, ...], _Lane] = {}
+        self._passed: dict[int, MailVerdict] = {}
         if record_reports and self.settings.dmarc and self.settings.dmarc_reports:
             from tachymail.mailauth.reports import DmarcReports  # lmdb: only when used
 
@@ -385,6 +412,14 @@ class InboundChecker:
         block = read_header(content)
         if (settings.arc or seal) and may_have_arc_sets(content, block):
             return None  # ARC's key lookups and checks run in a task of their own
+        if self._lanes and block is not None and not seal and settings.dkim:
+            try:
+                known = self._lane(block, content, crlf, ip, mail_from, mail, iprev, mode)
+            except Exception:  # a bug: the full path below judges the message
+                log.exception("mailauth lane failed unexpectedly; the full checks run")
+                known = None
+            if known is not None:
+                return known
         author = from_domain(content, block) if settings.dmarc else None
         if author and not self._cached_txt(f"_dmarc.{author}"):
             return None  # before DKIM is worked out for nothing: message() asks the DNS
@@ -413,7 +448,111 @@ class InboundChecker:
         if forged:
             log.info("removed %d forged Authentication-Results field(s) from %s", forged, ip)
         arc = NO_ARC_SETS if settings.arc or seal else None
-        return self._verdict(ip, mail_from, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+        verdict = self._verdict(ip, mail_from, mail, iprev, stripped, dkim, dmarc, arc, mode, seal)
+        if block is not None and not seal and not forged and len(dkim) == 1:
+            try:
+                self._open_lane(block, author, ip, mail_from, mail, iprev, dkim, dmarc, arc, mode)
+            except Exception:  # only a shortcut for the next messages: this one is judged
+                log.exception("mailauth lane not opened")
+        return verdict
+
+    def _lane(
+        self,
+        block: HeaderBlock,
+        content: bytes,
+        crlf: bool,
+        ip: str,
+        mail_from: str,
+        mail: MailVerdict,
+        iprev: IprevResult | None,
+        mode: str,
+    ) -> MessageVerdict | None:
+        """The verdict of a message by a session's sender whose signer's earlier message
+        passed (:meth:`_open_lane`), made without working its results out again: the
+        same as :meth:`message_now` gives it, when its one DKIM signature, plain, passes
+        with the key that one did, the DMARC answers are still the cached ones, and no
+        field claims to be our Authentication-Results. None otherwise (the full path
+        then judges). What it spares is reading the record and the policy, DMARC's
+        decision and the verdict's lookup; the signature is verified, every time."""
+        if FIELD_NAME in block.lower:
+            return None
+        peek = peek_cache(self.dns)
+        if peek is None:
+            return None
+        author = from_domain(content, block) if self.settings.dmarc else None
+        found: _Lane | None = None
+
+        def signer(static: tuple[tuple[bytes, bytes], ...]) -> KnownSigner | None:
+            nonlocal found
+            found = self._lanes.get((static, author, id(mail), id(iprev), mode, ip, mail_from))
+            if found is None or found.mail is not mail or found.iprev is not iprev:
+                return None
+            return found.signer
+
+        known = known_result(block, content, crlf, time.time(), signer, peek)
+        if known is None or found is None:
+            return None
+        lane = found
+        for name, answer in lane.answers:
+            if peek("TXT", name) is not answer:
+                return None
+        dkim = [known[1]]
+        repeat = lane.repeat
+        if repeat.row is not None:
+            self._count(repeat, lane.dmarc, ip, mail_from, mail.spf, dkim)
+        return MessageVerdict(
+            repeat.action,
+            repeat.reply,
+            render(repeat.template, dkim) + repeat.tail,
+            content,
+            repeat.results,
+            repeat.summary,
+            tuple(dkim),
+            lane.dmarc,
+            NO_ARC_SETS if self.settings.arc else None,
+        )
+
+    def _open_lane(
+        self,
+        block: HeaderBlock,
+        author: str | None,
+        ip: str,
+        mail_from: str,
+        mail: MailVerdict,
+        iprev: IprevResult | None,
+        dkim: list[DkimResult],
+        dmarc: DmarcResult | None,
+        arc: ArcResult | None,
+        mode: str,
+    ) -> None:
+        """After :meth:`message_now` judged a message whose one DKIM signature is plain and
+        passed, and whose DMARC result does not hang on chance (a fail may, through pct=)
+        or on a DNS failure, and not the transaction's first such message: keep what
+        :meth:`_lane` needs to judge the sender's next messages signed so."""
+        if dkim[0].result != "pass" or (dmarc is not None and dmarc.result not in ("pass", "none")):
+            return
+        if self._passed.get(id(mail)) is not mail:
+            # the transaction's first pass: a lane pays from the sender's second message,
+            # and many sessions bring one
+            if len(self._passed) >= LANES_KEPT:
+                self._passed.clear()
+            self._passed[id(mail)] = mail
+            return
+        peek = peek_cache(self.dns)
+        if peek is None:
+            return
+        signer = known_signer(block, peek, time.time())
+        answers: tuple[tuple[str, Any], ...] | None = ()
+        if self.settings.dmarc:
+            answers = policy_answers(self.dns, author) if author else None
+        if signer is None or answers is None:
+            return
+        shown = dkim  # signed: the field shows the signature
+        repeat = self._repeat(ip, mail_from, mail, iprev, dkim, shown, dmarc, arc, mode)
+        if len(self._lanes) >= LANES_KEPT:
+            self._lanes.clear()
+        key = (signer.static, author, id(mail), id(iprev), mode, ip, mail_from)
+        self._lanes[key] = _Lane(signer, mail, iprev, answers, dmarc, repeat)
 
     def _repeat(
         self,

@@ -271,8 +271,11 @@ def render(template: FieldTemplate, dkim: Sequence[DkimResult]) -> bytes:
     ):
         if b:  # the message's own word, folded onto the resinfo's last line
             own = _b_word(b) + (";" if more else "")
-            if len(last) + 1 + len(own) <= LINE and " " not in own:  # the usual case
-                out.append(f"{lead}{last} {own}\r\n")
+            if " " not in own:  # the usual case: one word, on the last line or its own
+                if len(last) + 1 + len(own) <= LINE:
+                    out.append(f"{lead}{last} {own}\r\n")
+                else:
+                    out.append(f"{lead}{last}\r\n {own}\r\n")
             else:
                 out.append(lead + _lines(_fold_onto([last], own.split(" "))))
         else:
