@@ -262,26 +262,34 @@ def field_template(
 def render(template: FieldTemplate, dkim: Sequence[DkimResult]) -> bytes:
     """The field of *template* (:func:`field_template`) with the header.b words of *dkim*,
     results like those the template was made from but for their b= values."""
-    if not template.slots:
+    slots = template.slots
+    if not slots:
         return template.whole
+    texts = template.texts
+    if len(dkim) == 1 and len(slots) == 1:  # the usual message: one signature (_b_prefixes)
+        own = _slot(slots[0], dkim[0].signature_b[:B_PREFIX])
+        return (texts[0] + own + texts[1]).encode("ascii")
     prefixes = _b_prefixes([d.signature_b for d in dkim])
-    out = [template.texts[0]]
-    for (lead, last, more, plain), b, text in zip(
-        template.slots, prefixes, template.texts[1:], strict=True
-    ):
-        if b:  # the message's own word, folded onto the resinfo's last line
-            own = _b_word(b) + (";" if more else "")
-            if " " not in own:  # the usual case: one word, on the last line or its own
-                if len(last) + 1 + len(own) <= LINE:
-                    out.append(f"{lead}{last} {own}\r\n")
-                else:
-                    out.append(f"{lead}{last}\r\n {own}\r\n")
-            else:
-                out.append(lead + _lines(_fold_onto([last], own.split(" "))))
-        else:
-            out.append(plain)
+    out = [texts[0]]
+    for slot, b, text in zip(slots, prefixes, texts[1:], strict=True):
+        out.append(_slot(slot, b))
         out.append(text)
     return "".join(out).encode("ascii")
+
+
+def _slot(slot: tuple[str, str, bool, str], b: str) -> str:
+    """The lines of a DKIM result's resinfo (a template's *slot*) with the header.b word
+    of the prefix *b*, folded onto its last line."""
+    lead, last, more, plain = slot
+    if not b:
+        return plain
+    own = _b_word(b) + (";" if more else "")
+    if " " in own:
+        return lead + _lines(_fold_onto([last], own.split(" ")))
+    # the usual case: one word, on the last line or on its own
+    if len(last) + 1 + len(own) <= LINE:
+        return f"{lead}{last} {own}\r\n"
+    return f"{lead}{last}\r\n {own}\r\n"
 
 
 class FieldTemplate(NamedTuple):

@@ -410,7 +410,7 @@ class SmtpSession(asyncio.Protocol):
             iprev=iprev,
             content=content,
             mode=self.mailauth,
-            relay=self._relayed(),
+            relay=inbound.sealer is not None and self._relayed(),  # only a seal asks
             crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
@@ -439,7 +439,7 @@ class SmtpSession(asyncio.Protocol):
             iprev=iprev,
             content=content,
             mode=self.mailauth,
-            relay=self._relayed(),
+            relay=inbound.sealer is not None and self._relayed(),  # only a seal asks
             crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
