@@ -596,10 +596,16 @@ def test_a_senders_lane_gives_what_the_full_check_gives(
     def fault(*args: object, **kwargs: object) -> None:
         raise RuntimeError("injected fault")
 
+    known_result = inbound.known_result
     monkeypatch.setattr(inbound, "known_result", fault)  # a bug in the lane: the full way
     assert check(signed(22, new_signer))[1] is False
+    monkeypatch.setattr(inbound, "known_result", known_result)
+    monkeypatch.setattr(inbound, "LANES_KEPT", 2)  # many sessions: the lanes start afresh
+    for n in range(3):
+        assert check(signed(23 + n, new_signer), MailVerdict(spf, None, None))[1] is False
+        assert len(checker._lanes) <= 2
 
     assert checker.reports is not None
     today = DmarcReports.today()
     rows = checker.reports.rows("a.example", today * DAY, (today + 1) * DAY)
-    assert sum(r["count"] for r in rows) == 17  # the messages above, each once
+    assert sum(r["count"] for r in rows) == 20  # the messages above, each once

@@ -154,23 +154,33 @@ class _Repeat:
     row: ReportRow | None
 
 
-#: lanes kept (see InboundChecker._lane); then it starts afresh
+#: transactions whose lanes are kept (see InboundChecker._lane), and lanes per transaction;
+#: then they start afresh
 LANES_KEPT = 4096
+LANES_PER_TRANSACTION = 16
 
 
 @dataclass(slots=True)
 class _Lane:
-    """The messages one session's sender signs with one plain DKIM signer, once one has
-    passed (see :meth:`InboundChecker._lane`): the signer, the transaction's SPF and
-    iprev results (compared by identity: a session keeps its own), the cached DMARC
-    answers the verdict was decided on, and the verdict but for header.b."""
+    """The messages of a transaction's sender signed by one plain DKIM signer, once one has
+    passed (see :meth:`InboundChecker._lane`): the signer, the session's iprev result
+    (compared by identity: a session keeps its own), the cached DMARC answers the verdict
+    was decided on, and the verdict but for header.b."""
 
     signer: KnownSigner
-    mail: MailVerdict
     iprev: IprevResult | None
     answers: tuple[tuple[str, Any], ...]
     dmarc: DmarcResult | None
     repeat: _Repeat
+
+
+@dataclass(slots=True)
+class _Transaction:
+    """The lanes of the transactions whose SPF results are *mail* (a session keeps its
+    own object, for the transactions of one sender), made once one message passed."""
+
+    mail: MailVerdict
+    lanes: dict[tuple[Any, ...], _Lane]
 
 
 #: the DKIM result shown for a message without a signature (RFC 8601 §2.7.1: dkim=none)
@@ -207,9 +217,8 @@ class InboundChecker:
         self.reports: DmarcReports | None = None
         #: see _repeat
         self._repeats: dict[tuple[Any, ...], _Repeat] = {}
-        #: see _lane; _passed: the transactions (their SPF results) that had a pass
-        self._lanes: dict[tuple[Any, ...], _Lane] = {}
-        self._passed: dict[int, MailVerdict] = {}
+        #: see _lane: by the id of the transactions' SPF results
+        self._lanes: dict[int, _Transaction] = {}
         if record_reports and self.settings.dmarc and self.settings.dmarc_reports:
             from tachymail.mailauth.reports import DmarcReports  # lmdb: only when used
 
@@ -474,7 +483,8 @@ class InboundChecker:
         field claims to be our Authentication-Results. None otherwise (the full path
         then judges). What it spares is reading the record and the policy, DMARC's
         decision and the verdict's lookup; the signature is verified, every time."""
-        if FIELD_NAME in block.lower:
+        held = self._lanes.get(id(mail))
+        if held is None or held.mail is not mail or FIELD_NAME in block.lower:
             return None
         peek = peek_cache(self.dns)
         if peek is None:
@@ -484,8 +494,8 @@ class InboundChecker:
 
         def signer(static: tuple[tuple[bytes, bytes], ...]) -> KnownSigner | None:
             nonlocal found
-            found = self._lanes.get((static, author, id(mail), id(iprev), mode, ip, mail_from))
-            if found is None or found.mail is not mail or found.iprev is not iprev:
+            found = held.lanes.get((static, author, id(iprev), mode, ip, mail_from))
+            if found is None or found.iprev is not iprev:
                 return None
             return found.signer
 
@@ -531,12 +541,13 @@ class InboundChecker:
         :meth:`_lane` needs to judge the sender's next messages signed so."""
         if dkim[0].result != "pass" or (dmarc is not None and dmarc.result not in ("pass", "none")):
             return
-        if self._passed.get(id(mail)) is not mail:
+        held = self._lanes.get(id(mail))
+        if held is None or held.mail is not mail:
             # the transaction's first pass: a lane pays from the sender's second message,
             # and many sessions bring one
-            if len(self._passed) >= LANES_KEPT:
-                self._passed.clear()
-            self._passed[id(mail)] = mail
+            if len(self._lanes) >= LANES_KEPT:
+                self._lanes.clear()
+            self._lanes[id(mail)] = _Transaction(mail, {})
             return
         peek = peek_cache(self.dns)
         if peek is None:
@@ -549,10 +560,10 @@ class InboundChecker:
             return
         shown = dkim  # signed: the field shows the signature
         repeat = self._repeat(ip, mail_from, mail, iprev, dkim, shown, dmarc, arc, mode)
-        if len(self._lanes) >= LANES_KEPT:
-            self._lanes.clear()
-        key = (signer.static, author, id(mail), id(iprev), mode, ip, mail_from)
-        self._lanes[key] = _Lane(signer, mail, iprev, answers, dmarc, repeat)
+        if len(held.lanes) >= LANES_PER_TRANSACTION:
+            held.lanes.clear()
+        key = (signer.static, author, id(iprev), mode, ip, mail_from)
+        held.lanes[key] = _Lane(signer, iprev, answers, dmarc, repeat)
 
     def _repeat(
         self,
