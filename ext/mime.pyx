@@ -14,7 +14,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint64_t
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy, memmove
 
 from mime cimport (
     EPILOGUE,
@@ -1007,43 +1007,54 @@ def relaxed_header_value(value):
 cdef bytes _relaxed(const unsigned char* d, Py_ssize_t n):
     """relaxed_header_value of the n octets at d."""
     cdef unsigned char* out
-    cdef Py_ssize_t i, j, first, last
-    cdef bint blank = False
-    cdef unsigned char c
+    cdef Py_ssize_t j
     out = <unsigned char*>PyMem_Malloc(n + 2)
     if out == NULL:
         raise MemoryError()
     try:
-        i = j = 0
-        while i < n:
-            c = d[i]
-            if c == 13 and i + 1 < n and d[i + 1] == 10:
-                i += 2  # unfolded: the line break goes, the blanks around it stay
-                continue
-            if c == 10:
-                i += 1
-                continue
-            if c == 32 or c == 9:
-                if not blank:
-                    out[j] = 32
-                    j += 1
-                    blank = True
-            else:
-                out[j] = c
-                j += 1
-                blank = False
-            i += 1
-        # stripped of ASCII white space (bytes.strip: space, \t, \n, \r, \v, \f)
-        first, last = 0, j
-        while first < last and _ascii_space(out[first]):
-            first += 1
-        while last > first and _ascii_space(out[last - 1]):
-            last -= 1
-        out[last] = 13
-        out[last + 1] = 10
-        return PyBytes_FromStringAndSize(<char*>out + first, last - first + 2)
+        j = _relaxed_into(out, 0, d, n)
+        out[j] = 13
+        out[j + 1] = 10
+        return PyBytes_FromStringAndSize(<char*>out, j + 2)
     finally:
         PyMem_Free(out)
+
+
+cdef Py_ssize_t _relaxed_into(unsigned char* out, Py_ssize_t j, const unsigned char* d,
+                              Py_ssize_t n) noexcept nogil:
+    """The relaxed form of the n octets at d, without its CRLF, written at out + j (room
+    for n octets); where it ends."""
+    cdef Py_ssize_t i = 0, start = j, first
+    cdef bint blank = False
+    cdef unsigned char c
+    while i < n:
+        c = d[i]
+        if c == 13 and i + 1 < n and d[i + 1] == 10:
+            i += 2  # unfolded: the line break goes, the blanks around it stay
+            continue
+        if c == 10:
+            i += 1
+            continue
+        if c == 32 or c == 9:
+            if not blank:
+                out[j] = 32
+                j += 1
+                blank = True
+        else:
+            out[j] = c
+            j += 1
+            blank = False
+        i += 1
+    # stripped of ASCII white space (bytes.strip: space, \t, \n, \r, \v, \f)
+    first = start
+    while first < j and _ascii_space(out[first]):
+        first += 1
+    while j > first and _ascii_space(out[j - 1]):
+        j -= 1
+    if first > start:
+        memmove(out + start, out + first, j - first)
+        j -= first - start
+    return j
 
 
 cdef inline bint _ascii_space(unsigned char c) noexcept nogil:
@@ -1149,41 +1160,47 @@ def dkim_empty_b(value):
 cdef bytes _empty_b(const unsigned char* d, Py_ssize_t n):
     """dkim_empty_b of the n octets at d."""
     cdef unsigned char* out
-    cdef Py_ssize_t i, j, k, end
-    cdef unsigned char c
     out = <unsigned char*>PyMem_Malloc(n + 1)
     if out == NULL:
         raise MemoryError()
     try:
-        i = j = 0
-        while i < n:
-            c = d[i]
-            if (c == 59 or _ascii_space(c)) and i + 1 < n and d[i + 1] == 98:  # ";b", " b"
-                k = i + 2
-                while k < n and _ascii_space(d[k]):
-                    k += 1
-                if k < n and d[k] == 61:  # "=": the tag's name and "=" stay
-                    memcpy(out + j, d + i, k + 1 - i)
-                    j += k + 1 - i
-                    # the value: base64 and white space, up to its last non-blank
-                    end = k = k + 1
-                    while k < n and (_ascii_space(d[k]) or _base64_char(d[k]) or d[k] == 61):
-                        k += 1
-                        if not _ascii_space(d[k - 1]):
-                            end = k
-                    # and the field's line end, when the value is last
-                    if end + 2 == n and d[end] == 13 and d[end + 1] == 10:
-                        end = n
-                    elif end + 1 == n and d[end] == 10:
-                        end = n
-                    i = end
-                    continue
-            out[j] = c
-            j += 1
-            i += 1
-        return PyBytes_FromStringAndSize(<char*>out, j)
+        return PyBytes_FromStringAndSize(<char*>out, _empty_b_into(out, d, n))
     finally:
         PyMem_Free(out)
+
+
+cdef Py_ssize_t _empty_b_into(unsigned char* out, const unsigned char* d,
+                              Py_ssize_t n) noexcept nogil:
+    """dkim_empty_b of the n octets at d written at out (room for n octets); its length."""
+    cdef Py_ssize_t i, j, k, end
+    cdef unsigned char c
+    i = j = 0
+    while i < n:
+        c = d[i]
+        if (c == 59 or _ascii_space(c)) and i + 1 < n and d[i + 1] == 98:  # ";b", " b"
+            k = i + 2
+            while k < n and _ascii_space(d[k]):
+                k += 1
+            if k < n and d[k] == 61:  # "=": the tag's name and "=" stay
+                memcpy(out + j, d + i, k + 1 - i)
+                j += k + 1 - i
+                # the value: base64 and white space, up to its last non-blank
+                end = k = k + 1
+                while k < n and (_ascii_space(d[k]) or _base64_char(d[k]) or d[k] == 61):
+                    k += 1
+                    if not _ascii_space(d[k - 1]):
+                        end = k
+                # and the field's line end, when the value is last
+                if end + 2 == n and d[end] == 13 and d[end + 1] == 10:
+                    end = n
+                elif end + 1 == n and d[end] == 10:
+                    end = n
+                i = end
+                continue
+        out[j] = c
+        j += 1
+        i += 1
+    return j
 
 
 def dkim_signed_fields(list fields, list lower, tuple names, bint relaxed):
@@ -1287,17 +1304,85 @@ cdef bytes _unblank(bytes value):
 
 def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple field):
     """What a DKIM signature's header hash takes in: the fields its h= names select and
-    its own field without its b= value and final line end (see tachymail.protocol.mime)."""
+    its own field without its b= value and final line end (see tachymail.protocol.mime).
+    Written into one buffer: the fields are chosen as dkim_signed_fields chooses them
+    (bottom-up, each name below the instance its previous mention took)."""
     cdef bytes name = field[0]
     cdef bytes value = field[1]
-    cdef bytes emptied = _empty_b(<const unsigned char*>(<char*>value), len(value))
-    cdef bytes own
-    if relaxed:
-        name = name.lower()
-        own = _relaxed(<const unsigned char*>(<char*>emptied), len(emptied))
-    else:
-        own = emptied
-    return b"".join((_signed_fields(fields, lower, names, relaxed), name, b":", own.rstrip()))
+    cdef Py_ssize_t count = PyList_GET_SIZE(lower), wanted = len(names)
+    cdef Py_ssize_t size, i, k, m, j, start
+    cdef Py_ssize_t* chosen
+    cdef unsigned char* out
+    cdef unsigned char* emptied
+    cdef bytes fname, fvalue, want
+    cdef const unsigned char* v
+    cdef unsigned char c
+    chosen = <Py_ssize_t*>PyMem_Malloc((wanted + 1) * sizeof(Py_ssize_t))
+    if chosen == NULL:
+        raise MemoryError()
+    out = NULL
+    emptied = NULL
+    try:
+        size = len(name) + len(value) + 3
+        for k in range(wanted):
+            want = names[k]
+            i = count  # below the instance the last mention of this name took, if any
+            for m in range(k - 1, -1, -1):
+                if names[m] == want:
+                    i = chosen[m] if chosen[m] >= 0 else 0
+                    break
+            while i > 0:
+                i -= 1
+                if lower[i] == want:
+                    chosen[k] = i
+                    size += len(fields[i][0]) + len(fields[i][1]) + 3
+                    break
+            else:
+                chosen[k] = -1  # none: a later mention of the name finds none either
+        out = <unsigned char*>PyMem_Malloc(size)
+        emptied = <unsigned char*>PyMem_Malloc(len(value) + 1)
+        if out == NULL or emptied == NULL:
+            raise MemoryError()
+        j = 0
+        for k in range(wanted):
+            i = chosen[k]
+            if i < 0:
+                continue
+            fvalue = fields[i][1]
+            fname = lower[i] if relaxed else fields[i][0]
+            memcpy(out + j, <const char*>fname, len(fname))
+            j += len(fname)
+            out[j] = 58  # ":"
+            j += 1
+            if relaxed:
+                j = _relaxed_into(out, j, <const unsigned char*>(<char*>fvalue), len(fvalue))
+                out[j] = 13
+                out[j + 1] = 10
+                j += 2
+            else:
+                memcpy(out + j, <const char*>fvalue, len(fvalue))
+                j += len(fvalue)
+        v = <const unsigned char*>(<char*>name)
+        for i in range(len(name)):
+            c = v[i]
+            out[j] = c + 32 if relaxed and 65 <= c <= 90 else c  # bytes.lower(): ASCII
+            j += 1
+        out[j] = 58
+        j += 1
+        m = _empty_b_into(emptied, <const unsigned char*>(<char*>value), len(value))
+        start = j
+        if relaxed:
+            j = _relaxed_into(out, j, emptied, m)
+        else:
+            memcpy(out + j, emptied, m)
+            j += m
+            while j > start and _ascii_space(out[j - 1]):  # own.rstrip()
+                j -= 1
+        return PyBytes_FromStringAndSize(<char*>out, j)
+    finally:
+        PyMem_Free(chosen)
+        PyMem_Free(out)
+        PyMem_Free(emptied)
 
 
 def blank_line(message):
