@@ -936,41 +936,85 @@ def header_fields(text):
     """The fields of a plain header block (see tachymail.protocol.mime): one pass over the
     bytes, a Python object per field and none per byte."""
     cdef Py_buffer buf
-    cdef const unsigned char* d
-    cdef Py_ssize_t n, pos, start
-    cdef unsigned char c
     PyObject_GetBuffer(text, &buf, PyBUF_SIMPLE)
     try:
+        return _header_list(<const unsigned char*>buf.buf, buf.len, None)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+def header_block(message):
+    """The plain header block of a message, read once (see tachymail.protocol.mime):
+    blank_line's search, then header_fields of the block, in one call."""
+    cdef Py_buffer buf
+    cdef const unsigned char* d
+    cdef Py_ssize_t start, end
+    cdef list lower = []
+    PyObject_GetBuffer(message, &buf, PyBUF_SIMPLE)
+    try:
         d = <const unsigned char*>buf.buf
-        n = buf.len
-        if n == 0 or d[0] == 9 or d[0] == 32:
+        if not _blank_at(d, buf.len, &start, &end):
             return None
-        fields = []
-        start = pos = 0
-        while pos < n:
-            c = d[pos]
-            if c == 10:
-                return None  # a bare LF
-            if c != 13:
-                pos += 1
-                continue
-            if pos + 1 >= n or d[pos + 1] != 10:
-                return None  # a bare CR
-            if pos + 2 < n and (d[pos + 2] == 9 or d[pos + 2] == 32):
-                pos += 3  # a continuation line: still the same field
-                continue
-            field = _plain_field(d, start, pos)
-            if field is None:
-                return None
-            fields.append(field)
-            start = pos = pos + 2
-        field = _plain_field(d, start, n)  # the last field (empty after a final CRLF: None)
+        if end - start != 3 or start == 0 or d[start - 1] != 13:
+            return None  # the header must end CR LF CR LF
+        fields = _header_list(d, start - 1, lower)
+        return None if fields is None else (fields, lower, end)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef object _header_list(const unsigned char* d, Py_ssize_t n, list lower):
+    """header_fields of the n octets at d; the names lower-cased (ASCII) appended to
+    *lower* too, unless it is None."""
+    cdef Py_ssize_t pos, start
+    cdef unsigned char c
+    if n == 0 or d[0] == 9 or d[0] == 32:
+        return None
+    fields = []
+    start = pos = 0
+    while pos < n:
+        c = d[pos]
+        if c == 10:
+            return None  # a bare LF
+        if c != 13:
+            pos += 1
+            continue
+        if pos + 1 >= n or d[pos + 1] != 10:
+            return None  # a bare CR
+        if pos + 2 < n and (d[pos + 2] == 9 or d[pos + 2] == 32):
+            pos += 3  # a continuation line: still the same field
+            continue
+        field = _plain_field(d, start, pos)
         if field is None:
             return None
         fields.append(field)
-        return fields
-    finally:
-        PyBuffer_Release(&buf)
+        if lower is not None:
+            lower.append(_ascii_lower(field[0]))
+        start = pos = pos + 2
+    field = _plain_field(d, start, n)  # the last field (empty after a final CRLF: None)
+    if field is None:
+        return None
+    fields.append(field)
+    if lower is not None:
+        lower.append(_ascii_lower(field[0]))
+    return fields
+
+
+cdef bytes _ascii_lower(bytes name):
+    """bytes.lower() of *name*: the same object when it has no upper-case letter."""
+    cdef const unsigned char* d = <const unsigned char*>(<char*>name)
+    cdef Py_ssize_t n = len(name), i
+    cdef char* out
+    for i in range(n):
+        if 65 <= d[i] <= 90:
+            break
+    else:
+        return name
+    lowered = PyBytes_FromStringAndSize(NULL, n)
+    out = <char*>lowered
+    for i in range(n):
+        out[i] = d[i] + 32 if 65 <= d[i] <= 90 else d[i]
+    return lowered
 
 
 cdef object _plain_field(const unsigned char* d, Py_ssize_t start, Py_ssize_t end):
@@ -1389,23 +1433,33 @@ def blank_line(message):
     """Where the empty line that ends the header block is (see tachymail.protocol.mime):
     one pass from LF to LF."""
     cdef Py_buffer buf
-    cdef const unsigned char* d
-    cdef Py_ssize_t n, i
+    cdef Py_ssize_t start, end
+    cdef bint found
     PyObject_GetBuffer(message, &buf, PyBUF_SIMPLE)
     try:
-        d = <const unsigned char*>buf.buf
-        n = buf.len
-        if n >= 1 and d[0] == 10:
-            return 0, 1
-        if n >= 2 and d[0] == 13 and d[1] == 10:
-            return 0, 2
-        i = find_lf(d, 0, n)
-        while i < n:
-            if i + 1 < n and d[i + 1] == 10:
-                return i, i + 2
-            if i + 2 < n and d[i + 1] == 13 and d[i + 2] == 10:
-                return i, i + 3
-            i = find_lf(d, i + 1, n)
-        return None
+        found = _blank_at(<const unsigned char*>buf.buf, buf.len, &start, &end)
     finally:
         PyBuffer_Release(&buf)
+    return (start, end) if found else None
+
+
+cdef bint _blank_at(const unsigned char* d, Py_ssize_t n, Py_ssize_t* start,
+                    Py_ssize_t* end) noexcept nogil:
+    """blank_line of the n octets at d, into start and end; whether there is one."""
+    cdef Py_ssize_t i
+    if n >= 1 and d[0] == 10:
+        start[0], end[0] = 0, 1
+        return True
+    if n >= 2 and d[0] == 13 and d[1] == 10:
+        start[0], end[0] = 0, 2
+        return True
+    i = find_lf(d, 0, n)
+    while i < n:
+        if i + 1 < n and d[i + 1] == 10:
+            start[0], end[0] = i, i + 2
+            return True
+        if i + 2 < n and d[i + 1] == 13 and d[i + 2] == 10:
+            start[0], end[0] = i, i + 3
+            return True
+        i = find_lf(d, i + 1, n)
+    return False

@@ -1,8 +1,8 @@
 """Fuzz the MIME kernel: scan, header_value, content_type_params, canonical_body (DKIM body
 canonicalization), header_fields and relaxed_header_value (DKIM's header reading), and the
 DKIM signature helpers (dkim_tag_list, dkim_plain_base64, dkim_empty_b, dkim_signed_fields,
-dkim_plain_signature, dkim_header_input) and blank_line (the header's end) on arbitrary
-bytes, compiled kernel against its pure twin.
+dkim_plain_signature, dkim_header_input), blank_line (the header's end) and header_block
+(the header read once) on arbitrary bytes, compiled kernel against its pure twin.
 
 Invariants: nothing raises; every part's offsets are ordered and inside its parent's range,
 depths grow by one and stay within ``max_depth``; some part has ``has_8bit`` exactly when the
@@ -119,6 +119,7 @@ def test_one_input(data: bytes) -> None:
         )
     blank = COMPILED.blank_line(message)
     agree("blank_line", blank, PURE.blank_line(message), data)
+    agree("header_block", COMPILED.header_block(message), PURE.header_block(message), data)
     if blank is not None:
         start, end = blank
         assert message[start:end] in (b"\n", b"\r\n", b"\n\n", b"\n\r\n"), blank

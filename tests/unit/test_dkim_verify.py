@@ -675,6 +675,36 @@ def test_blank_line_as_the_regex(pieces: list[bytes]) -> None:
         assert kernel.blank_line(memoryview(bytearray(content))) == expected
 
 
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"\r", b"\n", b"\r\n", b"a", b"B: c", b"Sub: x", b" ", b"\t", b":", b"\r\n\r\n"]
+        ),
+        max_size=24,
+    )
+)
+def test_header_block_is_the_blank_line_then_the_fields(pieces: list[bytes]) -> None:
+    """header_block (both twins) is blank_line's empty line, when it is CR LF after a CR LF,
+    then header_fields of the block before it, their names lower-cased, and the body's
+    start; None for anything else."""
+    content = b"".join(pieces)
+    match = _BLANK_LINE.search(content)
+    expected = None
+    if (
+        match is not None
+        and match.group(0) == b"\n\r\n"
+        and content[match.start() - 1 :][:1] == b"\r"
+    ):
+        fields = mime.header_fields(content[: match.start() - 1])
+        if fields is not None:
+            expected = (fields, [name.lower() for name, _value in fields], match.end())
+    event("a block" if expected is not None else "none")
+    for kernel in both_impls("mime"):
+        assert kernel.header_block(content) == expected
+        assert kernel.header_block(memoryview(bytearray(content))) == expected
+
+
 TAG_PIECES = [b"a", b"b", b"v", b"1", b"=", b";", b" ", b"\t", b"\r\n ", b"_", b"9", b"\xc3"]
 
 

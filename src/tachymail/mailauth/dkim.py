@@ -65,6 +65,7 @@ from tachymail.protocol.mime import (
     dkim_plain_base64,
     dkim_plain_signature,
     dkim_tag_list,
+    header_block,
     header_fields,
     header_value,
 )
@@ -895,14 +896,8 @@ def read_header(content: bytes) -> HeaderBlock | None:
     the message its own way, as it always did. The last field's line end and the empty
     line must be CRLF too: the checks look for the end of the header in different ways
     (LF CR LF, CR LF CR LF, LF LF), and they agree on a block ended so."""
-    blank = blank_line(content)
-    if blank is None or blank[1] - blank[0] != 3 or content[blank[0] - 1 : blank[0]] != b"\r":
-        return None
-    text, body_at = _header_text(content, blank)
-    fields = header_fields(text)
-    if not fields:
-        return None
-    return HeaderBlock(fields, [name.lower() for name, _value in fields], body_at)
+    found = header_block(content)
+    return None if found is None else HeaderBlock(*found)
 
 
 def _parse_signatures(

@@ -104,6 +104,13 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     finds it: the first match of ``(?:\\A|\\n)(\\r?\\n)``, as (start, end) of the
     whole match; None when there is none.
 
+``header_block(message) -> tuple[list[(bytes, bytes)], list[bytes], int] | None``
+    The plain header block of *message* read once: when the empty line
+    ``blank_line`` finds is CR LF after a CR LF (the block ends with CR LF CR
+    LF) and ``header_fields`` reads the block without its last line end,
+    (those fields, their names lower-cased, where the body starts: the end of
+    the empty line); else None.
+
 ``relaxed_header_value(value) -> bytes``
     A field value in DKIM's relaxed form (RFC 6376 §3.4.2), byte for byte what
     dkimpy makes: CRLF pairs, then any other LF, removed (unfolding); every run
@@ -176,6 +183,7 @@ if TYPE_CHECKING:
         dkim_plain_signature,
         dkim_signed_fields,
         dkim_tag_list,
+        header_block,
         header_fields,
         header_value,
         relaxed_header_value,
@@ -192,6 +200,7 @@ else:
     content_type_params = _kernel.content_type_params
     canonical_body = _kernel.canonical_body
     header_fields = _kernel.header_fields
+    header_block = _kernel.header_block
     relaxed_header_value = _kernel.relaxed_header_value
     dkim_tag_list = _kernel.dkim_tag_list
     dkim_plain_base64 = _kernel.dkim_plain_base64
@@ -211,6 +220,7 @@ __all__ = [
     "dkim_plain_signature",
     "dkim_signed_fields",
     "dkim_tag_list",
+    "header_block",
     "header_fields",
     "header_value",
     "relaxed_header_value",

@@ -762,6 +762,18 @@ def dkim_header_input(
     return b"".join((signed, name, b":", value.rstrip()))
 
 
+def header_block(message: Buffer) -> tuple[list[tuple[bytes, bytes]], list[bytes], int] | None:
+    """The plain header block of *message* read once (see ``mime.header_block``)."""
+    data = bytes(message)
+    blank = blank_line(data)
+    if blank is None or blank[1] - blank[0] != 3 or data[blank[0] - 1 : blank[0]] != b"\r":
+        return None
+    fields = header_fields(data[: blank[0] - 1])
+    if fields is None:
+        return None
+    return fields, [name.lower() for name, _value in fields], blank[1]
+
+
 def blank_line(message: Buffer) -> tuple[int, int] | None:
     """Where the empty line that ends the header block is (see ``mime.blank_line``). Two
     substring searches: a CRLF message's empty line is its first LF CR LF, and an LF LF
