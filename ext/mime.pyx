@@ -1280,30 +1280,89 @@ cdef bytes _signed_fields(list fields, list lower, tuple names, bint relaxed):
 
 def dkim_plain_signature(value, latest):
     """A plain DKIM-Signature field value read for its check (see tachymail.protocol.mime):
-    (its tags but b=, bh=, t=, in order; b=; bh=), the two without white space; None
-    when it is not plain."""
+    (its tags but b=, bh=, t=, each name=value; in order; b=; bh=), the two without white
+    space; None when it is not plain. One pass over the tags as _tag_list reads them,
+    three objects made."""
     cdef Py_buffer buf
-    cdef dict tags
-    cdef bytes b, bh, t
+    cdef const unsigned char* d
+    cdef Py_ssize_t n
+    cdef Py_ssize_t* spans = NULL  # per tag: name start, name end
+    cdef unsigned char* out = NULL
+    cdef Py_ssize_t count = 0, j = 0, start, end, spec, stop, eq, a, b, va, vb, k
+    cdef Py_ssize_t b_at = -1, b_end = 0, bh_at = -1, bh_end = 0, t_at = -1, t_end = 0
     PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
     try:
-        tags = _tag_list(<const unsigned char*>buf.buf, buf.len)
+        d = <const unsigned char*>buf.buf
+        n = buf.len
+        spans = <Py_ssize_t*>PyMem_Malloc((2 * n + 2) * sizeof(Py_ssize_t))
+        out = <unsigned char*>PyMem_Malloc(n + 2)
+        if spans == NULL or out == NULL:
+            raise MemoryError()
+        start, end = 0, n
+        while start < end and _ascii_space(d[start]):
+            start += 1
+        while end > start and _ascii_space(d[end - 1]):
+            end -= 1
+        spec = start
+        while spec < end:  # as _tag_list: spec == end is no more, or an empty last spec
+            stop = spec
+            while stop < end and d[stop] != 59:  # ";"
+                stop += 1
+            eq = spec
+            while eq < stop and d[eq] != 61:  # "="
+                eq += 1
+            if eq == stop:
+                return None  # a spec without "=" (an empty one too)
+            a, b = spec, eq
+            while a < b and _ascii_space(d[a]):
+                a += 1
+            while b > a and _ascii_space(d[b - 1]):
+                b -= 1
+            if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
+                return None  # the name must start with a letter
+            for k in range(count):
+                if spans[2 * k + 1] - spans[2 * k] == b - a and memcmp(d + a, d + spans[2 * k], b - a) == 0:
+                    return None  # a tag given twice
+            spans[2 * count] = a
+            spans[2 * count + 1] = b
+            count += 1
+            va, vb = eq + 1, stop
+            while va < vb and _ascii_space(d[va]):
+                va += 1
+            while vb > va and _ascii_space(d[vb - 1]):
+                vb -= 1
+            if b - a == 1 and d[a] == 98:  # b=
+                b_at, b_end = va, vb
+            elif b - a == 2 and d[a] == 98 and d[a + 1] == 104:  # bh=
+                bh_at, bh_end = va, vb
+            elif b - a == 1 and d[a] == 116:  # t=
+                t_at, t_end = va, vb
+            else:  # one of the tags a signer's signatures share: name=value;
+                memcpy(out + j, d + a, b - a)
+                j += b - a
+                out[j] = 61
+                memcpy(out + j + 1, d + va, vb - va)
+                j += 1 + vb - va
+                out[j] = 59
+                j += 1
+            if stop == end:
+                break
+            spec = stop + 1
+        if b_at < 0 or bh_at < 0:
+            return None
+        if not _plain_base64(d + b_at, b_end - b_at) or not _plain_base64(d + bh_at, bh_end - bh_at):
+            return None
+        if t_at >= 0 and not _time_at_most(d + t_at, t_end - t_at, latest):
+            return None
+        return (
+            PyBytes_FromStringAndSize(<char*>out, j),
+            _unblank_span(d + b_at, b_end - b_at),
+            _unblank_span(d + bh_at, bh_end - bh_at),
+        )
     finally:
+        PyMem_Free(spans)
+        PyMem_Free(out)
         PyBuffer_Release(&buf)
-    if tags is None:
-        return None
-    b = tags.pop(b"b", None)
-    bh = tags.pop(b"bh", None)
-    t = tags.pop(b"t", None)
-    if b is None or bh is None:
-        return None
-    if not _plain_base64(<const unsigned char*>(<char*>b), len(b)):
-        return None
-    if not _plain_base64(<const unsigned char*>(<char*>bh), len(bh)):
-        return None
-    if t is not None and not _time_at_most(<const unsigned char*>(<char*>t), len(t), latest):
-        return None
-    return tuple(tags.items()), _unblank(b), _unblank(bh)
 
 
 cdef bint _time_at_most(const unsigned char* d, Py_ssize_t n, object latest):
@@ -1323,27 +1382,21 @@ cdef bint _time_at_most(const unsigned char* d, Py_ssize_t n, object latest):
     return value <= latest
 
 
-cdef bytes _unblank(bytes value):
-    """*value* without its ASCII white space (the same object when it has none)."""
-    cdef const unsigned char* d = <const unsigned char*>(<char*>value)
-    cdef Py_ssize_t n = len(value), i, j = 0
-    cdef unsigned char* out
+cdef bytes _unblank_span(const unsigned char* d, Py_ssize_t n):
+    """The n octets at d without their ASCII white space, as bytes."""
+    cdef Py_ssize_t i, j = 0
+    cdef char* out
     for i in range(n):
         if _ascii_space(d[i]):
-            break
-    else:
-        return value
-    out = <unsigned char*>PyMem_Malloc(n)
-    if out == NULL:
-        raise MemoryError()
-    try:
-        for i in range(n):
-            if not _ascii_space(d[i]):
-                out[j] = d[i]
-                j += 1
-        return PyBytes_FromStringAndSize(<char*>out, j)
-    finally:
-        PyMem_Free(out)
+            j += 1
+    result = PyBytes_FromStringAndSize(NULL, n - j)
+    out = <char*>result
+    j = 0
+    for i in range(n):
+        if not _ascii_space(d[i]):
+            out[j] = d[i]
+            j += 1
+    return result
 
 
 def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple field):

@@ -707,7 +707,7 @@ class KnownSigner:
     key record it verified with, as the cached *answer* it came from (a signer is only
     known while that answer is still the cached one: see :func:`known_result`)."""
 
-    static: tuple[tuple[bytes, bytes], ...]
+    static: bytes
     plan: _Plan
     answer: Any
     record: bytes
@@ -737,7 +737,7 @@ def known_result(
     content: bytes,
     crlf: bool,
     now: float,
-    signers: Callable[[tuple[tuple[bytes, bytes], ...]], KnownSigner | None],
+    signers: Callable[[bytes], KnownSigner | None],
     peek: Callable[[str, str], Any],
 ) -> tuple[KnownSigner, DkimResult] | None:
     """The signer and the pass of a message (its header *block*) whose one DKIM-Signature
@@ -801,11 +801,13 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(static: tuple[tuple[bytes, bytes], ...]) -> _Plan | None:
+def _plan(static: bytes) -> _Plan | None:
     """The :class:`_Plan` of a signature whose tags but b=, bh=, t= are *static*, when
     :func:`_signature_problem` finds nothing wrong with them (b=, bh= and t= aside: they
     are checked per message); None otherwise."""
-    tags = dict(static)
+    tags = dkim_tag_list(static)  # as dkim_plain_signature wrote it: name=value;...
+    if tags is None:
+        return None
     tags[b"b"] = tags[b"bh"] = b"AAAA"  # any plain base64: the real ones are checked apart
     if not _plainly_valid(tags):
         return None

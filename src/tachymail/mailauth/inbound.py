@@ -492,7 +492,7 @@ class InboundChecker:
         author = from_domain(content, block) if self.settings.dmarc else None
         found: _Lane | None = None
 
-        def signer(static: tuple[tuple[bytes, bytes], ...]) -> KnownSigner | None:
+        def signer(static: bytes) -> KnownSigner | None:
             nonlocal found
             found = held.lanes.get((static, author, id(iprev), mode, ip, mail_from))
             if found is None or found.iprev is not iprev:

@@ -145,13 +145,14 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     each field is ``name:value`` as in *fields* (from ``header_fields``), or in
     relaxed form ``lowername:`` plus ``relaxed_header_value(value)``.
 
-``dkim_plain_signature(value, latest) -> tuple[tuple, bytes, bytes] | None``
+``dkim_plain_signature(value, latest) -> tuple[bytes, bytes, bytes] | None``
     A DKIM-Signature field value read for the check of a plain signature: when
     ``dkim_tag_list(value)`` reads it, with ``b=`` and ``bh=`` that pass
     ``dkim_plain_base64`` and a ``t=``, if any, of ASCII digits naming a time
-    not after *latest*: (the other tags as (name, value) pairs in the order
-    written; ``b=``; ``bh=``), those two with their white space removed; else
-    None.
+    not after *latest*: (the other tags in the order written, each as
+    ``name=value;``, joined: what a signer's signatures share, which
+    ``dkim_tag_list`` reads back; ``b=``; ``bh=``), those two with their white
+    space removed; else None.
 
 ``dkim_header_input(fields, lower, names, relaxed, field) -> bytes``
     What a DKIM signature's header hash takes in: ``dkim_signed_fields(fields,

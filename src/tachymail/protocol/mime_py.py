@@ -730,9 +730,7 @@ def _btag_name(match: re.Match[bytes]) -> bytes:
     return match[1]
 
 
-def dkim_plain_signature(
-    value: Buffer, latest: float
-) -> tuple[tuple[tuple[bytes, bytes], ...], bytes, bytes] | None:
+def dkim_plain_signature(value: Buffer, latest: float) -> tuple[bytes, bytes, bytes] | None:
     """A plain DKIM-Signature field value read for its check (see
     ``mime.dkim_plain_signature``)."""
     tags = dkim_tag_list(value)
@@ -743,7 +741,8 @@ def dkim_plain_signature(
         return None
     if t is not None and not (t.isdigit() and int(t) <= latest):
         return None
-    return tuple(tags.items()), b"".join(b.split()), b"".join(bh.split())
+    static = b"".join(name + b"=" + text + b";" for name, text in tags.items())
+    return static, b"".join(b.split()), b"".join(bh.split())
 
 
 def dkim_header_input(
