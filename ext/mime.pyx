@@ -1122,43 +1122,63 @@ def dkim_tag_list(value):
 
 cdef dict _tag_list(const unsigned char* d, Py_ssize_t n):
     """dkim_tag_list of the n octets at d."""
-    cdef Py_ssize_t start, end, spec, stop, eq, a, b
+    cdef Py_ssize_t start, end, spec
+    cdef Py_ssize_t at[5]
     cdef dict tags = {}
-    start, end = 0, n
-    while start < end and _ascii_space(d[start]):
-        start += 1
-    while end > start and _ascii_space(d[end - 1]):
-        end -= 1
+    _strip(d, n, &start, &end)
     spec = start
     while spec < end:  # spec == end: no more, or an empty last spec (a final ";")
-        stop = spec
-        while stop < end and d[stop] != 59:  # ";"
-            stop += 1
-        eq = spec
-        while eq < stop and d[eq] != 61:  # "="
-            eq += 1
-        if eq == stop:
-            return None  # a spec without "=" (an empty one too)
-        a, b = spec, eq
-        while a < b and _ascii_space(d[a]):
-            a += 1
-        while b > a and _ascii_space(d[b - 1]):
-            b -= 1
-        if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
-            return None  # the name must start with a letter
-        name = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
+        if not _tag_at(d, spec, end, at):
+            return None
+        name = PyBytes_FromStringAndSize(<const char*>d + at[0], at[1] - at[0])
         if name in tags:
             return None  # a tag given twice
-        a, b = eq + 1, stop
-        while a < b and _ascii_space(d[a]):
-            a += 1
-        while b > a and _ascii_space(d[b - 1]):
-            b -= 1
-        tags[name] = PyBytes_FromStringAndSize(<const char*>d + a, b - a)
-        if stop == end:
+        tags[name] = PyBytes_FromStringAndSize(<const char*>d + at[2], at[3] - at[2])
+        if at[4] == end:
             break
-        spec = stop + 1
+        spec = at[4] + 1
     return tags
+
+
+cdef inline void _strip(const unsigned char* d, Py_ssize_t n, Py_ssize_t* start,
+                        Py_ssize_t* end) noexcept nogil:
+    """Where the n octets at d start and end without their ASCII white space."""
+    start[0], end[0] = 0, n
+    while start[0] < end[0] and _ascii_space(d[start[0]]):
+        start[0] += 1
+    while end[0] > start[0] and _ascii_space(d[end[0] - 1]):
+        end[0] -= 1
+
+
+cdef bint _tag_at(const unsigned char* d, Py_ssize_t spec, Py_ssize_t end,
+                  Py_ssize_t* at) noexcept nogil:
+    """The tag spec of a tag list (ending at end) that starts at spec, as dkimpy reads it:
+    at = name start, name end, value start, value end (both stripped), where the spec
+    stops (its ";" or end). False for a spec without "=" (an empty one too) or a name that
+    does not start with a letter."""
+    cdef Py_ssize_t stop = spec, eq, a, b
+    while stop < end and d[stop] != 59:  # ";"
+        stop += 1
+    eq = spec
+    while eq < stop and d[eq] != 61:  # "="
+        eq += 1
+    if eq == stop:
+        return False
+    a, b = spec, eq
+    while a < b and _ascii_space(d[a]):
+        a += 1
+    while b > a and _ascii_space(d[b - 1]):
+        b -= 1
+    if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
+        return False
+    at[0], at[1] = a, b
+    a, b = eq + 1, stop
+    while a < b and _ascii_space(d[a]):
+        a += 1
+    while b > a and _ascii_space(d[b - 1]):
+        b -= 1
+    at[2], at[3], at[4] = a, b, stop
+    return True
 
 
 def dkim_plain_base64(value):
@@ -1288,7 +1308,8 @@ def dkim_plain_signature(value, latest):
     cdef Py_ssize_t n
     cdef Py_ssize_t* spans = NULL  # per tag: name start, name end
     cdef unsigned char* out = NULL
-    cdef Py_ssize_t count = 0, j = 0, start, end, spec, stop, eq, a, b, va, vb, k
+    cdef Py_ssize_t count = 0, j = 0, start, end, spec, a, b, va, vb, k
+    cdef Py_ssize_t at[5]
     cdef Py_ssize_t b_at = -1, b_end = 0, bh_at = -1, bh_end = 0, t_at = -1, t_end = 0
     PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
     try:
@@ -1298,39 +1319,18 @@ def dkim_plain_signature(value, latest):
         out = <unsigned char*>PyMem_Malloc(n + 2)
         if spans == NULL or out == NULL:
             raise MemoryError()
-        start, end = 0, n
-        while start < end and _ascii_space(d[start]):
-            start += 1
-        while end > start and _ascii_space(d[end - 1]):
-            end -= 1
+        _strip(d, n, &start, &end)
         spec = start
-        while spec < end:  # as _tag_list: spec == end is no more, or an empty last spec
-            stop = spec
-            while stop < end and d[stop] != 59:  # ";"
-                stop += 1
-            eq = spec
-            while eq < stop and d[eq] != 61:  # "="
-                eq += 1
-            if eq == stop:
-                return None  # a spec without "=" (an empty one too)
-            a, b = spec, eq
-            while a < b and _ascii_space(d[a]):
-                a += 1
-            while b > a and _ascii_space(d[b - 1]):
-                b -= 1
-            if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
-                return None  # the name must start with a letter
+        while spec < end:  # as _tag_list reads the tags
+            if not _tag_at(d, spec, end, at):
+                return None
+            a, b, va, vb = at[0], at[1], at[2], at[3]
             for k in range(count):
                 if spans[2 * k + 1] - spans[2 * k] == b - a and memcmp(d + a, d + spans[2 * k], b - a) == 0:
                     return None  # a tag given twice
             spans[2 * count] = a
             spans[2 * count + 1] = b
             count += 1
-            va, vb = eq + 1, stop
-            while va < vb and _ascii_space(d[va]):
-                va += 1
-            while vb > va and _ascii_space(d[vb - 1]):
-                vb -= 1
             if b - a == 1 and d[a] == 98:  # b=
                 b_at, b_end = va, vb
             elif b - a == 2 and d[a] == 98 and d[a + 1] == 104:  # bh=
@@ -1345,9 +1345,9 @@ def dkim_plain_signature(value, latest):
                 j += 1 + vb - va
                 out[j] = 59
                 j += 1
-            if stop == end:
+            if at[4] == end:
                 break
-            spec = stop + 1
+            spec = at[4] + 1
         if b_at < 0 or bh_at < 0:
             return None
         if not _plain_base64(d + b_at, b_end - b_at) or not _plain_base64(d + bh_at, bh_end - bh_at):

@@ -661,21 +661,7 @@ def _quick_results(
             record = None if answer is None else _usable_record(answer, plan.algorithm)
             if record is None:
                 return None
-            result, detail = _check_signature(
-                b,
-                bh,
-                None,
-                field,
-                plan.selected,
-                plan.relaxed_head,
-                plan.relaxed_body,
-                plan.sha1,
-                record,
-                headers,
-                lower,
-                body,
-                canonical,
-            )
+            result, detail = _check_planned(plan, b, bh, field, record, block, body, canonical)
             names = plan.names
             results.append(
                 DkimResult(
@@ -762,7 +748,29 @@ def known_result(
     if peek("TXT", names.key_name) is not signer.answer:
         return None  # expired or changed: the full path reads the new answer
     body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
-    result, _detail = _check_signature(
+    result, _detail = _check_planned(plan, b, bh, field, signer.record, block, body, {})
+    if result != "pass":
+        return None
+    passed = DkimResult(
+        "pass", names.domain, names.selector, names.algorithm, names.identity, b.decode("ascii")
+    )
+    _log_results([passed])
+    return signer, passed
+
+
+def _check_planned(
+    plan: _Plan,
+    b: bytes,
+    bh: bytes,
+    field: tuple[bytes, bytes],
+    record: bytes,
+    block: HeaderBlock,
+    body: bytes,
+    canonical: dict[bool, bytes],
+) -> tuple[str, str]:
+    """:func:`_check_signature` of a plain signature (no l=) as its signer's *plan* says,
+    with the key *record*, over the message's header *block* and *body*."""
+    return _check_signature(
         b,
         bh,
         None,
@@ -771,19 +779,12 @@ def known_result(
         plan.relaxed_head,
         plan.relaxed_body,
         plan.sha1,
-        signer.record,
+        record,
         block.fields,
-        lower,
+        block.lower,
         body,
-        {},
+        canonical,
     )
-    if result != "pass":
-        return None
-    passed = DkimResult(
-        "pass", names.domain, names.selector, names.algorithm, names.identity, b.decode("ascii")
-    )
-    _log_results([passed])
-    return signer, passed
 
 
 @dataclass(frozen=True, slots=True)
