@@ -78,12 +78,14 @@ __all__ = [
     "DkimSigner",
     "HeaderBlock",
     "KnownSigner",
+    "PlainSignature",
     "dns_record",
     "key_path",
     "keygen",
     "known_result",
     "known_signer",
     "parse_header",
+    "plain_signature",
     "read_header",
     "relaxed_body",
     "verify_dkim",
@@ -699,55 +701,58 @@ class KnownSigner:
     record: bytes
 
 
-def known_signer(
-    block: HeaderBlock, peek: Callable[[str, str], Any], now: float
-) -> KnownSigner | None:
-    """The :class:`KnownSigner` of a message (its header *block*) with exactly one
-    DKIM-Signature field, plain (see :func:`_quick_results`), whose key record the cache
-    (*peek*) holds and can use; None for any other message."""
+class PlainSignature(NamedTuple):
+    """A message's one DKIM-Signature field read plain (:func:`plain_signature`): the
+    field, the tags its signer's signatures share (``dkim_plain_signature``'s key), and
+    b= and bh= without white space."""
+
+    field: tuple[bytes, bytes]
+    static: bytes
+    b: bytes
+    bh: bytes
+
+
+def plain_signature(block: HeaderBlock, now: float) -> PlainSignature | None:
+    """The one DKIM-Signature field of a header *block*, when it has exactly one and it
+    is plain (see :func:`_quick_results`); None otherwise."""
     lower = block.lower
     if lower.count(b"dkim-signature") != 1:
         return None
     field = block.fields[lower.index(b"dkim-signature")]
     read = dkim_plain_signature(field[1], _latest_t(now))
-    plan = None if read is None else _plan(read[0])
-    if read is None or plan is None:
+    return None if read is None else PlainSignature(field, *read)
+
+
+def known_signer(signature: PlainSignature, peek: Callable[[str, str], Any]) -> KnownSigner | None:
+    """The :class:`KnownSigner` of a message's plain *signature* whose key record the
+    cache (*peek*) holds and can use; None otherwise."""
+    plan = _plan(signature.static)
+    if plan is None:
         return None
     answer = peek("TXT", plan.names.key_name)
     record = None if answer is None else _usable_record(answer, plan.algorithm)
-    return None if record is None else KnownSigner(read[0], plan, answer, record)
+    return None if record is None else KnownSigner(signature.static, plan, answer, record)
 
 
 def known_result(
+    signer: KnownSigner,
+    signature: PlainSignature,
     block: HeaderBlock,
     content: bytes,
     crlf: bool,
-    now: float,
-    signers: Callable[[bytes], KnownSigner | None],
     peek: Callable[[str, str], Any],
-) -> tuple[KnownSigner, DkimResult] | None:
-    """The signer and the pass of a message (its header *block*) whose one DKIM-Signature
-    field is plain and by a signer *signers* knows (looked up by its tags but b=, bh=, t=)
-    whose key record is still the cached one (*peek*); the same result as
-    :func:`verify_dkim_now` gives it. None for every other message, and when its signature
-    does not pass: :func:`verify_dkim_now` then says what it is. None too for a message
-    to check off the event loop (``EXECUTOR_THRESHOLD``), as :func:`verify_dkim_now`."""
-    lower = block.lower
-    if lower.count(b"dkim-signature") != 1 or len(content) >= EXECUTOR_THRESHOLD:
-        return None
-    field = block.fields[lower.index(b"dkim-signature")]
-    read = dkim_plain_signature(field[1], _latest_t(now))
-    if read is None:
-        return None
-    static, b, bh = read
-    signer = signers(static)
-    if signer is None:
-        return None
+) -> DkimResult | None:
+    """The pass of a message (*content*, its header *block*) whose plain *signature* is by
+    the known *signer* (the same static tags), when its key record is still the cached one
+    (*peek*) and the signature passes: the result :func:`verify_dkim_now` gives it. None
+    otherwise (:func:`verify_dkim_now` then says what it is), and for a message to check
+    off the event loop (``EXECUTOR_THRESHOLD``), as :func:`verify_dkim_now`."""
     plan = signer.plan
     names = plan.names
-    if peek("TXT", names.key_name) is not signer.answer:
-        return None  # expired or changed: the full path reads the new answer
+    if len(content) >= EXECUTOR_THRESHOLD or peek("TXT", names.key_name) is not signer.answer:
+        return None  # big, or the key's answer expired or changed: the full path decides
     body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
+    field, _static, b, bh = signature
     result, _detail = _check_planned(plan, b, bh, field, signer.record, block, body, {})
     if result != "pass":
         return None
@@ -755,7 +760,7 @@ def known_result(
         "pass", names.domain, names.selector, names.algorithm, names.identity, b.decode("ascii")
     )
     _log_results([passed])
-    return signer, passed
+    return passed
 
 
 def _check_planned(

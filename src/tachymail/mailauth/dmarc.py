@@ -365,30 +365,37 @@ async def _discover(dns: DnsLookups, domain: str) -> _Discovery:
 
 def _discover_now(dns: DnsLookups, domain: str) -> _Discovery | None:
     """:func:`_discover` from the lookups' own cache; None when a lookup would wait."""
-    first = _records_now(dns, domain)
-    org = None if first is None else _fallback(first, domain)
-    return first if org is None else _records_now(dns, org)
+    found = _answers_now(dns, domain)
+    return None if found is None else _discovery(*found[-1])
 
 
-def policy_answers(dns: DnsLookups, content_from: str) -> tuple[tuple[str, Records], ...] | None:
-    """The cached answers :func:`check_dmarc_now` reads for the From domain
-    *content_from*, as (name, answer) pairs in the order it reads them (``_dmarc.<domain>``,
-    then the organizational domain's when that has no record); None when one is not
-    cached. What it decides stands as long as the cache gives the same answers."""
-    peek = peek_cache(dns)
+def policy_answers(
+    dns: DnsLookups, content_from: str
+) -> tuple[tuple[str, str, Records], ...] | None:
+    """The cached answers :func:`check_dmarc_now` decides on for the From domain
+    *content_from*: (domain, ``_dmarc.<domain>``, answer) in the order it reads them (the
+    From domain's, then the organizational domain's when that has no record); None when
+    one is not cached. What it decides stands as long as the cache gives the same answers."""
     author = normalize_domain(content_from)
-    if peek is None or not author:
+    return _answers_now(dns, author) if author else None
+
+
+def _answers_now(dns: DnsLookups, domain: str) -> tuple[tuple[str, str, Records], ...] | None:
+    """:func:`policy_answers` of a normalized From *domain*."""
+    peek = peek_cache(dns)
+    if peek is None:
         return None
-    name = f"_dmarc.{author}"
+    name = f"_dmarc.{domain}"
     answer = peek("TXT", name)
     if answer is None:
         return None
-    org = _fallback(_discovery(author, name, answer), author)
+    first = (domain, name, answer)
+    org = _fallback(_discovery(*first), domain)
     if org is None:
-        return ((name, answer),)
+        return (first,)
     org_name = f"_dmarc.{org}"
     org_answer = peek("TXT", org_name)
-    return None if org_answer is None else ((name, answer), (org_name, org_answer))
+    return None if org_answer is None else (first, (org, org_name, org_answer))
 
 
 def _fallback(first: _Discovery, domain: str) -> str | None:

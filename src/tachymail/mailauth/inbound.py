@@ -37,6 +37,7 @@ from tachymail.mailauth.dkim import (
     KnownSigner,
     known_result,
     known_signer,
+    plain_signature,
     read_header,
     verify_dkim,
     verify_dkim_now,
@@ -169,7 +170,7 @@ class _Lane:
 
     signer: KnownSigner
     iprev: IprevResult | None
-    answers: tuple[tuple[str, Any], ...]
+    answers: tuple[tuple[str, str, Any], ...]
     dmarc: DmarcResult | None
     repeat: _Repeat
 
@@ -487,39 +488,22 @@ class InboundChecker:
         if held is None or held.mail is not mail or FIELD_NAME in block.lower:
             return None
         peek = peek_cache(self.dns)
-        if peek is None:
+        signature = plain_signature(block, time.time())
+        if peek is None or signature is None:
             return None
         author = from_domain(content, block) if self.settings.dmarc else None
-        found: _Lane | None = None
-
-        def signer(static: bytes) -> KnownSigner | None:
-            nonlocal found
-            found = held.lanes.get((static, author, id(iprev), mode, ip, mail_from))
-            if found is None or found.iprev is not iprev:
-                return None
-            return found.signer
-
-        known = known_result(block, content, crlf, time.time(), signer, peek)
-        if known is None or found is None:
+        lane = held.lanes.get((signature.static, author, id(iprev), mode, ip, mail_from))
+        if lane is None or lane.iprev is not iprev:
             return None
-        lane = found
-        for name, answer in lane.answers:
-            if peek("TXT", name) is not answer:
-                return None
-        dkim = [known[1]]
+        if any(peek("TXT", name) is not answer for _domain, name, answer in lane.answers):
+            return None  # a DMARC answer expired or changed: decided again
+        passed = known_result(lane.signer, signature, block, content, crlf, peek)
+        if passed is None:
+            return None
+        dkim = [passed]  # signed: the field shows it (no dkim=none), and no ARC set: none
         repeat = lane.repeat
-        if repeat.row is not None:
-            self._count(repeat, lane.dmarc, ip, mail_from, mail.spf, dkim)
-        return MessageVerdict(
-            repeat.action,
-            repeat.reply,
-            render(repeat.template, dkim) + repeat.tail,
-            content,
-            repeat.results,
-            repeat.summary,
-            tuple(dkim),
-            lane.dmarc,
-            NO_ARC_SETS if self.settings.arc else None,
+        return self._from_repeat(
+            repeat, ip, mail_from, mail, content, dkim, dkim, lane.dmarc, NO_ARC_SETS, False
         )
 
     def _open_lane(
@@ -550,10 +534,11 @@ class InboundChecker:
             self._lanes[id(mail)] = _Transaction(mail, {})
             return
         peek = peek_cache(self.dns)
-        if peek is None:
+        signature = plain_signature(block, time.time())
+        if peek is None or signature is None:
             return
-        signer = known_signer(block, peek, time.time())
-        answers: tuple[tuple[str, Any], ...] | None = ()
+        signer = known_signer(signature, peek)
+        answers: tuple[tuple[str, str, Any], ...] | None = ()
         if self.settings.dmarc:
             answers = policy_answers(self.dns, author) if author else None
         if signer is None or answers is None:
@@ -663,6 +648,27 @@ class InboundChecker:
         # RFC 8601 §2.7.1: dkim=none says the message was not signed
         shown_dkim = (dkim or _UNSIGNED) if settings.dkim else dkim
         repeat = self._repeat(ip, mail_from, mail, iprev, dkim, shown_dkim, dmarc, arc, mode)
+        return self._from_repeat(
+            repeat, ip, mail_from, mail, stripped, dkim, shown_dkim, dmarc, arc, seal
+        )
+
+    def _from_repeat(
+        self,
+        repeat: _Repeat,
+        ip: str,
+        mail_from: str,
+        mail: MailVerdict,
+        stripped: bytes,
+        dkim: list[DkimResult],
+        shown_dkim: Sequence[DkimResult],
+        dmarc: DmarcResult | None,
+        arc: ArcResult | None,
+        seal: bool,
+    ) -> MessageVerdict:
+        """A message's verdict from what its sender's messages share (*repeat*): counted
+        in its DMARC aggregate row, our field with its own header.b words, the ARC set
+        when *seal*."""
+        settings = self.settings
         if repeat.row is not None:
             self._count(repeat, dmarc, ip, mail_from, mail.spf, dkim)
         headers = render(repeat.template, shown_dkim)

@@ -410,12 +410,16 @@ class SmtpSession(asyncio.Protocol):
             iprev=iprev,
             content=content,
             mode=self.mailauth,
-            relay=inbound.sealer is not None and self._relayed(),  # only a seal asks
+            relay=self._relayed(),
             crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
     def _relayed(self) -> bool:
-        """Whether a recipient is delivered elsewhere (an ARC seal is then added when set up)."""
+        """Whether a recipient is delivered elsewhere, as the checks' ARC seal asks: False
+        when none is set up (nothing else asks, and the recipients are not gone through)."""
+        inbound = self.ctx.inbound
+        if inbound is None or inbound.sealer is None:
+            return False
         return any(not self._local_recipient(rcpt.address) for rcpt in self.rcpts)
 
     async def _message_verdict(self, content: bytes) -> MessageVerdict:
@@ -439,7 +443,7 @@ class SmtpSession(asyncio.Protocol):
             iprev=iprev,
             content=content,
             mode=self.mailauth,
-            relay=inbound.sealer is not None and self._relayed(),  # only a seal asks
+            relay=self._relayed(),
             crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
