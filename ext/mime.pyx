@@ -885,8 +885,12 @@ def canonical_body(body, relaxed):
                 end -= 2
             if end == 0:
                 return b"" if relax else b"\r\n"
-            if end + 2 == n and type(body) is bytes:
-                return body  # already ends with exactly one empty-line-free CRLF
+            if end + 2 == n and (
+                type(body) is bytes or type(body) is memoryview and type(body.obj) is bytes
+            ):
+                # already ends with exactly one empty-line-free CRLF; a view of bytes (the
+                # body of a message, not cut out of it) is as unchanging as bytes
+                return body
             out = <unsigned char*>PyMem_Malloc(end + 2)
             if out == NULL:
                 raise MemoryError()

@@ -884,6 +884,24 @@ def test_canonical_body_twins_agree(body: bytes, relaxed: bool) -> None:
     compiled, pure = both_impls("mime")
     assert compiled.canonical_body(body, relaxed) == pure.canonical_body(body, relaxed)
     assert compiled.canonical_body(bytearray(body), relaxed) == pure.canonical_body(body, relaxed)
+    view = memoryview(b"Subject: x\r\n\r\n" + body)[14:]  # a body seen in its message
+    assert compiled.canonical_body(view, relaxed) == pure.canonical_body(body, relaxed)
+
+
+def test_canonical_body_hands_back_a_canonical_body_without_copying_it() -> None:
+    """A body already in canonical form comes back as it was given when it cannot change
+    under the caller: bytes, or a view of bytes (the DKIM check hashes a message's body
+    where it is, 64 KiB not copied); a view of a bytearray is copied."""
+    compiled, _pure = both_impls("mime")
+    message = b"Subject: x\r\n\r\nclean text, one space apart\r\nand a last line\r\n"
+    view = memoryview(message)[14:]
+    for relaxed in (True, False):
+        assert compiled.canonical_body(view, relaxed) is view
+        assert compiled.canonical_body(message, relaxed) is message
+        shared = memoryview(bytearray(message))[14:]
+        got = compiled.canonical_body(shared, relaxed)
+        assert got is not shared and got == view
+    assert compiled.canonical_body(view[:-2], True) == view  # the CRLF added: a new object
 
 
 @pytest.mark.parametrize(

@@ -450,7 +450,10 @@ _PKCS1 = padding.PKCS1v15()  # stateless: made once
 _PREHASHED = {False: utils.Prehashed(hashes.SHA256()), True: utils.Prehashed(hashes.SHA1())}
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per signature of every message, and a frozen dataclass costs
+# four times as much to make (each field set through object.__setattr__). Hashable as a
+# frozen one is (unsafe_hash: by its fields); nothing changes one after it is made.
+@dataclass(slots=True, unsafe_hash=True)
 class DkimResult:
     """The verification of one DKIM-Signature field (RFC 8601 §2.7.1 result keywords).
 
@@ -643,8 +646,8 @@ def _quick_results(
     if b"dkim-signature" not in lower:
         return []
     headers = block.fields
-    body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
-    canonical: dict[bool, bytes] = {}
+    body = _body_of(content, block.body_at, crlf)
+    canonical: dict[bool, Body] = {}
     results: list[DkimResult] = []
     latest = _latest_t(now)
     index = -1
@@ -751,7 +754,7 @@ def known_result(
     names = plan.names
     if len(content) >= EXECUTOR_THRESHOLD or peek("TXT", names.key_name) is not signer.answer:
         return None  # big, or the key's answer expired or changed: the full path decides
-    body = content[block.body_at :] if crlf else _crlf_body(content[block.body_at :])
+    body = _body_of(content, block.body_at, crlf)
     field, _static, b, bh = signature
     result, _detail = _check_planned(plan, b, bh, field, signer.record, block, body, {})
     if result != "pass":
@@ -770,8 +773,8 @@ def _check_planned(
     field: tuple[bytes, bytes],
     record: bytes,
     block: HeaderBlock,
-    body: bytes,
-    canonical: dict[bool, bytes],
+    body: Body,
+    canonical: dict[bool, Body],
 ) -> tuple[str, str]:
     """:func:`_check_signature` of a plain signature (no l=) as its signer's *plan* says,
     with the key *record*, over the message's header *block* and *body*."""
@@ -1006,6 +1009,19 @@ def _header_lines(text: bytes, ended: bool) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, value in fields]
 
 
+#: a message's body: a view of its content (CRLF only: hashed where it is, not copied out
+#: of a message of 64 KiB or more), or bytes of its own
+Body = bytes | memoryview
+
+
+def _body_of(content: bytes, body_at: int, crlf: bool) -> Body:
+    """The body of *content* from *body_at* with CRLF line ends (*crlf*: it has only
+    those, and the body is a view of it)."""
+    if crlf:
+        return memoryview(content)[body_at:]
+    return _crlf_body(content[body_at:])
+
+
 def _crlf_body(body: bytes) -> bytes:
     """*body* with CRLF line ends, bare LFs read as dkimpy reads them."""
     if body.count(b"\n") != body.count(b"\r\n"):
@@ -1187,7 +1203,7 @@ class BodyHashFirst:
     def __init__(self, head: bytes, body: bytes) -> None:
         super().__init__(head, logger=_QUIET, minkey=_MIN_RSA_BITS)  # type: ignore[call-arg]
         self._raw_body = body
-        self._canonical: dict[bytes, bytes] = {}
+        self._canonical: dict[bytes, Body] = {}
 
     def verify_sig(
         self, sig: dict[bytes, bytes], include_headers: list[bytes], sig_header: Any, dnsfunc: Any
@@ -1234,8 +1250,8 @@ def _verify_signatures(
     """Check each prefetched signature of the message, setting its result (CPU only);
     *crlf*: the body has CRLF line ends only."""
     headers, lower, body_at = parsed.headers, parsed.lower, parsed.body_at
-    body = content[body_at:] if crlf else _crlf_body(content[body_at:])
-    canonical: dict[bool, bytes] = {}  # the body in each canonical form, made once
+    body = _body_of(content, body_at, crlf)
+    canonical: dict[bool, Body] = {}  # the body in each canonical form, made once
     for sig in jobs:
         try:
             _verify_signature(sig, headers, lower, body, canonical)
@@ -1248,8 +1264,8 @@ def _verify_signature(
     sig: _Signature,
     headers: list[tuple[bytes, bytes]],
     lower: list[bytes],
-    body: bytes,
-    canonical: dict[bool, bytes],
+    body: Body,
+    canonical: dict[bool, Body],
 ) -> None:
     """dkimpy's ``DKIM.verify`` for one signature whose tags and key were checked before
     (:func:`_check_signature`), setting its result."""
@@ -1284,8 +1300,8 @@ def _check_signature(
     key: bytes | None,
     headers: list[tuple[bytes, bytes]],
     lower: list[bytes],
-    body: bytes,
-    canonical: dict[bool, bytes],
+    body: Body,
+    canonical: dict[bool, Body],
 ) -> tuple[str, str]:
     """(result, detail) of one signature (its b= and bh= without white space, its l= if
     any, its *field* as (name, value), the names it signs, its canonicalizations, whether
@@ -1327,9 +1343,9 @@ def _check_signature(
 def _body_hash_matches(
     length: bytes | None,
     relaxed: bool,
-    body: bytes,
-    canonical: dict[bool, bytes],
-    digest: Callable[[bytes], Any],
+    body: Body,
+    canonical: dict[bool, Body],
+    digest: Callable[[Body], Any],
     expected: bytes,
 ) -> bool:
     """Whether the body hash of a signature (bh=, decoded: *expected*) is right for *body*

@@ -495,8 +495,9 @@ class InboundChecker:
         lane = held.lanes.get((signature.static, author, id(iprev), mode, ip, mail_from))
         if lane is None or lane.iprev is not iprev:
             return None
-        if any(peek("TXT", name) is not answer for _domain, name, answer in lane.answers):
-            return None  # a DMARC answer expired or changed: decided again
+        for _domain, name, answer in lane.answers:
+            if peek("TXT", name) is not answer:
+                return None  # a DMARC answer expired or changed: decided again
         passed = known_result(lane.signer, signature, block, content, crlf, peek)
         if passed is None:
             return None

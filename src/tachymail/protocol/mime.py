@@ -87,8 +87,8 @@ The compiled kernel (``ext/mime.pyx``) is used unless ``TACHYMAIL_PURE=1``;
     relaxed drops the spaces and tabs before each CRLF and makes every other
     run of them one space; both drop the CRLF pairs at the end and add one
     CRLF, except that an empty relaxed body stays empty (a bare CR is an
-    ordinary octet).  May return *body* itself when it is bytes and already
-    canonical.
+    ordinary octet).  May return *body* itself when it is already canonical and
+    bytes or a memoryview of bytes (a message's body, not copied out of it).
 
 ``header_fields(text) -> list[(bytes, bytes)] | None``
     The fields of a plain header block, *text* being the block without the
