@@ -806,22 +806,72 @@ cdef extern from *:
     static inline int tm_relax_candidates16(const unsigned char *p) { (void)p; return 1; }
     #define TM_VECTOR_SCAN 0
     #endif
+
+    /* Thirty-two octets at a time where the CPU has AVX2 (asked once, at run time: the
+       module is built for any x86-64): the same test as tm_relax_candidates16, for the
+       64 KiB bodies whose scan is a tenth of their DKIM check. */
+    #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    typedef unsigned char tm_u8x32 __attribute__((vector_size(32)));
+    /* From i on, the start of the first 32-octet block that may change something, or the
+       first i past which fewer than 33 octets are left (p[32] is read too). */
+    __attribute__((target("avx2")))
+    static Py_ssize_t tm_relax_skip32(const unsigned char *d, Py_ssize_t i, Py_ssize_t n) {
+        const tm_u8x32 zero = {0};
+        const tm_u8x32 sp = zero + 32, ht = zero + 9, cr = zero + 13;
+        tm_u8x32 w, a, m;
+        uint64_t q[4];
+        for (; i + 33 <= n; i += 32) {
+            memcpy(&w, d + i, 32);
+            memcpy(&a, d + i + 1, 32);
+            m = (tm_u8x32)((w == ht) | ((w == sp) & ((a == sp) | (a == ht) | (a == cr))));
+            memcpy(q, &m, 32);
+            if (q[0] | q[1] | q[2] | q[3])
+                break;
+        }
+        return i;
+    }
+    static int tm_avx2_known = 0, tm_avx2_has = 0;
+    static inline int tm_avx2(void) {
+        if (!tm_avx2_known) {
+            __builtin_cpu_init();
+            tm_avx2_has = __builtin_cpu_supports("avx2") != 0;
+            tm_avx2_known = 1;
+        }
+        return tm_avx2_has;
+    }
+    #else
+    static Py_ssize_t tm_relax_skip32(const unsigned char *d, Py_ssize_t i, Py_ssize_t n) {
+        (void)d; (void)n; return i;
+    }
+    static inline int tm_avx2(void) { return 0; }
+    #endif
     """
     bint tm_relax_candidates16(const unsigned char* p) noexcept nogil
     const bint TM_VECTOR_SCAN
+    Py_ssize_t tm_relax_skip32(const unsigned char* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil
+    bint tm_avx2() noexcept nogil
 
 
 cdef Py_ssize_t _next_change(const unsigned char* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """The first position from *i* on where relaxed body canonicalization changes something
     in d[0:n] (``_changes_at``: a tab, a space followed by a space or tab, a space before
-    CRLF), or *n*: always the first blank of a run.  Sixteen octets at a time where the
-    compiler has vectors, then eight: the spaces of one word against the blanks and CRs of
-    the word one octet on."""
+    CRLF), or *n*: always the first blank of a run.  Thirty-two octets at a time where the
+    CPU has AVX2, sixteen where the compiler has vectors, then eight: the spaces of one
+    word against the blanks and CRs of the word one octet on."""
     cdef uint64_t w, after, spaces, blanks_after, mask
     cdef uint64_t SP = 0x2020202020202020ULL
     cdef uint64_t HT = 0x0909090909090909ULL
     cdef uint64_t CR = 0x0D0D0D0D0D0D0D0DULL
     cdef Py_ssize_t k
+    if tm_avx2():
+        while True:
+            i = tm_relax_skip32(d, i, n)
+            if i + 33 > n:
+                break
+            for k in range(i, i + 32):
+                if _changes_at(d, k, n):
+                    return k
+            i += 32
     if TM_VECTOR_SCAN:
         while i + 17 <= n:
             if tm_relax_candidates16(d + i):
