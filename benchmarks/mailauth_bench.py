@@ -15,7 +15,8 @@ fresh Message-ID line on top, which is not among the signed fields). The client 
 run; recipients are in a relay domain and the server holds its queue (``server.hold``).
 
 Cells: 1 KiB and 64 KiB messages; each run starts a fresh server, "off" and "on" alternate
-which goes first; medians over --repeat runs. Printed: msgs/s both ways, the share of
+which goes first; medians over --repeat runs. Printed: msgs/s both ways (the bench load's
+by its own clock, from its first connection to its last reply), the share of
 throughput the checks keep, and the server CPU they add per message (the server's process
 tree, from /proc). Each run also records how the load's sessions were spread over the SMTP
 workers (``sessions_per_worker``, from ``ss``): the kernel's SO_REUSEPORT hash decides it
