@@ -1179,7 +1179,7 @@ cdef dict _tag_list(const unsigned char* d, Py_ssize_t n):
     cdef Py_ssize_t start, end, spec
     cdef Py_ssize_t at[5]
     cdef dict tags = {}
-    _strip(d, n, &start, &end)
+    _strip(d, 0, n, &start, &end)
     spec = start
     while spec < end:  # spec == end: no more, or an empty last spec (a final ";")
         if not _tag_at(d, spec, end, at):
@@ -1194,14 +1194,14 @@ cdef dict _tag_list(const unsigned char* d, Py_ssize_t n):
     return tags
 
 
-cdef inline void _strip(const unsigned char* d, Py_ssize_t n, Py_ssize_t* start,
+cdef inline void _strip(const unsigned char* d, Py_ssize_t a, Py_ssize_t b, Py_ssize_t* start,
                         Py_ssize_t* end) noexcept nogil:
-    """Where the n octets at d start and end without their ASCII white space."""
-    start[0], end[0] = 0, n
-    while start[0] < end[0] and _ascii_space(d[start[0]]):
-        start[0] += 1
-    while end[0] > start[0] and _ascii_space(d[end[0] - 1]):
-        end[0] -= 1
+    """Where the octets d[a:b] start and end without their ASCII white space."""
+    while a < b and _ascii_space(d[a]):
+        a += 1
+    while b > a and _ascii_space(d[b - 1]):
+        b -= 1
+    start[0], end[0] = a, b
 
 
 cdef bint _tag_at(const unsigned char* d, Py_ssize_t spec, Py_ssize_t end,
@@ -1210,7 +1210,7 @@ cdef bint _tag_at(const unsigned char* d, Py_ssize_t spec, Py_ssize_t end,
     at = name start, name end, value start, value end (both stripped), where the spec
     stops (its ";" or end). False for a spec without "=" (an empty one too) or a name that
     does not start with a letter."""
-    cdef Py_ssize_t stop = spec, eq, a, b
+    cdef Py_ssize_t stop = spec, eq
     while stop < end and d[stop] != 59:  # ";"
         stop += 1
     eq = spec
@@ -1218,20 +1218,11 @@ cdef bint _tag_at(const unsigned char* d, Py_ssize_t spec, Py_ssize_t end,
         eq += 1
     if eq == stop:
         return False
-    a, b = spec, eq
-    while a < b and _ascii_space(d[a]):
-        a += 1
-    while b > a and _ascii_space(d[b - 1]):
-        b -= 1
-    if a == b or not ((65 <= d[a] <= 90) or (97 <= d[a] <= 122)):
+    _strip(d, spec, eq, &at[0], &at[1])
+    if at[0] == at[1] or not ((65 <= d[at[0]] <= 90) or (97 <= d[at[0]] <= 122)):
         return False
-    at[0], at[1] = a, b
-    a, b = eq + 1, stop
-    while a < b and _ascii_space(d[a]):
-        a += 1
-    while b > a and _ascii_space(d[b - 1]):
-        b -= 1
-    at[2], at[3], at[4] = a, b, stop
+    _strip(d, eq + 1, stop, &at[2], &at[3])
+    at[4] = stop
     return True
 
 
@@ -1328,28 +1319,73 @@ def dkim_signed_fields(list fields, list lower, tuple names, bint relaxed):
 
 
 cdef bytes _signed_fields(list fields, list lower, tuple names, bint relaxed):
-    cdef Py_ssize_t i, count = PyList_GET_SIZE(lower)
-    cdef dict below = {}
-    cdef list parts = []
-    cdef bytes value
-    for name in names:
-        i = below.get(name, count)
+    cdef Py_ssize_t wanted = len(names), size
+    cdef Py_ssize_t* chosen = <Py_ssize_t*>PyMem_Malloc((wanted + 1) * sizeof(Py_ssize_t))
+    cdef unsigned char* out = NULL
+    if chosen == NULL:
+        raise MemoryError()
+    try:
+        size = _choose_fields(fields, lower, names, chosen)
+        out = <unsigned char*>PyMem_Malloc(size + 1)
+        if out == NULL:
+            raise MemoryError()
+        size = _write_fields(out, fields, lower, chosen, wanted, relaxed)
+        return PyBytes_FromStringAndSize(<char*>out, size)
+    finally:
+        PyMem_Free(chosen)
+        PyMem_Free(out)
+
+
+cdef Py_ssize_t _choose_fields(list fields, list lower, tuple names,
+                               Py_ssize_t* chosen) except -1:
+    """The field each of the h= *names* selects, into chosen (its index in *fields*, or
+    -1: none), bottom-up, each mention of a name above the field its previous mention took
+    (RFC 6376 §5.4.2); the room they take when written (name, ":", value, CRLF)."""
+    cdef Py_ssize_t count = PyList_GET_SIZE(lower), size = 0, i, k, m
+    cdef bytes want
+    for k in range(len(names)):
+        want = names[k]
+        i = count  # below the instance the last mention of this name took, if any
+        for m in range(k - 1, -1, -1):
+            if names[m] == want:
+                i = chosen[m] if chosen[m] >= 0 else 0
+                break
         while i > 0:
             i -= 1
-            if lower[i] == name:
-                field = fields[i]
-                value = field[1]
-                if relaxed:
-                    parts.append(lower[i])
-                    parts.append(b":")
-                    parts.append(_relaxed(<const unsigned char*>(<char*>value), len(value)))
-                else:
-                    parts.append(field[0])
-                    parts.append(b":")
-                    parts.append(value)
+            if lower[i] == want:
+                chosen[k] = i
+                size += len(fields[i][0]) + len(fields[i][1]) + 3
                 break
-        below[name] = i
-    return b"".join(parts)
+        else:
+            chosen[k] = -1  # none: a later mention of the name finds none either
+    return size
+
+
+cdef Py_ssize_t _write_fields(unsigned char* out, list fields, list lower, Py_ssize_t* chosen,
+                              Py_ssize_t wanted, bint relaxed) except -1:
+    """The *chosen* fields (:func:`_choose_fields`) written at out as a DKIM header hash
+    takes them in; the octets written."""
+    cdef Py_ssize_t j = 0, i, k
+    cdef bytes fname, fvalue
+    for k in range(wanted):
+        i = chosen[k]
+        if i < 0:
+            continue
+        fvalue = fields[i][1]
+        fname = lower[i] if relaxed else fields[i][0]
+        memcpy(out + j, <const char*>fname, len(fname))
+        j += len(fname)
+        out[j] = 58  # ":"
+        j += 1
+        if relaxed:
+            j = _relaxed_into(out, j, <const unsigned char*>(<char*>fvalue), len(fvalue))
+            out[j] = 13
+            out[j + 1] = 10
+            j += 2
+        else:
+            memcpy(out + j, <const char*>fvalue, len(fvalue))
+            j += len(fvalue)
+    return j
 
 
 def dkim_plain_signature(value, latest):
@@ -1373,7 +1409,7 @@ def dkim_plain_signature(value, latest):
         out = <unsigned char*>PyMem_Malloc(n + 2)
         if spans == NULL or out == NULL:
             raise MemoryError()
-        _strip(d, n, &start, &end)
+        _strip(d, 0, n, &start, &end)
         spec = start
         while spec < end:  # as _tag_list reads the tags
             if not _tag_at(d, spec, end, at):
@@ -1456,16 +1492,15 @@ cdef bytes _unblank_span(const unsigned char* d, Py_ssize_t n):
 def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple field):
     """What a DKIM signature's header hash takes in: the fields its h= names select and
     its own field without its b= value and final line end (see tachymail.protocol.mime).
-    Written into one buffer: the fields are chosen as dkim_signed_fields chooses them
-    (bottom-up, each name below the instance its previous mention took)."""
+    Written into one buffer: the signed fields as dkim_signed_fields writes them
+    (_choose_fields, _write_fields), then the field itself."""
     cdef bytes name = field[0]
     cdef bytes value = field[1]
-    cdef Py_ssize_t count = PyList_GET_SIZE(lower), wanted = len(names)
-    cdef Py_ssize_t size, i, k, m, j, start
+    cdef Py_ssize_t wanted = len(names)
+    cdef Py_ssize_t size, i, m, j, start
     cdef Py_ssize_t* chosen
     cdef unsigned char* out
     cdef unsigned char* emptied
-    cdef bytes fname, fvalue, want
     cdef const unsigned char* v
     cdef unsigned char c
     chosen = <Py_ssize_t*>PyMem_Malloc((wanted + 1) * sizeof(Py_ssize_t))
@@ -1474,45 +1509,12 @@ def dkim_header_input(list fields, list lower, tuple names, bint relaxed, tuple 
     out = NULL
     emptied = NULL
     try:
-        size = len(name) + len(value) + 3
-        for k in range(wanted):
-            want = names[k]
-            i = count  # below the instance the last mention of this name took, if any
-            for m in range(k - 1, -1, -1):
-                if names[m] == want:
-                    i = chosen[m] if chosen[m] >= 0 else 0
-                    break
-            while i > 0:
-                i -= 1
-                if lower[i] == want:
-                    chosen[k] = i
-                    size += len(fields[i][0]) + len(fields[i][1]) + 3
-                    break
-            else:
-                chosen[k] = -1  # none: a later mention of the name finds none either
+        size = _choose_fields(fields, lower, names, chosen) + len(name) + len(value) + 3
         out = <unsigned char*>PyMem_Malloc(size)
         emptied = <unsigned char*>PyMem_Malloc(len(value) + 1)
         if out == NULL or emptied == NULL:
             raise MemoryError()
-        j = 0
-        for k in range(wanted):
-            i = chosen[k]
-            if i < 0:
-                continue
-            fvalue = fields[i][1]
-            fname = lower[i] if relaxed else fields[i][0]
-            memcpy(out + j, <const char*>fname, len(fname))
-            j += len(fname)
-            out[j] = 58  # ":"
-            j += 1
-            if relaxed:
-                j = _relaxed_into(out, j, <const unsigned char*>(<char*>fvalue), len(fvalue))
-                out[j] = 13
-                out[j + 1] = 10
-                j += 2
-            else:
-                memcpy(out + j, <const char*>fvalue, len(fvalue))
-                j += len(fvalue)
+        j = _write_fields(out, fields, lower, chosen, wanted, relaxed)
         v = <const unsigned char*>(<char*>name)
         for i in range(len(name)):
             c = v[i]

@@ -284,12 +284,9 @@ def _slot(slot: tuple[str, str, bool, str], b: str) -> str:
     if not b:
         return plain
     own = _b_word(b) + (";" if more else "")
-    if " " in own:
-        return lead + _lines(_fold_onto([last], own.split(" ")))
-    # the usual case: one word, on the last line or on its own
-    if len(last) + 1 + len(own) <= LINE:
+    if len(last) + 1 + len(own) <= LINE and " " not in own:  # the usual case
         return f"{lead}{last} {own}\r\n"
-    return f"{lead}{last}\r\n {own}\r\n"
+    return lead + _lines(_fold_onto([last], own.split(" ")))
 
 
 class FieldTemplate(NamedTuple):
