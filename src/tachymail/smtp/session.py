@@ -367,8 +367,13 @@ class SmtpSession(asyncio.Protocol):
         """Run DKIM, ARC and DMARC on the finished message, then queue it or refuse it
         (:meth:`_judged`): at once when the resolver's cache answers every lookup (the
         common case on a busy MX), else in a task, reading paused meanwhile."""
-        # Our Received field goes under Authentication-Results, and an ARC seal covers it.
-        content = self._received_header(queue_id, time.time()) + content
+        # Our Received field goes under Authentication-Results. An ARC seal covers it, so
+        # it is on the content the checks see when we may seal; otherwise it stays apart
+        # and joins the content only once, when the message is queued (a 64 KiB message is
+        # not copied twice), and the checks see the message as it came.
+        received = self._received_header(queue_id, time.time())
+        if self._relayed():
+            content, received = received + content, b""
         try:
             verdict = self._message_verdict_now(content)
         except Exception:
@@ -377,14 +382,14 @@ class SmtpSession(asyncio.Protocol):
             log.exception("session %s: inbound checks of %s failed", self.peer_ip, queue_id)
             verdict = None
         if verdict is not None:
-            self._judged(queue_id, hold, verdict)
+            self._judged(queue_id, hold, verdict, received)
             return
         self.state = State.WAIT
         assert self.transport is not None
         self.transport.pause_reading()
         check = self.ctx.loop.create_task(self._message_verdict(content))
         self._message_check = check
-        check.add_done_callback(lambda done: self._authenticated(queue_id, hold, done))
+        check.add_done_callback(lambda done: self._authenticated(queue_id, hold, received, done))
 
     def _message_verdict_now(self, content: bytes) -> MessageVerdict | None:
         """The message's verdict when it needs no wait: SPF and iprev known, and every
@@ -447,7 +452,9 @@ class SmtpSession(asyncio.Protocol):
             crlf=True,  # bare CR and LF were refused or made CRLF (_end_of_message)
         )
 
-    def _authenticated(self, queue_id: str, hold: bool, done: asyncio.Task[MessageVerdict]) -> None:
+    def _authenticated(
+        self, queue_id: str, hold: bool, received: bytes, done: asyncio.Task[MessageVerdict]
+    ) -> None:
         """The checks' task is done: answer as :meth:`_judged` says, then read again."""
         if self._message_check is not done:
             return
@@ -460,13 +467,15 @@ class SmtpSession(asyncio.Protocol):
             self._end_reply(R.reply(451, "4.3.0", "Error: message checks failed, try again later"))
             self._continue()
             return
-        if not self._judged(queue_id, hold, verdict):
+        if not self._judged(queue_id, hold, verdict, received):
             self._continue()
 
-    def _judged(self, queue_id: str, hold: bool, verdict: MessageVerdict) -> bool:
+    def _judged(self, queue_id: str, hold: bool, verdict: MessageVerdict, received: bytes) -> bool:
         """The message's verdict: refused (DMARC reject: the checker's 550 5.7.1, or 451
         4.4.3 when a DNS failure may hide an aligned pass), or queued, held when
-        quarantined. True when it is being queued (its reply comes with the commit)."""
+        quarantined, with our Received field (*received*, b"" when the content has it
+        already) under the verdict's fields. True when it is being queued (its reply comes
+        with the commit)."""
         m.auth_results_of(verdict.results)
         self.auth_last = verdict.summary
         if verdict.action == "reject" and verdict.reply is not None:
@@ -493,7 +502,7 @@ class SmtpSession(asyncio.Protocol):
         if verdict.action == "quarantine":
             log.info("%s quarantined (held): %s", queue_id, verdict.summary)
             hold = True
-        self._trace = verdict.headers
+        self._trace = verdict.headers + received
         self._auth_pending = verdict.summary
         self._accept_message(queue_id, verdict.content, hold)
         return True
@@ -1505,8 +1514,8 @@ class SmtpSession(asyncio.Protocol):
         otherwise: LMTP puts it into the mailboxes)."""
         now = time.time()
         trace, self._trace = self._trace, None
-        # After the inbound checks our Received field is on the content already, under
-        # Authentication-Results (RFC 8601 §5: above every other trace field).
+        # After the inbound checks our Received field is in the trace already (or on the
+        # content), under Authentication-Results (RFC 8601 §5: above every other trace field).
         headers = [trace if trace is not None else self._received_header(queue_id, now)]
         if self.role != "mx":
             headers.extend(self._submission_headers(content, queue_id, now))
